@@ -1,0 +1,39 @@
+"""Command line: `python -m insect_exp [overrides]` or `insect-exp [overrides]`."""
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from insect_exp import UserError
+from insect_exp.config import register_configs
+
+log = logging.getLogger("insect_exp")
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
+    from insect_exp import train
+
+    try:
+        return train.run(cfg)
+    except UserError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records the failed job and goes on
+        log.error("%s", err)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console-script entry point (same as `python -m insect_exp`)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Decode a Manifest once into in-memory arrays and serve them as tf.data pipelines."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from insect_exp.data.scan import (
+    DatasetError,
+    FileList,
+    Manifest,
+    check_usable,
+    stratified_split,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSplit:
+    """Decoded, resized RGB images (uint8, N x H x W x 3) with labels and source paths."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> ImageSplit:
+        return ImageSplit(self.images[index], self.labels[index], [self.paths[i] for i in index])
+
+
+@dataclass
+class Data:
+    """The splits a run trains, validates and tests on."""
+
+    class_names: list[str]
+    train: ImageSplit
+    val: ImageSplit
+    # None when the folder has no test/ split and validation was held out of train.
+    test: ImageSplit | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def val_is_test(self) -> bool:
+        return self.test is not None and self.val is self.test
+
+    def stats(self) -> dict[str, object]:
+        """Images per class per split, and the skipped files, for logging."""
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        per_class = {
+            name: dict(
+                zip(
+                    self.class_names,
+                    np.bincount(s.labels, minlength=len(self.class_names)).tolist(),
+                    strict=True,
+                )
+            )
+            for name, s in splits.items()
+            if s is not None
+        }
+        return {
+            "class_names": self.class_names,
+            "validation": "test split" if self.val_is_test else "held out of train",
+            "images_per_class": per_class,
+            "num_images": {name: len(s) for name, s in splits.items() if s is not None},
+            "num_skipped": len(self.skipped),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+
+def _decoder(image_size: Sequence[int]):
+    height, width = (int(v) for v in image_size)
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def decode(path: tf.Tensor) -> tf.Tensor:
+        # channels=3 turns grayscale, RGBA and palette images into RGB; GIFs give their first frame.
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.image.resize(image, (height, width))
+        return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+    return decode
+
+
+def decode_files(
+    files: FileList, image_size: Sequence[int], workers: int = 0
+) -> tuple[ImageSplit, list[tuple[str, str]]]:
+    """Decode and resize every file in parallel; files TensorFlow cannot decode are returned apart.
+
+    Returns:
+        The decoded split, and (path, reason) for each file that failed to decode.
+    """
+    decode = _decoder(image_size)
+    height, width = (int(v) for v in image_size)
+    images = np.empty((len(files), height, width, 3), dtype=np.uint8)
+    ok = np.zeros(len(files), dtype=bool)
+    failures: list[tuple[str, str]] = []
+
+    def work(i: int) -> None:
+        try:
+            images[i] = decode(tf.constant(files.paths[i])).numpy()
+            ok[i] = True
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
+            reason = (err.message or type(err).__name__).strip().splitlines()[0]
+            failures.append((files.paths[i], f"cannot decode: {reason}"))
+
+    # Eager TensorFlow ops release the GIL, so threads decode in parallel.
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        list(pool.map(work, range(len(files))))
+    keep = np.flatnonzero(ok)
+    labels = np.asarray(files.labels, dtype=np.int32)
+    split = ImageSplit(images[keep], labels[keep], [files.paths[i] for i in keep])
+    return split, sorted(failures)
+
+
+def load(
+    manifest: Manifest,
+    image_size: Sequence[int],
+    val_split: float = 0.0,
+    seed: int = 0,
+    workers: int = 0,
+) -> Data:
+    """Decode every split once; validate on test, or on a seeded stratified hold-out of train."""
+    train, failed = decode_files(manifest.train, image_size, workers)
+    skipped = list(manifest.skipped) + failed
+    test = None
+    if manifest.test is not None:
+        test, failed = decode_files(manifest.test, image_size, workers)
+        skipped += failed
+    # Undecodable files may have emptied a split or a class: say so before training starts.
+    check_usable(
+        Manifest(
+            manifest.root,
+            manifest.class_names,
+            FileList(train.paths, train.labels.tolist()),
+            None if test is None else FileList(test.paths, test.labels.tolist()),
+        )
+    )
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    if val_split > 0:
+        keep, held = stratified_split(train.labels, val_split, seed)
+        train, val = train.subset(keep), train.subset(held)
+    elif test is not None:
+        val = test
+    else:
+        raise DatasetError(
+            f"{str(manifest.root)!r} has no test/ split: set dataset.val_split (e.g. 0.2) to "
+            "hold out part of train for validation"
+        )
+    return Data(manifest.class_names, train, val, test, skipped)
+
+
+def make_dataset(
+    split: ImageSplit,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    shuffle_buffer: int | None = None,
+) -> tf.data.Dataset:
+    """Batches of (float32 images in 0..255, int32 labels); shuffled anew each epoch if asked."""
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer or len(split), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(
+        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,266 @@
+"""Pure figure builders for experiment artifacts.
+
+The figures reproduce the classic TensorFlow-tutorial plots (3x3 sample grids of training/test
+images, side-by-side accuracy/loss curves, per-step loss/accuracy curves, the 6x5 prediction grid)
+plus a confusion matrix heatmap and an overlay of sweep children's validation curves.
+
+Every function takes numpy arrays or lists and returns a ``matplotlib.figure.Figure``. Nothing here
+touches pyplot's global state, TensorFlow or MLflow, so figures can be built from any thread
+without a GUI backend; ``Figure.savefig`` renders through Agg on its own.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = [
+    "batch_curve",
+    "confusion_matrix",
+    "confusion_matrix_figure",
+    "overlay_curves",
+    "prediction_grid",
+    "sample_grid",
+    "save",
+    "training_curves",
+]
+
+CORRECT_COLOR = "green"
+WRONG_COLOR = "red"
+# Above this many runs an in-plot legend covers the curves it is meant to explain.
+_LEGEND_OUTSIDE_AFTER = 6
+# Past this size per-cell count labels overlap and become unreadable.
+_MAX_ANNOTATED_CLASSES = 40
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """Convert float [0,1], float [0,255] or integer images to uint8 for imshow."""
+    arr = np.asarray(images)
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = arr[np.isfinite(arr)]
+        # Keras preprocessing yields either [0,1] (after Rescaling) or raw 0..255 floats.
+        if finite.size and finite.max() <= 1.0:
+            arr = arr * 255.0
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _as_class_indices(labels: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Return integer class indices, accepting one-hot rows as well as sparse labels."""
+    arr = np.asarray(labels)
+    # label_mode="categorical" datasets hand over one-hot rows.
+    if arr.ndim == 2:
+        return arr.argmax(axis=1)
+    return arr.astype(np.int64).reshape(-1)
+
+
+def _grid_axes(fig: Figure, rows: int, cols: int) -> list[Axes]:
+    """Create a rows x cols grid of axes with ticks hidden, in reading order."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"rows and cols must be positive, got {rows}x{cols}")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes:
+        ax.axis("off")
+    return axes
+
+
+def sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray | Sequence[int],
+    class_names: Sequence[str],
+    title: str = "",
+    rows: int = 3,
+    cols: int = 3,
+) -> Figure:
+    """Grid of images, each tile titled with its class name (the tutorial's train/test preview)."""
+    pixels = _to_uint8(images)
+    indices = _as_class_indices(labels)
+    fig = Figure(figsize=(cols * 3.3, rows * 3.3))
+    axes = _grid_axes(fig, rows, cols)
+    for ax, image, label in zip(axes, pixels, indices, strict=False):
+        ax.imshow(image)
+        ax.set_title(str(class_names[int(label)]))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
+    """Side-by-side accuracy and loss curves per epoch, training vs validation."""
+    fig = Figure(figsize=(12, 4.5))
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    panels = (
+        (acc_ax, "accuracy", "Accuracy", "lower right"),
+        (loss_ax, "loss", "Loss", "upper right"),
+    )
+    for ax, key, name, legend_loc in panels:
+        for prefix, label_prefix in (("", "Training"), ("val_", "Validation")):
+            values = history.get(prefix + key)
+            if values is None or len(values) == 0:
+                continue
+            epochs = np.arange(1, len(values) + 1)
+            ax.plot(epochs, values, marker="o", markersize=3, label=f"{label_prefix} {name}")
+        ax.set_title(f"Training and Validation {name}")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(name)
+        if ax.lines:
+            ax.legend(loc=legend_loc)
+            # Fractional epoch ticks are meaningless.
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    return fig
+
+
+def batch_curve(
+    values: Sequence[float] | np.ndarray,
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+    title: str = "",
+) -> Figure:
+    """Per-training-step curve of a metric such as batch loss or batch accuracy."""
+    values = np.asarray(values, dtype=float).reshape(-1)
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(np.arange(1, values.size + 1), values)
+    ax.set_xlabel("Training Steps")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def prediction_grid(
+    images: np.ndarray,
+    predicted: np.ndarray | Sequence[int],
+    class_names: Sequence[str],
+    true: np.ndarray | Sequence[int] | None = None,
+    title: str = "Model predictions",
+    rows: int = 6,
+    cols: int = 5,
+) -> Figure:
+    """Grid of images titled by predicted class; green/red by correctness when labels are known."""
+    pixels = _to_uint8(images)
+    pred_idx = _as_class_indices(predicted)
+    true_idx = None if true is None else _as_class_indices(true)
+    fig = Figure(figsize=(cols * 2.0, rows * 1.8 + 0.6))
+    axes = _grid_axes(fig, rows, cols)
+    for i, (ax, image) in enumerate(zip(axes, pixels, strict=False)):
+        ax.imshow(image)
+        pred_name = str(class_names[int(pred_idx[i])]).title()
+        if true_idx is None:
+            ax.set_title(pred_name, fontsize=9)
+            continue
+        correct = int(pred_idx[i]) == int(true_idx[i])
+        text = (
+            pred_name if correct else f"{pred_name} ({str(class_names[int(true_idx[i])]).title()})"
+        )
+        ax.set_title(text, fontsize=9, color=CORRECT_COLOR if correct else WRONG_COLOR)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(
+    true: np.ndarray | Sequence[int],
+    predicted: np.ndarray | Sequence[int],
+    num_classes: int,
+) -> np.ndarray:
+    """Integer (num_classes, num_classes) count matrix; rows are true classes, columns predicted."""
+    t = _as_class_indices(true)
+    p = _as_class_indices(predicted)
+    if t.shape != p.shape:
+        raise ValueError(f"true and predicted differ in length: {t.size} vs {p.size}")
+    for name, arr in (("true", t), ("predicted", p)):
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise ValueError(
+                f"{name} labels must lie in [0, {num_classes}), got {arr.min()}..{arr.max()}"
+            )
+    flat = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def confusion_matrix_figure(
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    title: str = "Confusion matrix (test)",
+) -> Figure:
+    """Annotated confusion-matrix heatmap with true classes on rows and predictions on columns."""
+    counts = np.asarray(matrix)
+    n = counts.shape[0]
+    if counts.shape != (n, n) or len(class_names) != n:
+        raise ValueError(f"matrix {counts.shape} does not match {len(class_names)} class names")
+    side = min(max(4.0, 0.6 * n + 2.0), 30.0)
+    fig = Figure(figsize=(side + 1.0, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(counts, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, labels=[str(c) for c in class_names], rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=[str(c) for c in class_names])
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_title(title)
+    if n <= _MAX_ANNOTATED_CLASSES:
+        # Switch to white text once the cell is dark enough that black would vanish.
+        threshold = counts.max() / 2.0 if counts.size else 0.0
+        for i in range(n):
+            for j in range(n):
+                value = counts[i, j]
+                ax.text(
+                    j,
+                    i,
+                    f"{value:g}",
+                    ha="center",
+                    va="center",
+                    fontsize=8 if n > 15 else 10,
+                    color="white" if value > threshold else "black",
+                )
+    fig.tight_layout()
+    return fig
+
+
+def overlay_curves(
+    curves: Mapping[str, Sequence[float]],
+    ylabel: str = "val_accuracy",
+    title: str = "",
+) -> Figure:
+    """One line per run over epochs, to compare sweep children's curves on shared axes."""
+    many = len(curves) > _LEGEND_OUTSIDE_AFTER
+    fig = Figure(figsize=(10 if many else 7, 4.5))
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=float).reshape(-1)
+        ax.plot(np.arange(1, values.size + 1), values, marker="o", markersize=2, label=str(name))
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if ax.lines:
+        if many:
+            ax.legend(
+                loc="upper left",
+                bbox_to_anchor=(1.02, 1.0),
+                fontsize="x-small",
+                ncols=1 + len(curves) // 25,
+            )
+        else:
+            ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
+    """Write fig to path (format from the suffix) and return the path."""
+    out = pathlib.Path(path)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    return out

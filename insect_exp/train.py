@@ -1,0 +1,96 @@
+"""The train job: config -> data -> model -> fit -> evaluate -> MLflow. Only wiring lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from insect_exp import tracking
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train and log one model as `cfg` says; return the final validation accuracy for sweepers."""
+    import tensorflow as tf
+
+    from insect_exp import fit, models, report
+    from insect_exp.data import load_data
+
+    launch_dir, overrides, hydra_dir = _hydra_context()
+    _configure_tensorflow(cfg.seed, cfg.threads, cfg.deterministic)
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, launch_dir)
+    name = cfg.mlflow.run_name or tracking.run_name(cfg.model.name, cfg.optimizer.name, overrides)
+    tags = {**tracking.environment_tags(launch_dir), **cfg.mlflow.tags}
+    with tracking.start_run(uri, cfg.mlflow.experiment_name, name, tags) as run:
+        log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
+        run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+        run.log_dict(list(overrides), "config/overrides.json")
+        if hydra_dir is not None:
+            run.log_artifacts(hydra_dir, "config/hydra")
+
+        data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
+        report.log_data(run, data, cfg.seed)
+
+        model = models.build_model(cfg.model, len(data.class_names))
+        run.log_text(_summary(model), "model_summary.txt")
+        history = models.fit_model(model, cfg, data, sink=run.log_metrics)
+        report.log_training(run, history)
+
+        test = data.test if data.test is not None else data.val
+        logits = fit.predict_logits(model, test, cfg.batch_size)
+        test_scores = fit.scores(logits, test.labels)
+        run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
+        report.log_predictions(run, test, logits, data.class_names, cfg.seed)
+
+        if cfg.mlflow.log_model:
+            module = models.ServingModule(model, cfg.model.image_size)
+            requirements = [f"tensorflow=={tf.__version__}"]
+            shape = (*cfg.model.image_size, 3)
+            uri_model = run.log_tf_model(module, shape, len(data.class_names), requirements)
+            log.info("model logged: %s", uri_model)
+
+        val_accuracy = history.epochs["val_accuracy"][-1]
+        log.info(
+            "val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"]
+        )
+    print(f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}")
+    return val_accuracy
+
+
+def _hydra_context() -> tuple[Path, list[str], Path | None]:
+    """Launch directory, command-line overrides and Hydra's .hydra dir (outside Hydra: cwd)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return Path.cwd(), [], None
+    hc = HydraConfig.get()
+    hydra_dir = Path(hc.runtime.output_dir) / hc.output_subdir if hc.output_subdir else None
+    return Path(hc.runtime.cwd), list(hc.overrides.task), hydra_dir
+
+
+def _configure_tensorflow(seed: int, threads: int, deterministic: bool) -> None:
+    import tensorflow as tf
+    import tf_keras as keras
+
+    if threads > 0:
+        # Only possible before TensorFlow's runtime starts; later jobs in the same process keep it.
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
+
+
+def _summary(model) -> str:
+    out = io.StringIO()
+    model.summary(print_fn=lambda line, **_: out.write(line + "\n"), expand_nested=True)
+    return out.getvalue()

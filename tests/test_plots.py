@@ -1,0 +1,265 @@
+"""Tests for the pure figure builders in insect_exp.plots."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+
+from insect_exp import plots
+
+CLASSES = ["ant", "bee", "beetle"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _render(fig: Figure) -> np.ndarray:
+    """Rasterise fig with Agg and return its RGB pixels."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
+
+
+def _solid(n: int, rgb: tuple[float, float, float], dtype: type) -> np.ndarray:
+    """N solid-colour 16x16 images."""
+    return np.broadcast_to(np.asarray(rgb, dtype=dtype), (n, 16, 16, 3)).copy()
+
+
+def _has_colour(pixels: np.ndarray, rgb: tuple[int, int, int], min_count: int = 50) -> bool:
+    """Whether at least min_count pixels have exactly this colour."""
+    return int(np.all(pixels == np.asarray(rgb, dtype=np.uint8), axis=-1).sum()) >= min_count
+
+
+def _visible_titles(fig: Figure) -> list[str]:
+    """Titles of the axes that are drawn (tile grids switch unused tiles off)."""
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def test_module_has_no_heavy_or_global_state_imports() -> None:
+    source = pathlib.Path(plots.__file__).read_text()
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    roots = {name.split(".")[0] for name in imported}
+    assert not roots & {"tensorflow", "tf_keras", "keras", "mlflow"}
+    assert "matplotlib.pyplot" not in imported
+
+
+def test_sample_grid_titles_tiles_with_class_names() -> None:
+    images = _solid(4, (10, 20, 30), np.uint8)
+    fig = plots.sample_grid(images, [0, 2, 1, 2], CLASSES, title="train")
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 9
+    assert _visible_titles(fig) == ["ant", "beetle", "bee", "beetle"]
+    # Tiles without an image stay switched off rather than drawing empty frames.
+    assert [ax.axison for ax in fig.axes].count(True) == 0
+    assert [len(ax.images) for ax in fig.axes] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert fig.get_suptitle() == "train"
+
+
+def test_sample_grid_accepts_one_hot_labels_and_custom_shape() -> None:
+    one_hot = np.eye(3)[[1, 0]]
+    fig = plots.sample_grid(_solid(2, (0, 0, 0), np.uint8), one_hot, CLASSES, rows=1, cols=2)
+    assert len(fig.axes) == 2
+    assert _visible_titles(fig) == ["bee", "ant"]
+
+
+def test_sample_grid_shows_only_first_tiles_when_given_more_images() -> None:
+    fig = plots.sample_grid(_solid(12, (0, 0, 0), np.uint8), [0] * 12, CLASSES, rows=2, cols=2)
+    assert len(fig.axes) == 4
+    assert sum(len(ax.images) for ax in fig.axes) == 4
+
+
+@pytest.mark.parametrize(
+    ("images", "expected"),
+    [
+        (_solid(1, (1.0, 0.0, 0.0), np.float32), (255, 0, 0)),
+        (_solid(1, (0.0, 0.5, 0.0), np.float64), (0, 128, 0)),
+        (_solid(1, (200.0, 100.0, 0.0), np.float32), (200, 100, 0)),
+        (_solid(1, (300.0, -5.0, 7.0), np.float32), (255, 0, 7)),
+        (_solid(1, (0, 0, 255), np.uint8), (0, 0, 255)),
+    ],
+    ids=["float01-red", "float01-half", "float255", "float255-clipped", "uint8-blue"],
+)
+def test_images_render_with_correct_value_range(
+    images: np.ndarray, expected: tuple[int, int, int]
+) -> None:
+    pixels = _render(plots.sample_grid(images, [0], CLASSES, rows=1, cols=1))
+    assert _has_colour(pixels, expected)
+
+
+def test_prediction_grid_renders_float01_and_uint8_alike() -> None:
+    as_float = _render(
+        plots.prediction_grid(_solid(2, (0.0, 0.0, 1.0), np.float32), [0, 1], CLASSES)
+    )
+    as_uint8 = _render(plots.prediction_grid(_solid(2, (0, 0, 255), np.uint8), [0, 1], CLASSES))
+    assert _has_colour(as_float, (0, 0, 255))
+    assert _has_colour(as_uint8, (0, 0, 255))
+
+
+def test_prediction_grid_colours_correct_green_and_wrong_red() -> None:
+    images = _solid(3, (0.2, 0.4, 0.6), np.float32)
+    fig = plots.prediction_grid(images, [0, 1, 2], CLASSES, true=[0, 2, 2], title="Preds")
+    assert len(fig.axes) == 30
+    tiles = fig.axes[:3]
+    assert [ax.get_title() for ax in tiles] == ["Ant", "Bee (Beetle)", "Beetle"]
+    colours = [to_rgb(ax.title.get_color()) for ax in tiles]
+    assert colours == [to_rgb("green"), to_rgb("red"), to_rgb("green")]
+    assert all(ax.get_title() == "" for ax in fig.axes[3:])
+    assert fig.get_suptitle() == "Preds"
+
+
+def test_prediction_grid_without_truth_titles_predictions_only() -> None:
+    names = ["background", "tench", "goldfish", "great white shark"]
+    fig = plots.prediction_grid(_solid(2, (5, 5, 5), np.uint8), [3, 1], names, rows=1, cols=2)
+    assert len(fig.axes) == 2
+    assert _visible_titles(fig) == ["Great White Shark", "Tench"]
+    assert fig.get_suptitle() == "Model predictions"
+    # Without labels there is no right/wrong, so neither verdict colour may appear.
+    verdicts = {to_rgb("green"), to_rgb("red")}
+    assert all(to_rgb(ax.title.get_color()) not in verdicts for ax in fig.axes)
+
+
+def test_training_curves_panels_and_legends() -> None:
+    history = {
+        "accuracy": [0.5, 0.7, 0.8],
+        "val_accuracy": [0.4, 0.6, 0.65],
+        "loss": [1.2, 0.8, 0.5],
+        "val_loss": [1.3, 1.0, 0.9],
+    }
+    fig = plots.training_curves(history)
+    assert len(fig.axes) == 2
+    acc_ax, loss_ax = fig.axes
+    assert acc_ax.get_title() == "Training and Validation Accuracy"
+    assert loss_ax.get_title() == "Training and Validation Loss"
+    assert [t.get_text() for t in acc_ax.get_legend().get_texts()] == [
+        "Training Accuracy",
+        "Validation Accuracy",
+    ]
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == [
+        "Training Loss",
+        "Validation Loss",
+    ]
+    # Epochs are 1-based and the plotted values are the history values, unchanged.
+    np.testing.assert_array_equal(acc_ax.lines[0].get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(loss_ax.lines[1].get_ydata(), history["val_loss"])
+
+
+def test_training_curves_without_validation_draws_train_lines_only() -> None:
+    fig = plots.training_curves({"accuracy": [0.1, 0.2], "loss": [2.0, 1.5]})
+    acc_ax, loss_ax = fig.axes
+    assert [line.get_label() for line in acc_ax.lines] == ["Training Accuracy"]
+    assert [line.get_label() for line in loss_ax.lines] == ["Training Loss"]
+
+
+def test_batch_curve_labels_limits_and_data() -> None:
+    values = [1.9, 1.4, 0.9, 0.7]
+    fig = plots.batch_curve(values, "Loss", ylim=(0, 2), title="Batch loss")
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "Training Steps"
+    assert ax.get_ylabel() == "Loss"
+    assert ax.get_ylim() == (0, 2)
+    assert ax.get_title() == "Batch loss"
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), values)
+    assert len(ax.lines[0].get_xdata()) == len(values)
+
+
+def test_batch_curve_without_ylim_autoscales_to_data() -> None:
+    ax = plots.batch_curve([0.2, 0.9], "Accuracy").axes[0]
+    low, high = ax.get_ylim()
+    assert low <= 0.2 and high >= 0.9 and high < 1.5
+
+
+def test_confusion_matrix_counts_small_example() -> None:
+    true = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    pred = [0, 1, 0, 1, 2, 2, 2, 0, 2]
+    matrix = plots.confusion_matrix(true, pred, num_classes=3)
+    expected = np.array([[2, 1, 0], [0, 1, 1], [1, 0, 3]])
+    np.testing.assert_array_equal(matrix, expected)
+    assert matrix.dtype == np.int64
+    np.testing.assert_array_equal(matrix.sum(axis=1), np.bincount(true, minlength=3))
+    np.testing.assert_array_equal(matrix.sum(axis=0), np.bincount(pred, minlength=3))
+
+
+def test_confusion_matrix_keeps_absent_classes_and_rejects_bad_input() -> None:
+    matrix = plots.confusion_matrix(np.array([0, 0]), np.array([0, 0]), num_classes=4)
+    assert matrix.shape == (4, 4)
+    assert matrix[0, 0] == 2 and matrix.sum() == 2
+    with pytest.raises(ValueError, match="differ"):
+        plots.confusion_matrix([0, 1], [0], num_classes=2)
+    with pytest.raises(ValueError, match="lie in"):
+        plots.confusion_matrix([0, 2], [0, 1], num_classes=2)
+
+
+def test_confusion_matrix_figure_annotates_counts() -> None:
+    matrix = np.array([[9, 1, 0], [0, 5, 2], [1, 0, 7]])
+    fig = plots.confusion_matrix_figure(matrix, CLASSES)
+    ax = fig.axes[0]
+    assert ax.get_title() == "Confusion matrix (test)"
+    assert ax.get_xlabel() == "Predicted"
+    assert ax.get_ylabel() == "True"
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
+    assert ax.get_xticklabels()[0].get_rotation() != 0
+    cells = {(t.get_position(), t.get_text()): t.get_color() for t in ax.texts}
+    assert len(cells) == 9
+    # Text positions are (x=column, y=row). Dark (large) cells get white text, light ones black.
+    assert cells[((0, 0), "9")] == "white"
+    assert cells[((2, 2), "7")] == "white"
+    assert cells[((2, 1), "2")] == "black"
+    assert cells[((2, 0), "0")] == "black"
+
+
+def test_confusion_matrix_figure_rejects_mismatched_names() -> None:
+    with pytest.raises(ValueError):
+        plots.confusion_matrix_figure(np.zeros((2, 2)), CLASSES)
+
+
+def test_overlay_curves_one_line_per_run() -> None:
+    curves = {"lr=0.01": [0.5, 0.6, 0.7], "lr=0.001": [0.4, 0.5]}
+    fig = plots.overlay_curves(curves, title="Sweep")
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert ax.get_title() == "Sweep"
+    assert ax.get_ylabel() == "val_accuracy"
+    assert ax.get_xlabel() == "Epoch"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(curves)
+    np.testing.assert_array_equal(ax.lines[1].get_xdata(), [1, 2])
+
+
+def test_overlay_curves_many_runs_puts_small_legend_outside() -> None:
+    curves = {f"run-{i}": [0.1 * i, 0.1 * i + 0.05] for i in range(12)}
+    fig = plots.overlay_curves(curves)
+    legend = fig.axes[0].get_legend()
+    assert len(legend.get_texts()) == 12
+    pixels = _render(fig)  # legend position is only final after a draw
+    assert pixels.size
+    legend_box = legend.get_window_extent()
+    axes_box = fig.axes[0].get_window_extent()
+    assert legend_box.x0 >= axes_box.x1
+    assert legend.get_texts()[0].get_fontsize() < fig.axes[0].xaxis.label.get_fontsize()
+
+
+def test_save_writes_png(tmp_path: pathlib.Path) -> None:
+    fig = plots.sample_grid(_solid(1, (0.3, 0.3, 0.3), np.float32), [1], CLASSES)
+    target = tmp_path / "train.png"
+    returned = plots.save(fig, target)
+    assert returned == target
+    data = target.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    assert len(data) > 1000
+
+
+def test_save_accepts_str_path(tmp_path: pathlib.Path) -> None:
+    target = str(tmp_path / "loss.png")
+    returned = plots.save(plots.batch_curve([1.0, 0.5], "Loss"), target)
+    assert isinstance(returned, pathlib.Path)
+    assert returned.read_bytes().startswith(PNG_MAGIC)
