@@ -153,8 +153,8 @@ class Run:
         from mlflow.types.schema import Schema, TensorSpec
 
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_outputs), "logits")]),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_outputs))]),
         )
         info = mlflow.tensorflow.log_model(
             module, name=name, signature=signature, pip_requirements=list(requirements)

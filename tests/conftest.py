@@ -1,0 +1,93 @@
+"""Shared fixtures: the real Hydra config, shrunk to tiny images and one epoch, in temp dirs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+
+import insect_exp  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports TensorFlow)
+from insect_exp.config import register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CLASSES = ("beetles", "cockroach", "dragonflies")
+
+
+def make_image_folder(
+    root: Path,
+    classes: tuple[str, ...] = CLASSES,
+    train_per_class: int = 6,
+    test_per_class: int = 3,
+    size: tuple[int, int] = (24, 20),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny learnable folder: each class is one dominant colour channel plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        if count == 0:
+            continue
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (size[1], size[0], 3), dtype=np.uint8)
+                pixels[..., label % 3] += 150
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A tiny 3-class folder with train/ and test/."""
+    return make_image_folder(tmp_path / "insects")
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    """A SQLite MLflow store in the test's temp dir (never the repo's mlruns/)."""
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.fixture
+def compose_cfg(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., DictConfig]:
+    """Compose the real config from conf/ with overrides, shrunk for tests.
+
+    Tiny images, one epoch, a small batch, a temp MLflow store and a temp demo-data directory.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("INSECT_EXP_DATA_DIR", str(tmp_path / "data"))
+    register_configs()
+
+    def _compose(*overrides: str, shrink: bool = True) -> DictConfig:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=False)
+        if shrink:
+            with open_dict(cfg):
+                given = {o.split("=")[0].lstrip("+~") for o in overrides}
+                defaults = {
+                    "epochs": 1,
+                    "batch_size": 4,
+                    "model.image_size": [32, 32],
+                    "mlflow.tracking_uri": tracking_uri,
+                    "dataset.train_per_class": 6,
+                    "dataset.test_per_class": 3,
+                }
+                for key, value in defaults.items():
+                    if key in given:
+                        continue
+                    node, _, leaf = key.rpartition(".")
+                    target = OmegaConf.select(cfg, node) if node else cfg
+                    if target is not None and (leaf in target or not node):
+                        target[leaf] = value
+        return cfg
+
+    return _compose
