@@ -1,6 +1,5 @@
 """Command line: `python -m insect_exp [overrides]` or `insect-exp [overrides]`."""
 
-import logging
 import sys
 
 import hydra
@@ -10,8 +9,6 @@ from omegaconf import DictConfig
 
 from insect_exp import UserError
 from insect_exp.config import register_configs
-
-log = logging.getLogger("insect_exp")
 
 register_configs()
 
@@ -26,7 +23,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     except UserError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweep records the failed job and goes on
-        log.error("%s", err)
+        print(f"insect_exp: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,159 @@
+"""Scanning and decoding image folders, bad files included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from insect_exp.data.pipeline import load, make_dataset
+from insect_exp.data.scan import DatasetError, scan, stratified_split
+from tests.conftest import make_image_folder
+
+
+def _add_bad_files(folder: Path) -> dict[str, str]:
+    """Every kind of file a real folder picks up; returns name -> expected reason fragment."""
+    good = next(folder.glob("*.jpg")).read_bytes()
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg body")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "notes.txt").write_text("collected in the garden")
+    (folder / "text_named.png").write_text("this is text, not a PNG")
+    return {
+        "corrupt.jpg": "cannot decode",
+        "truncated.jpg": "cannot decode",
+        "empty.jpg": "empty file",
+        ".DS_Store": "not an image",
+        "notes.txt": "not an image",
+        "text_named.png": "cannot decode",
+    }
+
+
+def _add_odd_formats(folder: Path) -> None:
+    """Readable images that are not 3-channel JPEGs."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (15, 25, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0], "L").save(folder / "gray.jpg")
+    Image.fromarray(np.dstack([rgb, np.full((15, 25), 128, np.uint8)]), "RGBA").save(
+        folder / "rgba.png"
+    )
+    Image.fromarray(rgb).save(folder / "plain.bmp")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.gif")
+
+
+def test_bad_files_are_skipped_with_reasons_and_odd_formats_become_rgb(tmp_path):
+    # Given a folder with every kind of bad file and some odd but valid formats
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=2)
+    expected = _add_bad_files(root / "train" / "beetles")
+    _add_odd_formats(root / "train" / "cockroach")
+
+    # When it is scanned and decoded
+    data = load(scan(root), image_size=(16, 12), seed=0)
+
+    # Then each bad file is reported with its reason and nothing else is lost
+    reasons = {Path(p).name: r for p, r in data.skipped}
+    assert set(reasons) == set(expected)
+    for name, fragment in expected.items():
+        assert fragment in reasons[name], (name, reasons[name])
+    assert len(data.train) == 12 + 4  # 3 classes x 4 good images + 4 odd formats
+    assert data.train.images.shape[1:] == (16, 12, 3)
+    assert data.train.images.dtype == np.uint8
+    assert data.val_is_test and len(data.test) == 6
+    stats = data.stats()
+    assert stats["num_skipped"] == 6
+    assert stats["images_per_class"]["train"]["cockroach"] == 8
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing_root", "is not a directory"),
+        ("no_train", "has no train/ folder"),
+        ("one_class", "at least 2 class folders"),
+        ("test_classes_differ", "test classes"),
+        ("empty_test", "test split"),
+        ("all_bad_class", "no readable images: cockroach"),
+        ("no_test_no_val_split", "set dataset.val_split"),
+    ],
+)
+def test_unusable_folders_fail_with_one_clear_line(tmp_path, breakage, message):
+    # Given a folder broken in one way
+    root = make_image_folder(tmp_path / "insects", train_per_class=2, test_per_class=1)
+    if breakage == "missing_root":
+        root = tmp_path / "nowhere"
+    elif breakage == "no_train":
+        (root / "train").rename(root / "training")
+    elif breakage == "one_class":
+        for name in ("cockroach", "dragonflies"):
+            for split in ("train", "test"):
+                for f in (root / split / name).iterdir():
+                    f.unlink()
+                (root / split / name).rmdir()
+    elif breakage == "test_classes_differ":
+        (root / "test" / "dragonflies").rename(root / "test" / "moths")
+    elif breakage == "empty_test":
+        for f in (root / "test").rglob("*.jpg"):
+            f.unlink()
+    elif breakage == "all_bad_class":
+        for f in (root / "train" / "cockroach").iterdir():
+            f.write_bytes(b"garbage")
+    elif breakage == "no_test_no_val_split":
+        for f in (root / "test").rglob("*.jpg"):
+            f.unlink()
+        for d in (root / "test").iterdir():
+            d.rmdir()
+        (root / "test").rmdir()
+
+    # When it is loaded, Then a DatasetError names the problem in one line
+    with pytest.raises(DatasetError, match=message) as err:
+        load(scan(root), image_size=(8, 8), seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_val_split_holds_out_a_seeded_stratified_fraction_of_train(tmp_path):
+    # Given a folder without test/
+    root = make_image_folder(tmp_path / "insects", train_per_class=10, test_per_class=0)
+
+    # When 20% is held out, twice with one seed and once with another
+    first = load(scan(root), (8, 8), val_split=0.2, seed=1)
+    again = load(scan(root), (8, 8), val_split=0.2, seed=1)
+    other = load(scan(root), (8, 8), val_split=0.2, seed=2)
+
+    # Then every class gives 2 images, the same ones for the same seed, and none overlap train
+    assert first.test is None and not first.val_is_test
+    assert np.bincount(first.val.labels).tolist() == [2, 2, 2]
+    assert first.val.paths == again.val.paths != other.val.paths
+    assert not set(first.val.paths) & set(first.train.paths)
+
+
+def test_stratified_split_keeps_a_training_image_in_every_class():
+    keep, held = stratified_split(np.array([0, 0, 1, 1, 1, 1]), 0.9, seed=0)
+    assert sorted(np.array([0, 0, 1, 1, 1, 1])[keep].tolist()) == [0, 1]
+    assert len(held) == 4
+
+
+def test_max_per_class_caps_every_split(tmp_path):
+    root = make_image_folder(tmp_path / "insects", train_per_class=5, test_per_class=4)
+    manifest = scan(root, max_per_class=2)
+    assert len(manifest.train) == 6 and len(manifest.test) == 6
+
+
+def test_dataset_batches_float_pixels_and_reshuffles_each_epoch(tmp_path):
+    # Given a decoded split of 12 images
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    data = load(scan(root), (8, 8), seed=0)
+
+    # When it is served shuffled in batches of 5
+    ds = make_dataset(data.train, batch_size=5, shuffle=True, seed=3)
+    epoch1 = [y.numpy().tolist() for _, y in ds]
+    epoch2 = [y.numpy().tolist() for _, y in ds]
+    images, _ = next(iter(ds))
+
+    # Then batches are float32 pixels in 0..255, all labels come each epoch, order changes
+    assert [len(b) for b in epoch1] == [5, 5, 2]
+    assert images.dtype.name == "float32" and float(images.numpy().max()) > 1.0
+    assert sorted(sum(epoch1, [])) == sorted(sum(epoch2, [])) == sorted(data.train.labels)
+    assert epoch1 != epoch2

@@ -1,0 +1,124 @@
+"""The config groups compose, build, and reject mistakes before any training starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from insect_exp import models
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "insect_exp", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_groups_offer_the_documented_options():
+    assert {"demo", "insects"} <= set(_options("dataset"))
+    assert {"cnn", "hub_mobilenet"} <= set(_options("model"))
+    assert {"adam", "sgd", "rmsprop"} <= set(_options("optimizer"))
+
+
+def test_defaults_are_the_reference_recipe(compose_cfg):
+    cfg = compose_cfg(shrink=False)
+    assert (cfg.dataset.name, cfg.model.name, cfg.optimizer.name) == ("demo", "cnn", "adam")
+    assert (cfg.epochs, cfg.batch_size, list(cfg.model.image_size)) == (10, 32, [180, 180])
+
+
+@pytest.mark.parametrize("name", _options("optimizer"))
+def test_every_optimizer_builds_with_its_learning_rate(compose_cfg, name):
+    cfg = compose_cfg(f"optimizer={name}", "optimizer.learning_rate=0.05")
+    optimizer = models.optimizer_from_config(cfg.optimizer)
+    assert optimizer.name.lower() == name
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.05)
+
+
+def test_cnn_config_builds_the_reference_model_with_its_exact_size(compose_cfg):
+    # Given the cnn group at the reference 180x180 for 3 classes
+    cfg = compose_cfg("model=cnn", "model.image_size=[180,180]")
+
+    # When it is built, Then it has the reference's 3,989,027 parameters and emits logits
+    model = models.build_model(cfg.model, num_classes=3)
+    assert model.count_params() == 3_989_027
+    assert model.output_shape == (None, 3)
+    assert model.layers[-1].get_config()["activation"] == "linear"
+
+
+def test_cnn_options_change_the_model(compose_cfg):
+    cfg = compose_cfg("model.dropout=0.3", "model.augment.flip=true", "model.dense_units=16")
+    names = [type(layer).__name__ for layer in models.build_model(cfg.model, 4).layers]
+    assert names[0] == "RandomFlip" and "Dropout" in names
+
+
+@pytest.mark.parametrize("name", _options("dataset"))
+def test_every_dataset_option_composes(compose_cfg, name):
+    cfg = compose_cfg(f"dataset={name}", "dataset.root=/some/folder")
+    assert cfg.dataset.name == name and cfg.dataset.root == "/some/folder"
+
+
+def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):
+    # --cfg job prints the composed config; TensorFlow must not be imported for it
+    start = time.perf_counter()
+    out = _cli("--cfg", "job", "model=hub_mobilenet", "epochs=3", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "hub_mobilenet" in out.stdout and "epochs: 3" in out.stdout
+    assert time.perf_counter() - start < 20  # generous bound; importing TF alone takes ~5 s
+    assert _cli("--help", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("epochs=ten", "could not be converted to Integer"),
+        ("modle=cnn", "Could not override 'modle'"),
+        ("model=resnet", "Could not find 'model/resnet'"),
+        ("model.handle=x", "Key 'handle' not in 'CNNConfig'"),
+        ("optimizer.learning_rate=fast", "could not be converted to Float"),
+    ],
+)
+def test_invalid_config_fails_at_startup_with_hydras_message(tmp_path, override, message):
+    out = _cli(override, cwd=tmp_path)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert not (tmp_path / "mlruns").exists()  # nothing ran
+
+
+def test_insects_dataset_without_root_is_a_clear_error(tmp_path):
+    out = _cli("dataset=insects", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "dataset.root" in out.stderr
+
+
+def test_missing_folder_exits_non_zero_with_one_line_and_a_failed_run(tmp_path):
+    # Given a dataset root that does not exist
+    out = _cli("dataset=insects", f"dataset.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+
+    # Then the command fails with one line naming the folder, and no traceback
+    assert out.returncode == 2
+    assert f"dataset root '{tmp_path / 'nowhere'}' is not a directory" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    # And the run it opened is recorded FAILED with the error
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "is not a directory" in run.data.tags["error"]
