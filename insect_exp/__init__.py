@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown the training log on CPU machines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# Runs here must work offline and stay reproducible; MLflow's usage telemetry would otherwise try
+# the network at start and exit. Set MLFLOW_DISABLE_TELEMETRY=false to send it anyway.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 __version__ = "0.1.0"
 
