@@ -6,10 +6,11 @@ import colorsys
 import contextlib
 import json
 import math
+import numbers
 import os
 import pathlib
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -54,16 +55,18 @@ def ensure_demo_dataset(
         ("test_per_class", test_per_class),
         ("seed", seed),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     root = pathlib.Path(root).expanduser() if root is not None else default_demo_root()
-    params = _params(train_per_class, test_per_class, seed)
+    params = _params(int(train_per_class), int(test_per_class), int(seed))
     if _is_complete(root, params):
         return root
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling temp dir keeps the final renames on one filesystem, hence atomic.
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    # A sibling temp dir keeps the final renames on one filesystem, hence atomic. Not mkdtemp:
+    # its 0700 mode would follow the rename and hide a shared cache from other users.
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         _generate(tmp, params)
         with _install_lock(root):
@@ -73,10 +76,6 @@ def ensure_demo_dataset(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-# ---------------------------------------------------------------------------
-# caching and installation
 
 
 def _params(train_per_class: int, test_per_class: int, seed: int) -> dict[str, object]:
@@ -148,10 +147,6 @@ def _install(tmp: pathlib.Path, root: pathlib.Path) -> None:
     os.replace(tmp / MARKER_NAME, root / MARKER_NAME)
 
 
-# ---------------------------------------------------------------------------
-# colour and geometry helpers
-
-
 def _u(rng: np.random.Generator, low: float, high: float) -> float:
     """One uniform float in [low, high)."""
     return float(rng.uniform(low, high))
@@ -166,14 +161,17 @@ def _hsv(h: float, s: float, v: float) -> Color:
 def _scale(color: Color, factor: float) -> Color:
     """Colour darkened (factor < 1) or lightened towards white (factor > 1)."""
     if factor <= 1.0:
-        return tuple(round(c * factor) for c in color)  # type: ignore[return-value]
-    t = min(factor - 1.0, 1.0)
-    return tuple(round(c + (255 - c) * t) for c in color)  # type: ignore[return-value]
+        return _mix((0, 0, 0), color, factor)
+    return _mix(color, (255, 255, 255), min(factor - 1.0, 1.0))
 
 
 def _mix(a: Color, b: Color, t: float) -> Color:
     """Linear blend of two colours, t=0 giving a."""
-    return tuple(round(x + (y - x) * t) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+    return (
+        round(a[0] + (b[0] - a[0]) * t),
+        round(a[1] + (b[1] - a[1]) * t),
+        round(a[2] + (b[2] - a[2]) * t),
+    )
 
 
 def _ellipse(
@@ -246,23 +244,19 @@ def _shaded_ellipse(
         )
 
 
-# ---------------------------------------------------------------------------
-# insects, drawn head-up on a transparent square canvas
-
-
 def _draw_beetle(rng: np.random.Generator, size: int) -> Image.Image:
     """Rounded glossy beetle: head, pronotum, elytra with a seam, six short legs."""
     c = float(size)
     cx = c / 2.0
     img = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     draw = ImageDraw.Draw(img)
-    ladybird = rng.random() < 0.2
+    ladybird = rng.random() < 0.15
     if ladybird:
         base = _hsv(_u(rng, -0.02, 0.09), _u(rng, 0.75, 1.0), _u(rng, 0.7, 0.95))
     else:
-        # Mostly dark metallic tones: black, green, blue, bronze, purple.
-        hue = float(rng.choice([0.08, 0.3, 0.6, 0.75, 0.05, 0.45])) + _u(rng, -0.04, 0.04)
-        base = _hsv(hue, _u(rng, 0.3, 0.85), _u(rng, 0.18, 0.5))
+        # Dark metallic tones: green, blue, purple, bronze, teal; low saturation reads as black.
+        hue = float(rng.choice([0.3, 0.6, 0.75, 0.08, 0.45])) + _u(rng, -0.04, 0.04)
+        base = _hsv(hue, _u(rng, 0.2, 0.85), _u(rng, 0.15, 0.45))
     dark = _hsv(_u(rng, 0.0, 1.0), _u(rng, 0.1, 0.4), _u(rng, 0.05, 0.18))
     el_rx, el_ry = c * _u(rng, 0.19, 0.26), c * _u(rng, 0.24, 0.3)
     el_cy = c * 0.33 + el_ry
@@ -412,7 +406,7 @@ def _draw_dragonfly(rng: np.random.Generator, size: int) -> Image.Image:
     wings = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     wdraw = ImageDraw.Draw(wings)
     tint = _hsv(_u(rng, 0.05, 0.6), _u(rng, 0.0, 0.35), _u(rng, 0.8, 1.0))
-    alpha = int(rng.integers(60, 140))
+    alpha = int(rng.integers(80, 160))
     vein = _mix(dark, tint, 0.3)
     thorax_cy = c * 0.22
     for attach_y, ang, width in (
@@ -508,10 +502,6 @@ def _draw_dragonfly(rng: np.random.Generator, size: int) -> Image.Image:
 _DRAWERS = {"beetles": _draw_beetle, "cockroach": _draw_cockroach, "dragonflies": _draw_dragonfly}
 
 
-# ---------------------------------------------------------------------------
-# backgrounds and compositing
-
-
 def _smooth_noise(rng: np.random.Generator, w: int, h: int, cells: int) -> np.ndarray:
     """Smooth value noise in [0, 1] of shape (h, w) with roughly `cells` blobs across."""
     gw, gh = max(2, cells), max(2, round(cells * h / w))
@@ -549,7 +539,7 @@ def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
         img = Image.composite(img.point(lambda v: v * 4 // 5), img, grain_mask)
 
     draw = ImageDraw.Draw(img, "RGBA")
-    for _ in range(int(rng.integers(0, 5)) if rng.random() < 0.6 else 0):
+    for _ in range(int(rng.integers(1, 4)) if rng.random() < 0.5 else 0):
         x, y = _u(rng, 0, w), _u(rng, 0, h)
         size = _u(rng, 0.05, 0.25) * min(w, h)
         clutter = int(rng.integers(0, 3))
@@ -573,10 +563,10 @@ def _render_image(class_name: str, rng: np.random.Generator) -> Image.Image:
     """One RGB image of class_name on a random background, fully determined by rng."""
     w = int(rng.integers(_MIN_SIDE, _MAX_SIDE + 1))
     # Bounded aspect ratio: extreme strips would shrink the insect to a few pixels.
-    h = int(np.clip(round(w * math.exp(_u(rng, -0.8, 0.8))), _MIN_SIDE, _MAX_SIDE))
+    h = int(np.clip(round(w * math.exp(_u(rng, -0.6, 0.6))), _MIN_SIDE, _MAX_SIDE))
     image = _background(rng, w, h)
 
-    side = max(16, round(_u(rng, 0.5, 0.95) * min(w, h)))
+    side = max(16, round(_u(rng, 0.6, 0.95) * min(w, h)))
     # Drawing at twice the final size is enough antialiasing and far cheaper than a fixed canvas.
     canvas = min(_MAX_CANVAS, 2 * side)
     sprite = _DRAWERS[class_name](rng, canvas).resize((side, side), Image.Resampling.BOX)
@@ -603,7 +593,7 @@ def _render_image(class_name: str, rng: np.random.Generator) -> Image.Image:
     image = image.point(lut)
     # Zero-mean triangular noise as (+U - U) of two uniform byte planes, all in PIL's C code:
     # close enough to Gaussian sensor noise at a fraction of the cost of numpy normals.
-    spread = _u(rng, 2.0, 9.0) * math.sqrt(6.0)
+    spread = _u(rng, 2.0, 7.0) * math.sqrt(6.0)
     scale = [round(v * spread / 256.0) for v in range(256)] * 3
     for op in (ImageChops.add, ImageChops.subtract):
         noise = Image.frombytes("RGB", (w, h), rng.bytes(w * h * 3)).point(scale)
