@@ -1,6 +1,7 @@
 """Command line: `python -m insect_exp [overrides]` or `insect-exp [overrides]`."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -10,10 +11,14 @@ from omegaconf import DictConfig
 from insect_exp import UserError
 from insect_exp.config import register_configs
 
+# conf/ sits beside the package in the repository (an editable install, as README sets up); an
+# absolute path works both for `python -m insect_exp` and for the console script.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
     from insect_exp import train

@@ -122,3 +122,12 @@ def test_missing_folder_exits_non_zero_with_one_line_and_a_failed_run(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
     assert run.info.status == "FAILED"
     assert "is not a directory" in run.data.tags["error"]
+
+
+def test_console_script_composes_the_same_config(tmp_path):
+    script = Path(sys.executable).with_name("insect-exp")
+    out = subprocess.run(
+        [str(script), "--cfg", "job", "optimizer=sgd"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "name: sgd" in out.stdout
