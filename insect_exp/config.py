@@ -165,7 +165,7 @@ class Config:
     epochs: int = 10
     batch_size: int = 32
     seed: int = 123
-    # TensorFlow intra-op threads; 0 lets TensorFlow use every core.
+    # TensorFlow intra-op threads; 0: every core, or in a parallel sweep a share of the cores.
     threads: int = 0
     # Make TensorFlow ops deterministic (slower); seeding alone already fixes data order and init.
     deterministic: bool = False

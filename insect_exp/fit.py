@@ -19,12 +19,16 @@ class History:
     epochs: dict[str, list[float]] = field(default_factory=dict)
     batch_loss: list[float] = field(default_factory=list)
     batch_accuracy: list[float] = field(default_factory=list)
+    # The final model's logits on the test split (val without one) when training had them anyway,
+    # as the cached-feature recipe has; None: the model must predict them.
+    test_logits: np.ndarray | None = None
 
     def extend(self, other: History) -> None:
         for key, values in other.epochs.items():
             self.epochs.setdefault(key, []).extend(values)
         self.batch_loss += other.batch_loss
         self.batch_accuracy += other.batch_accuracy
+        self.test_logits = other.test_logits  # a later stage changed the model
 
     @property
     def num_epochs(self) -> int:
@@ -83,6 +87,15 @@ def fit_images(
 def predict_logits(model: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
     """Logits for every image of a split, in order."""
     return model.predict(make_dataset(split, batch_size), verbose=0)
+
+
+def test_logits(
+    model: keras.Model, history: History, split: ImageSplit, batch_size: int
+) -> np.ndarray:
+    """Logits on the test split: those training already computed, else the model's predictions."""
+    if history.test_logits is not None and len(history.test_logits) == len(split):
+        return history.test_logits
+    return predict_logits(model, split, batch_size)
 
 
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

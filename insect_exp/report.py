@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from insect_exp import plots
+from insect_exp.config import PreviewConfig
 from insect_exp.data.pipeline import Data, ImageSplit
 from insect_exp.fit import History
 from insect_exp.tracking import Run
@@ -61,3 +62,25 @@ def log_predictions(
         for p, t, q in zip(split.paths, split.labels, predicted, strict=True)
     ]
     run.log_text("\n".join(rows) + "\n", "predictions.tsv")
+
+
+def log_imagenet_preview(run: Run, split: ImageSplit, preview: PreviewConfig, seed: int) -> None:
+    """The post's "ImageNet predictions" grid: a full classifier's labels for sample images."""
+    from insect_exp.models.hub import imagenet_preview
+
+    idx = _sample(split, preview.num_images, seed)
+    names = imagenet_preview(preview.handle, preview.labels, split.images[idx])
+    cols = min(5, len(idx))
+    fig = plots.prediction_grid(
+        split.images[idx],
+        np.arange(len(idx)),
+        names,
+        title="ImageNet predictions",
+        rows=-(-len(idx) // cols),
+        cols=cols,
+    )
+    run.log_figure(fig, "plots/imagenet_predictions.png")
+    rows = ["path\timagenet_label"] + [
+        f"{split.paths[i]}\t{n}" for i, n in zip(idx, names, strict=True)
+    ]
+    run.log_text("\n".join(rows) + "\n", "imagenet_predictions.tsv")

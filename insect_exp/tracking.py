@@ -10,6 +10,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -174,14 +175,16 @@ def start_run(
     name: str,
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
+    experiment_id: str | None = None,
 ) -> Iterator[Run]:
     """Open a run that ends FINISHED, or FAILED with the error recorded on it.
 
     Args:
         parent_run_id: nests this run under a sweep's parent run.
+        experiment_id: the sweep's experiment, created once before its jobs; skips the lookup.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = ensure_experiment(tracking_uri, experiment_name)
+    experiment_id = experiment_id or ensure_experiment(tracking_uri, experiment_name)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -202,3 +205,106 @@ def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+# Sweeps: a parent run that the jobs of a multirun nest under. These work by run id through the
+# client, never through the fluent API's active run, which belongs to whichever job runs here.
+
+
+@dataclass
+class RunRecord:
+    """What a sweep summary reads of one run."""
+
+    run_id: str
+    name: str
+    status: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    # Full histories of the metrics asked for, ordered by step.
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def create_run(
+    tracking_uri: str,
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Open a RUNNING run (a sweep parent, or a stand-in for a job that died early); return id."""
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    client = MlflowClient(tracking_uri)
+    return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def log_to_run(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, str] | None = None,
+    texts: Mapping[str, str] | None = None,
+    figures: Mapping[str, Any] | None = None,
+) -> None:
+    """Log params, metrics, tags, text artifacts and matplotlib figures into a run by its id."""
+    from mlflow.entities import Param, RunTag
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()],
+    )
+    for path, text in (texts or {}).items():
+        client.log_text(run_id, text, path)
+    for path, figure in (figures or {}).items():
+        client.log_figure(run_id, figure, path, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Close a run opened with create_run as FINISHED, FAILED or KILLED."""
+    MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+def child_runs(
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    history_keys: Sequence[str] = (),
+) -> list[RunRecord]:
+    """Every run nested under a parent, with the metric histories asked for."""
+    client = MlflowClient(tracking_uri)
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [
+        RunRecord(
+            run_id=run.info.run_id,
+            name=run.info.run_name,
+            status=run.info.status,
+            tags=dict(run.data.tags),
+            metrics=dict(run.data.metrics),
+            history={
+                key: [
+                    m.value
+                    for m in sorted(client.get_metric_history(run.info.run_id, key), key=_step)
+                ]
+                for key in history_keys
+            },
+        )
+        for run in found
+    ]
+
+
+def _step(metric: Metric) -> tuple[int, int]:
+    return metric.step, metric.timestamp

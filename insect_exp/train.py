@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from insect_exp import tracking
+from insect_exp import sweep, tracking
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,16 @@ def run(cfg: DictConfig) -> float:
     from insect_exp.data import load_data
 
     launch_dir, overrides, hydra_dir = _hydra_context()
-    _configure_tensorflow(cfg.seed, cfg.threads, cfg.deterministic)
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, launch_dir)
-    name = cfg.mlflow.run_name or tracking.run_name(cfg.model.name, cfg.optimizer.name, overrides)
-    tags = {**tracking.environment_tags(launch_dir), **cfg.mlflow.tags}
-    with tracking.start_run(uri, cfg.mlflow.experiment_name, name, tags) as run:
+    job = sweep.current_job(overrides)  # inside a multirun: parent run, experiment, thread share
+    _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic)
+    uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, launch_dir)
+    name = cfg.mlflow.run_name or tracking.run_name(
+        cfg.model.name, cfg.optimizer.name, job.overrides
+    )
+    tags = {**tracking.environment_tags(launch_dir), **job.tags, **cfg.mlflow.tags}
+    with tracking.start_run(
+        uri, cfg.mlflow.experiment_name, name, tags, job.parent_run_id, job.experiment_id
+    ) as run:
         log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
         run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
@@ -37,6 +42,8 @@ def run(cfg: DictConfig) -> float:
 
         data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
         report.log_data(run, data, cfg.seed)
+        if OmegaConf.select(cfg, "model.preview.enabled", default=False):
+            report.log_imagenet_preview(run, data.train, cfg.model.preview, cfg.seed)
 
         model = models.build_model(cfg.model, len(data.class_names))
         run.log_text(_summary(model), "model_summary.txt")
@@ -44,7 +51,7 @@ def run(cfg: DictConfig) -> float:
         report.log_training(run, history)
 
         test = data.test if data.test is not None else data.val
-        logits = fit.predict_logits(model, test, cfg.batch_size)
+        logits = fit.test_logits(model, history, test, cfg.batch_size)
         test_scores = fit.scores(logits, test.labels)
         run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
         report.log_predictions(run, test, logits, data.class_names, cfg.seed)
@@ -57,9 +64,7 @@ def run(cfg: DictConfig) -> float:
             log.info("model logged: %s", uri_model)
 
         val_accuracy = history.epochs["val_accuracy"][-1]
-        log.info(
-            "val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"]
-        )
+        log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
     print(f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}")
     return val_accuracy
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,19 @@ def make_image_folder(
                 pixels[..., label % 3] += 150
                 Image.fromarray(pixels).save(folder / f"{name}_{i}.jpg", quality=95)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _keep_tracking_uri_env() -> Iterator[None]:
+    """Restore $MLFLOW_TRACKING_URI after each test."""
+    # mlflow.set_tracking_uri (MLflow 3) exports it: a later test's `python -m insect_exp`
+    # subprocess would otherwise log into this test's store.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture

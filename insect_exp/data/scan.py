@@ -107,7 +107,9 @@ def check_usable(manifest: Manifest) -> None:
     splits = {"train": manifest.train, "test": manifest.test}
     for split, files in splits.items():
         if files is not None and len(files) == 0:
-            raise DatasetError(f"the {split} split of {str(manifest.root)!r} has no readable images")
+            raise DatasetError(
+                f"the {split} split of {str(manifest.root)!r} has no readable images"
+            )
     counts = np.bincount(manifest.train.labels, minlength=len(manifest.class_names))
     empty = [name for name, n in zip(manifest.class_names, counts, strict=True) if n == 0]
     if empty:

@@ -1,8 +1,7 @@
 """Model builders and their training recipes, chosen by the `model` config group."""
 
-from omegaconf import DictConfig, OmegaConf
-
 import tf_keras as keras
+from omegaconf import DictConfig, OmegaConf
 
 from insect_exp.callbacks import MetricSink
 from insect_exp.data.pipeline import Data
@@ -43,6 +42,8 @@ def optimizer_from_config(cfg: DictConfig) -> keras.optimizers.Optimizer:
 
 def fit_model(model: keras.Model, cfg: DictConfig, data: Data, sink: MetricSink) -> History:
     """Compile and train `model` with the recipe its config asks for."""
+    if cfg.model.name == "hub_mobilenet":
+        return _fit_hub(model, cfg, data, sink)
     compile_classifier(model, optimizer_from_config(cfg.optimizer))
     return fit_images(
         model,
@@ -52,5 +53,34 @@ def fit_model(model: keras.Model, cfg: DictConfig, data: Data, sink: MetricSink)
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         shuffle_buffer=cfg.dataset.shuffle_buffer,
+        sink=sink,
+    )
+
+
+def _fit_hub(model: keras.Model, cfg: DictConfig, data: Data, sink: MetricSink) -> History:
+    """Head on cached backbone features when the backbone is frozen, then optional fine-tuning."""
+    from insect_exp.models.hub import fit_hub
+
+    def make_optimizer(learning_rate: float | None) -> keras.optimizers.Optimizer:
+        options = OmegaConf.to_container(cfg.optimizer)
+        configured = options.pop("learning_rate")
+        rate = configured if learning_rate is None else learning_rate
+        return build_optimizer(options.pop("name"), rate, **options)
+
+    m = cfg.model
+    return fit_hub(
+        model,
+        data,
+        make_optimizer,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.dataset.shuffle_buffer,
+        feature_cache=m.feature_cache,
+        feature_cache_dir=m.feature_cache_dir,
+        feature_cache_max_memory_mb=m.feature_cache_max_memory_mb,
+        fine_tune_epochs=m.fine_tune.epochs if m.fine_tune.enabled else 0,
+        fine_tune_learning_rate=m.fine_tune.learning_rate,
+        fine_tune_top_layers=m.fine_tune.top_layers,
         sink=sink,
     )

@@ -1,0 +1,104 @@
+"""Experiment presets, the Optuna search and the SLURM launcher preset compose as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf, open_dict
+
+from insect_exp import train
+from tests.conftest import CONF_DIR
+
+CONF = Path(CONF_DIR)
+
+
+def test_every_experiment_preset_and_search_is_offered():
+    assert {"reference_cnn", "reference_hub", "debug"} <= {
+        p.stem for p in (CONF / "experiment").glob("*.yaml")
+    }
+    assert (CONF / "hparams_search" / "optuna.yaml").is_file()
+
+
+def test_reference_cnn_preset_is_the_posts_first_experiment(compose_cfg):
+    cfg = compose_cfg("experiment=reference_cnn", shrink=False)
+    assert (cfg.model.name, list(cfg.model.image_size), cfg.epochs) == ("cnn", [180, 180], 10)
+    assert (cfg.optimizer.name, cfg.optimizer.learning_rate, cfg.batch_size) == ("adam", 1e-3, 32)
+
+
+def test_reference_hub_preset_is_the_posts_frozen_mobilenet(compose_cfg):
+    cfg = compose_cfg("experiment=reference_hub", shrink=False)
+    assert (cfg.model.name, list(cfg.model.image_size)) == ("hub_mobilenet", [224, 224])
+    assert cfg.model.trainable is False and cfg.model.preview.enabled is True
+    assert (cfg.optimizer.name, cfg.epochs, cfg.batch_size) == ("adam", 2, 32)
+
+
+@pytest.mark.parametrize("model", ["cnn", "hub_mobilenet"])
+def test_debug_preset_shrinks_any_model_and_dataset(compose_cfg, model):
+    # A sweep mixes models under one preset: it must compose with each of them
+    cfg = compose_cfg("experiment=debug", f"model={model}", shrink=False)
+    assert (cfg.epochs, cfg.dataset.max_per_class, cfg.mlflow.log_model) == (1, 8, False)
+    folder = compose_cfg("experiment=debug", "dataset=insects", "dataset.root=/x", shrink=False)
+    assert folder.dataset.max_per_class == 8
+
+
+def test_debug_preset_trains_on_8_images_per_class_in_one_epoch(compose_cfg, tracking_uri):
+    # Given the debug preset on the demo set (generated into the test's temp dir), small images
+    cfg = compose_cfg("experiment=debug", shrink=False)
+    with open_dict(cfg):
+        cfg.mlflow.tracking_uri = tracking_uri
+        cfg.model.image_size = [32, 32]
+
+    # When it runs
+    train.run(cfg)
+
+    # Then one FINISHED run trained one epoch on 3 x 8 images
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.num_train"] == "24"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
+
+
+def test_optuna_search_maximises_val_accuracy_over_lr_batch_size_and_dropout():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", ["hparams_search=optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper")
+    assert str(sweeper.direction).endswith("maximize")
+    assert sweeper.storage is None  # in memory: optuna 2.10's RDB storage fails on SQLAlchemy 2
+    assert set(sweeper.params) == {"optimizer.learning_rate", "batch_size", "model.dropout"}
+    assert str(cfg.hydra.mode).endswith("MULTIRUN")
+
+
+def test_slurm_preset_exposes_the_fields_a_cluster_user_sets(tmp_path):
+    # When the SLURM preset's config is printed with a partition set
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "insect_exp",
+            "--cfg",
+            "hydra",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    # Then it is the submitit SLURM launcher with partition, time, cpus, gpus and memory
+    assert out.returncode == 0, out.stderr
+    launcher = yaml.safe_load(out.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["partition"] == "gpu"
+    for key in ("timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb"):
+        assert isinstance(launcher[key], int), key
+    assert OmegaConf.create(launcher).array_parallelism > 0
