@@ -10,7 +10,6 @@ import sys
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # same Keras 2 as the framework
 
 import tensorflow as tf  # noqa: E402
-from tensorflow import keras  # noqa: E402
 from tensorflow.keras import layers  # noqa: E402
 from tensorflow.keras.models import Sequential  # noqa: E402
 
