@@ -290,56 +290,88 @@ def fit_hub(
         fine_tune_epochs: epochs of the second stage with the backbone unfrozen; 0 skips it.
     """
     fit_args = {"batch_size": batch_size, "seed": seed, "shuffle_buffer": shuffle_buffer}
-    num_images = len(data.train) + len(data.val)
     dim = int(backbone_of(model).output.shape[-1])
+    num_images = len(data.train) + len(data.val)
     mode = _choose_cache(feature_cache, num_images, dim, feature_cache_max_memory_mb)
-    if mode == "off" or not can_cache_features(model):
+    if mode != "off" and can_cache_features(model):
+        store = None
+        if mode == "disk":
+            root = Path(feature_cache_dir or default_cache_dir()).expanduser()
+            store = FeatureStore(root, backbone_of(model).source_dir)
+        history = _fit_head_on_features(
+            model, data, make_optimizer(None), store, epochs, sink, **fit_args
+        )
+    else:
         if mode != "off":
             log.info("no feature cache: the backbone trains or augmentation runs before it")
         compile_classifier(model, make_optimizer(None))
         history = fit_images(model, data.train, data.val, epochs=epochs, sink=sink, **fit_args)
-    else:
-        store = None
-        if mode == "disk":
-            root = feature_cache_dir or default_cache_dir()
-            store = FeatureStore(Path(root).expanduser(), backbone_of(model).source_dir)
-        extractor = feature_extractor(model)
-        train_f, train_new = cached_features(extractor, data.train, batch_size, store)
-        val_f, val_new = cached_features(extractor, data.val, batch_size, store)
-        computed = train_new + val_new
-        reused = num_images - computed
-        log.info("backbone features: %d computed, %d reused (%s cache)", computed, reused, mode)
-        if sink is not None:
-            sink({"backbone_images_computed": computed, "backbone_images_reused": reused}, 0)
-        head = model.get_layer("head")
-        compile_classifier(head, make_optimizer(None))
-        history = fit_images(head, train_f, val_f, epochs=epochs, sink=sink, **fit_args)
-        # The split the run reports on: its features are at hand (val is test without a held-out
-        # validation set), so the head alone gives its logits with no second backbone pass.
-        if data.test is None or data.test is data.val:
-            test_f = val_f
-        else:
-            test_f, _ = cached_features(extractor, data.test, batch_size, store)
-        history.test_logits = head.predict(make_dataset(test_f, batch_size), verbose=0)
     if fine_tune_epochs > 0:
         trainable = unfreeze(model, fine_tune_top_layers)
         log.info("fine-tuning %d backbone parameters for %d epochs", trainable, fine_tune_epochs)
         compile_classifier(model, make_optimizer(fine_tune_learning_rate))
-        # A new seed so the second stage does not replay the first stage's batch order.
-        stage_seed = seed + history.num_epochs
+        # A new seed so that the second stage does not replay the first one's batch order.
+        stage_args = {**fit_args, "seed": seed + history.num_epochs}
         history.extend(
-            train(
-                model,
-                make_dataset(data.train, batch_size, True, stage_seed, shuffle_buffer),
-                make_dataset(data.val, batch_size),
-                epochs=fine_tune_epochs,
-                num_train=len(data.train),
-                batch_size=batch_size,
-                sink=sink,
-                first_epoch=history.num_epochs,
-            )
+            _fit_more(model, data, fine_tune_epochs, history.num_epochs, sink, **stage_args)
         )
     return history
+
+
+def _fit_head_on_features(
+    model: keras.Model,
+    data: Data,
+    optimizer: keras.optimizers.Optimizer,
+    store: FeatureStore | None,
+    epochs: int,
+    sink: MetricSink | None,
+    **fit_args,
+) -> History:
+    """Compute each image's backbone features once (or reuse stored ones); train the head."""
+    extractor = feature_extractor(model)
+    batch_size = fit_args["batch_size"]
+    train_f, train_new = cached_features(extractor, data.train, batch_size, store)
+    val_f, val_new = cached_features(extractor, data.val, batch_size, store)
+    computed = train_new + val_new
+    reused = len(data.train) + len(data.val) - computed
+    log.info("backbone features: %d computed, %d reused", computed, reused)
+    if sink is not None:
+        sink({"backbone_images_computed": computed, "backbone_images_reused": reused}, 0)
+    head = model.get_layer("head")
+    compile_classifier(head, optimizer)
+    history = fit_images(head, train_f, val_f, epochs=epochs, sink=sink, **fit_args)
+    # The split the run reports on has its features at hand (without a test split, or without a
+    # held-out validation set, it is val): the head alone gives its logits, no backbone pass.
+    if data.test is None or data.test is data.val:
+        test_f = val_f
+    else:
+        test_f, _ = cached_features(extractor, data.test, batch_size, store)
+    history.test_logits = head.predict(make_dataset(test_f, batch_size), verbose=0)
+    return history
+
+
+def _fit_more(
+    model: keras.Model,
+    data: Data,
+    epochs: int,
+    first_epoch: int,
+    sink: MetricSink | None,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle_buffer: int | None,
+) -> History:
+    """Train the compiled full model on images, numbering epochs on from first_epoch."""
+    return train(
+        model,
+        make_dataset(data.train, batch_size, True, seed, shuffle_buffer),
+        make_dataset(data.val, batch_size),
+        epochs=epochs,
+        num_train=len(data.train),
+        batch_size=batch_size,
+        sink=sink,
+        first_epoch=first_epoch,
+    )
 
 
 def read_labels(source: str, timeout_s: float) -> list[str]:
