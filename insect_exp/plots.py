@@ -136,6 +136,7 @@ def batch_curve(
         ax.set_ylim(*ylim)
     if title:
         ax.set_title(title)
+    fig.tight_layout()
     return fig
 
 

@@ -128,8 +128,8 @@ class Run:
         mlflow.log_text(text, artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """Log a matplotlib Figure as a PNG."""
-        mlflow.log_figure(figure, artifact_file, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
+        """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass)."""
+        mlflow.log_figure(figure, artifact_file, save_kwargs={"dpi": 100})
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(local_dir), artifact_path)

@@ -145,6 +145,13 @@ def load(
     )
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
+    log.info(
+        "decoded %d train and %d test images of %d classes; %d files skipped",
+        len(train),
+        0 if test is None else len(test),
+        len(manifest.class_names),
+        len(skipped),
+    )
     if val_split > 0:
         keep, held = stratified_split(train.labels, val_split, seed)
         train, val = train.subset(keep), train.subset(held)
