@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> float:
         if hydra_dir is not None:
             run.log_artifacts(hydra_dir, "config/hydra")
 
+        models.check_sources(cfg.model)
         data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
         report.log_data(run, data, cfg.seed)
         if OmegaConf.select(cfg, "model.preview.enabled", default=False):

@@ -9,7 +9,13 @@ from insect_exp.fit import History, fit_images
 from insect_exp.models.cnn import build_cnn
 from insect_exp.models.common import ServingModule, build_optimizer, compile_classifier
 
-__all__ = ["ServingModule", "build_model", "fit_model", "optimizer_from_config"]
+__all__ = [
+    "ServingModule",
+    "build_model",
+    "check_sources",
+    "fit_model",
+    "optimizer_from_config",
+]
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> keras.Model:
@@ -32,6 +38,17 @@ def build_model(cfg: DictConfig, num_classes: int) -> keras.Model:
             load_timeout_s=cfg.load_timeout_s,
         )
     raise ValueError(f"unknown model {cfg.name!r}")
+
+
+def check_sources(cfg: DictConfig) -> None:
+    """Fail fast, before any image is decoded, when a model's weights cannot be had (offline)."""
+    if cfg.name == "hub_mobilenet":
+        from insect_exp.models.hub import CLASSIFIER_SETTING, resolve_handle
+
+        # A download lands in TF Hub's cache, so building the model later finds it at once.
+        resolve_handle(cfg.handle, cfg.load_timeout_s)
+        if cfg.preview.enabled:
+            resolve_handle(cfg.preview.handle, cfg.load_timeout_s, CLASSIFIER_SETTING)
 
 
 def optimizer_from_config(cfg: DictConfig) -> keras.optimizers.Optimizer:

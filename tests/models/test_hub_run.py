@@ -124,6 +124,8 @@ def test_offline_cli_exits_within_a_minute_with_the_fix_and_no_traceback(image_f
     assert elapsed < 60
     assert "Traceback" not in output, output[-3000:]
     assert "model.handle=" in output and "export_untrained" in output, output[-3000:]
+    # before any image was decoded
+    assert "decoded" not in output
 
 
 @pytest.mark.slow
