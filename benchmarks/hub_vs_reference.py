@@ -15,24 +15,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _timing import timed  # a sibling module: these scripts run as benchmarks/NAME.py
+
 HERE = Path(__file__).resolve().parent
-
-
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
-    """Run `cmd` to completion; return wall seconds and its combined output."""
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
-    return elapsed, output
 
 
 def framework_metrics(tracking_uri: str, run_name: str) -> dict[str, float]:

@@ -55,6 +55,14 @@ def _keep_tracking_uri_env() -> Iterator[None]:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
+    """Every artifact file of a run, as paths relative to its artifact root."""
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """A tiny 3-class folder with train/ and test/."""

@@ -12,13 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from insect_exp import train
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
+from tests.conftest import artifact_paths
 
 
 def test_train_logs_a_finished_run_with_metrics_plots_config_and_model(
@@ -48,7 +42,7 @@ def test_train_logs_a_finished_run_with_metrics_plots_config_and_model(
     # 18 training images in batches of 4 -> 5 steps an epoch, 2 epochs
     assert len(client.get_metric_history(run.info.run_id, "batch_loss")) == 10
 
-    artifacts = _artifacts(client, run.info.run_id)
+    artifacts = artifact_paths(client, run.info.run_id)
     pngs = {a for a in artifacts if a.endswith(".png")}
     assert len(pngs) >= 6, pngs
     assert {"config/config.yaml", "config/overrides.json", "class_names.json"} <= artifacts

@@ -13,14 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from insect_exp import models, train
+from tests.conftest import artifact_paths
 from tests.models.conftest import TINY_IMAGENET_LABELS
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def test_hub_run_logs_metrics_plots_preview_and_a_model_that_reloads_in_a_fresh_process(
@@ -67,7 +61,7 @@ def test_hub_run_logs_metrics_plots_preview_and_a_model_that_reloads_in_a_fresh_
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
 
     # And the plots include the post's "Model predictions" and "ImageNet predictions" grids
-    artifacts = _artifacts(client, run.info.run_id)
+    artifacts = artifact_paths(client, run.info.run_id)
     for plot in ("test_predictions", "imagenet_predictions", "batch_loss", "training_curves"):
         assert f"plots/{plot}.png" in artifacts
     local = client.download_artifacts(run.info.run_id, "imagenet_predictions.tsv", str(tmp_path))
