@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from insect_exp import UserError
 from insect_exp.config import register_configs
@@ -21,10 +21,13 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
-    from insect_exp import train
-
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise UserError(f"no value for {', '.join(missing)}: set it on the command line")
+        # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
+        from insect_exp import train
+
         return train.run(cfg)
     except UserError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:

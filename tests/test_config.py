@@ -102,8 +102,9 @@ def test_invalid_config_fails_at_startup_with_hydras_message(tmp_path, override,
 
 def test_insects_dataset_without_root_is_a_clear_error(tmp_path):
     out = _cli("dataset=insects", cwd=tmp_path)
-    assert out.returncode != 0
-    assert "dataset.root" in out.stderr
+    assert out.returncode == 2
+    assert "insect_exp: error: no value for dataset.root" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_missing_folder_exits_non_zero_with_one_line_and_a_failed_run(tmp_path):
