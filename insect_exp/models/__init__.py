@@ -1,5 +1,7 @@
 """Model builders and their training recipes, chosen by the `model` config group."""
 
+import functools
+
 import tf_keras as keras
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,10 +53,14 @@ def check_sources(cfg: DictConfig) -> None:
             resolve_handle(cfg.preview.handle, cfg.load_timeout_s, CLASSIFIER_SETTING)
 
 
-def optimizer_from_config(cfg: DictConfig) -> keras.optimizers.Optimizer:
-    """A Keras optimizer from the `optimizer` config node."""
+def optimizer_from_config(
+    cfg: DictConfig, learning_rate: float | None = None
+) -> keras.optimizers.Optimizer:
+    """A Keras optimizer from the `optimizer` config node (another learning rate if given)."""
     options = OmegaConf.to_container(cfg)
-    return build_optimizer(options.pop("name"), options.pop("learning_rate"), **options)
+    configured = options.pop("learning_rate")
+    rate = configured if learning_rate is None else learning_rate
+    return build_optimizer(options.pop("name"), rate, **options)
 
 
 def fit_model(model: keras.Model, cfg: DictConfig, data: Data, sink: MetricSink) -> History:
@@ -78,17 +84,11 @@ def _fit_hub(model: keras.Model, cfg: DictConfig, data: Data, sink: MetricSink) 
     """Head on cached backbone features when the backbone is frozen, then optional fine-tuning."""
     from insect_exp.models.hub import fit_hub
 
-    def make_optimizer(learning_rate: float | None) -> keras.optimizers.Optimizer:
-        options = OmegaConf.to_container(cfg.optimizer)
-        configured = options.pop("learning_rate")
-        rate = configured if learning_rate is None else learning_rate
-        return build_optimizer(options.pop("name"), rate, **options)
-
     m = cfg.model
     return fit_hub(
         model,
         data,
-        make_optimizer,
+        functools.partial(optimizer_from_config, cfg.optimizer),
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
