@@ -136,12 +136,10 @@ def load(
         skipped += failed
     # Undecodable files may have emptied a split or a class: say so before training starts.
     check_usable(
-        Manifest(
-            manifest.root,
-            manifest.class_names,
-            FileList(train.paths, train.labels.tolist()),
-            None if test is None else FileList(test.paths, test.labels.tolist()),
-        )
+        manifest.root,
+        manifest.class_names,
+        train.labels,
+        None if test is None else test.labels,
     )
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,21 +98,22 @@ def scan(root: str | Path, max_per_class: int | None = None) -> Manifest:
                 f"test classes {test_classes} differ from train classes {class_names}"
             )
         test = _scan_split(test_dir, class_names, max_per_class, skipped)
-    manifest = Manifest(root, class_names, train, test, skipped)
-    check_usable(manifest)
-    return manifest
+    check_usable(root, class_names, train.labels, None if test is None else test.labels)
+    return Manifest(root, class_names, train, test, skipped)
 
 
-def check_usable(manifest: Manifest) -> None:
+def check_usable(
+    root: Path,
+    class_names: Sequence[str],
+    train_labels: Sequence[int],
+    test_labels: Sequence[int] | None,
+) -> None:
     """Raise DatasetError if a split or a train class has no images left."""
-    splits = {"train": manifest.train, "test": manifest.test}
-    for split, files in splits.items():
-        if files is not None and len(files) == 0:
-            raise DatasetError(
-                f"the {split} split of {str(manifest.root)!r} has no readable images"
-            )
-    counts = np.bincount(manifest.train.labels, minlength=len(manifest.class_names))
-    empty = [name for name, n in zip(manifest.class_names, counts, strict=True) if n == 0]
+    for split, labels in {"train": train_labels, "test": test_labels}.items():
+        if labels is not None and len(labels) == 0:
+            raise DatasetError(f"the {split} split of {str(root)!r} has no readable images")
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(class_names))
+    empty = [name for name, n in zip(class_names, counts, strict=True) if n == 0]
     if empty:
         raise DatasetError(f"train classes with no readable images: {', '.join(empty)}")
 
