@@ -15,3 +15,10 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
     return elapsed, output
+
+
+def post_sized_folder(work: Path) -> Path:
+    """A generated folder the size of the post's: 1,020 train / 180 test images, 3 classes."""
+    from insect_exp.data.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset(work / "data", train_per_class=340, test_per_class=60)

@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _timing import timed  # a sibling module: these scripts run as benchmarks/NAME.py
+# A sibling module: these scripts run as benchmarks/NAME.py.
+from _timing import post_sized_folder, timed
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,11 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="insect_bench_"))
-    root = args.root
-    if root is None:
-        from insect_exp.data.demo import ensure_demo_dataset
-
-        root = ensure_demo_dataset(work / "data", train_per_class=340, test_per_class=60)
+    root = args.root or post_sized_folder(work)
     print(f"data: {root}  epochs: {args.epochs}  work dir: {work}")
 
     results: dict[str, list[tuple[float, float]]] = {"reference": [], "framework": []}
