@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from insect_exp.data.pipeline import load, make_dataset
+from insect_exp.data.pipeline import decode_files, load, make_dataset
 from insect_exp.data.scan import DatasetError, scan, stratified_split
 from tests.conftest import make_image_folder
 
@@ -65,6 +66,30 @@ def test_bad_files_are_skipped_with_reasons_and_odd_formats_become_rgb(tmp_path)
     stats = data.stats()
     assert stats["num_skipped"] == 6
     assert stats["images_per_class"]["train"]["cockroach"] == 8
+
+
+def test_each_image_lands_at_its_own_file_and_label_around_failures(tmp_path):
+    # Given a split whose undecodable files sit between good ones, and a file gone since the scan
+    root = make_image_folder(tmp_path / "insects", train_per_class=5, test_per_class=1)
+    (root / "train" / "beetles" / "b_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    (root / "train" / "cockroach" / "c_gone.jpg").write_bytes(b"\xff\xd8\xff\xe0 soon gone")
+    manifest = scan(root)
+    (root / "train" / "cockroach" / "c_gone.jpg").unlink()
+
+    # When the folder is decoded in parallel
+    files = manifest.train
+    split, failed = decode_files(files, (20, 24))
+
+    # Then every kept image is its own file's pixels with its own label, and failures name why
+    assert [Path(p).name for p, _ in failed] == ["b_corrupt.jpg", "c_gone.jpg"]
+    assert all(reason.startswith("cannot decode") for _, reason in failed)
+    assert len(split) == 15
+    by_path = dict(zip(files.paths, files.labels, strict=True))
+    for path, label, image in zip(split.paths, split.labels, split.images, strict=True):
+        alone = tf.image.resize(tf.io.decode_image(tf.io.read_file(path), channels=3), (20, 24))
+        expected = np.round(np.clip(alone.numpy(), 0, 255)).astype(np.uint8)
+        np.testing.assert_array_equal(image, expected)
+        assert label == by_path[path]
 
 
 @pytest.mark.parametrize(
