@@ -128,8 +128,12 @@ class Run:
         mlflow.log_text(text, artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass)."""
-        mlflow.log_figure(figure, artifact_file, save_kwargs={"dpi": 100})
+        """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass).
+
+        zlib level 1 instead of 6 halves the time to write image grids for ~20% larger files.
+        """
+        save_kwargs = {"dpi": 100, "pil_kwargs": {"compress_level": 1}}
+        mlflow.log_figure(figure, artifact_file, save_kwargs=save_kwargs)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(local_dir), artifact_path)
