@@ -5,6 +5,7 @@ TensorFlow is imported.
 """
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -157,6 +158,14 @@ class MlflowConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+class Precision(Enum):
+    """Keras mixed-precision policies (https://keras.io/api/mixed_precision/policy/)."""
+
+    float32 = "float32"
+    mixed_bfloat16 = "mixed_bfloat16"
+    mixed_float16 = "mixed_float16"
+
+
 @dataclass
 class Config:
     dataset: DatasetConfig = MISSING
@@ -169,6 +178,9 @@ class Config:
     threads: int = 0
     # Make TensorFlow ops deterministic (slower); seeding alone already fixes data order and init.
     deterministic: bool = False
+    # Keras dtype policy: mixed_bfloat16 computes in bfloat16 and keeps float32 weights and logits
+    # (faster on CPUs with AVX512-BF16/AMX and recent GPUs); float32 is the reference recipe.
+    precision: Precision = Precision.float32
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     # Free-form keys for experiment presets and sweepers (e.g. a description).
     extra: dict[str, Any] = field(default_factory=dict)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+from enum import Enum
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +25,7 @@ def run(cfg: DictConfig) -> float:
 
     launch_dir, overrides, hydra_dir = _hydra_context()
     job = sweep.current_job(overrides)  # inside a multirun: parent run, experiment, thread share
-    _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic)
+    _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision)
     uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, launch_dir)
     name = cfg.mlflow.run_name or tracking.run_name(
         cfg.model.name, cfg.optimizer.name, job.overrides
@@ -34,7 +35,8 @@ def run(cfg: DictConfig) -> float:
         uri, cfg.mlflow.experiment_name, name, tags, job.parent_run_id, job.experiment_id
     ) as run:
         log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
-        run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+        params = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        run.log_params(tracking.flatten(params))
         run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
         run.log_dict(list(overrides), "config/overrides.json")
         if hydra_dir is not None:
@@ -81,7 +83,7 @@ def _hydra_context() -> tuple[Path, list[str], Path | None]:
     return Path(hc.runtime.cwd), list(hc.overrides.task), hydra_dir
 
 
-def _configure_tensorflow(seed: int, threads: int, deterministic: bool) -> None:
+def _configure_tensorflow(seed: int, threads: int, deterministic: bool, precision: Enum) -> None:
     import tensorflow as tf
     import tf_keras as keras
 
@@ -94,6 +96,8 @@ def _configure_tensorflow(seed: int, threads: int, deterministic: bool) -> None:
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
+    # Set on every run: a policy is process-wide and outlives a job of an in-process sweep.
+    keras.mixed_precision.set_global_policy(precision.value)
 
 
 def _summary(model) -> str:

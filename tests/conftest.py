@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,6 +54,15 @@ def _keep_tracking_uri_env() -> Iterator[None]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy() -> Iterator[None]:
+    """A run with precision=mixed_* sets Keras's process-wide dtype policy: reset it after."""
+    yield
+    keras = sys.modules.get("tf_keras")
+    if keras is not None:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def artifact_paths(client, run_id: str, path: str = "") -> set[str]:

@@ -91,6 +91,7 @@ def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):
         ("model=resnet", "Could not find 'model/resnet'"),
         ("model.handle=x", "Key 'handle' not in 'CNNConfig'"),
         ("optimizer.learning_rate=fast", "could not be converted to Float"),
+        ("precision=bf16", "Invalid value 'bf16', expected one of [float32, mixed_bfloat16"),
     ],
 )
 def test_invalid_config_fails_at_startup_with_hydras_message(tmp_path, override, message):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from insect_exp import train
+from insect_exp import models, train
 from tests.conftest import artifact_paths
 
 
@@ -67,3 +67,33 @@ def test_train_logs_a_finished_run_with_metrics_plots_config_and_model(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert "SHAPE (2, 3)" in out.stdout, out.stderr[-3000:]
+
+
+def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits(
+    compose_cfg, tracking_uri, image_folder, monkeypatch
+):
+    # Given the reference CNN (with augmentation) under precision=mixed_bfloat16
+    cfg = compose_cfg(
+        "dataset=insects", f"dataset.root={image_folder}", "precision=mixed_bfloat16",
+        "model.augment.flip=true", "mlflow.log_model=false",
+    )  # fmt: skip
+    built = []
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a: built.append(build(*a)) or built[-1])
+
+    # When the train job runs
+    train.run(cfg)
+
+    # Then the convolutions ran in bfloat16 on float32 weights, the logits stayed float32,
+    # the parameter count is the reference's, and the run records the policy
+    (model,) = built
+    conv = next(layer for layer in model.layers if layer.name.startswith("conv2d"))
+    assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
+    assert model.get_layer("logits").compute_dtype == "float32"
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    assert models.ServingModule(model, (32, 32)).__call__(images).dtype == "float32"
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["precision"] == "mixed_bfloat16"
+    assert np.isfinite(run.data.metrics["loss"])

@@ -30,5 +30,6 @@ def build_cnn(
     layers.append(keras.layers.Dense(dense_units, activation="relu"))
     if dropout > 0:
         layers.append(keras.layers.Dropout(dropout))
-    layers.append(keras.layers.Dense(num_classes, name="logits"))
+    # float32 logits under a mixed-precision policy too: softmax and loss stay accurate.
+    layers.append(keras.layers.Dense(num_classes, name="logits", dtype="float32"))
     return keras.Sequential(layers, name="cnn")

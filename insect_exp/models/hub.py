@@ -201,7 +201,10 @@ def build_hub_classifier(
     The head is a nested model ("head": [Dropout], Dense logits) so that it can be trained alone
     on cached backbone features and still be the head of the full model.
     """
-    backbone = HubBackbone(resolve_handle(handle, load_timeout_s), trainable, name="backbone")
+    # A SavedModel computes in the dtypes it was saved with, whatever Keras's precision policy.
+    backbone = HubBackbone(
+        resolve_handle(handle, load_timeout_s), trainable, name="backbone", dtype="float32"
+    )
     height, width = (int(v) for v in image_size)
     images = keras.Input(shape=(height, width, 3), name="images")
     x = images
@@ -225,7 +228,7 @@ def build_hub_classifier(
     head_layers: list[keras.layers.Layer] = [keras.Input(shape=(features.shape[-1],))]
     if dropout > 0:
         head_layers.append(keras.layers.Dropout(dropout))
-    head_layers.append(keras.layers.Dense(num_classes, name="logits"))
+    head_layers.append(keras.layers.Dense(num_classes, name="logits", dtype="float32"))
     head = keras.Sequential(head_layers, name="head")
     return keras.Model(images, head(features), name="hub_classifier")
 
