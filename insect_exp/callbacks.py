@@ -1,11 +1,46 @@
-"""Keras callbacks: per-batch statistics and live per-epoch metric logging."""
+"""Keras callbacks: validation that keeps its logits, per-batch statistics, live epoch logging."""
 
 from collections.abc import Callable
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 MetricSink = Callable[[dict[str, float], int], None]
+
+
+def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean sparse cross-entropy on logits and accuracy: what Keras's evaluate would report."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    accuracy = (logits.argmax(axis=1) == labels).mean()
+    return {"loss": float(loss), "accuracy": float(accuracy)}
+
+
+class Validation(keras.callbacks.Callback):
+    """Keras's per-epoch validation (val_loss, val_accuracy), keeping the last epoch's logits.
+
+    Instead of fit's validation_data, which throws its predictions away: the final model's logits
+    on the validation split are then at hand for the test report when validation is the test
+    split, and need no second pass. Keras runs user callbacks before its History and progress
+    bar, so both see the val_ metrics this adds to the epoch's logs.
+    """
+
+    def __init__(self, images: tf.data.Dataset, labels: np.ndarray):
+        super().__init__()
+        self.images = images
+        self.labels = labels
+        self.logits: np.ndarray | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.logits = self.model.predict(self.images, verbose=0)
+        results = scores(self.logits, self.labels)
+        # As in evaluate: the loss includes the model's regularization losses (none by default).
+        results["loss"] += float(sum(self.model.losses, 0.0))
+        if logs is not None:
+            logs.update({f"val_{key}": value for key, value in results.items()})
 
 
 class BatchStats(keras.callbacks.Callback):

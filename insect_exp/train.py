@@ -20,7 +20,7 @@ def run(cfg: DictConfig) -> float:
     """Train and log one model as `cfg` says; return the final validation accuracy for sweepers."""
     import tensorflow as tf
 
-    from insect_exp import fit, models, report
+    from insect_exp import callbacks, fit, models, report
     from insect_exp.data import load_data
 
     launch_dir, overrides, hydra_dir = _hydra_context()
@@ -54,8 +54,8 @@ def run(cfg: DictConfig) -> float:
         report.log_training(run, history)
 
         test = data.test if data.test is not None else data.val
-        logits = fit.test_logits(model, history, test, cfg.batch_size)
-        test_scores = fit.scores(logits, test.labels)
+        logits = fit.test_logits(model, history, data, cfg.batch_size)
+        test_scores = callbacks.scores(logits, test.labels)
         run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
         report.log_predictions(run, test, logits, data.class_names, cfg.seed)
 

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp.callbacks import BatchStats, EpochMetrics
+from insect_exp.callbacks import BatchStats, EpochMetrics, Validation
 from insect_exp.models.common import compile_classifier
 
 
@@ -40,3 +40,28 @@ def test_batch_stats_recover_each_batchs_own_loss_and_accuracy():
     # And each epoch's metrics reach the sink once, at step = epoch index
     assert [step for step, _ in epochs] == [0, 1]
     assert set(epochs[0][1]) == {"loss", "accuracy"}
+
+
+def test_validation_reports_what_keras_validation_data_would_and_keeps_the_logits():
+    # Given the same seeded model and data fitted with Keras's validation_data and with ours
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(24, 6)).astype("float32")
+    y = rng.integers(0, 3, 24).astype("int32")
+    val_x, val_y = x[:10] + 0.1, y[:10]
+
+    def fitted(**fit_kwargs) -> tuple[keras.Model, dict]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+        compile_classifier(model, keras.optimizers.Adam(0.05))
+        train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        return model, model.fit(train_ds, epochs=3, verbose=0, **fit_kwargs).history
+
+    val_ds = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(4)
+    _, expected = fitted(validation_data=val_ds)
+    validation = Validation(val_ds.map(lambda images, _: images), val_y)
+    model, got = fitted(callbacks=[validation])
+
+    # Then every epoch's val_loss and val_accuracy match, and the final logits are kept
+    for key in ("val_loss", "val_accuracy"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(validation.logits, model.predict(val_x, verbose=0), rtol=1e-6)

@@ -12,6 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from insect_exp import models, train
+from insect_exp.callbacks import scores
+from insect_exp.data import load_data
 from tests.conftest import artifact_paths
 
 
@@ -97,3 +99,29 @@ def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits(
     assert run.info.status == "FINISHED"
     assert run.data.params["precision"] == "mixed_bfloat16"
     assert np.isfinite(run.data.metrics["loss"])
+
+
+def test_with_a_held_out_validation_set_the_test_split_is_scored_apart(
+    compose_cfg, tracking_uri, image_folder, monkeypatch
+):
+    # Given validation held out of train, and a test split beside it
+    cfg = compose_cfg(
+        "dataset=insects", f"dataset.root={image_folder}", "dataset.val_split=0.34",
+        "mlflow.log_model=false",
+    )  # fmt: skip
+    built = []
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a: built.append(build(*a)) or built[-1])
+
+    # When the train job runs
+    train.run(cfg)
+
+    # Then test_loss and test_accuracy are the final model's on the test split, not on validation
+    data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
+    assert not data.val_is_test and len(data.val) == 6
+    logits = built[0].predict(data.test.images.astype("float32"), verbose=0)
+    expected = scores(logits, data.test.labels)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
+    assert run.data.metrics["test_loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(expected["accuracy"])

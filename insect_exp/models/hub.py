@@ -343,13 +343,10 @@ def _fit_head_on_features(
     head = model.get_layer("head")
     compile_classifier(head, optimizer)
     history = fit_images(head, train_f, val_f, epochs=epochs, sink=sink, **fit_args)
-    # The split the run reports on has its features at hand (without a test split, or without a
-    # held-out validation set, it is val): the head alone gives its logits, no backbone pass.
-    if data.test is None or data.test is data.val:
-        test_f = val_f
-    else:
+    # A test split apart from validation: its features through the head alone give its logits.
+    if data.test is not None and not data.val_is_test:
         test_f, _ = cached_features(extractor, data.test, batch_size, store)
-    history.test_logits = head.predict(make_dataset(test_f, batch_size), verbose=0)
+        history.test_logits = head.predict(make_dataset(test_f, batch_size), verbose=0)
     return history
 
 
@@ -368,7 +365,7 @@ def _fit_more(
     return train(
         model,
         make_dataset(data.train, batch_size, True, seed, shuffle_buffer),
-        make_dataset(data.val, batch_size),
+        data.val,
         epochs=epochs,
         num_train=len(data.train),
         batch_size=batch_size,
