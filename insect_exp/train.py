@@ -6,12 +6,12 @@ import contextlib
 import io
 import logging
 import os
-from enum import Enum
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from insect_exp import sweep, tracking
+from insect_exp.config import Precision
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ def _hydra_context() -> tuple[Path, list[str], Path | None]:
     return Path(hc.runtime.cwd), list(hc.overrides.task), hydra_dir
 
 
-def _configure_tensorflow(seed: int, threads: int, deterministic: bool, precision: Enum) -> None:
+def _configure_tensorflow(
+    seed: int, threads: int, deterministic: bool, precision: Precision
+) -> None:
     import tensorflow as tf
     import tf_keras as keras
 

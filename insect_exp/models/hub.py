@@ -29,7 +29,7 @@ import tf_keras as keras
 from insect_exp import UserError
 from insect_exp.callbacks import MetricSink
 from insect_exp.data.pipeline import Data, make_dataset
-from insect_exp.fit import History, fit_images, train
+from insect_exp.fit import History, fit_images, predict_logits, train
 from insect_exp.models.common import augmentation_layers, compile_classifier
 from insect_exp.models.feature_cache import FeatureStore, cached_features, default_cache_dir
 
@@ -346,7 +346,7 @@ def _fit_head_on_features(
     # A test split apart from validation: its features through the head alone give its logits.
     if data.test is not None and not data.val_is_test:
         test_f, _ = cached_features(extractor, data.test, batch_size, store)
-        history.test_logits = head.predict(make_dataset(test_f, batch_size), verbose=0)
+        history.test_logits = predict_logits(head, test_f, batch_size)
     return history
 
 
