@@ -5,12 +5,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from insect_exp import UserError
-from insect_exp.config import register_configs
+from insect_exp.config import register_configs, to_object
 
 # conf/ sits beside the package in the repository (an editable install, as README sets up); an
 # absolute path works both for `python -m insect_exp` and for the console script.
@@ -20,18 +18,16 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> float:
+def _hydra_main(dict_cfg: DictConfig) -> float:
     try:
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise UserError(f"no value for {', '.join(missing)}: set it on the command line")
+        cfg = to_object(dict_cfg)  # typed from here on; ranges checked before TensorFlow loads
         # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
         from insect_exp import train
 
         return train.run(cfg)
     except UserError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records the failed job and goes on
+        if OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None:
+            raise  # a multirun job: the sweep records it as failed and goes on
         print(f"insect_exp: error: {err}", file=sys.stderr)
         sys.exit(2)
 

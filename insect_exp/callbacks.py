@@ -1,4 +1,4 @@
-"""Keras callbacks: validation that keeps its logits, per-batch statistics, live epoch logging."""
+"""Keras callbacks: validation keeping its logits, per-batch stats, learning rate, live logging."""
 
 from collections.abc import Callable
 
@@ -9,12 +9,19 @@ import tf_keras as keras
 MetricSink = Callable[[dict[str, float], int], None]
 
 
-def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Mean sparse cross-entropy on logits and accuracy: what Keras's evaluate would report."""
+def scores(
+    logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
+) -> dict[str, float]:
+    """Mean cross-entropy on logits and accuracy: what Keras's evaluate would report.
+
+    With label smoothing the targets are (1 - s) * one_hot + s / num_classes, as in training.
+    """
     logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    true = log_probs[np.arange(len(labels)), labels]
+    s = label_smoothing
+    loss = -((1 - s) * true + s * log_probs.mean(axis=1)).mean()
     accuracy = (logits.argmax(axis=1) == labels).mean()
     return {"loss": float(loss), "accuracy": float(accuracy)}
 
@@ -28,15 +35,16 @@ class Validation(keras.callbacks.Callback):
     bar, so both see the val_ metrics this adds to the epoch's logs.
     """
 
-    def __init__(self, images: tf.data.Dataset, labels: np.ndarray):
+    def __init__(self, images: tf.data.Dataset, labels: np.ndarray, label_smoothing: float = 0.0):
         super().__init__()
         self.images = images
         self.labels = labels
+        self.label_smoothing = label_smoothing
         self.logits: np.ndarray | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.logits = self.model.predict(self.images, verbose=0)
-        results = scores(self.logits, self.labels)
+        results = scores(self.logits, self.labels, self.label_smoothing)
         # As in evaluate: the loss includes the model's regularization losses (none by default).
         results["loss"] += float(sum(self.model.losses, 0.0))
         if logs is not None:
@@ -83,6 +91,25 @@ class BatchStats(keras.callbacks.Callback):
         self.accuracies += per_batch[:, 1].tolist()
 
 
+class LearningRateLog(keras.callbacks.Callback):
+    """Adds the learning rate each epoch trained with to its logs, as `lr`.
+
+    Read when the epoch begins, after a per-epoch schedule set it and before a plateau schedule
+    lowers it at the epoch's end.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rate = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._rate = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["lr"] = self._rate
+
+
 class EpochMetrics(keras.callbacks.Callback):
     """Sends each epoch's logs to `sink(metrics, step)` as soon as the epoch ends.
 
@@ -95,5 +122,5 @@ class EpochMetrics(keras.callbacks.Callback):
         self.step_offset = step_offset
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {k: float(v) for k, v in (logs or {}).items() if k != "lr"}
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
         self.sink(metrics, self.step_offset + epoch)

@@ -1,21 +1,91 @@
 """Config schema: dataclasses registered in Hydra's ConfigStore that the YAML files in conf/ extend.
 
-A typo in a key or a value of the wrong type fails at start-up with Hydra's own message, before
-TensorFlow is imported.
+The composed config becomes these typed objects once, at the entrypoint (`to_object`); every module
+below takes them, never a DictConfig. A typo in a key or a value of the wrong type fails in Hydra;
+a value out of its range fails in `__post_init__` with one line naming the key and the range. Both
+happen before TensorFlow is imported.
 """
 
+from __future__ import annotations
+
+import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from insect_exp import UserError
 
 # Published TF Hub handles used by the reference post; an environment variable can point them at a
 # local SavedModel, which also works in sweeps that mix in models without these keys.
 MOBILENET_V2_FEATURES = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 MOBILENET_V2_CLASSIFIER = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/classification/4"
 IMAGENET_LABELS = "https://storage.googleapis.com/download.tensorflow.org/data/ImageNetLabels.txt"
+
+
+class ConfigError(UserError, ValueError):
+    """A config value outside its allowed range."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: must be {allowed}")
+
+
+def _positive_size(key: str, size: list[int]) -> None:
+    valid = len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+    _require(valid, key, list(size), "two positive integers [height, width]")
+
+
+class Precision(Enum):
+    """Keras mixed-precision policies (https://keras.io/api/mixed_precision/policy/)."""
+
+    float32 = "float32"
+    mixed_bfloat16 = "mixed_bfloat16"
+    mixed_float16 = "mixed_float16"
+
+
+class FeatureCache(Enum):
+    """Where a frozen backbone's features are kept: auto picks memory or disk by size."""
+
+    auto = "auto"
+    memory = "memory"
+    disk = "disk"
+    off = "off"
+
+
+class Schedule(Enum):
+    """Learning-rate schedules, applied per epoch."""
+
+    constant = "constant"
+    cosine = "cosine"  # linear warm-up for warmup_epochs, then cosine decay to min_learning_rate
+    step = "step"  # times decay_factor every decay_epochs
+    reduce_on_plateau = "reduce_on_plateau"  # times decay_factor after plateau_patience flat epochs
+
+
+class Monitor(Enum):
+    """Epoch metrics that early stopping can watch."""
+
+    val_loss = "val_loss"
+    val_accuracy = "val_accuracy"
+    loss = "loss"
+    accuracy = "accuracy"
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.value.endswith("loss") else "max"
+
+
+class ClassWeight(Enum):
+    """Loss weight per class: none, or balanced (n_images / (n_classes * n_images_of_class))."""
+
+    none = "none"
+    balanced = "balanced"
+
+
+# Datasets
 
 
 @dataclass
@@ -32,6 +102,19 @@ class DatasetConfig:
     decode_workers: int = 0
     # Shuffle buffer in images; null shuffles the whole (in-memory) train split.
     shuffle_buffer: int | None = None
+    class_weight: ClassWeight = ClassWeight.none
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.val_split < 1, "dataset.val_split", self.val_split, "in [0, 1)")
+        n = self.max_per_class
+        _require(n is None or n >= 1, "dataset.max_per_class", n, ">= 1 (or null for all)")
+        _require(self.decode_workers >= 0, "dataset.decode_workers", self.decode_workers, ">= 0")
+        b = self.shuffle_buffer
+        _require(b is None or b >= 1, "dataset.shuffle_buffer", b, ">= 1 (or null for all)")
+
+    def resolve_root(self) -> str:
+        """The folder to scan (a subclass may have to create it first)."""
+        return str(self.root)
 
 
 @dataclass
@@ -44,6 +127,24 @@ class DemoDatasetConfig(DatasetConfig):
     test_per_class: int = 30
     generator_seed: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("train_per_class", "test_per_class"):
+            value = getattr(self, key)
+            _require(value >= 1, f"dataset.{key}", value, ">= 1")
+
+    def resolve_root(self) -> str:
+        from insect_exp.data.demo import ensure_demo_dataset
+
+        return str(
+            ensure_demo_dataset(
+                self.root,
+                train_per_class=self.train_per_class,
+                test_per_class=self.test_per_class,
+                seed=self.generator_seed,
+            )
+        )
+
 
 @dataclass
 class FolderDatasetConfig(DatasetConfig):
@@ -51,31 +152,33 @@ class FolderDatasetConfig(DatasetConfig):
     root: str | None = MISSING
 
 
+# Models
+
+
 @dataclass
 class AugmentConfig:
-    """Random augmentation layers at the front of the model, active only while training."""
+    """Random augmentation layers at the front of the model, active only while training.
 
-    flip: bool = False
+    Factors are fractions: rotation of a full turn, zoom and translation of the image size,
+    contrast and brightness of the pixel range.
+    """
+
+    flip: bool = False  # horizontal
+    vertical_flip: bool = False
     rotation: float = 0.0
     zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
 
+    def __post_init__(self) -> None:
+        for key in ("rotation", "zoom", "translation", "contrast", "brightness"):
+            value = getattr(self, key)
+            _require(0 <= value < 1, f"model.augment.{key}", value, "in [0, 1)")
 
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    image_size: list[int] = field(default_factory=lambda: [180, 180])
-    # Dropout before the classification head; 0 disables it.
-    dropout: float = 0.0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class CNNConfig(ModelConfig):
-    """The reference CNN: three conv/pool blocks, a dense layer, a logits head."""
-
-    name: str = "cnn"
-    filters: list[int] = field(default_factory=lambda: [16, 32, 64])
-    dense_units: int = 128
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, key) for key in self.__dataclass_fields__)
 
 
 @dataclass
@@ -85,8 +188,67 @@ class FineTuneConfig:
     enabled: bool = False
     epochs: int = 5
     learning_rate: float = 1e-5
-    # Unfreeze only the top N backbone variables' layers; null unfreezes the whole backbone.
+    # Unfreeze only the backbone's top N layers; null unfreezes the whole backbone.
     top_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "model.fine_tune.epochs", self.epochs, ">= 1")
+        lr = self.learning_rate
+        _require(lr > 0 and math.isfinite(lr), "model.fine_tune.learning_rate", lr, "> 0")
+        n = self.top_layers
+        _require(n is None or n >= 1, "model.fine_tune.top_layers", n, ">= 1 (or null for all)")
+
+
+@dataclass
+class ModelConfig:
+    """What every model has. `_target_` names the recipe class that builds and trains it."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    image_size: list[int] = field(default_factory=lambda: [180, 180])
+    # Dropout before the classification head; 0 disables it.
+    dropout: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _positive_size("model.image_size", self.image_size)
+        _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    """The reference CNN: three conv/pool blocks, a dense layer, a logits head."""
+
+    _target_: str = "insect_exp.models.cnn.CNNRecipe"
+    name: str = "cnn"
+    filters: list[int] = field(default_factory=lambda: [16, 32, 64])
+    dense_units: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = len(self.filters) >= 1 and all(f >= 1 for f in self.filters)
+        _require(ok, "model.filters", list(self.filters), "one or more positive integers")
+        _require(self.dense_units >= 1, "model.dense_units", self.dense_units, ">= 1")
+
+
+@dataclass
+class BackboneConfig(ModelConfig):
+    """A pretrained backbone with a logits head: frozen-feature caching and fine-tuning."""
+
+    trainable: bool = False
+    # Frozen backbone and no augmentation: compute features once ("auto" picks memory or disk).
+    feature_cache: FeatureCache = FeatureCache.auto
+    feature_cache_dir: str | None = None
+    feature_cache_max_memory_mb: int = 2048
+    # Seconds a remote download may take to start before we call it offline.
+    load_timeout_s: float = 20.0
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        mb = self.feature_cache_max_memory_mb
+        _require(mb >= 0, "model.feature_cache_max_memory_mb", mb, ">= 0")
+        _require(self.load_timeout_s > 0, "model.load_timeout_s", self.load_timeout_s, "> 0")
 
 
 @dataclass
@@ -98,52 +260,161 @@ class PreviewConfig:
     labels: str = "${oc.env:INSECT_EXP_IMAGENET_LABELS," + IMAGENET_LABELS + "}"
     num_images: int = 30
 
+    def __post_init__(self) -> None:
+        n = self.num_images
+        _require(n >= 1, "model.preview.num_images", n, ">= 1")
+
 
 @dataclass
-class HubModelConfig(ModelConfig):
+class HubModelConfig(BackboneConfig):
     """A TF Hub feature-vector backbone (URL or local SavedModel) with a logits head."""
 
+    _target_: str = "insect_exp.models.hub.HubRecipe"
     name: str = "hub_mobilenet"
     handle: str = "${oc.env:INSECT_EXP_HUB_HANDLE," + MOBILENET_V2_FEATURES + "}"
     image_size: list[int] = field(default_factory=lambda: [224, 224])
-    trainable: bool = False
-    # Frozen backbone and no augmentation: compute features once ("auto" picks memory or disk).
-    feature_cache: str = "auto"
-    feature_cache_dir: str | None = None
-    feature_cache_max_memory_mb: int = 2048
-    # Seconds a remote handle may take to resolve before we call it offline.
-    load_timeout_s: float = 20.0
-    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
 
 
 @dataclass
+class KerasAppConfig(BackboneConfig):
+    """Any tf_keras.applications backbone by name, without its top, with a logits head."""
+
+    _target_: str = "insect_exp.models.keras_app.KerasAppRecipe"
+    name: str = "keras_app"
+    backbone: str = "EfficientNetB0"
+    # imagenet (downloaded by Keras, or found in ~/.keras/models), a local weights file, or null
+    # for random initialisation.
+    weights: str | None = "imagenet"
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+
+
+# Optimizers
+
+
+@dataclass
 class OptimizerConfig:
+    keras_class: ClassVar[str]  # the tf_keras.optimizers class
     name: str = MISSING
     learning_rate: float = 1e-3
+    schedule: Schedule = Schedule.constant
+    # cosine: epochs of linear warm-up before the decay; the floor the decay ends at.
+    warmup_epochs: int = 0
+    min_learning_rate: float = 0.0
+    # step: every decay_epochs; reduce_on_plateau: after plateau_patience epochs without a better
+    # val_loss. Both multiply the rate by decay_factor.
+    decay_epochs: int = 3
+    decay_factor: float = 0.1
+    plateau_patience: int = 2
+
+    def __post_init__(self) -> None:
+        lr = self.learning_rate
+        _require(lr > 0 and math.isfinite(lr), "optimizer.learning_rate", lr, "> 0")
+        w = self.warmup_epochs
+        _require(w >= 0, "optimizer.warmup_epochs", w, ">= 0")
+        m = self.min_learning_rate
+        _require(0 <= m <= lr, "optimizer.min_learning_rate", m, f"in [0, learning_rate={lr}]")
+        _require(self.decay_epochs >= 1, "optimizer.decay_epochs", self.decay_epochs, ">= 1")
+        f = self.decay_factor
+        _require(0 < f < 1, "optimizer.decay_factor", f, "in (0, 1)")
+        p = self.plateau_patience
+        _require(p >= 0, "optimizer.plateau_patience", p, ">= 0")
+
+    def options(self) -> dict[str, Any]:
+        """The Keras optimizer's own keyword arguments (besides the learning rate)."""
+        return {}
 
 
 @dataclass
 class AdamConfig(OptimizerConfig):
+    keras_class: ClassVar[str] = "Adam"
     name: str = "adam"
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-7
 
+    def options(self) -> dict[str, Any]:
+        return {"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    """Adam with decoupled weight decay (Loshchilov & Hutter)."""
+
+    keras_class: ClassVar[str] = "AdamW"
+    name: str = "adamw"
+    weight_decay: float = 0.004
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        wd = self.weight_decay
+        _require(wd >= 0, "optimizer.weight_decay", wd, ">= 0")
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "weight_decay": self.weight_decay}
+
 
 @dataclass
 class SGDConfig(OptimizerConfig):
+    keras_class: ClassVar[str] = "SGD"
     name: str = "sgd"
     learning_rate: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "in [0, 1)")
+
+    def options(self) -> dict[str, Any]:
+        return {"momentum": self.momentum, "nesterov": self.nesterov}
+
 
 @dataclass
 class RMSpropConfig(OptimizerConfig):
+    keras_class: ClassVar[str] = "RMSprop"
     name: str = "rmsprop"
     rho: float = 0.9
     momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "in [0, 1)")
+
+    def options(self) -> dict[str, Any]:
+        return {"rho": self.rho, "momentum": self.momentum}
+
+
+# Training
+
+
+@dataclass
+class LossConfig:
+    # Targets become (1 - s) * one_hot + s / num_classes.
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        s = self.label_smoothing
+        _require(0 <= s < 1, "loss.label_smoothing", s, "in [0, 1)")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    monitor: Monitor = Monitor.val_loss
+    # Epochs without improvement before training stops.
+    patience: int = 3
+    # End with the best epoch's weights (what gets evaluated and logged), not the last epoch's.
+    restore_best: bool = True
+
+    def __post_init__(self) -> None:
+        p = self.patience
+        _require(p >= 0, "train.early_stopping.patience", p, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -154,16 +425,26 @@ class MlflowConfig:
     # null: built from the model, optimizer and command-line overrides.
     run_name: str | None = None
     log_model: bool = True
-    log_batch_metrics: bool = True
     tags: dict[str, str] = field(default_factory=dict)
 
 
-class Precision(Enum):
-    """Keras mixed-precision policies (https://keras.io/api/mixed_precision/policy/)."""
+@dataclass
+class RuntimeConfig:
+    """Where and how the job was launched. conf/config.yaml fills it from Hydra by interpolation,
+    so the job never reads Hydra's global state; tests set it directly."""
 
-    float32 = "float32"
-    mixed_bfloat16 = "mixed_bfloat16"
-    mixed_float16 = "mixed_float16"
+    launch_dir: str = "."
+    # Hydra's job output dir and its config subdir (null: no config snapshot to log).
+    output_dir: str | None = None
+    config_subdir: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    # Set in a multirun only: the sweep's dir and this job's number in it.
+    sweep_dir: str | None = None
+    job_num: int | None = None
+
+    @property
+    def multirun(self) -> bool:
+        return self.job_num is not None
 
 
 @dataclass
@@ -171,6 +452,8 @@ class Config:
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
     optimizer: OptimizerConfig = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     epochs: int = 10
     batch_size: int = 32
     seed: int = 123
@@ -182,18 +465,42 @@ class Config:
     # (faster on CPUs with AVX512-BF16/AMX and recent GPUs); float32 is the reference recipe.
     precision: Precision = Precision.float32
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Free-form keys for experiment presets and sweepers (e.g. a description).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _require(self.seed >= 0, "seed", self.seed, ">= 0")
+        _require(self.threads >= 0, "threads", self.threads, ">= 0 (0: every core)")
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """The composed config as typed objects, every range checked.
+
+    Raises:
+        UserError: a missing value or a value out of range, in one line naming the key.
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"no value for {', '.join(missing)}: set it on the command line")
+    return OmegaConf.to_object(cfg)
 
 
 def register_configs() -> None:
     """Register the schemas that the YAML files in conf/ name in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="dataset", name="base_demo", node=DemoDatasetConfig)
-    cs.store(group="dataset", name="base_folder", node=FolderDatasetConfig)
-    cs.store(group="model", name="base_cnn", node=CNNConfig)
-    cs.store(group="model", name="base_hub", node=HubModelConfig)
-    cs.store(group="optimizer", name="base_adam", node=AdamConfig)
-    cs.store(group="optimizer", name="base_sgd", node=SGDConfig)
-    cs.store(group="optimizer", name="base_rmsprop", node=RMSpropConfig)
+    for group, name, node in (
+        ("dataset", "base_demo", DemoDatasetConfig),
+        ("dataset", "base_folder", FolderDatasetConfig),
+        ("model", "base_cnn", CNNConfig),
+        ("model", "base_hub", HubModelConfig),
+        ("model", "base_keras_app", KerasAppConfig),
+        ("optimizer", "base_adam", AdamConfig),
+        ("optimizer", "base_adamw", AdamWConfig),
+        ("optimizer", "base_sgd", SGDConfig),
+        ("optimizer", "base_rmsprop", RMSpropConfig),
+    ):
+        cs.store(group=group, name=name, node=node)

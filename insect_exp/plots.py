@@ -4,14 +4,16 @@ The figures reproduce the classic TensorFlow-tutorial plots (3x3 sample grids of
 images, side-by-side accuracy/loss curves, per-step loss/accuracy curves, the 6x5 prediction grid)
 plus a confusion matrix heatmap and an overlay of sweep children's validation curves.
 
-Every function takes numpy arrays or lists and returns a ``matplotlib.figure.Figure``. Nothing here
-touches pyplot's global state, TensorFlow or MLflow, so figures can be built from any thread
-without a GUI backend; ``Figure.savefig`` renders through Agg on its own.
+Every function takes numpy arrays or lists and returns a ``matplotlib.figure.Figure``, except
+``confusion_matrix``, which returns the count matrix the heatmap draws. Images are what the data
+pipeline decodes, uint8 RGB (N x H x W x 3); any other dtype is rejected rather than guessed at.
+Labels are integer class indices. Nothing here touches pyplot's global state, TensorFlow or MLflow,
+so figures can be built from any thread without a GUI backend; ``Figure.savefig`` renders through
+Agg on its own.
 """
 
 from __future__ import annotations
 
-import pathlib
 import textwrap
 from collections.abc import Mapping, Sequence
 
@@ -26,7 +28,6 @@ __all__ = [
     "overlay_curves",
     "prediction_grid",
     "sample_grid",
-    "save",
     "training_curves",
 ]
 
@@ -38,28 +39,17 @@ _LEGEND_OUTSIDE_AFTER = 6
 _MAX_ANNOTATED_CLASSES = 40
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """Convert float [0,1], float [0,255] or integer images to uint8 for imshow."""
+def _uint8_images(images: np.ndarray) -> np.ndarray:
+    """The images as an array, refusing any dtype but uint8 (imshow would misread floats)."""
     arr = np.asarray(images)
-    if arr.dtype == np.uint8:
-        return arr
-    if np.issubdtype(arr.dtype, np.floating):
-        finite = arr[np.isfinite(arr)]
-        # Keras preprocessing yields either [0,1] (after Rescaling) or raw 0..255 floats.
-        if finite.size and finite.max() <= 1.0:
-            arr = arr * 255.0
-        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
-        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    return np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 RGB, got dtype {arr.dtype}")
+    return arr
 
 
 def _as_class_indices(labels: np.ndarray | Sequence[int]) -> np.ndarray:
-    """Return integer class indices, accepting one-hot rows as well as sparse labels."""
-    arr = np.asarray(labels)
-    # label_mode="categorical" datasets hand over one-hot rows.
-    if arr.ndim == 2:
-        return arr.argmax(axis=1)
-    return arr.astype(np.int64).reshape(-1)
+    """Integer class labels (array or list) as a flat int64 array."""
+    return np.asarray(labels, dtype=np.int64).reshape(-1)
 
 
 def _wrap(text: str, width: int = 24) -> str:
@@ -102,7 +92,7 @@ def sample_grid(
     cols: int = 3,
 ) -> Figure:
     """Grid of images, each tile titled with its class name (the tutorial's train/test preview)."""
-    pixels = _to_uint8(images)
+    pixels = _uint8_images(images)
     indices = _as_class_indices(labels)
     fig = Figure(figsize=(cols * 2.4, rows * 2.7 + 0.4))
     axes = _grid_axes(fig, rows, cols)
@@ -172,7 +162,7 @@ def prediction_grid(
     cols: int = 5,
 ) -> Figure:
     """Grid of images titled by predicted class; green/red by correctness when labels are known."""
-    pixels = _to_uint8(images)
+    pixels = _uint8_images(images)
     pred_idx = _as_class_indices(predicted)
     true_idx = None if true is None else _as_class_indices(true)
     fig = Figure(figsize=(cols * 2.0, rows * 2.1 + 0.5))
@@ -280,10 +270,3 @@ def overlay_curves(
         else:
             ax.legend(loc="best", fontsize="small")
     return fig
-
-
-def save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
-    """Write fig to path (format from the suffix) and return the path."""
-    out = pathlib.Path(path)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    return out

@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import logging
 import os
 import subprocess
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "mlruns"
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
+_MAX_PARAMS = 100  # ... and of params
 _VERSIONED = ("tensorflow", "tf-keras", "tensorflow-hub", "mlflow", "hydra-core", "insect_exp")
 
 
@@ -76,8 +79,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def environment_tags(launch_dir: str | Path) -> dict[str, str]:
-    """Git commit of the launch directory (if it is a repository) and package versions."""
+def environment_tags() -> dict[str, str]:
+    """Package versions, and the git commit of this package's source when it is a checkout.
+
+    MLflow's own `mlflow.source.git.commit` (of the entry point's repository) is left as MLflow
+    sets it: the launch directory may be another repository altogether.
+    """
     tags = {}
     for package in _VERSIONED:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -85,30 +92,48 @@ def environment_tags(launch_dir: str | Path) -> dict[str, str]:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=launch_dir,
+            cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             timeout=5,
             check=True,
         ).stdout.strip()
-        tags["mlflow.source.git.commit"] = commit
+        tags["insect_exp.git_commit"] = commit
     except (OSError, subprocess.SubprocessError):
-        pass
+        pass  # an installed package, or git missing
     return tags
 
 
-class Run:
-    """The active MLflow run; every logging call of a training job goes through here."""
+def to_tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A table as tab-separated values, quoted where a field holds a tab, newline or quote."""
+    out = io.StringIO()
+    writer = csv.writer(out, dialect="excel-tab", lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
 
-    def __init__(self, run_id: str):
+
+class Run:
+    """One MLflow run, written by its id: two runs in one process never cross."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
         self.run_id = run_id
-        self.client = MlflowClient()
+        self.experiment_id = client.get_run(run_id).info.experiment_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), _MAX_PARAMS):
+            self.client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics(dict(metrics), step=step)
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=items)
 
     def log_series(self, series: Mapping[str, Sequence[float]], first_step: int = 0) -> None:
         """Log whole metric histories (e.g. per-batch loss) in a few batched calls."""
@@ -122,10 +147,14 @@ class Run:
             self.client.log_batch(self.run_id, metrics=metrics[start : start + _MAX_BATCH])
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
-        mlflow.log_dict(data, artifact_file)
+        self.client.log_dict(self.run_id, data, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, header: Sequence[str], rows: Iterable[Sequence[Any]], artifact_file: str):
+        """Log a table as a TSV file that stays valid for any file name in it."""
+        self.log_text(to_tsv(header, rows), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass).
@@ -133,10 +162,10 @@ class Run:
         zlib level 1 instead of 6 halves the time to write image grids for ~20% larger files.
         """
         save_kwargs = {"dpi": 100, "pil_kwargs": {"compress_level": 1}}
-        mlflow.log_figure(figure, artifact_file, save_kwargs=save_kwargs)
+        self.client.log_figure(self.run_id, figure, artifact_file, save_kwargs=save_kwargs)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifacts(str(local_dir), artifact_path)
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def log_tf_model(
         self,
@@ -165,12 +194,20 @@ class Run:
         # TF2 loading restores variables by itself; the saver ops TF1 loaders need would take
         # a third of the save time of a hub model to build.
         options = tf.saved_model.SaveOptions(experimental_skip_saver=True)
+        # log_model takes no client: it writes to the process's tracking URI (set by start_run),
+        # and without an active run it would file the model under the Default experiment. The
+        # model is therefore created here, in this run's experiment and linked to it by id.
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id
+        )
         info = mlflow.tensorflow.log_model(
             module,
             name=name,
             signature=signature,
             pip_requirements=list(requirements),
             saved_model_kwargs={"options": options},
+            model_id=logged.model_id,
+            run_id=self.run_id,
         )
         return info.model_uri
 
@@ -189,27 +226,37 @@ def start_run(
     parent_run_id: str | None = None,
     experiment_id: str | None = None,
 ) -> Iterator[Run]:
-    """Open a run that ends FINISHED, or FAILED with the error recorded on it.
+    """Open a run that ends FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C.
 
     Args:
         parent_run_id: nests this run under a sweep's parent run.
         experiment_id: the sweep's experiment, created once before its jobs; skips the lookup.
     """
+    from mlflow.tracking.context.registry import resolve_tags
+
+    # Only for mlflow.tensorflow.log_model, which has no tracking-URI argument.
     mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
     experiment_id = experiment_id or ensure_experiment(tracking_uri, experiment_name)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags) as active:
-        run = Run(active.info.run_id)
-        try:
-            yield run
-        except BaseException as err:
-            # Keep whatever was logged; add the error so a failed run explains itself in the UI.
-            with contextlib.suppress(Exception):
-                mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-                mlflow.log_text(traceback.format_exc(), "error.txt")
-            raise
+    # MLflow's own context tags (user, source name and type, git commit of the entry point), as
+    # its fluent start_run would set them.
+    all_tags = resolve_tags(all_tags)
+    run = Run(client, client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id)
+    try:
+        yield run
+    except BaseException as err:
+        # Keep whatever was logged; add the error so a failed run explains itself in the UI.
+        with contextlib.suppress(Exception):
+            run.set_tags({"error": f"{type(err).__name__}: {err}"})
+            run.log_text(traceback.format_exc(), "error.txt")
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            client.set_terminated(run.run_id, status)
+        raise
+    client.set_terminated(run.run_id, "FINISHED")
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -249,33 +296,6 @@ def create_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = MlflowClient(tracking_uri)
     return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
-
-
-def log_to_run(
-    tracking_uri: str,
-    run_id: str,
-    *,
-    params: Mapping[str, Any] | None = None,
-    metrics: Mapping[str, float] | None = None,
-    tags: Mapping[str, str] | None = None,
-    texts: Mapping[str, str] | None = None,
-    figures: Mapping[str, Any] | None = None,
-) -> None:
-    """Log params, metrics, tags, text artifacts and matplotlib figures into a run by its id."""
-    from mlflow.entities import Param, RunTag
-
-    client = MlflowClient(tracking_uri)
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
-        tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()],
-    )
-    for path, text in (texts or {}).items():
-        client.log_text(run_id, text, path)
-    for path, figure in (figures or {}).items():
-        client.log_figure(run_id, figure, path, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:

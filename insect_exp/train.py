@@ -8,59 +8,54 @@ import logging
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from insect_exp import sweep, tracking
-from insect_exp.config import Precision
+from insect_exp.config import Config, Precision
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: Config) -> float:
     """Train and log one model as `cfg` says; return the final validation accuracy for sweepers."""
     import tensorflow as tf
 
-    from insect_exp import callbacks, fit, models, report
+    from insect_exp import callbacks, models, report
     from insect_exp.data import load_data
+    from insect_exp.fit import FitSettings
+    from insect_exp.models.common import ServingModule
 
-    launch_dir, overrides, hydra_dir = _hydra_context()
-    job = sweep.current_job(overrides)  # inside a multirun: parent run, experiment, thread share
+    rt = cfg.runtime
+    job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
     _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision)
-    uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, launch_dir)
+    uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
     name = cfg.mlflow.run_name or tracking.run_name(
         cfg.model.name, cfg.optimizer.name, job.overrides
     )
-    tags = {**tracking.environment_tags(launch_dir), **job.tags, **cfg.mlflow.tags}
+    tags = {**tracking.environment_tags(), **job.tags, **cfg.mlflow.tags}
     with tracking.start_run(
         uri, cfg.mlflow.experiment_name, name, tags, job.parent_run_id, job.experiment_id
     ) as run:
         log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
-        params = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        run.log_params(tracking.flatten(params))
-        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
-        run.log_dict(list(overrides), "config/overrides.json")
-        if hydra_dir is not None:
-            run.log_artifacts(hydra_dir, "config/hydra")
+        _log_config(run, cfg)
 
-        models.check_sources(cfg.model)
+        recipe = models.recipe_for(cfg.model)
+        recipe.prepare()  # before decoding: offline weights fail in seconds
         data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
         report.log_data(run, data, cfg.seed)
-        if OmegaConf.select(cfg, "model.preview.enabled", default=False):
-            report.log_imagenet_preview(run, data.train, cfg.model.preview, cfg.seed)
+        report.log_artifacts(run, recipe.artifacts(data, cfg.seed))
 
-        model = models.build_model(cfg.model, len(data.class_names))
+        model = recipe.build(len(data.class_names))
         run.log_text(_summary(model), "model_summary.txt")
-        history = models.fit_model(model, cfg, data, sink=run.log_metrics)
+        history = recipe.fit(model, data, FitSettings.from_config(cfg), sink=run.log_metrics)
         report.log_training(run, history)
 
         test = data.test if data.test is not None else data.val
-        logits = fit.test_logits(model, history, data, cfg.batch_size)
+        logits = recipe.predict(model, test, cfg.batch_size)
         test_scores = callbacks.scores(logits, test.labels)
         run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
         report.log_predictions(run, test, logits, data.class_names, cfg.seed)
 
         if cfg.mlflow.log_model:
-            module = models.ServingModule(model, cfg.model.image_size)
+            module = ServingModule(model, cfg.model.image_size)
             requirements = [f"tensorflow=={tf.__version__}"]
             shape = (*cfg.model.image_size, 3)
             uri_model = run.log_tf_model(module, shape, len(data.class_names), requirements)
@@ -72,15 +67,20 @@ def run(cfg: DictConfig) -> float:
     return val_accuracy
 
 
-def _hydra_context() -> tuple[Path, list[str], Path | None]:
-    """Launch directory, command-line overrides and Hydra's .hydra dir (outside Hydra: cwd)."""
-    from hydra.core.hydra_config import HydraConfig
+def _log_config(run: tracking.Run, cfg: Config) -> None:
+    """The resolved config as params and YAML, the overrides, and Hydra's own snapshot."""
+    from omegaconf import OmegaConf
 
-    if not HydraConfig.initialized():
-        return Path.cwd(), [], None
-    hc = HydraConfig.get()
-    hydra_dir = Path(hc.runtime.output_dir) / hc.output_subdir if hc.output_subdir else None
-    return Path(hc.runtime.cwd), list(hc.overrides.task), hydra_dir
+    rt = cfg.runtime
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    tree.pop("runtime")  # where it ran, not what it trained: in the YAML, not among params
+    run.log_params(tracking.flatten(tree))
+    run.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config/config.yaml")
+    run.log_dict(list(rt.overrides), "config/overrides.json")
+    if rt.output_dir and rt.config_subdir:
+        snapshot = Path(rt.output_dir) / rt.config_subdir
+        if snapshot.is_dir():
+            run.log_artifacts(snapshot, "config/hydra")
 
 
 def _configure_tensorflow(

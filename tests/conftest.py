@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 import insect_exp  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports TensorFlow)
-from insect_exp.config import register_configs
+from insect_exp.config import Config, RuntimeConfig, register_configs, to_object
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 CLASSES = ("beetles", "cockroach", "dragonflies")
@@ -86,40 +86,51 @@ def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
+def compose_config(*overrides: str, shrink: dict | None = None, launch_dir: Path) -> Config:
+    """Compose conf/ as the command line would, apply shrinking defaults, return it typed.
+
+    Args:
+        shrink: values set unless an override names their key (keys a model lacks are skipped).
+        launch_dir: what Hydra would fill in as runtime.launch_dir (no Hydra app runs here).
+    """
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=False)
+    given = {o.split("=")[0].lstrip("+~") for o in overrides}
+    with open_dict(cfg):
+        for key, value in (shrink or {}).items():
+            if key in given:
+                continue
+            node, _, leaf = key.rpartition(".")
+            target = OmegaConf.select(cfg, node) if node else cfg
+            if target is not None and (leaf in target or not node):
+                target[leaf] = value
+        # Outside a Hydra app there is no ${hydra:...} to resolve: a plain single run.
+        cfg.runtime = RuntimeConfig(launch_dir=str(launch_dir), overrides=list(overrides))
+    return to_object(cfg)
+
+
 @pytest.fixture
 def compose_cfg(
     tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., DictConfig]:
-    """Compose the real config from conf/ with overrides, shrunk for tests.
+) -> Callable[..., Config]:
+    """Compose the real config from conf/ with overrides, shrunk for tests, typed.
 
     Tiny images, one epoch, a small batch, a temp MLflow store and a temp demo-data directory.
     """
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("INSECT_EXP_DATA_DIR", str(tmp_path / "data"))
-    register_configs()
 
-    def _compose(*overrides: str, shrink: bool = True) -> DictConfig:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=False)
-        if shrink:
-            with open_dict(cfg):
-                given = {o.split("=")[0].lstrip("+~") for o in overrides}
-                defaults = {
-                    "epochs": 1,
-                    "batch_size": 4,
-                    "model.image_size": [32, 32],
-                    "mlflow.tracking_uri": tracking_uri,
-                    "dataset.train_per_class": 6,
-                    "dataset.test_per_class": 3,
-                }
-                for key, value in defaults.items():
-                    if key in given:
-                        continue
-                    node, _, leaf = key.rpartition(".")
-                    target = OmegaConf.select(cfg, node) if node else cfg
-                    if target is not None and (leaf in target or not node):
-                        target[leaf] = value
-        return cfg
+    def _compose(*overrides: str, shrink: bool = True) -> Config:
+        defaults = {
+            "epochs": 1,
+            "batch_size": 4,
+            "model.image_size": [32, 32],
+            "mlflow.tracking_uri": tracking_uri,
+            "dataset.train_per_class": 6,
+            "dataset.test_per_class": 3,
+        }
+        return compose_config(*overrides, shrink=defaults if shrink else None, launch_dir=tmp_path)
 
     return _compose

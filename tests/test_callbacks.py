@@ -5,7 +5,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from insect_exp.callbacks import BatchStats, EpochMetrics, Validation
-from insect_exp.models.common import compile_classifier
+from insect_exp.fit import compile_classifier
 
 
 def test_batch_stats_recover_each_batchs_own_loss_and_accuracy():

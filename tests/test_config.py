@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from insect_exp import models
+from insect_exp import fit, models
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -32,8 +32,8 @@ def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Completed
 
 def test_groups_offer_the_documented_options():
     assert {"demo", "insects"} <= set(_options("dataset"))
-    assert {"cnn", "hub_mobilenet"} <= set(_options("model"))
-    assert {"adam", "sgd", "rmsprop"} <= set(_options("optimizer"))
+    assert {"cnn", "hub_mobilenet", "keras_app"} <= set(_options("model"))
+    assert {"adam", "adamw", "sgd", "rmsprop"} <= set(_options("optimizer"))
 
 
 def test_defaults_are_the_reference_recipe(compose_cfg):
@@ -45,7 +45,7 @@ def test_defaults_are_the_reference_recipe(compose_cfg):
 @pytest.mark.parametrize("name", _options("optimizer"))
 def test_every_optimizer_builds_with_its_learning_rate(compose_cfg, name):
     cfg = compose_cfg(f"optimizer={name}", "optimizer.learning_rate=0.05")
-    optimizer = models.optimizer_from_config(cfg.optimizer)
+    optimizer = fit.make_optimizer(cfg.optimizer)
     assert optimizer.name.lower() == name
     assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.05)
 
@@ -55,7 +55,7 @@ def test_cnn_config_builds_the_reference_model_with_its_exact_size(compose_cfg):
     cfg = compose_cfg("model=cnn", "model.image_size=[180,180]")
 
     # When it is built, Then it has the reference's 3,989,027 parameters and emits logits
-    model = models.build_model(cfg.model, num_classes=3)
+    model = models.recipe_for(cfg.model).build(num_classes=3)
     assert model.count_params() == 3_989_027
     assert model.output_shape == (None, 3)
     assert model.layers[-1].get_config()["activation"] == "linear"
@@ -63,7 +63,7 @@ def test_cnn_config_builds_the_reference_model_with_its_exact_size(compose_cfg):
 
 def test_cnn_options_change_the_model(compose_cfg):
     cfg = compose_cfg("model.dropout=0.3", "model.augment.flip=true", "model.dense_units=16")
-    names = [type(layer).__name__ for layer in models.build_model(cfg.model, 4).layers]
+    names = [type(layer).__name__ for layer in models.recipe_for(cfg.model).build(4).layers]
     assert names[0] == "RandomFlip" and "Dropout" in names
 
 

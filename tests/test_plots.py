@@ -14,7 +14,6 @@ from matplotlib.figure import Figure
 from insect_exp import plots
 
 CLASSES = ["ant", "bee", "beetle"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _render(fig: Figure) -> np.ndarray:
@@ -24,8 +23,8 @@ def _render(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3]
 
 
-def _solid(n: int, rgb: tuple[float, float, float], dtype: type) -> np.ndarray:
-    """N solid-colour 16x16 images."""
+def _solid(n: int, rgb: tuple[int, int, int], dtype: type = np.uint8) -> np.ndarray:
+    """N solid-colour 16x16 images, uint8 like the data pipeline's unless told otherwise."""
     return np.broadcast_to(np.asarray(rgb, dtype=dtype), (n, 16, 16, 3)).copy()
 
 
@@ -53,7 +52,7 @@ def test_module_has_no_heavy_or_global_state_imports() -> None:
 
 
 def test_sample_grid_titles_tiles_with_class_names() -> None:
-    images = _solid(4, (10, 20, 30), np.uint8)
+    images = _solid(4, (10, 20, 30))
     fig = plots.sample_grid(images, [0, 2, 1, 2], CLASSES, title="train")
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 9
@@ -64,49 +63,45 @@ def test_sample_grid_titles_tiles_with_class_names() -> None:
     assert fig.get_suptitle() == "train"
 
 
-def test_sample_grid_accepts_one_hot_labels_and_custom_shape() -> None:
-    one_hot = np.eye(3)[[1, 0]]
-    fig = plots.sample_grid(_solid(2, (0, 0, 0), np.uint8), one_hot, CLASSES, rows=1, cols=2)
+def test_sample_grid_accepts_int32_labels_and_custom_shape() -> None:
+    labels = np.array([1, 0], dtype=np.int32)
+    fig = plots.sample_grid(_solid(2, (0, 0, 0)), labels, CLASSES, rows=1, cols=2)
     assert len(fig.axes) == 2
     assert _visible_titles(fig) == ["bee", "ant"]
 
 
 def test_sample_grid_shows_only_first_tiles_when_given_more_images() -> None:
-    fig = plots.sample_grid(_solid(12, (0, 0, 0), np.uint8), [0] * 12, CLASSES, rows=2, cols=2)
+    fig = plots.sample_grid(_solid(12, (0, 0, 0)), [0] * 12, CLASSES, rows=2, cols=2)
     assert len(fig.axes) == 4
     assert sum(len(ax.images) for ax in fig.axes) == 4
 
 
 @pytest.mark.parametrize(
-    ("images", "expected"),
-    [
-        (_solid(1, (1.0, 0.0, 0.0), np.float32), (255, 0, 0)),
-        (_solid(1, (0.0, 0.5, 0.0), np.float64), (0, 128, 0)),
-        (_solid(1, (200.0, 100.0, 0.0), np.float32), (200, 100, 0)),
-        (_solid(1, (300.0, -5.0, 7.0), np.float32), (255, 0, 7)),
-        (_solid(1, (0, 0, 255), np.uint8), (0, 0, 255)),
-    ],
-    ids=["float01-red", "float01-half", "float255", "float255-clipped", "uint8-blue"],
+    "rgb",
+    [(255, 0, 0), (0, 128, 0), (0, 0, 255), (200, 100, 7)],
+    ids=["red", "half-green", "blue", "mixed"],
 )
-def test_images_render_with_correct_value_range(
-    images: np.ndarray, expected: tuple[int, int, int]
-) -> None:
-    pixels = _render(plots.sample_grid(images, [0], CLASSES, rows=1, cols=1))
-    assert _has_colour(pixels, expected)
+def test_images_render_with_their_exact_colour(rgb: tuple[int, int, int]) -> None:
+    sample = _render(plots.sample_grid(_solid(1, rgb), [0], CLASSES, rows=1, cols=1))
+    preds = _render(plots.prediction_grid(_solid(2, rgb), [0, 1], CLASSES))
+    assert _has_colour(sample, rgb)
+    assert _has_colour(preds, rgb)
 
 
-def test_prediction_grid_renders_float01_and_uint8_alike() -> None:
-    as_float = _render(
-        plots.prediction_grid(_solid(2, (0.0, 0.0, 1.0), np.float32), [0, 1], CLASSES)
-    )
-    as_uint8 = _render(plots.prediction_grid(_solid(2, (0, 0, 255), np.uint8), [0, 1], CLASSES))
-    assert _has_colour(as_float, (0, 0, 255))
-    assert _has_colour(as_uint8, (0, 0, 255))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_image_grids_reject_non_uint8_images(dtype: type) -> None:
+    # A float image in [0, 1] would otherwise render as a plausible but wrong picture.
+    images = _solid(1, (1, 0, 0), dtype)
+    with pytest.raises(TypeError, match="uint8"):
+        plots.sample_grid(images, [0], CLASSES)
+    with pytest.raises(TypeError, match="uint8"):
+        plots.prediction_grid(images, [0], CLASSES)
 
 
 def test_prediction_grid_colours_correct_green_and_wrong_red() -> None:
-    images = _solid(3, (0.2, 0.4, 0.6), np.float32)
-    fig = plots.prediction_grid(images, [0, 1, 2], CLASSES, true=[0, 2, 2], title="Preds")
+    images = _solid(3, (51, 102, 153))
+    true = np.array([0, 2, 2], dtype=np.int32)
+    fig = plots.prediction_grid(images, np.array([0, 1, 2]), CLASSES, true=true, title="Preds")
     assert len(fig.axes) == 30
     tiles = fig.axes[:3]
     assert [ax.get_title() for ax in tiles] == ["Ant", "Bee (Beetle)", "Beetle"]
@@ -118,7 +113,7 @@ def test_prediction_grid_colours_correct_green_and_wrong_red() -> None:
 
 def test_prediction_grid_without_truth_titles_predictions_only() -> None:
     names = ["background", "tench", "goldfish", "great white shark"]
-    fig = plots.prediction_grid(_solid(2, (5, 5, 5), np.uint8), [3, 1], names, rows=1, cols=2)
+    fig = plots.prediction_grid(_solid(2, (5, 5, 5)), [3, 1], names, rows=1, cols=2)
     assert len(fig.axes) == 2
     assert _visible_titles(fig) == ["Great White Shark", "Tench"]
     assert fig.get_suptitle() == "Model predictions"
@@ -246,20 +241,3 @@ def test_overlay_curves_many_runs_puts_small_legend_outside() -> None:
     axes_box = fig.axes[0].get_window_extent()
     assert legend_box.x0 >= axes_box.x1
     assert legend.get_texts()[0].get_fontsize() < fig.axes[0].xaxis.label.get_fontsize()
-
-
-def test_save_writes_png(tmp_path: pathlib.Path) -> None:
-    fig = plots.sample_grid(_solid(1, (0.3, 0.3, 0.3), np.float32), [1], CLASSES)
-    target = tmp_path / "train.png"
-    returned = plots.save(fig, target)
-    assert returned == target
-    data = target.read_bytes()
-    assert data.startswith(PNG_MAGIC)
-    assert len(data) > 1000
-
-
-def test_save_accepts_str_path(tmp_path: pathlib.Path) -> None:
-    target = str(tmp_path / "loss.png")
-    returned = plots.save(plots.batch_curve([1.0, 0.5], "Loss"), target)
-    assert isinstance(returned, pathlib.Path)
-    assert returned.read_bytes().startswith(PNG_MAGIC)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from insect_exp import train
 from tests.conftest import CONF_DIR
@@ -49,10 +49,10 @@ def test_debug_preset_shrinks_any_model_and_dataset(compose_cfg, model):
 
 def test_debug_preset_trains_on_8_images_per_class_in_one_epoch(compose_cfg, tracking_uri):
     # Given the debug preset on the demo set (generated into the test's temp dir), small images
-    cfg = compose_cfg("experiment=debug", shrink=False)
-    with open_dict(cfg):
-        cfg.mlflow.tracking_uri = tracking_uri
-        cfg.model.image_size = [32, 32]
+    cfg = compose_cfg(
+        "experiment=debug", f"mlflow.tracking_uri={tracking_uri}", "model.image_size=[32,32]",
+        shrink=False,
+    )  # fmt: skip
 
     # When it runs
     train.run(cfg)

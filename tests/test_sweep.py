@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from insect_exp import sweep, tracking
+from insect_exp.config import RuntimeConfig
 from insect_exp.tracking import RunRecord
 from tests.sweeps import TINY, SweepResult, run_sweep
 
@@ -226,15 +227,15 @@ def _start_sweep(tmp_path: Path, tracking_uri: str) -> tuple[sweep.MlflowSweepCa
     return callback, config
 
 
-def _job(handoff: dict, num: int, status: str) -> None:
+def _job(handoff: sweep.SweepInfo, num: int, status: str) -> None:
     """What a job does with the hand-off file: a child run, ended with `status`."""
-    uri = handoff["tracking_uri"]
+    uri = handoff.tracking_uri
     tags = {"sweep.job_num": str(num), "sweep.overrides": f'["seed={num}"]'}
     run_id = tracking.create_run(
-        uri, handoff["experiment_id"], f"seed={num}", tags, handoff["parent_run_id"]
+        uri, handoff.experiment_id, f"seed={num}", tags, handoff.parent_run_id
     )
     if status == "FINISHED":
-        tracking.log_to_run(uri, run_id, metrics={"val_accuracy": 0.5})
+        tracking.Run(MlflowClient(uri), run_id).log_metrics({"val_accuracy": 0.5})
     tracking.end_run(uri, run_id, status)
 
 
@@ -242,7 +243,7 @@ def test_sweep_with_a_failed_job_ends_its_parent_finished_and_exits_1(tmp_path, 
     # Given a sweep started by the callback, which leaves the ids for its jobs in the sweep dir
     callback, config = _start_sweep(tmp_path, tracking_uri)
     handoff = sweep.read_sweep_file(tmp_path / "sweep")
-    assert handoff["constant_keys"] == [] and handoff["threads_per_job"] == 0
+    assert handoff.constant_keys == [] and handoff.threads_per_job == 0
 
     # When one job finishes and one fails, and a tolerant sweeper (Optuna's) ends the sweep
     _job(handoff, 0, "FINISHED")
@@ -252,7 +253,7 @@ def test_sweep_with_a_failed_job_ends_its_parent_finished_and_exits_1(tmp_path, 
 
     # Then the command exits 1, and the parent ends FINISHED with the failure counted
     assert exit_info.value.code == 1
-    parent = MlflowClient(tracking_uri).get_run(handoff["parent_run_id"])
+    parent = MlflowClient(tracking_uri).get_run(handoff.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["jobs_failed"] == 1
     assert parent.data.params["seed"] == "1,2"
@@ -267,7 +268,7 @@ def test_sweep_where_every_job_failed_ends_its_parent_failed(tmp_path, tracking_
     # When it ends, Then the parent is FAILED too
     with pytest.raises(SystemExit):
         callback.on_multirun_end(config)
-    parent = MlflowClient(tracking_uri).get_run(handoff["parent_run_id"])
+    parent = MlflowClient(tracking_uri).get_run(handoff.parent_run_id)
     assert parent.info.status == "FAILED"
 
 
@@ -359,12 +360,12 @@ def test_parallel_jobs_share_the_cores_between_their_tensorflow_threads(
 def test_varying_overrides_name_the_run_and_long_floats_are_shortened():
     overrides = ["experiment=debug", "optimizer.learning_rate=0.0024713734184878826", "seed=1"]
     assert sweep.varying_overrides(overrides, ["experiment", "seed"]) == [overrides[1]]
-    assert sweep._short(overrides[1]) == "optimizer.learning_rate=0.002471"
-    assert sweep._short("dataset.root=/data/v1.2") == "dataset.root=/data/v1.2"
+    assert sweep.short(overrides[1]) == "optimizer.learning_rate=0.002471"
+    assert sweep.short("dataset.root=/data/v1.2") == "dataset.root=/data/v1.2"
 
 
 def test_outside_a_multirun_a_job_logs_a_plain_run():
-    job = sweep.current_job(["optimizer=sgd"])
+    job = sweep.current_job(RuntimeConfig(overrides=["optimizer=sgd"]))
     assert (job.parent_run_id, job.experiment_id, job.threads) == (None, None, 0)
     assert job.overrides == ["optimizer=sgd"]
 
@@ -381,9 +382,11 @@ def test_a_failed_jobs_error_is_made_safe_to_send_back_to_the_launching_process(
     returned.return_value = _NeedsTwoArgs("out of memory", 137)
 
     # When the callback sees the job end
-    config = OmegaConf.create({"hydra": {"mode": "MULTIRUN"}})
+    config = OmegaConf.create({"hydra": {"job": {"num": 0}, "sweep": {"dir": "nowhere"}}})
     sweep.MlflowSweepCallback().on_job_end(config=config, job_return=returned)
 
     # Then the error that goes back to the launcher pickles and keeps its message
-    error = pickle.loads(pickle.dumps(returned._return_value))
+    with pytest.raises(Exception) as raised:
+        returned.return_value  # noqa: B018  (Hydra's getter raises a failed job's error)
+    error = pickle.loads(pickle.dumps(raised.value))
     assert "_NeedsTwoArgs: out of memory" in str(error)

@@ -11,10 +11,25 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from insect_exp import models, train
+from insect_exp import train
 from insect_exp.callbacks import scores
 from insect_exp.data import load_data
+from insect_exp.models.cnn import CNNRecipe
+from insect_exp.models.common import ServingModule
 from tests.conftest import artifact_paths
+
+
+def _record_builds(monkeypatch) -> list:
+    """Every model the CNN recipe builds during the test, in order."""
+    built = []
+    build = CNNRecipe.build
+
+    def recording(self, num_classes):
+        built.append(build(self, num_classes))
+        return built[-1]
+
+    monkeypatch.setattr(CNNRecipe, "build", recording)
+    return built
 
 
 def test_train_logs_a_finished_run_with_metrics_plots_config_and_model(
@@ -79,9 +94,7 @@ def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits(
         "dataset=insects", f"dataset.root={image_folder}", "precision=mixed_bfloat16",
         "model.augment.flip=true", "mlflow.log_model=false",
     )  # fmt: skip
-    built = []
-    build = models.build_model
-    monkeypatch.setattr(models, "build_model", lambda *a: built.append(build(*a)) or built[-1])
+    built = _record_builds(monkeypatch)
 
     # When the train job runs
     train.run(cfg)
@@ -93,7 +106,7 @@ def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits(
     assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
     assert model.get_layer("logits").compute_dtype == "float32"
     images = np.zeros((2, 32, 32, 3), np.float32)
-    assert models.ServingModule(model, (32, 32)).__call__(images).dtype == "float32"
+    assert ServingModule(model, (32, 32)).__call__(images).dtype == "float32"
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
     assert run.info.status == "FINISHED"
@@ -109,9 +122,7 @@ def test_with_a_held_out_validation_set_the_test_split_is_scored_apart(
         "dataset=insects", f"dataset.root={image_folder}", "dataset.val_split=0.34",
         "mlflow.log_model=false",
     )  # fmt: skip
-    built = []
-    build = models.build_model
-    monkeypatch.setattr(models, "build_model", lambda *a: built.append(build(*a)) or built[-1])
+    built = _record_builds(monkeypatch)
 
     # When the train job runs
     train.run(cfg)

@@ -1,31 +1,22 @@
 """Datasets: find files (scan), generate the demo set (demo), decode and batch them (pipeline)."""
 
-from collections.abc import Sequence
+from __future__ import annotations
 
-from omegaconf import DictConfig
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from insect_exp.data.scan import DatasetError, scan
+
+if TYPE_CHECKING:
+    from insect_exp.config import DatasetConfig
+    from insect_exp.data.pipeline import Data
 
 __all__ = ["DatasetError", "load_data"]
 
 
-def load_data(cfg: DictConfig, image_size: Sequence[int], seed: int):
-    """Decode the `dataset` config's folder (generating the demo set first if needed).
-
-    Returns:
-        insect_exp.data.pipeline.Data with train, validation and test splits.
-    """
+def load_data(cfg: DatasetConfig, image_size: Sequence[int], seed: int) -> Data:
+    """Decode the dataset's folder (the demo config generates its folder first if needed)."""
     from insect_exp.data.pipeline import load
 
-    root = cfg.root
-    if cfg.name == "demo":
-        from insect_exp.data.demo import ensure_demo_dataset
-
-        root = ensure_demo_dataset(
-            cfg.root,
-            train_per_class=cfg.train_per_class,
-            test_per_class=cfg.test_per_class,
-            seed=cfg.generator_seed,
-        )
-    manifest = scan(root, cfg.max_per_class)
+    manifest = scan(cfg.resolve_root(), cfg.max_per_class)
     return load(manifest, image_size, cfg.val_split, seed, cfg.decode_workers)

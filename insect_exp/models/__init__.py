@@ -1,103 +1,72 @@
-"""Model builders and their training recipes, chosen by the `model` config group."""
+"""Models behind one seam: a recipe per model prepares, builds, trains and predicts.
 
-import functools
+The `model` config node names its recipe class in `_target_` (see insect_exp/config.py), so adding
+a model is one module with a Recipe subclass, one YAML in conf/model/ and its schema dataclass.
+"""
 
-import tf_keras as keras
-from omegaconf import DictConfig, OmegaConf
+from __future__ import annotations
 
-from insect_exp.callbacks import MetricSink
-from insect_exp.data.pipeline import Data
-from insect_exp.fit import History, fit_images
-from insect_exp.models.cnn import build_cnn
-from insect_exp.models.common import ServingModule, build_optimizer, compile_classifier
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "ServingModule",
-    "build_model",
-    "check_sources",
-    "fit_model",
-    "optimizer_from_config",
-]
+if TYPE_CHECKING:
+    import numpy as np
+    import tf_keras as keras
+
+    from insect_exp.callbacks import MetricSink
+    from insect_exp.config import ModelConfig
+    from insect_exp.data.pipeline import Data, ImageSplit
+    from insect_exp.fit import FitSettings, History
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> keras.Model:
-    """Build the model that `cfg` (the `model` config node) names."""
-    augment = OmegaConf.to_container(cfg.augment)
-    if cfg.name == "cnn":
-        return build_cnn(
-            cfg.image_size, num_classes, cfg.filters, cfg.dense_units, cfg.dropout, augment
+class Recipe:
+    """How one kind of model is made and trained; this base trains end to end on images.
+
+    Subclasses override `build`, and `prepare`, `fit`, `predict`, `artifacts` where they differ.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        # The validation split and the trained model's logits on it, kept for `predict`.
+        self._val: tuple[ImageSplit, np.ndarray] | None = None
+
+    def prepare(self) -> None:
+        """Make sure the weights can be had (fail fast offline) before any image is decoded."""
+
+    def build(self, num_classes: int) -> keras.Model:
+        """The untrained model: raw 0..255 RGB images of cfg.image_size in, logits out."""
+        raise NotImplementedError
+
+    def fit(
+        self, model: keras.Model, data: Data, settings: FitSettings, sink: MetricSink | None
+    ) -> History:
+        """Compile and train `model`; metrics go to `sink` as each epoch ends."""
+        from insect_exp import fit
+
+        fit.compile_classifier(
+            model, fit.make_optimizer(settings.optimizer), settings.label_smoothing
         )
-    if cfg.name == "hub_mobilenet":
-        from insect_exp.models.hub import build_hub_classifier
+        fitted = fit.fit(model, data.train, data.val, settings, sink)
+        self.remember_validation(data.val, fitted.val_logits)
+        return fitted.history
 
-        return build_hub_classifier(
-            cfg.handle,
-            cfg.image_size,
-            num_classes,
-            dropout=cfg.dropout,
-            trainable=cfg.trainable,
-            augment=augment,
-            load_timeout_s=cfg.load_timeout_s,
-        )
-    raise ValueError(f"unknown model {cfg.name!r}")
+    def predict(self, model: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
+        """The trained model's logits on every image of `split`, in order."""
+        if self._val is not None and self._val[0] is split:
+            return self._val[1]  # the last validation already ran the final model on it
+        from insect_exp.fit import predict_logits
 
+        return predict_logits(model, split, batch_size)
 
-def check_sources(cfg: DictConfig) -> None:
-    """Fail fast, before any image is decoded, when a model's weights cannot be had (offline)."""
-    if cfg.name == "hub_mobilenet":
-        from insect_exp.models.hub import CLASSIFIER_SETTING, resolve_handle
+    def artifacts(self, data: Data, seed: int) -> dict[str, Any]:
+        """Extra artifacts of this model: path -> Figure, text, or a (header, rows) table."""
+        return {}
 
-        # A download lands in TF Hub's cache, so building the model later finds it at once.
-        resolve_handle(cfg.handle, cfg.load_timeout_s)
-        if cfg.preview.enabled:
-            resolve_handle(cfg.preview.handle, cfg.load_timeout_s, CLASSIFIER_SETTING)
+    def remember_validation(self, split: ImageSplit, logits: np.ndarray | None) -> None:
+        self._val = None if logits is None else (split, logits)
 
 
-def optimizer_from_config(
-    cfg: DictConfig, learning_rate: float | None = None
-) -> keras.optimizers.Optimizer:
-    """A Keras optimizer from the `optimizer` config node (another learning rate if given)."""
-    options = OmegaConf.to_container(cfg)
-    configured = options.pop("learning_rate")
-    rate = configured if learning_rate is None else learning_rate
-    return build_optimizer(options.pop("name"), rate, **options)
+def recipe_for(cfg: ModelConfig) -> Recipe:
+    """The recipe that the model config's `_target_` names, made from that config."""
+    from hydra.utils import get_class
 
-
-def fit_model(model: keras.Model, cfg: DictConfig, data: Data, sink: MetricSink) -> History:
-    """Compile and train `model` with the recipe its config asks for."""
-    if cfg.model.name == "hub_mobilenet":
-        return _fit_hub(model, cfg, data, sink)
-    compile_classifier(model, optimizer_from_config(cfg.optimizer))
-    return fit_images(
-        model,
-        data.train,
-        data.val,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.dataset.shuffle_buffer,
-        sink=sink,
-    )
-
-
-def _fit_hub(model: keras.Model, cfg: DictConfig, data: Data, sink: MetricSink) -> History:
-    """Head on cached backbone features when the backbone is frozen, then optional fine-tuning."""
-    from insect_exp.models.hub import fit_hub
-
-    m = cfg.model
-    return fit_hub(
-        model,
-        data,
-        functools.partial(optimizer_from_config, cfg.optimizer),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.dataset.shuffle_buffer,
-        feature_cache=m.feature_cache,
-        feature_cache_dir=m.feature_cache_dir,
-        feature_cache_max_memory_mb=m.feature_cache_max_memory_mb,
-        fine_tune_epochs=m.fine_tune.epochs if m.fine_tune.enabled else 0,
-        fine_tune_learning_rate=m.fine_tune.learning_rate,
-        fine_tune_top_layers=m.fine_tune.top_layers,
-        sink=sink,
-    )
+    return get_class(cfg._target_)(cfg)

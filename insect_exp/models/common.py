@@ -1,46 +1,44 @@
-"""Pieces every model shares: augmentation, optimizers, compilation."""
+"""Pieces every model shares: augmentation layers, the classification head, the served module."""
 
 from collections.abc import Sequence
 
 import tensorflow as tf
 import tf_keras as keras
 
+from insect_exp.config import AugmentConfig
 
-def augmentation_layers(
-    flip: bool = False, rotation: float = 0.0, zoom: float = 0.0
-) -> list[keras.layers.Layer]:
-    """Random flip/rotation/zoom layers; Keras runs them only while training."""
+
+def augmentation_layers(augment: AugmentConfig) -> list[keras.layers.Layer]:
+    """Random flip/rotation/zoom/translation/contrast/brightness; Keras runs them only in training.
+
+    They sit before the model's rescaling, so they see raw 0..255 pixels.
+    """
     layers: list[keras.layers.Layer] = []
-    if flip:
-        layers.append(keras.layers.RandomFlip("horizontal"))
-    if rotation:
-        layers.append(keras.layers.RandomRotation(rotation))
-    if zoom:
-        layers.append(keras.layers.RandomZoom(zoom))
+    directions = (("horizontal", augment.flip), ("vertical", augment.vertical_flip))
+    flips = [name for name, on in directions if on]
+    if flips:
+        layers.append(keras.layers.RandomFlip("_and_".join(flips)))
+    if augment.rotation:
+        layers.append(keras.layers.RandomRotation(augment.rotation))
+    if augment.zoom:
+        layers.append(keras.layers.RandomZoom(augment.zoom))
+    if augment.translation:
+        layers.append(keras.layers.RandomTranslation(augment.translation, augment.translation))
+    if augment.contrast:
+        layers.append(keras.layers.RandomContrast(augment.contrast))
+    if augment.brightness:
+        layers.append(keras.layers.RandomBrightness(augment.brightness, value_range=(0, 255)))
     return layers
 
 
-def build_optimizer(
-    name: str, learning_rate: float, **options: float
-) -> keras.optimizers.Optimizer:
-    """A Keras optimizer by config name ("adam", "sgd", "rmsprop") with its options."""
-    classes = {
-        "adam": keras.optimizers.Adam,
-        "sgd": keras.optimizers.SGD,
-        "rmsprop": keras.optimizers.RMSprop,
-    }
-    if name not in classes:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(classes)}")
-    return classes[name](learning_rate=learning_rate, **options)
-
-
-def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
-    """Cross-entropy on logits, accuracy: the reference's training objective."""
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+def classification_head(num_features: int, num_classes: int, dropout: float) -> keras.Model:
+    """[Dropout] + Dense logits as a nested model, trainable alone on cached features."""
+    layers: list[keras.layers.Layer] = [keras.Input(shape=(num_features,))]
+    if dropout > 0:
+        layers.append(keras.layers.Dropout(dropout))
+    # float32 logits under a mixed-precision policy too: softmax and loss stay accurate.
+    layers.append(keras.layers.Dense(num_classes, name="logits", dtype="float32"))
+    return keras.Sequential(layers, name="head")
 
 
 class ServingModule(tf.Module):

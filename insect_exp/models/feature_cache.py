@@ -1,9 +1,10 @@
 """Frozen-backbone features computed once per image, kept in memory or on disk.
 
-On disk, features live under a directory named by a digest of the backbone's SavedModel files,
-one row per image keyed by a digest of the decoded pixels (which covers the file's content, the
-image size and the decoder). A changed backbone, image size or file therefore never reuses stale
-features, and unchanged images are reused across runs, splits and sweeps. Nothing is evicted:
+On disk, features live under a directory named by a digest of the backbone (its SavedModel files,
+or its architecture and weights), one row per image keyed by a digest of the decoded pixels
+(which covers the file's content, the image size and the decoder). A changed backbone, image size
+or file therefore never reuses stale features, and unchanged images are reused across runs,
+splits and sweeps. Nothing is evicted:
 delete the directory to reclaim the space.
 """
 
@@ -47,6 +48,14 @@ def saved_model_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(name: str, weights: Sequence[np.ndarray]) -> str:
+    """Digest of a backbone's name and every weight's shape and values."""
+    digest = hashlib.blake2b(name.encode() + b"\0", digest_size=16)
+    for array in weights:
+        digest.update(str(array.shape).encode() + np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def image_digests(images: np.ndarray) -> list[str]:
     """One digest per image of its shape and pixels."""
     return [
@@ -62,8 +71,9 @@ class FeatureStore:
     so concurrent runs (sweeps) only ever see complete shards.
     """
 
-    def __init__(self, root: str | Path, backbone_dir: str | Path):
-        self.dir = Path(root) / saved_model_digest(backbone_dir)
+    def __init__(self, root: str | Path, backbone_key: str):
+        """Args: backbone_key: a digest that changes whenever the backbone's function does."""
+        self.dir = Path(root) / backbone_key
 
     def _index(self) -> dict[str, tuple[str, int]]:
         index: dict[str, tuple[str, int]] = {}
