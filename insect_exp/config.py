@@ -34,6 +34,17 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: must be {allowed}")
 
 
+def _enum(key: str, value: Any, kind: type[Enum]) -> Enum:
+    """The enum member for value (a member or its name), as Hydra converts it from YAML."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind[str(value)]
+    except KeyError:
+        allowed = ", ".join(m.name for m in kind)
+        raise ConfigError(f"{key}={value!r} is not one of {allowed}") from None
+
+
 def _positive_size(key: str, size: list[int]) -> None:
     valid = len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
     _require(valid, key, list(size), "two positive integers [height, width]")
@@ -105,6 +116,7 @@ class DatasetConfig:
     class_weight: ClassWeight = ClassWeight.none
 
     def __post_init__(self) -> None:
+        self.class_weight = _enum("dataset.class_weight", self.class_weight, ClassWeight)
         _require(0 <= self.val_split < 1, "dataset.val_split", self.val_split, "in [0, 1)")
         n = self.max_per_class
         _require(n is None or n >= 1, "dataset.max_per_class", n, ">= 1 (or null for all)")
@@ -246,6 +258,7 @@ class BackboneConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.feature_cache = _enum("model.feature_cache", self.feature_cache, FeatureCache)
         mb = self.feature_cache_max_memory_mb
         _require(mb >= 0, "model.feature_cache_max_memory_mb", mb, ">= 0")
         _require(self.load_timeout_s > 0, "model.load_timeout_s", self.load_timeout_s, "> 0")
@@ -308,6 +321,7 @@ class OptimizerConfig:
     plateau_patience: int = 2
 
     def __post_init__(self) -> None:
+        self.schedule = _enum("optimizer.schedule", self.schedule, Schedule)
         lr = self.learning_rate
         _require(lr > 0 and math.isfinite(lr), "optimizer.learning_rate", lr, "> 0")
         w = self.warmup_epochs
@@ -408,6 +422,7 @@ class EarlyStoppingConfig:
     restore_best: bool = True
 
     def __post_init__(self) -> None:
+        self.monitor = _enum("train.early_stopping.monitor", self.monitor, Monitor)
         p = self.patience
         _require(p >= 0, "train.early_stopping.patience", p, ">= 0")
 
@@ -470,6 +485,7 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.precision = _enum("precision", self.precision, Precision)
         _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.seed >= 0, "seed", self.seed, ">= 0")

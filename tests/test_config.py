@@ -133,3 +133,89 @@ def test_console_script_composes_the_same_config(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "name: sgd" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("batch_size=0", "batch_size", ">= 1"),
+        ("epochs=0", "epochs", ">= 1"),
+        ("model.dropout=1.5", "model.dropout", "in [0, 1)"),
+        ("model.image_size=[32]", "model.image_size", "two positive integers"),
+        ("model.image_size=[0,0]", "model.image_size", "two positive integers"),
+        ("optimizer.learning_rate=-1", "optimizer.learning_rate", "> 0"),
+        ("dataset.max_per_class=0", "dataset.max_per_class", ">= 1"),
+        ("seed=-1", "seed", ">= 0"),
+        ("threads=-4", "threads", ">= 0"),
+        ("dataset.val_split=-0.1", "dataset.val_split", "in [0, 1)"),
+        ("dataset.val_split=1.5", "dataset.val_split", "in [0, 1)"),
+        ("loss.label_smoothing=1", "loss.label_smoothing", "in [0, 1)"),
+        ("model.augment.rotation=2", "model.augment.rotation", "in [0, 1)"),
+    ],
+)
+def test_out_of_range_value_fails_at_startup_naming_the_key_and_range(
+    tmp_path, override, key, allowed
+):
+    # When a value outside its range is given on the command line
+    out = _cli(override, cwd=tmp_path)
+
+    # Then the command exits 2 with one line naming the key and its allowed range
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"insect_exp: error: {key}=") and allowed in line
+    # And nothing ran: no MLflow store was created
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_range_checks_run_without_tensorflow():
+    # Composing and typing a config with a bad value never imports TensorFlow
+    code = (
+        "import sys\n"
+        "from insect_exp.config import ConfigError, OptimizerConfig, SGDConfig\n"
+        "try:\n"
+        "    SGDConfig(learning_rate=0.0)\n"
+        "except ConfigError as err:\n"
+        "    print('ERR', err)\n"
+        "print('TF', 'tensorflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "ERR optimizer.learning_rate=0.0 is out of range" in out.stdout, out.stderr
+    assert "TF False" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "config_class", "recipe_class"),
+    [
+        ("model=cnn", "CNNConfig", "CNNRecipe"),
+        ("model=hub_mobilenet", "HubModelConfig", "HubRecipe"),
+        ("model=keras_app", "KerasAppConfig", "KerasAppRecipe"),
+    ],
+)
+def test_each_model_group_is_typed_and_names_its_recipe(
+    compose_cfg, override, config_class, recipe_class
+):
+    cfg = compose_cfg(override)
+    assert type(cfg.model).__name__ == config_class
+    assert type(models.recipe_for(cfg.model)).__name__ == recipe_class
+
+
+def test_closed_choices_are_enums_in_the_typed_config(compose_cfg):
+    from insect_exp.config import ClassWeight, FeatureCache, Monitor, Precision, Schedule
+
+    cfg = compose_cfg(
+        "model=hub_mobilenet", "optimizer.schedule=cosine", "dataset.class_weight=balanced",
+        "train.early_stopping.monitor=val_accuracy", "precision=mixed_bfloat16",
+    )  # fmt: skip
+    assert cfg.model.feature_cache is FeatureCache.auto
+    assert cfg.optimizer.schedule is Schedule.cosine
+    assert cfg.dataset.class_weight is ClassWeight.balanced
+    assert cfg.train.early_stopping.monitor is Monitor.val_accuracy
+    assert cfg.precision is Precision.mixed_bfloat16
+
+
+def test_configs_built_in_code_take_enum_names_and_reject_unknown_ones():
+    from insect_exp.config import ConfigError, FeatureCache, HubModelConfig
+
+    assert HubModelConfig(feature_cache="off").feature_cache is FeatureCache.off
+    with pytest.raises(ConfigError, match="model.feature_cache='ram' is not one of auto, memory"):
+        HubModelConfig(feature_cache="ram")

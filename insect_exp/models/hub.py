@@ -20,7 +20,7 @@ from insect_exp.config import HubModelConfig
 from insect_exp.data.pipeline import Data
 from insect_exp.models.backbone import BackboneRecipe, backbone_of
 from insect_exp.models.feature_cache import saved_model_digest
-from insect_exp.models.handles import CLASSIFIER_SETTING, resolve_handle
+from insect_exp.models.handles import CLASSIFIER_SETTING, read_labels, resolve_handle
 
 
 class HubBackbone(hub.KerasLayer):
@@ -58,11 +58,17 @@ class HubRecipe(BackboneRecipe):
 
     cfg: HubModelConfig
 
+    def __init__(self, cfg: HubModelConfig):
+        super().__init__(cfg)
+        self._labels: list[str] | None = None  # the preview's ImageNet class names
+
     def prepare(self) -> None:
         # A download lands in TF Hub's cache, so building the model later finds it at once.
-        resolve_handle(self.cfg.handle, self.cfg.load_timeout_s)
+        timeout = self.cfg.load_timeout_s
+        resolve_handle(self.cfg.handle, timeout)
         if self.cfg.preview.enabled:
-            resolve_handle(self.cfg.preview.handle, self.cfg.load_timeout_s, CLASSIFIER_SETTING)
+            resolve_handle(self.cfg.preview.handle, timeout, CLASSIFIER_SETTING)
+            self._labels = read_labels(self.cfg.preview.labels, timeout)
 
     def backbone(self) -> tuple[list[keras.layers.Layer], keras.layers.Layer]:
         source = resolve_handle(self.cfg.handle, self.cfg.load_timeout_s)
@@ -95,9 +101,8 @@ class HubRecipe(BackboneRecipe):
                 len(split), size=min(preview.num_images, len(split)), replace=False
             )
         )
-        names = imagenet_preview(
-            preview.handle, preview.labels, split.images[idx], self.cfg.load_timeout_s
-        )
+        labels = self._labels or read_labels(preview.labels, self.cfg.load_timeout_s)
+        names = imagenet_preview(preview.handle, labels, split.images[idx], self.cfg.load_timeout_s)
         cols = min(5, len(idx))
         figure = plots.prediction_grid(
             split.images[idx],

@@ -16,10 +16,18 @@ from insect_exp.models.handles import (
 
 
 def imagenet_preview(
-    handle: str, labels: str, images: np.ndarray, timeout_s: float = 20.0, batch_size: int = 32
+    handle: str,
+    labels: str | list[str],
+    images: np.ndarray,
+    timeout_s: float = 20.0,
+    batch_size: int = 32,
 ) -> list[str]:
-    """A full classifier's predicted class name for each raw 0..255 image."""
-    names = read_labels(labels, timeout_s)
+    """A full classifier's predicted class name for each raw 0..255 image.
+
+    Args:
+        labels: the class names, or where to read them (a labels file path or URL).
+    """
+    names = read_labels(labels, timeout_s) if isinstance(labels, str) else labels
     classifier = hub.KerasLayer(str(resolve_handle(handle, timeout_s, CLASSIFIER_SETTING)))
     logits = np.concatenate(
         [

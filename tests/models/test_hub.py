@@ -1,4 +1,4 @@
-"""The hub classifier: handles, offline failures, the post's architecture, training recipe."""
+"""The hub recipe: handles, offline failures, the post's architecture, training, the preview."""
 
 from __future__ import annotations
 
@@ -7,50 +7,70 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_hub as hub
 import tf_keras as keras
+from hydra.errors import ConfigCompositionException
+from matplotlib.figure import Figure
 
-from insect_exp import UserError
+from insect_exp import UserError, fit
+from insect_exp.config import (
+    AdamConfig,
+    AugmentConfig,
+    FeatureCache,
+    FineTuneConfig,
+    HubModelConfig,
+    PreviewConfig,
+)
 from insect_exp.data.pipeline import Data, load
 from insect_exp.data.scan import scan
-from insect_exp.fit import History
-from insect_exp.models.common import build_optimizer
-from insect_exp.models.hub import (
-    HubHandleError,
-    build_hub_classifier,
-    can_cache_features,
-    fit_hub,
-    imagenet_preview,
-    resolve_handle,
-)
+from insect_exp.fit import FitSettings, History
+from insect_exp.models import recipe_for
+from insect_exp.models.export_untrained import save_hub_module
+from insect_exp.models.handles import HubHandleError, resolve_handle
+from insect_exp.models.hub import HubRecipe
+from insect_exp.models.preview import imagenet_preview
 from tests.conftest import make_image_folder
 from tests.models.conftest import TINY_FEATURES, TINY_IMAGENET_LABELS
 
 OFFLINE_URL = "https://tfhub.invalid/google/tf2-preview/mobilenet_v2/feature_vector/4"
+OFFLINE_CLASSIFIER_URL = "https://tfhub.invalid/google/tf2-preview/mobilenet_v2/classification/4"
 SIZE = (16, 16)
+BATCH = 4
+LEARNING_RATE = 0.01
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 255, (n, *SIZE, 3)).astype("float32")
 
 
-def _data(root: Path) -> Data:
+def _data(root: Path, val_split: float = 0.0) -> Data:
     """Decode the folder at root, writing a 3-class one (5 train + 2 test a class) if missing."""
     if not root.exists():
         make_image_folder(root, train_per_class=5, test_per_class=2)
-    return load(scan(root), SIZE)
+    return load(scan(root), SIZE, val_split)
 
 
-def _adam(learning_rate: float | None) -> keras.optimizers.Optimizer:
-    return build_optimizer("adam", learning_rate or 0.01)
+def _hub(handle: str | Path, image_size: tuple[int, int] = SIZE, **options) -> HubModelConfig:
+    """model=hub_mobilenet's config on a local handle, at the tests' tiny image size."""
+    return HubModelConfig(handle=str(handle), image_size=list(image_size), **options)
+
+
+def _settings(epochs: int = 2, seed: int = 0) -> FitSettings:
+    return FitSettings(
+        epochs=epochs,
+        batch_size=BATCH,
+        seed=seed,
+        optimizer=AdamConfig(learning_rate=LEARNING_RATE),
+    )
 
 
 class _Sink:
-    """Collects what fit_hub sends to MLflow: {metric: [(step, value)]}."""
+    """Collects what training sends to MLflow: {metric: [(step, value)]}."""
 
     def __init__(self) -> None:
         self.metrics: dict[str, list[tuple[int, float]]] = {}
@@ -59,28 +79,50 @@ class _Sink:
         for key, value in metrics.items():
             self.metrics.setdefault(key, []).append((step, value))
 
+    def values(self, key: str) -> list[float]:
+        return [value for _, value in self.metrics[key]]
 
-def _train(
-    backbone: Path, data: Data, seed: int = 0, **options
-) -> tuple[keras.Model, _Sink, History]:
-    """Build and fit_hub a classifier as train.run would (seeded, batches of 4, 2 epochs)."""
+    def steps(self, key: str) -> list[int]:
+        return [step for step, _ in self.metrics[key]]
+
+
+class Trained(NamedTuple):
+    recipe: HubRecipe
+    model: keras.Model
+    sink: _Sink
+    history: History
+
+
+def _train(backbone: Path, data: Data, seed: int = 0, epochs: int = 2, **options) -> Trained:
+    """Build and fit a hub classifier as train.run would (seeded, batches of 4, Adam at 0.01)."""
     keras.utils.set_random_seed(seed)
-    model = build_hub_classifier(str(backbone), SIZE, 3, augment=options.pop("augment", None))
+    recipe = recipe_for(_hub(backbone, image_size=options.pop("image_size", SIZE), **options))
+    model = recipe.build(len(data.class_names))
     sink = _Sink()
-    options = {"epochs": 2, "batch_size": 4, "seed": seed, **options}
-    history = fit_hub(model, data, _adam, sink=sink, **options)
-    return model, sink, history
+    history = recipe.fit(model, data, _settings(epochs, seed), sink)
+    return Trained(recipe, model, sink, history)
 
 
-# Handles
+def _predict(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    return model.predict(images.astype("float32"), verbose=0)
+
+
+def _trainable_params(weights: list[tf.Variable]) -> int:
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+# Handles and the post's architecture
 
 
 def test_local_savedmodel_loads_through_keras_layer_and_scales_raw_pixels(tiny_backbone):
     # Given a local SavedModel exported with the hub interface
-    # When the classifier is built on it
-    model = build_hub_classifier(str(tiny_backbone), SIZE, 3)
+    # When model=hub_mobilenet's recipe builds the classifier on it
+    recipe = recipe_for(_hub(tiny_backbone))
+    model = recipe.build(3)
 
-    # Then the backbone is a real, frozen hub.KerasLayer fed with pixels scaled to [0, 1]
+    # Then the recipe is the hub one, and the backbone is a real, frozen hub.KerasLayer fed with
+    # pixels scaled to [0, 1]
+    assert isinstance(recipe, HubRecipe)
     backbone = model.get_layer("backbone")
     assert isinstance(backbone, hub.KerasLayer)
     assert not backbone.trainable and backbone.trainable_weights == []
@@ -90,12 +132,12 @@ def test_local_savedmodel_loads_through_keras_layer_and_scales_raw_pixels(tiny_b
     np.testing.assert_allclose(extractor(images), direct, rtol=1e-5, atol=1e-6)
     # And only the Dense head trains: features x classes weights + biases
     assert model.count_params() - backbone.count_params() == (TINY_FEATURES + 1) * 3
-    assert sum(np.prod(w.shape) for w in model.trainable_weights) == (TINY_FEATURES + 1) * 3
+    assert _trainable_params(model.trainable_weights) == (TINY_FEATURES + 1) * 3
     assert model(images).shape == (3, 3)
 
 
 def test_dropout_sits_in_the_head_before_the_logits(tiny_backbone):
-    model = build_hub_classifier(str(tiny_backbone), SIZE, 3, dropout=0.3)
+    model = recipe_for(_hub(tiny_backbone, dropout=0.3)).build(3)
     head = model.get_layer("head")
     assert [type(layer).__name__ for layer in head.layers] == ["Dropout", "Dense"]
     assert head.layers[0].rate == pytest.approx(0.3)
@@ -104,13 +146,16 @@ def test_dropout_sits_in_the_head_before_the_logits(tiny_backbone):
 def test_module_in_tfhub_cache_dir_is_used_without_network(tiny_backbone, tmp_path, monkeypatch):
     # Given a URL handle whose module is already in TFHUB_CACHE_DIR, on a machine with no network
     cache = tmp_path / "tfhub_modules"
-    shutil.copytree(tiny_backbone, cache / hashlib.sha1(OFFLINE_URL.encode()).hexdigest())
+    cached = cache / hashlib.sha1(OFFLINE_URL.encode()).hexdigest()
+    shutil.copytree(tiny_backbone, cached)
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
 
     # When the handle is resolved, then the cached copy is used
-    assert resolve_handle(OFFLINE_URL, 5.0).samefile(
-        cache / hashlib.sha1(OFFLINE_URL.encode()).hexdigest()
-    )
+    assert resolve_handle(OFFLINE_URL, 5.0).samefile(cached)
+    # And the recipe prepares and builds on it offline
+    recipe = HubRecipe(_hub(OFFLINE_URL, load_timeout_s=5.0))
+    recipe.prepare()
+    assert recipe.build(3).get_layer("backbone").count_params() > 0
 
 
 def test_directory_that_is_not_a_savedmodel_points_at_the_one_inside(tiny_backbone, tmp_path):
@@ -126,17 +171,55 @@ def test_missing_local_path_says_how_to_export_an_untrained_model(tmp_path):
     assert "model.handle" in str(err.value)
 
 
+def test_savedmodel_for_another_image_size_is_a_user_error_naming_the_setting(tmp_path):
+    # Given a SavedModel that only takes 24x24 images
+    keras.utils.set_random_seed(0)
+    fixed = keras.Sequential(
+        [
+            keras.Input(shape=(24, 24, 3)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(TINY_FEATURES),
+        ]
+    )
+    handle = save_hub_module(fixed, tmp_path / "fixed_24", image_size=(24, 24))
+
+    # When the classifier is built for 16x16 images, then the error names the handle and the key
+    with pytest.raises(UserError, match=r"16x16 RGB images.*model\.image_size") as err:
+        HubRecipe(_hub(handle)).build(3)
+    assert str(handle) in str(err.value)
+
+
+def test_savedmodel_that_is_not_a_feature_vector_is_a_user_error(tmp_path):
+    # Given a SavedModel that outputs feature maps (rank 4), not a feature vector
+    keras.utils.set_random_seed(0)
+    maps = keras.Sequential([keras.Input(shape=(None, None, 3)), keras.layers.Conv2D(4, 3)])
+    handle = save_hub_module(maps, tmp_path / "feature_maps")
+
+    # When the classifier is built on it, then the error says what is wrong with which handle
+    with pytest.raises(UserError, match="not a feature vector") as err:
+        HubRecipe(_hub(handle)).build(3)
+    assert str(handle) in str(err.value)
+
+
 # Offline
 
 
-def test_unreachable_handle_fails_fast_with_a_one_line_fix(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "step",
+    [
+        pytest.param(lambda recipe: recipe.prepare(), id="prepare"),
+        pytest.param(lambda recipe: recipe.build(3), id="build"),
+    ],
+)
+def test_unreachable_handle_fails_fast_with_a_one_line_fix(tmp_path, monkeypatch, step):
     # Given a URL handle that cannot be resolved (offline) and nothing in the hub cache
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty_cache"))
+    recipe = HubRecipe(_hub(OFFLINE_URL, load_timeout_s=10.0))
 
-    # When the classifier is built
+    # When the recipe prepares (or builds) the model
     start = time.perf_counter()
     with pytest.raises(HubHandleError) as err:
-        build_hub_classifier(OFFLINE_URL, SIZE, 3, load_timeout_s=10)
+        step(recipe)
 
     # Then it fails at once with one line naming both settings and the untrained export
     assert time.perf_counter() - start < 10
@@ -147,6 +230,35 @@ def test_unreachable_handle_fails_fast_with_a_one_line_fix(tmp_path, monkeypatch
         assert needle in message, message
 
 
+def test_prepare_checks_the_preview_classifier_handle_too(tiny_backbone, tmp_path, monkeypatch):
+    # Given a reachable backbone but an unreachable preview classifier, nothing in the hub cache
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty_cache"))
+    preview = PreviewConfig(enabled=True, handle=OFFLINE_CLASSIFIER_URL)
+    recipe = HubRecipe(_hub(tiny_backbone, preview=preview, load_timeout_s=10.0))
+
+    # When the recipe prepares, then it fails naming the preview's settings, not the backbone's
+    with pytest.raises(HubHandleError) as err:
+        recipe.prepare()
+    message = str(err.value)
+    assert "model.preview.handle=" in message and "INSECT_EXP_HUB_CLASSIFIER_HANDLE" in message
+    assert "model.handle=" not in message
+
+
+def test_prepare_checks_the_preview_labels_before_any_image_is_decoded(
+    tiny_classifier, tiny_backbone
+):
+    # Given a reachable preview classifier but a labels URL that cannot be fetched (offline)
+    classifier, _ = tiny_classifier
+    preview = PreviewConfig(
+        enabled=True, handle=str(classifier), labels="https://labels.invalid/ImageNetLabels.txt"
+    )
+    recipe = HubRecipe(_hub(tiny_backbone, preview=preview, load_timeout_s=5.0))
+
+    # When the recipe prepares (train.run calls it before decoding), then it names the labels key
+    with pytest.raises(HubHandleError, match="model.preview.labels="):
+        recipe.prepare()
+
+
 def test_server_that_never_answers_fails_within_the_load_timeout(tmp_path, monkeypatch):
     # Given a server that accepts connections but never answers (a stalled network)
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty_cache"))
@@ -155,11 +267,11 @@ def test_server_that_never_answers_fails_within_the_load_timeout(tmp_path, monke
     server.listen(8)
     url = f"http://127.0.0.1:{server.getsockname()[1]}/mobilenet_v2/feature_vector/4"
 
-    # When a handle on it is resolved with a 1 s timeout, then it gives up in about that time
+    # When a recipe on it prepares with a 1 s timeout, then it gives up in about that time
     start = time.perf_counter()
     try:
         with pytest.raises(HubHandleError, match="model.handle"):
-            resolve_handle(url, 1.0)
+            HubRecipe(_hub(url, load_timeout_s=1.0)).prepare()
     finally:
         server.close()
     assert time.perf_counter() - start < 5
@@ -168,35 +280,66 @@ def test_server_that_never_answers_fails_within_the_load_timeout(tmp_path, monke
 # Training recipe
 
 
-def test_cached_features_train_the_same_head_as_images(tiny_backbone, tmp_path):
+def test_cached_features_train_the_same_head_as_images(tiny_backbone, tmp_path, monkeypatch):
     # Given the same seed, data and batch order
     data = _data(tmp_path / "insects")
 
     # When the head is trained on cached features and, separately, end to end on images
-    cached, cached_sink, cached_history = _train(tiny_backbone, data, feature_cache="memory")
-    direct, direct_sink, direct_history = _train(tiny_backbone, data, feature_cache="off")
+    cached = _train(tiny_backbone, data, feature_cache=FeatureCache.memory)
+    direct = _train(tiny_backbone, data, feature_cache=FeatureCache.off)
 
     # Then each image went through the backbone once, and both heads end with the same weights
-    assert cached_sink.metrics["backbone_images_computed"] == [(0, len(data.train) + len(data.val))]
-    assert "backbone_images_computed" not in direct_sink.metrics
+    total = len(data.train) + len(data.val)
+    assert cached.sink.metrics["backbone_images_computed"] == [(0, total)]
+    assert "backbone_images_computed" not in direct.sink.metrics
     for a, b in zip(
-        cached.get_layer("head").weights, direct.get_layer("head").weights, strict=True
+        cached.model.get_layer("head").weights,
+        direct.model.get_layer("head").weights,
+        strict=True,
     ):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
     for key in ("loss", "val_accuracy"):
-        np.testing.assert_allclose(
-            [v for _, v in cached_sink.metrics[key]],
-            [v for _, v in direct_sink.metrics[key]],
-            atol=1e-4,
-        )
-    # And the full image model carries the trained head, and the last validation's logits on
-    # the test split (validation here) are the final model's: no second pass needed for the report
+        np.testing.assert_allclose(cached.sink.values(key), direct.sink.values(key), atol=1e-4)
+    np.testing.assert_allclose(
+        cached.history.epochs["loss"], direct.history.epochs["loss"], atol=1e-4
+    )
+    # And the full image model carries the trained head
     assert data.val_is_test
-    test_images = data.test.images.astype("float32")
-    expected = cached.predict(test_images, verbose=0)
-    np.testing.assert_allclose(expected, direct.predict(test_images, verbose=0), atol=1e-4)
-    np.testing.assert_allclose(cached_history.val_logits, expected, atol=1e-5)
-    np.testing.assert_allclose(direct_history.val_logits, expected, atol=1e-4)
+    expected = _predict(cached.model, data.test.images)
+    np.testing.assert_allclose(expected, _predict(direct.model, data.test.images), atol=1e-4)
+
+    # And the report's logits on the test split (validation here) are the last validation's,
+    # the final model's: no second pass over the test images
+    def second_pass(*args, **kwargs):
+        raise AssertionError("predicted the test split again")
+
+    monkeypatch.setattr(fit, "predict_logits", second_pass)
+    cached_logits = cached.recipe.predict(cached.model, data.test, BATCH)
+    direct_logits = direct.recipe.predict(direct.model, data.test, BATCH)
+    np.testing.assert_allclose(cached_logits, expected, atol=1e-5)
+    np.testing.assert_allclose(direct_logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fine_tune", [False, True], ids=["head", "fine_tuned"])
+def test_a_test_split_apart_from_validation_gets_the_final_models_logits(
+    tiny_backbone, tmp_path, fine_tune
+):
+    # Given validation held out of train, and a test split beside it
+    data = _data(tmp_path / "insects", val_split=0.4)
+    assert not data.val_is_test
+
+    # When the head trains on cached features (and then, maybe, the backbone is fine-tuned)
+    options = {"fine_tune": FineTuneConfig(enabled=True, epochs=1, learning_rate=0.05)}
+    trained = _train(
+        tiny_backbone, data, feature_cache=FeatureCache.memory, **(options if fine_tune else {})
+    )
+
+    # Then the recipe's logits on the test and validation splits are the final full model's
+    model, recipe = trained.model, trained.recipe
+    for split in (data.test, data.val):
+        np.testing.assert_allclose(
+            recipe.predict(model, split, BATCH), _predict(model, split.images), atol=1e-5
+        )
 
 
 def test_disk_cache_reuses_features_until_a_file_or_the_backbone_changes(
@@ -205,35 +348,36 @@ def test_disk_cache_reuses_features_until_a_file_or_the_backbone_changes(
     # Given a disk cache and a folder of 15 train + 6 test images
     root = tmp_path / "insects"
     cache = tmp_path / "cache"
-    options = {"feature_cache": "disk", "feature_cache_dir": str(cache)}
+    options = {"feature_cache": FeatureCache.disk, "feature_cache_dir": str(cache)}
     data = _data(root)
     total = len(data.train) + len(data.val)
 
     # When the same run is made twice, then the second one computes no feature
-    first, sink, _ = _train(tiny_backbone, data, **options)
-    assert sink.metrics["backbone_images_computed"] == [(0, total)]
-    second, sink, _ = _train(tiny_backbone, data, **options)
-    assert sink.metrics["backbone_images_computed"] == [(0, 0)]
-    assert sink.metrics["backbone_images_reused"] == [(0, total)]
-    for a, b in zip(first.weights, second.weights, strict=True):
+    first = _train(tiny_backbone, data, **options)
+    assert first.sink.metrics["backbone_images_computed"] == [(0, total)]
+    second = _train(tiny_backbone, data, **options)
+    assert second.sink.metrics["backbone_images_computed"] == [(0, 0)]
+    assert second.sink.metrics["backbone_images_reused"] == [(0, total)]
+    for a, b in zip(first.model.weights, second.model.weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+    # When the same SavedModel is copied elsewhere, then its features are still reused
+    copy = shutil.copytree(tiny_backbone, tmp_path / "copied" / "feature_vector")
+    assert _train(copy, data, **options).sink.metrics["backbone_images_computed"] == [(0, 0)]
 
     # When one image file changes, then only that image is recomputed
     changed = Path(data.train.paths[0])
     pixels = np.random.default_rng(9).integers(0, 255, (20, 24, 3), dtype=np.uint8)
     keras.utils.save_img(changed, pixels)
-    _, sink, _ = _train(tiny_backbone, _data(root), **options)
-    assert sink.metrics["backbone_images_computed"] == [(0, 1)]
+    edited = _train(tiny_backbone, _data(root), **options)
+    assert edited.sink.metrics["backbone_images_computed"] == [(0, 1)]
 
     # When the backbone or the image size changes, then nothing is reused
-    _, sink, _ = _train(other_backbone, _data(root), **options)
-    assert sink.metrics["backbone_images_computed"] == [(0, total)]
+    other = _train(other_backbone, _data(root), **options)
+    assert other.sink.metrics["backbone_images_computed"] == [(0, total)]
     resized = load(scan(root), (12, 12))
-    keras.utils.set_random_seed(0)
-    model = build_hub_classifier(str(tiny_backbone), (12, 12), 3)
-    sink = _Sink()
-    fit_hub(model, resized, _adam, epochs=1, batch_size=4, seed=0, sink=sink, **options)
-    assert sink.metrics["backbone_images_computed"] == [(0, total)]
+    small = _train(tiny_backbone, resized, epochs=1, image_size=(12, 12), **options)
+    assert small.sink.metrics["backbone_images_computed"] == [(0, total)]
 
 
 def test_auto_cache_goes_to_disk_above_the_memory_limit(tiny_backbone, tmp_path):
@@ -248,17 +392,46 @@ def test_auto_cache_goes_to_disk_above_the_memory_limit(tiny_backbone, tmp_path)
 def test_augmentation_before_the_backbone_trains_on_images(tiny_backbone, tmp_path):
     # Given random flips in front of the backbone, features change every epoch
     data = _data(tmp_path / "insects")
-    model, sink, _ = _train(tiny_backbone, data, augment={"flip": True})
+    trained = _train(tiny_backbone, data, augment=AugmentConfig(flip=True))
 
     # Then nothing is cached, and training still reports every epoch
-    assert not can_cache_features(model)
-    assert "backbone_images_computed" not in sink.metrics
-    assert [step for step, _ in sink.metrics["val_accuracy"]] == [0, 1]
+    assert not trained.recipe.can_cache_features(trained.model)
+    assert "backbone_images_computed" not in trained.sink.metrics
+    assert trained.sink.steps("val_accuracy") == [0, 1]
 
 
-def test_unknown_cache_mode_is_a_user_error(tiny_backbone, tmp_path):
-    with pytest.raises(UserError, match="feature_cache='ram'"):
-        _train(tiny_backbone, _data(tmp_path / "insects"), feature_cache="ram")
+def test_unknown_cache_mode_is_rejected_when_the_config_is_composed(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg("model=hub_mobilenet", "model.feature_cache=ram")
+    cause = str(err.value.__cause__)
+    assert "Invalid value 'ram', expected one of [auto, memory, disk, off]" in cause
+    assert "model.feature_cache" in cause
+
+
+@pytest.mark.parametrize(
+    ("top_layers", "params"),
+    [
+        # conv 3*3*3*6 + 6, BatchNorm gamma and beta 2*6 (its moving statistics never train),
+        # top 6*8 + 8
+        (None, 168 + 12 + 56),
+        (1, 56),
+        (2, 12 + 56),
+    ],
+)
+def test_unfreeze_makes_the_whole_backbone_or_its_top_layers_trainable(
+    tiny_backbone, top_layers, params
+):
+    recipe = HubRecipe(_hub(tiny_backbone))
+    model = recipe.build(3)
+    assert recipe.can_cache_features(model)
+
+    assert recipe.unfreeze(model, top_layers) == params
+
+    backbone = model.get_layer("backbone")
+    assert _trainable_params(backbone.trainable_weights) == params
+    assert backbone.count_params() == 168 + 2 * 12 + 56
+    assert _trainable_params(model.trainable_weights) == params + (TINY_FEATURES + 1) * 3
+    assert not recipe.can_cache_features(model)
 
 
 @pytest.mark.parametrize("top_layers", [None, 1])
@@ -268,25 +441,26 @@ def test_fine_tune_stage_unfreezes_the_backbone_and_continues_the_steps(
     # Given a frozen-head stage of 2 epochs followed by a fine-tune stage of 2 epochs
     data = _data(tmp_path / "insects")
     before = {w.name: w.numpy() for w in tf.saved_model.load(str(tiny_backbone)).variables}
+    fine_tune = FineTuneConfig(enabled=True, epochs=2, learning_rate=0.05, top_layers=top_layers)
 
     # When it trains
-    model, sink, _ = _train(
-        tiny_backbone,
-        data,
-        fine_tune_epochs=2,
-        fine_tune_learning_rate=0.05,
-        fine_tune_top_layers=top_layers,
-    )
+    trained = _train(tiny_backbone, data, fine_tune=fine_tune)
 
-    # Then epoch metrics run on from step 2, and the backbone weights moved (only the top layer's
-    # when asked), while BatchNorm's moving statistics stayed put (inference mode)
-    assert [step for step, _ in sink.metrics["val_loss"]] == [0, 1, 2, 3]
-    after = {w.name: w.numpy() for w in model.get_layer("backbone").weights}
+    # Then epoch metrics run on from step 2, at the fine-tune stage's own learning rate
+    assert trained.sink.steps("val_loss") == [0, 1, 2, 3]
+    assert trained.history.num_epochs == 4
+    np.testing.assert_allclose(trained.sink.values("lr"), [LEARNING_RATE] * 2 + [0.05] * 2)
+    # And the backbone weights moved (only the top layer's when asked), while BatchNorm's moving
+    # statistics stayed put (inference mode)
+    after = {w.name: w.numpy() for w in trained.model.get_layer("backbone").weights}
     moved = {name for name, value in after.items() if not np.allclose(value, before[name])}
     expected = {"top/kernel:0", "top/bias:0"}
     if top_layers is None:
         expected |= {"conv/kernel:0", "conv/bias:0", "bn/gamma:0", "bn/beta:0"}
     assert moved == expected
+
+
+# ImageNet preview
 
 
 def test_imagenet_preview_names_images_with_the_labels_file(tiny_classifier):
@@ -310,14 +484,38 @@ def test_imagenet_labels_offline_name_the_setting_to_change(tiny_classifier):
         imagenet_preview(str(handle), "https://labels.invalid/ImageNetLabels.txt", _images(1), 5.0)
 
 
+def test_recipe_artifacts_are_the_preview_grid_and_table_when_enabled(
+    tiny_backbone, tiny_classifier, tmp_path
+):
+    # Given a folder of 15 train images and the preview of 7 of them
+    handle, labels = tiny_classifier
+    data = _data(tmp_path / "insects")
+    preview = PreviewConfig(enabled=True, handle=str(handle), labels=str(labels), num_images=7)
+
+    # When the recipe makes its artifacts
+    artifacts = HubRecipe(_hub(tiny_backbone, preview=preview)).artifacts(data, seed=0)
+
+    # Then they are the "ImageNet predictions" grid and a table of 7 distinct train images
+    assert set(artifacts) == {"plots/imagenet_predictions.png", "imagenet_predictions.tsv"}
+    assert isinstance(artifacts["plots/imagenet_predictions.png"], Figure)
+    header, rows = artifacts["imagenet_predictions.tsv"]
+    assert list(header) == ["path", "imagenet_label"]
+    assert len(rows) == 7 and len({path for path, _ in rows}) == 7
+    assert {path for path, _ in rows} <= set(data.train.paths)
+    assert {name for _, name in rows} <= set(TINY_IMAGENET_LABELS)
+    # And without the preview there are none
+    assert HubRecipe(_hub(tiny_backbone)).artifacts(data, seed=0) == {}
+
+
 @pytest.mark.slow
 def test_untrained_mobilenet_has_the_posts_parameter_counts(untrained_mobilenet):
     # Given the documented export of an untrained MobileNetV2 feature vector
     # When the post's model is built on it for 3 classes at 224x224
-    model = build_hub_classifier(str(untrained_mobilenet["feature_vector"]), (224, 224), 3)
+    recipe = recipe_for(_hub(untrained_mobilenet["feature_vector"], image_size=(224, 224)))
+    model = recipe.build(3)
 
     # Then it has the post's 2,261,827 parameters, of which 3,843 trainable
-    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    trainable = _trainable_params(model.trainable_weights)
     assert (model.count_params(), trainable) == (2_261_827, 3_843)
     assert model.get_layer("backbone").count_params() == 2_257_984
     # And the classifier export speaks the hub classification/4 interface: 1001 logits + labels

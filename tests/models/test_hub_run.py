@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from insect_exp import models, train
+from insect_exp import train
+from insect_exp.callbacks import scores
+from insect_exp.data import load_data
+from insect_exp.models import common
 from tests.conftest import artifact_paths
 from tests.models.conftest import TINY_IMAGENET_LABELS
 
@@ -37,12 +40,12 @@ def test_hub_run_logs_metrics_plots_preview_and_a_model_that_reloads_in_a_fresh_
     )
     logged = []
 
-    class RecordingModule(models.ServingModule):
+    class RecordingModule(common.ServingModule):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             logged.append(self)
 
-    monkeypatch.setattr(models, "ServingModule", RecordingModule)
+    monkeypatch.setattr(common, "ServingModule", RecordingModule)
 
     # When the train job runs
     train.run(cfg)
@@ -53,12 +56,20 @@ def test_hub_run_logs_metrics_plots_preview_and_a_model_that_reloads_in_a_fresh_
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "hub_mobilenet"
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
+    # the head's 2 epochs at the optimizer's learning rate, then 1 at the fine-tune stage's
+    rates = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    ft_rate = cfg.model.fine_tune.learning_rate
+    np.testing.assert_allclose(rates, [cfg.optimizer.learning_rate] * 2 + [ft_rate], rtol=1e-6)
     # 18 training images in batches of 4: 5 steps an epoch, 3 epochs in all
     assert len(client.get_metric_history(run.info.run_id, "batch_loss")) == 15
     assert run.data.metrics["backbone_images_computed"] == 27  # 18 train + 9 test, once each
-    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+    # the test metrics are the final, fine-tuned model's (the function that is saved)
+    test = load_data(cfg.dataset, cfg.model.image_size, cfg.seed).test
+    expected_scores = scores(logged[0].__call__(test.images.astype("float32")).numpy(), test.labels)
+    assert run.data.metrics["test_loss"] == pytest.approx(expected_scores["loss"], rel=1e-4)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(expected_scores["accuracy"])
 
     # And the plots include the post's "Model predictions" and "ImageNet predictions" grids
     artifacts = artifact_paths(client, run.info.run_id)

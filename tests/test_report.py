@@ -1,0 +1,141 @@
+"""What a run shows in MLflow: dataset stats, curves, predictions and a recipe's extra artifacts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
+
+from insect_exp import report, tracking
+from insect_exp.data.pipeline import Data, ImageSplit
+from insect_exp.fit import History
+from tests.conftest import artifact_paths
+
+CLASSES = ["beetles", "cockroach", "dragonflies"]
+
+
+def _split(n: int, seed: int = 0) -> ImageSplit:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.int32) % 3
+    return ImageSplit(
+        images, labels, [f"/data/{CLASSES[y]}/img\t{i}.jpg" for i, y in enumerate(labels)]
+    )
+
+
+def _run(uri: str) -> tracking.Run:
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(uri, "insect_exp")
+    return tracking.Run(client, client.create_run(experiment_id).info.run_id)
+
+
+def _read(client: MlflowClient, run: tracking.Run, path: str, tmp_path: Path) -> str:
+    return Path(client.download_artifacts(run.run_id, path, str(tmp_path))).read_text()
+
+
+def test_dataset_report_has_stats_class_names_a_valid_skip_list_and_sample_grids(
+    tracking_uri, tmp_path
+):
+    # Given decoded splits and two skipped files, one with a newline in its name
+    skipped = [("/data/beetles/bad\nname.jpg", "not an image"), ("/data/x.jpg", "truncated")]
+    test = _split(6, seed=1)
+    data = Data(CLASSES, _split(9), test, test, skipped)
+    run = _run(tracking_uri)
+
+    # When the dataset is reported
+    report.log_data(run, data, seed=0)
+
+    # Then MLflow holds the stats, the class names, the skip count and list, and both grids
+    client = MlflowClient(tracking_uri)
+    logged = client.get_run(run.run_id)
+    assert logged.data.metrics["skipped_files"] == 2
+    assert logged.data.params["data.num_train"] == "9"
+    stats = json.loads(_read(client, run, "dataset/stats.json", tmp_path))
+    assert stats["images_per_class"]["train"] == {c: 3 for c in CLASSES}
+    assert json.loads(_read(client, run, "class_names.json", tmp_path)) == CLASSES
+    rows = list(csv.reader(_read(client, run, "dataset/skipped.tsv", tmp_path).splitlines(True),
+                           dialect="excel-tab"))  # fmt: skip
+    assert rows == [["path", "reason"], *[list(s) for s in skipped]]
+    assert {"plots/train_samples.png", "plots/test_samples.png"} <= artifact_paths(
+        client, run.run_id
+    )
+
+
+def test_training_report_logs_per_step_series_curves_and_where_early_stopping_stopped(
+    tracking_uri,
+):
+    # Given a history that early stopping cut short, with a batch loss above 2
+    history = History(
+        epochs={"loss": [1.0, 0.8], "val_loss": [1.1, 1.2], "accuracy": [0.4, 0.5]},
+        batch_loss=[2.37, 1.2, 0.9, 0.7],
+        batch_accuracy=[0.25, 0.5, 0.5, 0.75],
+        stopped_epoch=1,
+        best_epoch=0,
+    )
+    run = _run(tracking_uri)
+
+    # When training is reported
+    report.log_training(run, history)
+
+    # Then per-step metrics are logged at steps 0..3, with the stop and best epochs
+    client = MlflowClient(tracking_uri)
+    steps = client.get_metric_history(run.run_id, "batch_loss")
+    assert [(m.step, m.value) for m in sorted(steps, key=lambda m: m.step)][0] == (0, 2.37)
+    assert len(steps) == 4
+    metrics = client.get_run(run.run_id).data.metrics
+    assert (metrics["stopped_epoch"], metrics["best_epoch"]) == (1, 0)
+    assert {"plots/training_curves.png", "plots/batch_loss.png", "plots/batch_accuracy.png"} <= (
+        artifact_paths(client, run.run_id)
+    )
+
+
+def test_prediction_report_lists_every_image_and_counts_the_confusion_matrix(
+    tracking_uri, tmp_path
+):
+    # Given six test images and logits that get two of them wrong
+    split = _split(6)
+    predicted = split.labels.copy()
+    predicted[[0, 4]] = (predicted[[0, 4]] + 1) % 3
+    logits = np.eye(3, dtype=np.float32)[predicted]
+    run = _run(tracking_uri)
+
+    # When the predictions are reported
+    report.log_predictions(run, split, logits, CLASSES, seed=0)
+
+    # Then predictions.tsv has one valid row per image, tabs in names included
+    client = MlflowClient(tracking_uri)
+    text = _read(client, run, "predictions.tsv", tmp_path)
+    rows = list(csv.reader(text.splitlines(True), dialect="excel-tab"))
+    assert rows[0] == ["path", "true", "predicted"]
+    assert [r[0] for r in rows[1:]] == split.paths
+    assert [r[2] for r in rows[1:]] == [CLASSES[p] for p in predicted]
+    # And the confusion matrix counts the four right answers on its diagonal
+    matrix = json.loads(_read(client, run, "confusion_matrix.json", tmp_path))["matrix"]
+    assert np.trace(matrix) == 4 and np.sum(matrix) == 6
+    assert "plots/confusion_matrix.png" in artifact_paths(client, run.run_id)
+
+
+def test_a_recipes_extra_artifacts_are_logged_by_kind(tracking_uri, tmp_path):
+    figure = Figure()
+    figure.add_subplot().plot([0, 1])
+    run = _run(tracking_uri)
+
+    report.log_artifacts(
+        run,
+        {
+            "plots/extra.png": figure,
+            "notes.txt": "hello",
+            "table.tsv": (["path", "label"], [("a\tb.jpg", "ant")]),
+        },
+    )
+
+    client = MlflowClient(tracking_uri)
+    assert {"plots/extra.png", "notes.txt", "table.tsv"} <= artifact_paths(client, run.run_id)
+    assert _read(client, run, "notes.txt", tmp_path) == "hello"
+    table = list(csv.reader(_read(client, run, "table.tsv", tmp_path).splitlines(True),
+                            dialect="excel-tab"))  # fmt: skip
+    assert table == [["path", "label"], ["a\tb.jpg", "ant"]]

@@ -1,0 +1,139 @@
+"""MLflow behind one module: where runs go, how they end, what they hold, by run id."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from insect_exp import tracking
+
+
+def _open(uri: str, name: str) -> tracking.Run:
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(uri, "insect_exp")
+    return tracking.Run(client, client.create_run(experiment_id, run_name=name).info.run_id)
+
+
+def test_config_uri_wins_over_the_environment_which_wins_over_mlruns(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = tracking.resolve_tracking_uri(None, tmp_path)
+    assert default == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert (tmp_path / "mlruns").is_dir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")
+    assert tracking.resolve_tracking_uri(None, tmp_path) == "http://server:5000"
+    assert tracking.resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
+
+
+def test_two_runs_in_one_process_write_only_to_their_own_run(tracking_uri):
+    # Given two runs open at the same time in one process
+    first, second = _open(tracking_uri, "first"), _open(tracking_uri, "second")
+
+    # When each logs params, metrics and text
+    first.log_params({"who": "first"})
+    second.log_params({"who": "second"})
+    first.log_metrics({"loss": 1.0}, step=0)
+    second.log_metrics({"loss": 2.0}, step=0)
+    second.log_text("second's", "note.txt")
+
+    # Then nothing crosses over
+    client = MlflowClient(tracking_uri)
+    a, b = client.get_run(first.run_id), client.get_run(second.run_id)
+    assert (a.data.params, b.data.params) == ({"who": "first"}, {"who": "second"})
+    assert (a.data.metrics["loss"], b.data.metrics["loss"]) == (1.0, 2.0)
+    assert [f.path for f in client.list_artifacts(first.run_id)] == []
+    assert [f.path for f in client.list_artifacts(second.run_id)] == ["note.txt"]
+
+
+def test_more_params_than_one_mlflow_batch_holds_are_all_logged(tracking_uri):
+    run = _open(tracking_uri, "many")
+    run.log_params({f"p{i}": i for i in range(250)})
+    assert len(MlflowClient(tracking_uri).get_run(run.run_id).data.params) == 250
+
+
+def test_a_run_ends_finished_failed_with_its_error_or_killed_on_ctrl_c(tracking_uri):
+    client = MlflowClient(tracking_uri)
+    with tracking.start_run(tracking_uri, "insect_exp", "ok") as ok:
+        ok.log_metrics({"loss": 0.5})
+    with pytest.raises(ValueError), tracking.start_run(tracking_uri, "insect_exp", "bad") as bad:
+        bad.log_metrics({"loss": 0.7})
+        raise ValueError("the data went away")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        tracking.start_run(tracking_uri, "insect_exp", "stopped") as stopped,
+    ):
+        raise KeyboardInterrupt
+
+    assert client.get_run(ok.run_id).info.status == "FINISHED"
+    failed = client.get_run(bad.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"] == "ValueError: the data went away"
+    assert failed.data.metrics["loss"] == 0.7  # what was logged before the error stays
+    assert "error.txt" in [f.path for f in client.list_artifacts(bad.run_id)]
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+
+
+def test_runs_carry_mlflows_own_source_tags_and_the_package_versions(tracking_uri):
+    with tracking.start_run(
+        tracking_uri, "insect_exp", "tagged", tracking.environment_tags()
+    ) as run:
+        pass
+    tags = MlflowClient(tracking_uri).get_run(run.run_id).data.tags
+    assert "mlflow.user" in tags and "mlflow.source.name" in tags
+    assert tags["version.tensorflow"].startswith("2.")
+    # The package's own commit has its own key and never stands in for MLflow's
+    package_dir = Path(tracking.__file__).resolve().parent
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True
+    )
+    if head.returncode == 0:
+        assert tags["insect_exp.git_commit"] == head.stdout.strip()
+
+
+def test_launched_from_another_repository_the_run_does_not_take_its_commit(tmp_path):
+    # Given a launch directory that is some other git repository
+    other = tmp_path / "other_repo"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run(
+        ["git", "-C", str(other), "-c", "user.name=x", "-c", "user.email=x@x", "commit",
+         "--allow-empty", "-qm", "other"],
+        check=True,
+    )  # fmt: skip
+    other_head = subprocess.run(
+        ["git", "-C", str(other), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+    # When the package's tags are computed from there
+    code = "from insect_exp import tracking; print(tracking.environment_tags())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=other, capture_output=True, text=True, timeout=60
+    )
+
+    # Then no tag carries the other repository's commit
+    assert out.returncode == 0, out.stderr
+    assert other_head not in out.stdout
+
+
+def test_tsv_tables_stay_valid_for_any_file_name():
+    # Given file names with a tab, a newline and quotes in them
+    names = ["plain.jpg", "tab\there.jpg", "new\nline.jpg", 'quote"d.jpg']
+    rows = [(name, "beetles", "cockroach") for name in names]
+
+    # When they are written as a TSV table and read back with a standard reader
+    text = tracking.to_tsv(["path", "true", "predicted"], rows)
+    back = list(csv.reader(io.StringIO(text), dialect="excel-tab"))
+
+    # Then every row has its three fields and the names come back unchanged
+    assert back[0] == ["path", "true", "predicted"]
+    assert [tuple(r) for r in back[1:]] == rows
+
+
+def test_run_names_leave_out_model_optimizer_and_hydra_overrides():
+    name = tracking.run_name("cnn", "sgd", ["model=cnn", "epochs=3", "hydra.verbose=true"])
+    assert name == "cnn-sgd epochs=3"
