@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from insect_exp import UserError
-from insect_exp.config import register_configs, to_object
+from insect_exp.config import Config, register_configs, to_object
 
 # conf/ sits beside the package in the repository (an editable install, as README sets up); an
 # absolute path works both for `python -m insect_exp` and for the console script.
@@ -19,17 +19,69 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dict_cfg: DictConfig) -> float:
+    from insect_exp.resilience import Interrupted, interrupts
+
+    multirun = OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None
     try:
         cfg = to_object(dict_cfg)  # typed from here on; ranges checked before TensorFlow loads
+        if cfg.resume:
+            cfg = _resumed_config(cfg)
         # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
         from insect_exp import train
+        from insect_exp.fit import TrainingDiverged
 
-        return train.run(cfg)
+        with interrupts():
+            return train.run(cfg)
     except UserError as err:
-        if OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None:
-            raise  # a multirun job: the sweep records it as failed and goes on
-        print(f"insect_exp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if multirun:
+            raise  # the sweep records the failed job and goes on
+        _exit(f"error: {err}", 2)
+    except TrainingDiverged as err:
+        if multirun:
+            raise
+        _exit(f"error: {err}; the run is FAILED and no model was logged", 1)
+    except Interrupted as err:
+        if multirun:
+            raise
+        print(file=sys.stderr)  # past Keras's progress bar
+        if err.run_id:
+            _exit(
+                f"interrupted ({err}): run {err.run_id} is KILLED with what it logged. "
+                f"Resume it with: python -m insect_exp resume={err.run_id}",
+                err.exit_code,
+            )
+        _exit(f"interrupted ({err})", err.exit_code)
+
+
+def _exit(message: str, code: int) -> None:
+    print(f"insect_exp: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _resumed_config(cfg: Config) -> Config:
+    """The config of the run to resume: its logged overrides composed again, epochs as given."""
+    import json
+
+    from hydra import compose
+
+    from insect_exp import resilience, tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.runtime.launch_dir)
+    tracking.prepare_store(uri)
+    client = tracking.open_client(uri)
+    try:
+        run = client.get_run(cfg.resume)
+        local = client.download_artifacts(cfg.resume, "config/overrides.json")
+        logged = json.loads(Path(local).read_text())
+    except Exception as err:
+        raise UserError(f"cannot resume run {cfg.resume!r} from {uri}: {err}") from err
+    overrides = resilience.resume_overrides(logged, list(cfg.runtime.overrides))
+    resumed = to_object(compose("config", overrides=overrides))
+    params = tracking.flatten(resumed.params())
+    resilience.check_same_config(
+        dict(run.data.params), {k: tracking.param_value(v) for k, v in params.items()}
+    )
+    return resumed
 
 
 def main() -> None:

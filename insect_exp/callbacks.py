@@ -59,18 +59,31 @@ class BatchStats(keras.callbacks.Callback):
     size, so each batch's own value is recovered from two consecutive means instead.
     """
 
-    def __init__(self, batch_size: int, num_samples: int):
+    def __init__(
+        self,
+        batch_size: int,
+        num_samples: int,
+        sink: MetricSink | None = None,
+        first_epoch: int = 0,
+    ):
+        """Args: sink: gets each batch's values at the end of its epoch, at its global step;
+        first_epoch: the absolute number of Keras's epoch 0 (a later stage goes on counting)."""
         super().__init__()
         # Keep Keras's tensors as they come and read them once an epoch: converting every batch to
         # Python numbers would make Keras wait for each step (measured ~4% slower training).
         self._supports_tf_logs = True
         self.batch_size = batch_size
         self.num_samples = num_samples
+        self.steps_per_epoch = -(-num_samples // batch_size)
+        self.sink = sink
+        self.first_epoch = first_epoch
         self.losses: list[float] = []
         self.accuracies: list[float] = []
+        self._epoch = 0
         self._epoch_logs: list[tuple] = []
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
         self._epoch_logs = []
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -78,9 +91,14 @@ class BatchStats(keras.callbacks.Callback):
         self._epoch_logs.append((logs.get("loss", 0.0), logs.get("accuracy", 0.0)))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Turn the batches seen since the epoch began into per-batch values (also mid-epoch)."""
         if not self._epoch_logs:
             return
         means = np.array([[float(v) for v in pair] for pair in self._epoch_logs], np.float64)
+        self._epoch_logs = []
         sizes = np.minimum(
             self.batch_size, self.num_samples - self.batch_size * np.arange(len(means))
         )
@@ -89,6 +107,30 @@ class BatchStats(keras.callbacks.Callback):
         per_batch = np.diff(totals, axis=0, prepend=0.0) / sizes[:, None]
         self.losses += per_batch[:, 0].tolist()
         self.accuracies += per_batch[:, 1].tolist()
+        if self.sink is not None:
+            first_step = (self.first_epoch + self._epoch) * self.steps_per_epoch
+            for i, (loss, accuracy) in enumerate(per_batch):
+                self.sink({"batch_loss": loss, "batch_accuracy": accuracy}, first_step + i)
+
+
+class Position(keras.callbacks.Callback):
+    """Where training is (epoch, batch, absolute epoch numbers), for errors and interrupts."""
+
+    def __init__(self, first_epoch: int = 0):
+        super().__init__()
+        self.first_epoch = first_epoch
+        self.epoch = first_epoch
+        self.batch = 0
+        self.epochs_done = 0  # completed epochs in this fit call
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch, self.batch = self.first_epoch + epoch, 0
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.batch = batch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.epochs_done += 1
 
 
 class LearningRateLog(keras.callbacks.Callback):

@@ -480,9 +480,18 @@ class Config:
     # (faster on CPUs with AVX512-BF16/AMX and recent GPUs); float32 is the reference recipe.
     precision: Precision = Precision.float32
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # A run id to continue from its last checkpoint, with its own logged config (epochs may rise).
+    resume: str | None = None
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Free-form keys for experiment presets and sweepers (e.g. a description).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        """The config as a run's params: what it trains, not where it ran or what it resumes."""
+        tree = OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
+        tree.pop("runtime")
+        tree.pop("resume")
+        return tree
 
     def __post_init__(self) -> None:
         self.precision = _enum("precision", self.precision, Precision)

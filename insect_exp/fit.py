@@ -10,11 +10,13 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from insect_exp import resilience
 from insect_exp.callbacks import (
     BatchStats,
     EpochMetrics,
     LearningRateLog,
     MetricSink,
+    Position,
     Validation,
 )
 from insect_exp.config import (
@@ -25,6 +27,7 @@ from insect_exp.config import (
     Schedule,
 )
 from insect_exp.data.pipeline import ImageSplit, make_dataset
+from insect_exp.resilience import CheckpointState
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,17 @@ class FitSettings:
     label_smoothing: float = 0.0
     class_weight: ClassWeight = ClassWeight.none
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Where each epoch's checkpoint goes (None: no checkpoints), and the one to resume from.
+    checkpoint_dir: str | None = None
+    resume_from: CheckpointState | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config) -> FitSettings:
+    def from_config(
+        cls,
+        cfg: Config,
+        checkpoint_dir: str | None = None,
+        resume_from: CheckpointState | None = None,
+    ) -> FitSettings:
         return cls(
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
@@ -51,6 +62,8 @@ class FitSettings:
             label_smoothing=cfg.loss.label_smoothing,
             class_weight=cfg.dataset.class_weight,
             early_stopping=cfg.train.early_stopping,
+            checkpoint_dir=checkpoint_dir,
+            resume_from=resume_from,
         )
 
 
@@ -96,36 +109,42 @@ def make_optimizer(
     return optimizer_class(learning_rate=rate, **cfg.options())
 
 
-class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Cross-entropy on logits against integer labels with label smoothing.
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class Crossentropy(keras.losses.Loss):
+    """Cross-entropy on logits against integer labels, label-smoothed if asked, checked finite.
 
     tf_keras's sparse cross-entropy has no label_smoothing; its categorical one does: targets
-    become (1 - s) * one_hot + s / num_classes.
+    become (1 - s) * one_hot + s / num_classes. The finiteness check is an op in the training
+    step itself, so a NaN stops training in the very batch it appears in, without the per-batch
+    host sync a callback reading the loss would cost.
     """
 
-    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy"):
+    def __init__(self, label_smoothing: float = 0.0, name: str = "crossentropy"):
         super().__init__(name=name)
         self.label_smoothing = label_smoothing
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-        one_hot = tf.one_hot(labels, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
-        return keras.losses.categorical_crossentropy(
-            one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing
-        )
+        if self.label_smoothing > 0:
+            labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+            one_hot = tf.one_hot(labels, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+            loss = keras.losses.categorical_crossentropy(
+                one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing
+            )
+        else:
+            loss = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        return tf.debugging.check_numerics(loss, "non-finite loss")
 
 
 def compile_classifier(
     model: keras.Model, optimizer: keras.optimizers.Optimizer, label_smoothing: float = 0.0
 ) -> None:
     """Cross-entropy on logits (label-smoothed if asked) and accuracy: the training objective."""
-    if label_smoothing > 0:
-        loss = SmoothedSparseCrossentropy(label_smoothing)
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(
         optimizer=optimizer,
-        loss=loss,
+        loss=Crossentropy(label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
 
@@ -173,6 +192,44 @@ def _schedule_callbacks(cfg: OptimizerConfig, epochs: int) -> list[keras.callbac
     return [keras.callbacks.LearningRateScheduler(lambda epoch, _lr: rate(epoch))]
 
 
+def train_batches(
+    split: ImageSplit,
+    batch_size: int,
+    seed: int,
+    first_epoch: int = 0,
+    shuffle_buffer: int | None = None,
+) -> tf.data.Dataset:
+    """Endless training batches, epoch after epoch from first_epoch, each epoch in its own order.
+
+    Epoch e's order is a pure function of (seed, e), so a run resumed at epoch e sees the batches
+    an uninterrupted run would have. With shuffle_buffer set, a windowed shuffle seeded the same
+    way replaces the exact permutation (for splits streamed from disk).
+    """
+    images = tf.constant(split.images)
+    labels = tf.constant(split.labels)
+    count = len(split)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        if shuffle_buffer:
+            order = tf.data.Dataset.range(count).shuffle(
+                shuffle_buffer, seed=tf.random.experimental.stateless_fold_in(epoch_seed, 0)[0]
+            )
+        else:
+            permutation = tf.random.experimental.stateless_shuffle(
+                tf.range(count, dtype=tf.int64), seed=epoch_seed
+            )
+            order = tf.data.Dataset.from_tensor_slices(permutation)
+        return order.batch(batch_size)
+
+    batches = tf.data.Dataset.range(first_epoch, 2**62).flat_map(one_epoch)
+    batches = batches.map(
+        lambda index: (tf.cast(tf.gather(images, index), tf.float32), tf.gather(labels, index)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
 def fit(
     model: keras.Model,
     train_split: ImageSplit,
@@ -184,6 +241,7 @@ def fit(
     first_epoch: int = 0,
     seed: int | None = None,
     schedule: bool = True,
+    stage: str = "main",
     verbose: int | str = "auto",
 ) -> Fitted:
     """Train a compiled classifier on decoded splits; each epoch's metrics go to `sink` at once.
@@ -193,27 +251,40 @@ def fit(
         first_epoch: the step the first epoch is logged at (a later stage goes on numbering).
         seed: the shuffle seed (default settings.seed; a later stage takes another).
         schedule: apply the configured learning-rate schedule and early stopping (first stage).
+        stage: names this stage in its checkpoints; a checkpoint of the same stage is resumed.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite (training stops in that batch).
     """
     epochs = settings.epochs if epochs is None else epochs
-    train_ds = make_dataset(
-        train_split,
-        settings.batch_size,
-        shuffle=True,
-        seed=settings.seed if seed is None else seed,
-        shuffle_buffer=settings.shuffle_buffer,
+    resume = settings.resume_from
+    done = 0  # epochs of this stage a checkpoint already holds
+    if resume is not None and resume.stage == stage:
+        resilience.restore(model, model.optimizer, resume)
+        done = min(epochs, resume.epoch + 1 - first_epoch)
+    seed = settings.seed if seed is None else seed
+    steps = -(-len(train_split) // settings.batch_size)
+    train_ds = train_batches(
+        train_split, settings.batch_size, seed, first_epoch + done, settings.shuffle_buffer
     )
     num_classes = int(model.output_shape[-1])
     validation = Validation(
         make_dataset(val_split, settings.batch_size), val_split.labels, settings.label_smoothing
     )
-    stats = BatchStats(settings.batch_size, len(train_split))
+    position = Position(first_epoch)
+    stats = BatchStats(settings.batch_size, len(train_split), sink, first_epoch)
     # Order matters: validation adds val_* to the epoch logs before anything reads them, and the
     # learning rate is read after the schedule set it.
-    callbacks: list[keras.callbacks.Callback] = [validation, stats]
+    callbacks: list[keras.callbacks.Callback] = [
+        position,
+        validation,
+        stats,
+        resilience.interrupt_callback(),
+    ]
     stopper = None
+    es = settings.early_stopping
     if schedule:
         callbacks += _schedule_callbacks(settings.optimizer, epochs)
-        es = settings.early_stopping
         if es.enabled:
             stopper = keras.callbacks.EarlyStopping(
                 monitor=es.monitor.value,
@@ -225,14 +296,31 @@ def fit(
     callbacks.append(LearningRateLog())
     if sink is not None:
         callbacks.append(EpochMetrics(sink, step_offset=first_epoch))
+    if settings.checkpoint_dir:
+        callbacks.append(
+            resilience.checkpoint_callback(settings.checkpoint_dir, stage, first_epoch)
+        )
     weights = class_weights(train_split.labels, num_classes, settings.class_weight)
-    fitted = model.fit(
-        train_ds,
-        epochs=epochs,
-        callbacks=callbacks,
-        class_weight=weights or None,
-        verbose=verbose,
-    )
+    try:
+        fitted = model.fit(
+            train_ds,
+            epochs=epochs,
+            initial_epoch=done,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            class_weight=weights or None,
+            verbose=verbose,
+        )
+    except tf.errors.InvalidArgumentError as err:
+        if "non-finite loss" not in str(err):
+            raise
+        stats.flush()  # the batches of this epoch before the NaN one
+        raise TrainingDiverged(
+            f"loss became NaN or infinite at epoch {position.epoch}, batch {position.batch}"
+        ) from None
+    except KeyboardInterrupt:
+        stats.flush()  # keep the batches seen in the interrupted epoch
+        raise
     history = History(
         {k: [float(v) for v in vs] for k, vs in fitted.history.items()},
         stats.losses,
@@ -240,10 +328,11 @@ def fit(
     )
     val_logits = validation.logits
     if stopper is not None:
+        # Keras numbers epochs from 0 in this call, resumed ones included.
         history.best_epoch = first_epoch + stopper.best_epoch
         if stopper.stopped_epoch > 0:
             history.stopped_epoch = first_epoch + stopper.stopped_epoch
-        if es.restore_best and stopper.best_epoch != history.num_epochs - 1:
+        if es.restore_best and stopper.best_epoch != done + history.num_epochs - 1:
             val_logits = None  # the model now holds an earlier epoch's weights
     return Fitted(history, val_logits)
 

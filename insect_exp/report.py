@@ -37,15 +37,21 @@ def log_data(run: Run, data: Data, seed: int) -> None:
 
 
 def log_training(run: Run, history: History) -> None:
-    """Curves per epoch and per training step; where early stopping stopped, if it did."""
-    run.log_series({"batch_loss": history.batch_loss, "batch_accuracy": history.batch_accuracy})
-    run.log_figure(plots.training_curves(history.epochs), "plots/training_curves.png")
-    top = max([2.0, *history.batch_loss]) if history.batch_loss else 2.0
-    loss = plots.batch_curve(history.batch_loss, "Loss", (0, top), "Loss per training step")
-    run.log_figure(loss, "plots/batch_loss.png")
-    accuracy = plots.batch_curve(
-        history.batch_accuracy, "Accuracy", (0, 1), "Accuracy per training step"
+    """Curves per epoch and per training step; where early stopping stopped, if it did.
+
+    The curves are drawn from what the run holds (the metrics went there as training went), so a
+    resumed run's curves cover the epochs before the interruption too.
+    """
+    stored = run.metric_history(
+        ["loss", "accuracy", "val_loss", "val_accuracy", "batch_loss", "batch_accuracy"]
     )
+    epochs = {k: v for k, v in stored.items() if not k.startswith("batch_") and v}
+    run.log_figure(plots.training_curves(epochs), "plots/training_curves.png")
+    losses, accuracies = stored["batch_loss"], stored["batch_accuracy"]
+    top = max([2.0, *losses])
+    loss = plots.batch_curve(losses, "Loss", (0, top), "Loss per training step")
+    run.log_figure(loss, "plots/batch_loss.png")
+    accuracy = plots.batch_curve(accuracies, "Accuracy", (0, 1), "Accuracy per training step")
     run.log_figure(accuracy, "plots/batch_accuracy.png")
     stopping = {"best_epoch": history.best_epoch, "stopped_epoch": history.stopped_epoch}
     run.log_metrics({k: v for k, v in stopping.items() if v is not None})

@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,11 +21,15 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from insect_exp import UserError
+
 log = logging.getLogger(__name__)
 
 STORE_DIR = "mlruns"
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _MAX_PARAMS = 100  # ... and of params
+_SQLITE_BUSY_TIMEOUT_S = 60
+MetricSink = Callable[[Mapping[str, float], int], None]
 _VERSIONED = ("tensorflow", "tf-keras", "tensorflow-hub", "mlflow", "hydra-core", "insect_exp")
 
 
@@ -43,17 +47,159 @@ def resolve_tracking_uri(configured: str | None, launch_dir: str | Path) -> str:
     return default_tracking_uri(launch_dir)
 
 
+class StoreError(UserError):
+    """The tracking store cannot be used: unreachable, read-only, corrupt or half-migrated."""
+
+
+def _with_busy_timeout(tracking_uri: str) -> str:
+    if tracking_uri.startswith("sqlite:") and "?" not in tracking_uri:
+        # sqlite3's default busy timeout is 5 s: parallel sweep jobs logging at once exceed it.
+        return f"{tracking_uri}?timeout={_SQLITE_BUSY_TIMEOUT_S}"
+    return tracking_uri
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client on the store; SQLite writers wait for each other instead of failing."""
+    return MlflowClient(_with_busy_timeout(tracking_uri))
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
+    """An exclusive lock on a file beside the store, shared by every process on this machine."""
+    import fcntl
+
+    with path.open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"waited {timeout_s:g} s for another process to create the MLflow store "
+                        f"({path} is locked); is one stuck?"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Make sure the store answers and can be written, before any data is decoded.
+
+    A new SQLite store is created (and an old one migrated) by one process at a time, under a
+    lock file beside the database: MLflow's schema migrations race and corrupt a store when
+    several processes open a new one at once. A server gets one bounded try instead of MLflow's
+    minutes of retries.
+
+    Raises:
+        StoreError: one line naming the store and what is wrong with it.
+    """
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        _prepare_sqlite(tracking_uri, db)
+        return
+    bounded = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{timeout_s:g}",
+    }
+    saved = {key: os.environ.get(key) for key in bounded}
+    os.environ.update(bounded)
+    try:
+        open_client(tracking_uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise StoreError(
+            f"cannot reach the MLflow store {tracking_uri} ({_first_line(err)}); start the "
+            "server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a reachable one"
+        ) from err
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
+    import sqlite3
+
+    if not db.parent.is_dir():
+        raise StoreError(f"the MLflow store's folder {db.parent} does not exist")
+    if db.exists():
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=_SQLITE_BUSY_TIMEOUT_S)) as conn:
+                names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+                # A write transaction: fails at once on a read-only file or folder.
+                conn.execute("BEGIN IMMEDIATE")
+                conn.rollback()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(_sqlite_problem(db, err)) from err
+        leftovers = sorted(n for n in names if n.startswith("_alembic_tmp_"))
+        if leftovers:
+            raise StoreError(
+                f"the MLflow store {db} was left half-migrated by processes that created it at "
+                f"once (tables {', '.join(leftovers)}). Repair: back it up, drop those tables "
+                f"(sqlite3 {db} 'DROP TABLE {leftovers[0]}'), then run "
+                f"`mlflow db upgrade sqlite:///{db}`; or move it away to start a new store"
+            )
+    elif not os.access(db.parent, os.W_OK):
+        raise StoreError(f"cannot create the MLflow store {db}: its folder is read-only")
+    with _file_lock(db.with_name(db.name + ".lock"), timeout_s=120):
+        if not db.exists():
+            # Build the schema in a file of its own and move it into place: a store whose
+            # creation was interrupted (Ctrl-C, a kill) is never left half made.
+            fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
+            fresh.unlink(missing_ok=True)
+            try:
+                open_client(f"sqlite:///{fresh}").search_experiments(max_results=1)
+                os.replace(fresh, db)
+            except Exception as err:
+                raise StoreError(_sqlite_problem(db, err)) from err
+            finally:
+                fresh.unlink(missing_ok=True)
+        try:
+            open_client(tracking_uri).search_experiments(max_results=1)  # migrates an old one
+        except Exception as err:
+            raise StoreError(_sqlite_problem(db, err)) from err
+
+
+def _sqlite_problem(db: Path, err: BaseException) -> str:
+    text = _first_line(err)
+    if "out-of-date database schema" in text:
+        return (
+            f"the MLflow store {db} has an older schema than this MLflow: back it up, then run "
+            f"`mlflow db upgrade sqlite:///{db}`"
+        )
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return f"cannot write the MLflow store {db}: it or its folder is read-only ({text})"
+    return f"the MLflow store {db} is not a usable SQLite database ({text}); move it away"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Create the experiment if needed (artifacts beside a local SQLite store) and return its id."""
-    client = MlflowClient(tracking_uri)
+    client = open_client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if tracking_uri.startswith("sqlite:///"):
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
         # Without this MLflow puts artifacts in ./mlruns of whatever the current directory is.
-        db_path = Path(tracking_uri.removeprefix("sqlite:///"))
-        location = (db_path.parent / "artifacts").resolve().as_uri()
+        location = (db.parent / "artifacts").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
@@ -120,9 +266,56 @@ class Run:
         self.client = client
         self.run_id = run_id
         self.experiment_id = client.get_run(run_id).info.experiment_id
+        self._pending: list[Metric] = []
+
+    def sink(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer metrics; send them once an epoch-level one arrives (per-batch ones wait).
+
+        What cannot be sent (the store is down) stays buffered and is tried again next time.
+        """
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self._pending) >= _MAX_BATCH or any(not k.startswith("batch_") for k in metrics):
+            self.flush(raise_errors=False)
+
+    def resumed_sink(self) -> MetricSink:
+        """A sink for a resumed run: per-batch steps that the run already holds are not sent
+        again (the interrupted epoch's first batches)."""
+        history = self.client.get_metric_history(self.run_id, "batch_loss")
+        last = max((m.step for m in history), default=-1)
+
+        def sink(metrics: Mapping[str, float], step: int) -> None:
+            if step <= last and all(k.startswith("batch_") for k in metrics):
+                return
+            self.sink(metrics, step)
+
+        return sink
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Send the buffered metrics."""
+        while self._pending:
+            chunk = self._pending[:_MAX_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as err:
+                if raise_errors:
+                    raise
+                log.warning("metrics kept to send later: %s", _first_line(err))
+                return
+            del self._pending[: len(chunk)]
+
+    def metric_history(self, keys: Iterable[str]) -> dict[str, list[float]]:
+        """Every value the store holds of each metric, by step (empty lists for unknown keys)."""
+        self.flush()
+        return {
+            key: [
+                m.value for m in sorted(self.client.get_metric_history(self.run_id, key), key=_step)
+            ]
+            for key in keys
+        }
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        items = [Param(k, param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), _MAX_PARAMS):
             self.client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS])
 
@@ -212,7 +405,8 @@ class Run:
         return info.model_uri
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A value as MLflow stores it as a param."""
     text = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return text[:6000]  # MLflow's limit on a param value
 
@@ -232,11 +426,25 @@ def start_run(
         parent_run_id: nests this run under a sweep's parent run.
         experiment_id: the sweep's experiment, created once before its jobs; skips the lookup.
     """
+    run = start_new_run(tracking_uri, experiment_name, name, tags, parent_run_id, experiment_id)
+    with ending(run):
+        yield run
+
+
+def start_new_run(
+    tracking_uri: str,
+    experiment_name: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    experiment_id: str | None = None,
+) -> Run:
+    """A new RUNNING run (end it with `ending`); arguments as for `start_run`."""
     from mlflow.tracking.context.registry import resolve_tags
 
     # Only for mlflow.tensorflow.log_model, which has no tracking-URI argument.
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    mlflow.set_tracking_uri(_with_busy_timeout(tracking_uri))
+    client = open_client(tracking_uri)
     experiment_id = experiment_id or ensure_experiment(tracking_uri, experiment_name)
     all_tags = dict(tags or {})
     if parent_run_id:
@@ -244,10 +452,32 @@ def start_run(
     # MLflow's own context tags (user, source name and type, git commit of the entry point), as
     # its fluent start_run would set them.
     all_tags = resolve_tags(all_tags)
-    run = Run(client, client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id)
+    return Run(client, client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id)
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> Run:
+    """An existing run, RUNNING again, to resume into (end it with `ending`)."""
+    client = open_client(tracking_uri)
+    mlflow.set_tracking_uri(_with_busy_timeout(tracking_uri))
+    try:
+        found = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise UserError(f"no run {run_id!r} in the MLflow store {tracking_uri}") from err
+    if "error" in found.data.tags:  # what stopped it last time is history now
+        client.delete_tag(run_id, "error")
+    client.update_run(run_id, status="RUNNING")
+    return Run(client, run_id)
+
+
+@contextlib.contextmanager
+def ending(run: Run) -> Iterator[Run]:
+    """End an open run FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C."""
+    client = run.client
     try:
         yield run
     except BaseException as err:
+        with contextlib.suppress(Exception):
+            run.flush()
         # Keep whatever was logged; add the error so a failed run explains itself in the UI.
         with contextlib.suppress(Exception):
             run.set_tags({"error": f"{type(err).__name__}: {err}"})
@@ -256,6 +486,7 @@ def start_run(
         with contextlib.suppress(Exception):
             client.set_terminated(run.run_id, status)
         raise
+    run.flush()
     client.set_terminated(run.run_id, "FINISHED")
 
 
@@ -294,13 +525,13 @@ def create_run(
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    client = MlflowClient(tracking_uri)
+    client = open_client(tracking_uri)
     return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Close a run opened with create_run as FINISHED, FAILED or KILLED."""
-    MlflowClient(tracking_uri).set_terminated(run_id, status)
+    open_client(tracking_uri).set_terminated(run_id, status)
 
 
 def child_runs(
@@ -310,7 +541,7 @@ def child_runs(
     history_keys: Sequence[str] = (),
 ) -> list[RunRecord]:
     """Every run nested under a parent, with the metric histories asked for."""
-    client = MlflowClient(tracking_uri)
+    client = open_client(tracking_uri)
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
     found, token = [], None
     while True:

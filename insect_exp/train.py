@@ -6,19 +6,25 @@ import contextlib
 import io
 import logging
 import os
+import signal
 from pathlib import Path
 
-from insect_exp import sweep, tracking
+from insect_exp import UserError, sweep, tracking
 from insect_exp.config import Config, Precision
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_TAG = "checkpoint_dir"
+
 
 def run(cfg: Config) -> float:
-    """Train and log one model as `cfg` says; return the final validation accuracy for sweepers."""
+    """Train and log one model as `cfg` says; return the final validation accuracy for sweepers.
+
+    With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
+    """
     import tensorflow as tf
 
-    from insect_exp import callbacks, models, report
+    from insect_exp import callbacks, models, report, resilience
     from insect_exp.data import load_data
     from insect_exp.fit import FitSettings
     from insect_exp.models.common import ServingModule
@@ -27,44 +33,82 @@ def run(cfg: Config) -> float:
     job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
     _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision)
     uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
+    if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
+        tracking.prepare_store(uri)
+    run, checkpoints, resume_from = _open_run(cfg, job, uri)
+    try:
+        with tracking.ending(run):
+            if resume_from is None:
+                _log_config(run, cfg)
+            recipe = models.recipe_for(cfg.model)
+            recipe.prepare()  # before decoding: offline weights fail in seconds
+            data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
+            resilience.check()  # a signal swallowed while decoding
+            if resume_from is None:
+                report.log_data(run, data, cfg.seed)
+                report.log_artifacts(run, recipe.artifacts(data, cfg.seed))
+            model = recipe.build(len(data.class_names))
+            run.log_text(_summary(model), "model_summary.txt")
+            settings = FitSettings.from_config(cfg, checkpoints, resume_from)
+            sink = run.sink if resume_from is None else run.resumed_sink()
+            history = recipe.fit(model, data, settings, sink=sink)
+            report.log_training(run, history)
+
+            test = data.test if data.test is not None else data.val
+            logits = recipe.predict(model, test, cfg.batch_size)
+            test_scores = callbacks.scores(logits, test.labels)
+            run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
+            report.log_predictions(run, test, logits, data.class_names, cfg.seed)
+
+            if cfg.mlflow.log_model:
+                module = ServingModule(model, cfg.model.image_size)
+                requirements = [f"tensorflow=={tf.__version__}"]
+                shape = (*cfg.model.image_size, 3)
+                uri_model = run.log_tf_model(module, shape, len(data.class_names), requirements)
+                log.info("model logged: %s", uri_model)
+    except KeyboardInterrupt as err:
+        resilience.acknowledge()
+        signum = getattr(err, "signum", signal.SIGINT)
+        raise resilience.Interrupted(signum, run.run_id) from None
+    val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
+    log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
+    print(f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}")
+    return val_accuracy
+
+
+def _open_run(cfg: Config, job: sweep.JobContext, uri: str):
+    """A new run with its config logged, or the run to resume and its last checkpoint.
+
+    Returns:
+        The run, where its checkpoints go (None: no output dir to keep them in), and the
+        checkpoint state to resume from (None for a new run).
+    """
+    from insect_exp import resilience
+
+    if cfg.resume:
+        run = tracking.reopen_run(uri, cfg.resume)
+        directory = run.client.get_run(run.run_id).data.tags.get(CHECKPOINT_TAG)
+        state = resilience.read_state(directory) if directory else None
+        if state is None:
+            with tracking.ending(run):
+                raise UserError(f"run {cfg.resume} left no checkpoint to resume from")
+        run.set_tags({"resumed_from_epoch": state.epoch, "epochs": cfg.epochs})
+        log.info("resuming run %s after epoch %d", run.run_id, state.epoch)
+        return run, directory, state
     name = cfg.mlflow.run_name or tracking.run_name(
         cfg.model.name, cfg.optimizer.name, job.overrides
     )
     tags = {**tracking.environment_tags(), **job.tags, **cfg.mlflow.tags}
-    with tracking.start_run(
+    run = tracking.start_new_run(
         uri, cfg.mlflow.experiment_name, name, tags, job.parent_run_id, job.experiment_id
-    ) as run:
-        log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
-        _log_config(run, cfg)
-
-        recipe = models.recipe_for(cfg.model)
-        recipe.prepare()  # before decoding: offline weights fail in seconds
-        data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
-        report.log_data(run, data, cfg.seed)
-        report.log_artifacts(run, recipe.artifacts(data, cfg.seed))
-
-        model = recipe.build(len(data.class_names))
-        run.log_text(_summary(model), "model_summary.txt")
-        history = recipe.fit(model, data, FitSettings.from_config(cfg), sink=run.log_metrics)
-        report.log_training(run, history)
-
-        test = data.test if data.test is not None else data.val
-        logits = recipe.predict(model, test, cfg.batch_size)
-        test_scores = callbacks.scores(logits, test.labels)
-        run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
-        report.log_predictions(run, test, logits, data.class_names, cfg.seed)
-
-        if cfg.mlflow.log_model:
-            module = ServingModule(model, cfg.model.image_size)
-            requirements = [f"tensorflow=={tf.__version__}"]
-            shape = (*cfg.model.image_size, 3)
-            uri_model = run.log_tf_model(module, shape, len(data.class_names), requirements)
-            log.info("model logged: %s", uri_model)
-
-        val_accuracy = history.epochs["val_accuracy"][-1]
-        log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
-    print(f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}")
-    return val_accuracy
+    )
+    directory = None
+    if cfg.runtime.output_dir:
+        directory = str(Path(cfg.runtime.output_dir) / "checkpoints")
+        resume = f"python -m insect_exp resume={run.run_id}"
+        run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})
+    log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
+    return run, directory, None
 
 
 def _log_config(run: tracking.Run, cfg: Config) -> None:
@@ -72,9 +116,7 @@ def _log_config(run: tracking.Run, cfg: Config) -> None:
     from omegaconf import OmegaConf
 
     rt = cfg.runtime
-    tree = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    tree.pop("runtime")  # where it ran, not what it trained: in the YAML, not among params
-    run.log_params(tracking.flatten(tree))
+    run.log_params(tracking.flatten(cfg.params()))
     run.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config/config.yaml")
     run.log_dict(list(rt.overrides), "config/overrides.json")
     if rt.output_dir and rt.config_subdir:

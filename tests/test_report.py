@@ -65,27 +65,35 @@ def test_dataset_report_has_stats_class_names_a_valid_skip_list_and_sample_grids
     )
 
 
-def test_training_report_logs_per_step_series_curves_and_where_early_stopping_stopped(
-    tracking_uri,
+def test_training_report_draws_what_the_run_holds_and_where_early_stopping_stopped(
+    tracking_uri, monkeypatch
 ):
-    # Given a history that early stopping cut short, with a batch loss above 2
-    history = History(
-        epochs={"loss": [1.0, 0.8], "val_loss": [1.1, 1.2], "accuracy": [0.4, 0.5]},
-        batch_loss=[2.37, 1.2, 0.9, 0.7],
-        batch_accuracy=[0.25, 0.5, 0.5, 0.75],
-        stopped_epoch=1,
-        best_epoch=0,
-    )
+    # Given a run that holds two epochs of metrics, with a batch loss above 2, and a history that
+    # early stopping cut short
     run = _run(tracking_uri)
+    for step, (loss, acc) in enumerate([(2.37, 0.25), (1.2, 0.5), (0.9, 0.5), (0.7, 0.75)]):
+        run.sink({"batch_loss": loss, "batch_accuracy": acc}, step)
+    run.sink({"loss": 1.0, "val_loss": 1.1, "accuracy": 0.4, "val_accuracy": 0.3}, 0)
+    run.sink({"loss": 0.8, "val_loss": 1.2, "accuracy": 0.5, "val_accuracy": 0.3}, 1)
+    history = History(stopped_epoch=1, best_epoch=0)
+    drawn = {}
+    curve = report.plots.batch_curve
+
+    def recording(values, ylabel, ylim=None, title=""):
+        drawn[ylabel] = (list(values), ylim, title)
+        return curve(values, ylabel, ylim, title)
+
+    monkeypatch.setattr(report.plots, "batch_curve", recording)
 
     # When training is reported
     report.log_training(run, history)
 
-    # Then per-step metrics are logged at steps 0..3, with the stop and best epochs
+    # Then the per-step curves show every stored step, titled, with the loss axis reaching 2.37
+    values, ylim, title = drawn["Loss"]
+    assert values == [2.37, 1.2, 0.9, 0.7] and ylim[1] >= 2.37 and title
+    assert drawn["Accuracy"][0] == [0.25, 0.5, 0.5, 0.75]
+    # And the stop and best epochs are metrics, with the three plots as artifacts
     client = MlflowClient(tracking_uri)
-    steps = client.get_metric_history(run.run_id, "batch_loss")
-    assert [(m.step, m.value) for m in sorted(steps, key=lambda m: m.step)][0] == (0, 2.37)
-    assert len(steps) == 4
     metrics = client.get_run(run.run_id).data.metrics
     assert (metrics["stopped_epoch"], metrics["best_epoch"]) == (1, 0)
     assert {"plots/training_curves.png", "plots/batch_loss.png", "plots/batch_accuracy.png"} <= (

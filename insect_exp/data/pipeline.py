@@ -14,6 +14,7 @@ from insect_exp.data.scan import (
     FileList,
     Manifest,
     check_usable,
+    diagnose,
     stratified_split,
 )
 
@@ -92,11 +93,12 @@ def decode_files(
     """Decode and resize every file in parallel; files TensorFlow cannot decode are returned apart.
 
     All files go through one tf.data map (parallel, in TensorFlow's own threads, three times faster
-    than a Python thread pool); the few that fail there are decoded once more, one by one, only to
-    learn why.
+    than a Python thread pool); the few that fail there are tried once more alone and, if they fail
+    again, examined by `scan.diagnose` (header and last bytes, Pillow) only to learn why.
 
     Returns:
-        The decoded split, and (path, reason) for each file that failed to decode.
+        The decoded split, and (path, reason) for each file that failed to decode, the reason short
+        and stable (`truncated`, `not an image`, `permission denied`, ...).
     """
     decode = _decode_fn(image_size)
     height, width = (int(v) for v in image_size)
@@ -120,8 +122,8 @@ def decode_files(
             images[i] = single(tf.constant(files.paths[i])).numpy()
             ok[i] = True
         except tf.errors.OpError as err:  # corrupt, truncated, not an image, gone since the scan
-            reason = (err.message or type(err).__name__).strip().splitlines()[0]
-            failures.append((files.paths[i], f"cannot decode: {reason}"))
+            log.debug("TensorFlow cannot decode %s: %s", files.paths[i], err.message)
+            failures.append((files.paths[i], diagnose(files.paths[i])))
     labels = np.asarray(files.labels, dtype=np.int32)
     if ok.all():  # the usual case: no copy of the whole array
         return ImageSplit(images, labels, list(files.paths)), failures

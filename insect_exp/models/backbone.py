@@ -108,6 +108,10 @@ class BackboneRecipe(Recipe):
     ) -> fit.History:
         """Train the head (on cached backbone features when possible), then optionally fine-tune."""
         c = self.cfg
+        resume = settings.resume_from
+        if c.fine_tune.enabled and resume is not None and resume.stage == "fine_tune":
+            # The checkpoint is of the second stage: the head stage is behind us.
+            return self._fine_tune(model, data, settings, resume.stage_start, sink)
         dim = int(backbone_of(model).output.shape[-1])
         num_images = len(data.train) + len(data.val)
         mode = choose_cache(c.feature_cache, num_images, dim, c.feature_cache_max_memory_mb)
@@ -186,6 +190,7 @@ class BackboneRecipe(Recipe):
             # A new seed so that the second stage does not replay the first one's batch order.
             seed=settings.seed + first_epoch,
             schedule=False,
+            stage="fine_tune",
         )
         self.remember_validation(data.val, fitted.val_logits)
         return fitted.history

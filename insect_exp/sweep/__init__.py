@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import pickle
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,6 @@ class MlflowSweepCallback(Callback):
         self._open = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
-
         from insect_exp import tracking
 
         hydra = config.hydra
@@ -111,6 +110,12 @@ class MlflowSweepCallback(Callback):
         # Never let this sweep's jobs find a parent left by an earlier sweep in the same dir.
         (sweep_dir / SWEEP_FILE).unlink(missing_ok=True)
         uri = tracking.resolve_tracking_uri(config.mlflow.tracking_uri, launch_dir)
+        try:
+            tracking.prepare_store(uri)
+        except tracking.StoreError as err:
+            # Hydra logs and swallows a callback's exceptions; the sweep must not start.
+            print(f"insect_exp: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
         # Once, before any job: jobs creating a new experiment at the same moment can file their
         # runs under Default (MLflow 3.17); they get this id instead.
         experiment_id = tracking.ensure_experiment(uri, config.mlflow.experiment_name)
@@ -140,7 +145,7 @@ class MlflowSweepCallback(Callback):
         # Hydra skips on_multirun_end when its sweeper raises for a failed job (or on Ctrl-C):
         # the summary and the parent's status are then written as the process exits.
         atexit.register(self._close)
-        tracking.Run(MlflowClient(uri), parent).log_params(plan.params)
+        tracking.Run(tracking.open_client(uri), parent).log_params(plan.params)
         self.sweep.write()
         log.info("MLflow parent run %s for this sweep in %s", parent, uri)
 

@@ -93,15 +93,13 @@ def optuna_best(sweep_dir: Path) -> tuple[dict[str, Any], float | None]:
 
 def log_summary(info: SweepInfo) -> Summary:
     """Read the sweep's children, log the summary to its parent run and return it."""
-    from mlflow.tracking import MlflowClient
-
     from insect_exp import plots, tracking
 
     children = tracking.child_runs(
         info.tracking_uri, info.experiment_id, info.parent_run_id, history_keys=[CURVE_METRIC]
     )
     summary = summarise(children)
-    parent = tracking.Run(MlflowClient(info.tracking_uri), info.parent_run_id)
+    parent = tracking.Run(tracking.open_client(info.tracking_uri), info.parent_run_id)
     parent.log_text(to_csv(summary.columns, summary.rows), f"{SUMMARY_DIR}/children.csv")
     parent.log_text(to_markdown(summary.columns, summary.rows), f"{SUMMARY_DIR}/children.md")
     metrics = {"jobs_finished": summary.finished, "jobs_failed": summary.failed}

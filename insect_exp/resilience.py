@@ -1,0 +1,227 @@
+"""Runs that survive: per-epoch checkpoints, interrupts that end a run KILLED, what resume reads.
+
+- `Checkpoints` writes the model's weights, the optimizer's state and the epoch after every
+  completed epoch, keeping only the latest and the best (by val_loss). A checkpoint is complete or
+  absent: its `state.json` is written last and names the directory to read.
+- `interrupts()` makes SIGTERM (what SLURM preemption and `kill` send) behave like Ctrl-C, so
+  both unwind the run, which ends KILLED with everything logged so far; a second signal exits at
+  once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was stopped by SIGINT or SIGTERM; the run can be resumed."""
+
+    def __init__(self, signum: int = signal.SIGINT, run_id: str | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_id = run_id
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+# Signals received and not yet acted on: a handler's exception can be swallowed when the signal
+# lands inside a __del__ or weakref callback (SQLAlchemy has many), so it is also kept here and
+# `check()` raises it at the next safe point (every training batch).
+_received: list[int] = []
+_delivered: list[bool] = [False]
+
+
+def check() -> None:
+    """Raise Interrupted if a signal came that nothing has acted on yet."""
+    if _received and not _delivered[0]:
+        _delivered[0] = True
+        raise Interrupted(_received[0])
+
+
+def acknowledge() -> None:
+    """The Interrupted exception reached its handler: `check()` has nothing more to raise."""
+    _delivered[0] = True
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise Interrupted; a second one exits at once."""
+    _received.clear()
+    _delivered[0] = False
+
+    def handle(signum: int, frame) -> None:
+        if _received:  # the user means it: no more cleanup
+            os._exit(128 + signum)
+        _received.append(signum)
+        raise Interrupted(signum)  # unless swallowed; then check() raises it soon after
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a checkpoint holds besides the variables: where training stood."""
+
+    epoch: int  # the last completed epoch, counted from 0 across stages
+    stage: str  # which training stage of the recipe wrote it ("main", "fine_tune")
+    stage_start: int  # the first epoch of that stage
+    path: str  # the checkpoint prefix to read the variables from
+    val_loss: float | None = None
+
+
+def read_state(directory: str | Path, which: str = "latest") -> CheckpointState | None:
+    """The latest (or best) complete checkpoint under `directory`, or None."""
+    state_file = Path(directory) / which / STATE_FILE
+    if not state_file.is_file():
+        return None
+    return CheckpointState(**json.loads(state_file.read_text()))
+
+
+def _write(target: Path, checkpoint, state: dict) -> None:
+    """Write variables then state.json into a fresh directory, then swap it in for `target`."""
+    fresh = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
+    fresh.mkdir(parents=True)
+    prefix = checkpoint.write(str(fresh / "ckpt"))
+    final_prefix = target / Path(prefix).name
+    (fresh / STATE_FILE).write_text(json.dumps({**state, "path": str(final_prefix)}) + "\n")
+    old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link(source: Path, target: Path) -> None:
+    """Make `target` a checkpoint with the same files as `source` (hard links: no copy)."""
+    state = json.loads((source / STATE_FILE).read_text())
+    fresh = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
+    fresh.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.name != STATE_FILE:
+            try:
+                os.link(file, fresh / file.name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(file, fresh / file.name)
+    state["path"] = str(target / Path(state["path"]).name)
+    (fresh / STATE_FILE).write_text(json.dumps(state) + "\n")
+    old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore(model, optimizer, state: CheckpointState) -> None:
+    """Load a checkpoint's weights and optimizer state into a model built the same way."""
+    import tensorflow as tf
+
+    # Create the optimizer's slots first, so that every saved value has a variable to land in.
+    optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    checkpoint.read(state.path).assert_existing_objects_matched().expect_partial()
+
+
+def interrupt_callback():
+    """A Keras callback that raises a swallowed interrupt at the end of the next batch."""
+    import tf_keras as keras
+
+    class InterruptCheck(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            check()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            check()
+
+    return InterruptCheck()
+
+
+def checkpoint_callback(directory: str | Path, stage: str, first_epoch: int):
+    """A Keras callback that checkpoints after every epoch (see `Checkpoints`)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    class Checkpoints(keras.callbacks.Callback):
+        """Latest and best (lowest val_loss) checkpoint of the model being fit, every epoch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.directory = Path(directory)
+            best = read_state(self.directory, "best")
+            self.best = best.val_loss if best and best.val_loss is not None else float("inf")
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+            val_loss = (logs or {}).get("val_loss")
+            state = asdict(CheckpointState(first_epoch + epoch, stage, first_epoch, "", val_loss))
+            _write(self.directory / "latest", checkpoint, state)
+            if val_loss is not None and val_loss < self.best:
+                self.best = val_loss
+                _link(self.directory / "latest", self.directory / "best")
+
+    return Checkpoints()
+
+
+# Resume: the run's own config, recomposed from the overrides it logged.
+
+# Overrides a resume may give besides the logged ones: where the store is, and more epochs.
+_RESUME_KEYS = ("resume", "epochs", "mlflow.tracking_uri")
+
+
+def resume_overrides(logged: list[str], given: list[str]) -> list[str]:
+    """The logged run's overrides, with the few a resume may change taken from `given`.
+
+    Raises:
+        UserError: `given` changes something else.
+    """
+    from insect_exp import UserError
+
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    other = [o for o in given if key(o) not in _RESUME_KEYS and not key(o).startswith("hydra")]
+    if other:
+        raise UserError(
+            f"a resumed run keeps its own config; only epochs may change, not {', '.join(other)}"
+        )
+    changed = {key(o) for o in given}
+    return [o for o in logged if key(o) not in changed] + given
+
+
+def check_same_config(logged: dict[str, str], current: dict[str, str]) -> None:
+    """Raise a UserError if the recomposed config differs from what the run logged.
+
+    conf/ may have changed since the run: resuming under another config would mix two
+    experiments in one run.
+    """
+    from insect_exp import UserError
+
+    differ = [
+        f"{k} (was {logged[k]}, now {current.get(k)})"
+        for k in sorted(logged)
+        if k != "epochs" and not k.startswith("data.") and logged[k] != current.get(k)
+    ]
+    if differ:
+        raise UserError(
+            "the config composed today differs from the run's (conf/ changed?): "
+            + "; ".join(differ[:5])
+        )
