@@ -32,7 +32,10 @@ def backbone_of(model: keras.Model) -> keras.layers.Layer:
 
 def feature_extractor(model: keras.Model) -> keras.Model:
     """The part of a classifier that maps raw images to backbone features."""
-    return keras.Model(model.input, backbone_of(model).output, name="feature_extractor")
+    # The backbone's output in the classifier's graph: a functional backbone (a Keras application)
+    # also has an output of its own inner graph, which is not connected to model.input.
+    features = backbone_of(model).get_output_at(-1)
+    return keras.Model(model.input, features, name="feature_extractor")
 
 
 def choose_cache(

@@ -106,8 +106,9 @@ class KerasAppRecipe(BackboneRecipe):
     def backbone(self) -> tuple[list[keras.layers.Layer], keras.layers.Layer]:
         app = self._app or self._load()
         self._app = None  # a second build gets fresh layers
-        app.trainable = self.cfg.trainable
         layer = keras.Model(app.inputs, app.outputs, name="backbone")
+        # The wrapper's own flag is what Keras (and the feature cache) read.
+        layer.trainable = app.trainable = self.cfg.trainable
         return [AppPreprocessing(self.cfg.backbone, name="preprocessing")], layer
 
     def describe(self) -> str:
