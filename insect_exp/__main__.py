@@ -19,16 +19,15 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dict_cfg: DictConfig) -> float:
-    from insect_exp.resilience import Interrupted, interrupts
+    from insect_exp.resilience import Interrupted, TrainingDiverged, interrupts
 
     multirun = OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None
     try:
-        cfg = to_object(dict_cfg)  # typed from here on; ranges checked before TensorFlow loads
-        if cfg.resume:
-            cfg = _resumed_config(cfg)
+        resume = OmegaConf.select(dict_cfg, "resume")
+        # Typed from here on; ranges checked before TensorFlow loads.
+        cfg = _resumed_config(resume, dict_cfg) if resume else to_object(dict_cfg)
         # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
         from insect_exp import train
-        from insect_exp.fit import TrainingDiverged
 
         with interrupts():
             return train.run(cfg)
@@ -58,7 +57,7 @@ def _exit(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _resumed_config(cfg: Config) -> Config:
+def _resumed_config(run_id: str, dict_cfg: DictConfig) -> Config:
     """The config of the run to resume: its logged overrides composed again, epochs as given."""
     import json
 
@@ -66,16 +65,17 @@ def _resumed_config(cfg: Config) -> Config:
 
     from insect_exp import resilience, tracking
 
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.runtime.launch_dir)
+    configured = OmegaConf.select(dict_cfg, "mlflow.tracking_uri")
+    uri = tracking.resolve_tracking_uri(configured, dict_cfg.runtime.launch_dir)
     tracking.prepare_store(uri)
     client = tracking.open_client(uri)
     try:
-        run = client.get_run(cfg.resume)
-        local = client.download_artifacts(cfg.resume, "config/overrides.json")
+        run = client.get_run(run_id)
+        local = client.download_artifacts(run_id, "config/overrides.json")
         logged = json.loads(Path(local).read_text())
     except Exception as err:
-        raise UserError(f"cannot resume run {cfg.resume!r} from {uri}: {err}") from err
-    overrides = resilience.resume_overrides(logged, list(cfg.runtime.overrides))
+        raise UserError(f"cannot resume run {run_id!r} from {uri}: {err}") from err
+    overrides = resilience.resume_overrides(logged, list(dict_cfg.runtime.overrides))
     resumed = to_object(compose("config", overrides=overrides))
     params = tracking.flatten(resumed.params())
     resilience.check_same_config(

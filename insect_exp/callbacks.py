@@ -152,17 +152,31 @@ class LearningRateLog(keras.callbacks.Callback):
             logs["lr"] = self._rate
 
 
-class EpochMetrics(keras.callbacks.Callback):
-    """Sends each epoch's logs to `sink(metrics, step)` as soon as the epoch ends.
+class EpochEnd(keras.callbacks.Callback):
+    """Sends each epoch's logs to `sink(metrics, step)` and checkpoints, as one step.
 
-    The step is Keras's 0-based epoch index, as in MLflow's own Keras autologging.
+    The step is Keras's 0-based epoch index, as in MLflow's own Keras autologging. A signal that
+    comes meanwhile waits until both are done: an epoch the store shows is an epoch a resume
+    starts after.
     """
 
-    def __init__(self, sink: MetricSink, step_offset: int = 0):
+    def __init__(
+        self,
+        sink: MetricSink | None,
+        step_offset: int = 0,
+        checkpoint: Callable[[keras.Model, int, dict | None], None] | None = None,
+    ):
         super().__init__()
         self.sink = sink
         self.step_offset = step_offset
+        self.checkpoint = checkpoint
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {k: float(v) for k, v in (logs or {}).items()}
-        self.sink(metrics, self.step_offset + epoch)
+        from insect_exp.resilience import deferred
+
+        with deferred():
+            if self.sink is not None:
+                metrics = {k: float(v) for k, v in (logs or {}).items()}
+                self.sink(metrics, self.step_offset + epoch)
+            if self.checkpoint is not None:
+                self.checkpoint(self.model, epoch, logs)

@@ -13,7 +13,7 @@ import tf_keras as keras
 from insect_exp import resilience
 from insect_exp.callbacks import (
     BatchStats,
-    EpochMetrics,
+    EpochEnd,
     LearningRateLog,
     MetricSink,
     Position,
@@ -27,7 +27,7 @@ from insect_exp.config import (
     Schedule,
 )
 from insect_exp.data.pipeline import ImageSplit, make_dataset
-from insect_exp.resilience import CheckpointState
+from insect_exp.resilience import CheckpointState, TrainingDiverged
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,6 @@ def make_optimizer(
     return optimizer_class(learning_rate=rate, **cfg.options())
 
 
-class TrainingDiverged(Exception):
-    """The training loss became NaN or infinite."""
-
-
 class Crossentropy(keras.losses.Loss):
     """Cross-entropy on logits against integer labels, label-smoothed if asked, checked finite.
 
@@ -167,7 +163,8 @@ def epoch_learning_rate(cfg: OptimizerConfig, epochs: int) -> Callable[[int], fl
         def cosine(epoch: int) -> float:
             if epoch < warmup:
                 return base * (epoch + 1) / (warmup + 1)
-            progress = (epoch - warmup) / max(1, epochs - warmup)
+            # The last epoch trains at the floor.
+            progress = (epoch - warmup) / max(1, epochs - warmup - 1)
             return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * progress))
 
         return cosine
@@ -294,12 +291,10 @@ def fit(
             )
             callbacks.append(stopper)
     callbacks.append(LearningRateLog())
-    if sink is not None:
-        callbacks.append(EpochMetrics(sink, step_offset=first_epoch))
+    checkpoint = None
     if settings.checkpoint_dir:
-        callbacks.append(
-            resilience.checkpoint_callback(settings.checkpoint_dir, stage, first_epoch)
-        )
+        checkpoint = resilience.Checkpointer(settings.checkpoint_dir, stage, first_epoch)
+    callbacks.append(EpochEnd(sink, first_epoch, checkpoint))
     weights = class_weights(train_split.labels, num_classes, settings.class_weight)
     try:
         fitted = model.fit(

@@ -46,11 +46,45 @@ _received: list[int] = []
 _delivered: list[bool] = [False]
 
 
+_deferring: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (an epoch's metrics and checkpoint go together)."""
+    _deferring[0] = True
+    try:
+        yield
+    finally:
+        _deferring[0] = False
+    check()
+
+
 def check() -> None:
     """Raise Interrupted if a signal came that nothing has acted on yet."""
     if _received and not _delivered[0]:
         _delivered[0] = True
         raise Interrupted(_received[0])
+
+
+def was_interrupted() -> bool:
+    """Whether this process received SIGINT or SIGTERM under `interrupts()`/the sweep."""
+    return bool(_received)
+
+
+def interrupt_on_sigterm() -> None:
+    """From now on SIGTERM unwinds the process like Ctrl-C (so exit handlers run)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, frame) -> None:
+        _received.append(signum)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
 
 
 def acknowledge() -> None:
@@ -61,14 +95,15 @@ def acknowledge() -> None:
 @contextlib.contextmanager
 def interrupts() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise Interrupted; a second one exits at once."""
-    _received.clear()
     _delivered[0] = False
+    first = len(_received)
 
     def handle(signum: int, frame) -> None:
-        if _received:  # the user means it: no more cleanup
+        if len(_received) > first:  # the user means it: no more cleanup
             os._exit(128 + signum)
         _received.append(signum)
-        raise Interrupted(signum)  # unless swallowed; then check() raises it soon after
+        if not _deferring[0]:
+            raise Interrupted(signum)  # unless swallowed; then check() raises it soon after
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -155,30 +190,32 @@ def interrupt_callback():
     return InterruptCheck()
 
 
-def checkpoint_callback(directory: str | Path, stage: str, first_epoch: int):
-    """A Keras callback that checkpoints after every epoch (see `Checkpoints`)."""
-    import tensorflow as tf
-    import tf_keras as keras
+class Checkpointer:
+    """Latest and best (lowest val_loss) checkpoint of a model being fit, after each epoch."""
 
-    class Checkpoints(keras.callbacks.Callback):
-        """Latest and best (lowest val_loss) checkpoint of the model being fit, every epoch."""
+    def __init__(self, directory: str | Path, stage: str, first_epoch: int):
+        self.directory = Path(directory)
+        self.stage = stage
+        self.first_epoch = first_epoch
+        best = read_state(self.directory, "best")
+        self.best = best.val_loss if best and best.val_loss is not None else float("inf")
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.directory = Path(directory)
-            best = read_state(self.directory, "best")
-            self.best = best.val_loss if best and best.val_loss is not None else float("inf")
+    def __call__(self, model, epoch: int, logs: dict | None) -> None:
+        """Checkpoint `model` and its optimizer after Keras's epoch `epoch` of this stage."""
+        import tensorflow as tf
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
-            val_loss = (logs or {}).get("val_loss")
-            state = asdict(CheckpointState(first_epoch + epoch, stage, first_epoch, "", val_loss))
-            _write(self.directory / "latest", checkpoint, state)
-            if val_loss is not None and val_loss < self.best:
-                self.best = val_loss
-                _link(self.directory / "latest", self.directory / "best")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        val_loss = (logs or {}).get("val_loss")
+        absolute = self.first_epoch + epoch
+        state = asdict(CheckpointState(absolute, self.stage, self.first_epoch, "", val_loss))
+        _write(self.directory / "latest", checkpoint, state)
+        if val_loss is not None and val_loss < self.best:
+            self.best = val_loss
+            _link(self.directory / "latest", self.directory / "best")
 
-    return Checkpoints()
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite: the run fails, its metrics so far kept."""
 
 
 # Resume: the run's own config, recomposed from the overrides it logged.
@@ -198,7 +235,11 @@ def resume_overrides(logged: list[str], given: list[str]) -> list[str]:
     def key(override: str) -> str:
         return override.split("=", 1)[0].lstrip("+~")
 
-    other = [o for o in given if key(o) not in _RESUME_KEYS and not key(o).startswith("hydra")]
+    other = [
+        o
+        for o in given
+        if key(o) not in _RESUME_KEYS and not key(o).startswith("hydra") and o not in logged
+    ]
     if other:
         raise UserError(
             f"a resumed run keeps its own config; only epochs may change, not {', '.join(other)}"

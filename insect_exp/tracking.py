@@ -74,7 +74,11 @@ def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
     """An exclusive lock on a file beside the store, shared by every process on this machine."""
     import fcntl
 
-    with path.open("a") as handle:
+    try:
+        handle = path.open("a")
+    except OSError as err:
+        raise StoreError(f"cannot lock the MLflow store beside {path}: {err}") from err
+    with handle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -151,8 +155,10 @@ def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
                 f"(sqlite3 {db} 'DROP TABLE {leftovers[0]}'), then run "
                 f"`mlflow db upgrade sqlite:///{db}`; or move it away to start a new store"
             )
-    elif not os.access(db.parent, os.W_OK):
-        raise StoreError(f"cannot create the MLflow store {db}: its folder is read-only")
+    # SQLite writes a journal beside the database: both must be writable. (A check that root
+    # passes; root's writes then simply work.)
+    if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        raise StoreError(f"cannot write the MLflow store {db}: it or its folder is read-only")
     with _file_lock(db.with_name(db.name + ".lock"), timeout_s=120):
         if not db.exists():
             # Build the schema in a file of its own and move it into place: a store whose
@@ -278,16 +284,21 @@ class Run:
         if len(self._pending) >= _MAX_BATCH or any(not k.startswith("batch_") for k in metrics):
             self.flush(raise_errors=False)
 
-    def resumed_sink(self) -> MetricSink:
-        """A sink for a resumed run: per-batch steps that the run already holds are not sent
-        again (the interrupted epoch's first batches)."""
-        history = self.client.get_metric_history(self.run_id, "batch_loss")
-        last = max((m.step for m in history), default=-1)
+    def resumed_sink(self, keys: Iterable[str]) -> MetricSink:
+        """A sink for a resumed run that sends no step of `keys` the run already holds.
+
+        A resume redoes the epoch that was cut short; what the first attempt logged of it (its
+        first batches, or the whole epoch when the process died before its checkpoint) stays.
+        """
+        last = {
+            key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+            for key in keys
+        }
 
         def sink(metrics: Mapping[str, float], step: int) -> None:
-            if step <= last and all(k.startswith("batch_") for k in metrics):
-                return
-            self.sink(metrics, step)
+            fresh = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
+            if fresh:
+                self.sink(fresh, step)
 
         return sink
 

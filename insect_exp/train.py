@@ -9,12 +9,17 @@ import os
 import signal
 from pathlib import Path
 
-from insect_exp import UserError, sweep, tracking
+from insect_exp import sweep, tracking
 from insect_exp.config import Config, Precision
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "checkpoint_dir"
+# Metrics a resumed run may log again for the epoch it redoes: only their first values count.
+RESUMED_KEYS = (
+    "loss", "accuracy", "val_loss", "val_accuracy", "lr", "batch_loss", "batch_accuracy",
+    "backbone_images_computed", "backbone_images_reused",
+)  # fmt: skip
 
 
 def run(cfg: Config) -> float:
@@ -38,19 +43,19 @@ def run(cfg: Config) -> float:
     run, checkpoints, resume_from = _open_run(cfg, job, uri)
     try:
         with tracking.ending(run):
-            if resume_from is None:
+            if not cfg.resume:
                 _log_config(run, cfg)
             recipe = models.recipe_for(cfg.model)
             recipe.prepare()  # before decoding: offline weights fail in seconds
             data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
             resilience.check()  # a signal swallowed while decoding
-            if resume_from is None:
+            if not cfg.resume:
                 report.log_data(run, data, cfg.seed)
                 report.log_artifacts(run, recipe.artifacts(data, cfg.seed))
             model = recipe.build(len(data.class_names))
             run.log_text(_summary(model), "model_summary.txt")
             settings = FitSettings.from_config(cfg, checkpoints, resume_from)
-            sink = run.sink if resume_from is None else run.resumed_sink()
+            sink = run.resumed_sink(RESUMED_KEYS) if cfg.resume else run.sink
             history = recipe.fit(model, data, settings, sink=sink)
             report.log_training(run, history)
 
@@ -88,12 +93,11 @@ def _open_run(cfg: Config, job: sweep.JobContext, uri: str):
     if cfg.resume:
         run = tracking.reopen_run(uri, cfg.resume)
         directory = run.client.get_run(run.run_id).data.tags.get(CHECKPOINT_TAG)
+        # None: it died before its first checkpoint, and starts over in the same run.
         state = resilience.read_state(directory) if directory else None
-        if state is None:
-            with tracking.ending(run):
-                raise UserError(f"run {cfg.resume} left no checkpoint to resume from")
-        run.set_tags({"resumed_from_epoch": state.epoch, "epochs": cfg.epochs})
-        log.info("resuming run %s after epoch %d", run.run_id, state.epoch)
+        after = -1 if state is None else state.epoch
+        run.set_tags({"resumed_after_epoch": after, "epochs": cfg.epochs})
+        log.info("resuming run %s after epoch %d", run.run_id, after)
         return run, directory, state
     name = cfg.mlflow.run_name or tracking.run_name(
         cfg.model.name, cfg.optimizer.name, job.overrides

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp.callbacks import BatchStats, EpochMetrics, Validation
+from insect_exp.callbacks import BatchStats, EpochEnd, Validation
 from insect_exp.fit import compile_classifier
 
 
@@ -26,7 +26,7 @@ def test_batch_stats_recover_each_batchs_own_loss_and_accuracy():
         ds,
         epochs=2,
         verbose=0,
-        callbacks=[stats, EpochMetrics(lambda m, step: epochs.append((step, m)))],
+        callbacks=[stats, EpochEnd(lambda m, step: epochs.append((step, m)))],
     )
 
     # Then every batch's value equals that batch evaluated on its own

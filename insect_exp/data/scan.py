@@ -38,10 +38,10 @@ from PIL import Image
 from insect_exp import UserError
 
 # The extensions scanned as images; anything else is reported, not read.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
+# TensorFlow's decode_image reads WebP too (checked on TF 2.21).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 # Extensions of image formats that are not scanned: reported as `unsupported format (<name>)`.
 UNSUPPORTED_IMAGE_EXTENSIONS = {
-    ".webp": "webp",
     ".tif": "tiff",
     ".tiff": "tiff",
     ".heic": "heic",
@@ -283,6 +283,12 @@ def stratified_split(
 _HEAD_BYTES = 512  # enough for every signature below, and for an SVG's "<svg" after its prolog
 _TAIL_BYTES = 32
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"})
+_DIB_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+
+
+def _le(data: bytes, at: int, size: int, signed: bool = False) -> int:
+    """The little-endian integer of SIZE bytes at offset AT."""
+    return int.from_bytes(data[at : at + size], "little", signed=signed)
 
 
 def _sniff(head: bytes) -> str | None:
@@ -294,16 +300,7 @@ def _sniff(head: bytes) -> str | None:
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
     # "BM" alone is too common a start for text: also ask for a known DIB header size.
-    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in {
-        12,
-        16,
-        40,
-        52,
-        56,
-        64,
-        108,
-        124,
-    }:
+    if head[:2] == b"BM" and _le(head, 14, 4) in _DIB_HEADER_SIZES:
         return "bmp"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
@@ -349,19 +346,15 @@ def _cut_short(fmt: str, head: bytes, tail: bytes, size: int) -> bool:
     if fmt == "gif":  # ends with the trailer byte
         return not tail.rstrip(b"\x00").endswith(b";")
     if fmt == "webp":  # the RIFF header gives the file size
-        return int.from_bytes(head[4:8], "little") + 8 > size
-    if fmt == "bmp":  # the file header gives the file size and the pixel data offset
-        declared = int.from_bytes(head[2:6], "little")
-        pixels_at = int.from_bytes(head[10:14], "little")
-        needed = pixels_at
-        if int.from_bytes(head[14:18], "little") >= 40 and int.from_bytes(
-            head[30:34], "little"
-        ) in (0, 3):
-            width = int.from_bytes(head[18:22], "little", signed=True)
-            height = int.from_bytes(head[22:26], "little", signed=True)
-            bits = int.from_bytes(head[28:30], "little")
-            needed += (abs(width) * bits + 31) // 32 * 4 * abs(height)  # uncompressed rows
-        return max(declared, needed) > size
+        return _le(head, 4, 4) + 8 > size
+    if fmt == "bmp":  # the headers give the file size, the pixel data offset and, uncompressed,
+        needed = max(_le(head, 2, 4), _le(head, 10, 4))  # the size of the pixel rows
+        if _le(head, 14, 4) >= 40 and _le(head, 30, 4) in (0, 3):  # BI_RGB, BI_BITFIELDS
+            width, height = abs(_le(head, 18, 4, True)), abs(_le(head, 22, 4, True))
+            needed = max(
+                needed, _le(head, 10, 4) + (width * _le(head, 28, 2) + 31) // 32 * 4 * height
+            )
+        return needed > size
     return False
 
 

@@ -51,6 +51,7 @@ from insect_exp.sweep.context import (
 from insect_exp.sweep.summary import (
     CURVE_METRIC,
     Summary,
+    close_orphans,
     log_summary,
     optuna_best,
     summarise,
@@ -143,8 +144,12 @@ class MlflowSweepCallback(Callback):
         )
         self._open = True
         # Hydra skips on_multirun_end when its sweeper raises for a failed job (or on Ctrl-C):
-        # the summary and the parent's status are then written as the process exits.
+        # the summary and the parent's status are then written as the process exits. SIGTERM
+        # (SLURM preemption, kill) must unwind like Ctrl-C for that to happen.
         atexit.register(self._close)
+        from insect_exp import resilience
+
+        resilience.interrupt_on_sigterm()
         tracking.Run(tracking.open_client(uri), parent).log_params(plan.params)
         self.sweep.write()
         log.info("MLflow parent run %s for this sweep in %s", parent, uri)
@@ -195,12 +200,15 @@ class MlflowSweepCallback(Callback):
         if not self._open or self.sweep is None:
             return 0
         self._open = False
-        from insect_exp import tracking
+        from insect_exp import resilience, tracking
 
-        status = "FAILED"
+        interrupted = resilience.was_interrupted()
+        status = "KILLED" if interrupted else "FAILED"
         try:
+            close_orphans(self.sweep, interrupted)
             summary = log_summary(self.sweep)
-            status = "FINISHED" if summary.finished else "FAILED"
+            if not interrupted:
+                status = "FINISHED" if summary.finished else "FAILED"
             best = summary.best
             best_text = f"; best {best.name}: {best.metrics[CURVE_METRIC]:.4f}" if best else ""
             log.info(

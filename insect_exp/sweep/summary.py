@@ -32,6 +32,7 @@ class Summary:
     best: RunRecord | None  # the finished child with the highest val_accuracy
     finished: int
     failed: int
+    killed: int = 0
 
 
 def summarise(children: Sequence[RunRecord], metric: str = CURVE_METRIC) -> Summary:
@@ -58,7 +59,8 @@ def summarise(children: Sequence[RunRecord], metric: str = CURVE_METRIC) -> Summ
     scored = [r for r in finished if metric in r.metrics]
     best = max(scored, key=lambda r: r.metrics[metric]) if scored else None
     failed = sum(r.status == "FAILED" for r in ordered)
-    return Summary(columns, rows, curves, best, len(finished), failed)
+    killed = sum(r.status == "KILLED" for r in ordered)
+    return Summary(columns, rows, curves, best, len(finished), failed, killed)
 
 
 def to_csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
@@ -91,6 +93,27 @@ def optuna_best(sweep_dir: Path) -> tuple[dict[str, Any], float | None]:
     return dict(results.get("best_params") or {}), results.get("best_value")
 
 
+def close_orphans(info: SweepInfo, interrupted: bool) -> None:
+    """End the children still RUNNING when their sweep is over: their process is gone.
+
+    KILLED (and resumable) when the sweep was interrupted, else FAILED: the job's process died
+    (killed by the OS, out of memory) without ending its run.
+    """
+    from insect_exp import tracking
+
+    children = tracking.child_runs(info.tracking_uri, info.experiment_id, info.parent_run_id)
+    for child in children:
+        if child.status != "RUNNING":
+            continue
+        client = tracking.open_client(info.tracking_uri)
+        if interrupted:
+            client.set_tag(child.run_id, "error", "the sweep was interrupted")
+            tracking.end_run(info.tracking_uri, child.run_id, "KILLED")
+        else:
+            client.set_tag(child.run_id, "error", "job process died")
+            tracking.end_run(info.tracking_uri, child.run_id, "FAILED")
+
+
 def log_summary(info: SweepInfo) -> Summary:
     """Read the sweep's children, log the summary to its parent run and return it."""
     from insect_exp import plots, tracking
@@ -102,7 +125,11 @@ def log_summary(info: SweepInfo) -> Summary:
     parent = tracking.Run(tracking.open_client(info.tracking_uri), info.parent_run_id)
     parent.log_text(to_csv(summary.columns, summary.rows), f"{SUMMARY_DIR}/children.csv")
     parent.log_text(to_markdown(summary.columns, summary.rows), f"{SUMMARY_DIR}/children.md")
-    metrics = {"jobs_finished": summary.finished, "jobs_failed": summary.failed}
+    metrics = {
+        "jobs_finished": summary.finished,
+        "jobs_failed": summary.failed,
+        "jobs_killed": summary.killed,
+    }
     if summary.best is not None:
         metrics[f"best_{CURVE_METRIC}"] = summary.best.metrics[CURVE_METRIC]
         parent.set_tags({"best_run_id": summary.best.run_id, "best_run_name": summary.best.name})

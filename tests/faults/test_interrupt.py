@@ -1,0 +1,116 @@
+"""Ctrl-C, SIGTERM (SLURM preemption) and SIGKILL mid-training; resuming the run they left."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.faults.conftest import (
+    epochs_logged,
+    finish,
+    interrupt,
+    only_run,
+    run,
+    start,
+    steps,
+    wait_until,
+)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_ends_killed_with_its_metrics_and_resumes_to_the_end(
+    tmp_path, folder, store, signum, code
+):
+    # Given a run in its second epoch or later
+    process = start(f"dataset.root={folder}", "epochs=40", cwd=tmp_path)
+    wait_until(lambda: epochs_logged(store) >= 1)
+
+    # When it gets the signal
+    interrupt(process, signum)
+    exit_code, stderr = finish(process, timeout=120)
+
+    # Then it exits 130/143 with one line naming the resume command, and no traceback
+    assert exit_code == code, stderr[-2000:]
+    assert "Traceback" not in stderr
+    found = only_run(store)
+    run_id = found.info.run_id
+    assert f"python -m insect_exp resume={run_id}" in stderr.strip().splitlines()[-1]
+    # And the run is KILLED, says how to resume, and keeps every epoch and batch so far
+    assert found.info.status == "KILLED"
+    assert found.data.tags["resume_command"] == f"python -m insect_exp resume={run_id}"
+    epochs_before = steps(store, run_id, "loss")
+    assert epochs_before == list(range(len(epochs_before))) and epochs_before
+    batches_before = steps(store, run_id, "batch_loss")
+    assert len(batches_before) >= 23 * len(epochs_before)  # 90 images in batches of 4
+
+    # When it is resumed, with more epochs than it had left
+    resumed_code, resumed_err, _ = run(f"resume={run_id}", "epochs=3", cwd=tmp_path)
+    if len(epochs_before) >= 3:
+        pytest.skip("the machine was slow: the run had done 3 epochs before the signal")
+
+    # Then the same run goes on to FINISHED from its last completed epoch, no step logged twice
+    assert resumed_code == 0, resumed_err[-2000:]
+    after = MlflowClient(store).get_run(run_id)
+    assert after.info.status == "FINISHED" and "error" not in after.data.tags
+    assert steps(store, run_id, "loss") == [0, 1, 2]
+    assert steps(store, run_id, "val_loss") == [0, 1, 2]
+    batch_steps = steps(store, run_id, "batch_loss")
+    assert batch_steps == list(range(3 * 23))
+
+
+def test_a_run_killed_outright_resumes_the_same_way(tmp_path, folder, store):
+    # Given a run killed with SIGKILL (the OOM killer): it stays RUNNING
+    process = start(f"dataset.root={folder}", "epochs=40", cwd=tmp_path)
+    wait_until(lambda: epochs_logged(store) >= 1)
+    interrupt(process, signal.SIGKILL)
+    finish(process, timeout=60)
+    found = only_run(store)
+    assert found.info.status == "RUNNING"
+    done = len(steps(store, found.info.run_id, "loss"))
+
+    # When it is resumed to a few more epochs
+    code, stderr, _ = run(f"resume={found.info.run_id}", f"epochs={done + 1}", cwd=tmp_path)
+
+    # Then it finishes with each epoch logged once
+    assert code == 0, stderr[-2000:]
+    assert MlflowClient(store).get_run(found.info.run_id).info.status == "FINISHED"
+    assert steps(store, found.info.run_id, "loss") == list(range(done + 1))
+
+
+def test_resuming_a_deterministic_run_gives_the_uninterrupted_result(tmp_path, folder, store):
+    # Given the same deterministic CNN run for 4 epochs, and for 2 epochs then resumed to 4
+    common = (f"dataset.root={folder}", "deterministic=true", "seed=7")
+    code, stderr, _ = run(*common, "epochs=4", "mlflow.run_name=whole", cwd=tmp_path)
+    assert code == 0, stderr[-2000:]
+    code, stderr, _ = run(*common, "epochs=2", "mlflow.run_name=halves", cwd=tmp_path)
+    assert code == 0, stderr[-2000:]
+    client = MlflowClient(store)
+    runs = {r.info.run_name: r for r in client.search_runs(["1"])}
+    halves = runs["halves"].info.run_id
+    code, stderr, _ = run(f"resume={halves}", "epochs=4", cwd=tmp_path)
+    assert code == 0, stderr[-2000:]
+
+    # Then both end with the same validation loss, epoch by epoch
+    whole = [
+        m.value
+        for m in sorted(
+            client.get_metric_history(runs["whole"].info.run_id, "val_loss"), key=lambda m: m.step
+        )
+    ]
+    resumed = [m.value for m in sorted(client.get_metric_history(halves, "val_loss"),
+                                       key=lambda m: m.step)]  # fmt: skip
+    assert len(whole) == len(resumed) == 4
+    assert resumed == pytest.approx(whole, abs=1e-4)
+
+
+def test_resume_refuses_to_change_anything_but_epochs(tmp_path, folder, store):
+    code, stderr, _ = run(f"dataset.root={folder}", "epochs=1", cwd=tmp_path)
+    assert code == 0, stderr[-2000:]
+    run_id = only_run(store).info.run_id
+
+    code, stderr, _ = run(f"resume={run_id}", "optimizer=sgd", cwd=tmp_path)
+
+    assert code == 2
+    assert "only epochs may change" in stderr and "Traceback" not in stderr

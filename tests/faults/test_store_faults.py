@@ -1,0 +1,115 @@
+"""The store: concurrent starts, broken, corrupt, read-only or unreachable stores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.faults.conftest import TINY, environment, finish, run, start
+
+
+def test_four_runs_started_together_on_a_new_store_all_finish(tmp_path, folder):
+    # Given no store yet in the launch directory
+    # When four runs start at the same moment (two terminals, a joblib sweep...)
+    processes = [
+        start(f"dataset.root={folder}", "epochs=1", f"seed={i}", cwd=tmp_path) for i in range(4)
+    ]
+    results = [finish(p) for p in processes]
+
+    # Then every one of them ends FINISHED in one healthy store
+    assert [code for code, _ in results] == [0, 0, 0, 0], [err[-1500:] for _, err in results]
+    db = tmp_path / "mlruns" / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+    leftovers = sqlite3.connect(db).execute(
+        "SELECT name FROM sqlite_master WHERE name LIKE '_alembic_tmp_%'"
+    )
+    assert leftovers.fetchall() == []
+
+
+def test_a_half_migrated_store_is_named_with_its_repair(tmp_path, folder, store):
+    # Given a store that concurrent creation left with an _alembic_tmp_ table
+    db = tmp_path / "mlruns" / "mlflow.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE _alembic_tmp_model_versions (x INTEGER)")
+
+    # When a run starts on it
+    code, stderr, _ = run(f"dataset.root={folder}", cwd=tmp_path)
+
+    # Then it stops with exit 2 and one line naming the table and the repair
+    assert code == 2, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert "half-migrated" in line and "_alembic_tmp_model_versions" in line
+    assert "mlflow db upgrade" in line and "Traceback" not in stderr
+
+
+def test_a_corrupt_store_stops_the_run_before_any_data_is_read(tmp_path, folder):
+    (tmp_path / "mlruns").mkdir()
+    (tmp_path / "mlruns" / "mlflow.db").write_bytes(b"this is not a database" * 100)
+
+    code, stderr, _ = run(f"dataset.root={folder}", cwd=tmp_path)
+
+    assert code == 2, stderr
+    assert "not a usable SQLite database" in stderr and "Traceback" not in stderr
+    assert "decoded" not in stderr  # no image was decoded
+
+
+def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, folder):
+    # Given a tracking URI where nothing listens
+    env = environment(MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+
+    # When a run starts
+    code, stderr, seconds = run(f"dataset.root={folder}", cwd=tmp_path, env=env, timeout=120)
+
+    # Then it gives up within 15 s of the process's own start-up with one line and exit 2
+    assert code == 2, stderr
+    assert "cannot reach the MLflow store http://127.0.0.1:9" in stderr
+    assert "Traceback" not in stderr
+    assert seconds < 60  # a generous bound for a hang; the target is under 15 s
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="needs POSIX users")
+def test_a_read_only_store_is_refused_with_exit_2(folder, template_store):
+    # Given a store its user cannot write. Root writes anything, so as root the run is made
+    # nobody's, in a folder of its own under /tmp that nobody can enter.
+    home = Path(tempfile.mkdtemp(prefix="insect-readonly-", dir="/tmp"))
+    user: list[str] = []
+    if os.geteuid() == 0:
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    try:
+        os.chmod(home, 0o777)
+        shutil.copytree(folder, home / "insects")
+        (home / "mlruns").mkdir()
+        db = home / "mlruns" / "mlflow.db"
+        db.write_bytes(template_store.read_bytes())
+        os.chmod(db, 0o444)
+        os.chmod(home / "mlruns", 0o555)
+        for path in [home / "insects", *(home / "insects").rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+        # When a run starts on it
+        out = subprocess.run(
+            [*user, sys.executable, "-m", "insect_exp", *TINY, f"dataset.root={home / 'insects'}",
+             "hydra.run.dir=/tmp/" + home.name + "/outputs"],
+            cwd=home,
+            env=environment(HOME=str(home), INSECT_EXP_DATA_DIR=str(home / "data")),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+
+        # Then it stops at once with one line saying the store is read-only
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "read-only" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        os.chmod(home / "mlruns", 0o755)
+        shutil.rmtree(home, ignore_errors=True)
