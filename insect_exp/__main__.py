@@ -86,7 +86,13 @@ def _resumed_config(run_id: str, dict_cfg: DictConfig) -> Config:
 
 def main() -> None:
     """Console-script entry point (same as `python -m insect_exp`)."""
-    _hydra_main()
+    from insect_exp.resilience import Interrupted
+
+    try:
+        _hydra_main()
+    except Interrupted as err:  # a sweep's job, or the sweep itself, was interrupted
+        # The sweep's runs are closed as the process exits (see insect_exp/sweep).
+        _exit(f"interrupted ({err}): the sweep's running jobs end KILLED", err.exit_code)
     # The process ends next: spare its final garbage collections over TensorFlow's many objects
     # (2-3 s per run, measured on hub runs); nothing is left to free that the OS will not.
     gc.freeze()

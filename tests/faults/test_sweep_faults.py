@@ -1,0 +1,129 @@
+"""Sweeps under faults: a job's process killed, the sweep itself interrupted, sweeps at once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.faults.conftest import TINY, environment, wait_until
+
+
+def _sweep(cwd: Path, folder: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "insect_exp", "-m", *TINY, f"dataset.root={folder}", *overrides],
+        cwd=cwd,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("insect_exp")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+def _children_with_epochs(uri: str) -> list:
+    client = MlflowClient(uri)
+    return [
+        r
+        for r in _runs(uri)
+        if "mlflow.parentRunId" in r.data.tags and client.get_metric_history(r.info.run_id, "loss")
+    ]
+
+
+def _parent(runs: list):
+    (parent,) = [r for r in runs if "sweep.dir" in r.data.tags]
+    return parent
+
+
+def _workers(pid: int) -> list[int]:
+    """joblib's loky worker processes among pid's children (not its resource trackers)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    found = []
+    for child in out.stdout.split():
+        command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"LokyProcess" in command:
+            found.append(int(child))
+    return found
+
+
+def test_sigterm_to_a_sweep_ends_its_parent_and_running_job_killed_with_a_summary(
+    tmp_path, folder, store
+):
+    # Given a two-job sweep on the basic launcher, its first job training
+    process = _sweep(tmp_path, folder, "epochs=60", "seed=1,2")
+    wait_until(lambda: _children_with_epochs(store), timeout=180)
+
+    # When the sweep gets SIGTERM (SLURM preemption, kill)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    # Then it exits 143, its running job is KILLED, and the parent is KILLED with its summary
+    assert process.returncode == 143, stderr[-2000:]
+    runs = _runs(store)
+    parent = _parent(runs)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [c.info.status for c in children] == ["KILLED"]
+    assert parent.info.status == "KILLED"
+    assert parent.data.metrics["jobs_killed"] == 1 and parent.data.metrics["jobs_finished"] == 0
+    client = MlflowClient(store)
+    assert "summary/children.csv" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "summary")
+    }
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_a_killed_joblib_worker_leaves_no_run_running_and_true_counts(tmp_path, folder, store):
+    # Given a joblib sweep of two long jobs, both training
+    process = _sweep(
+        tmp_path, folder, "epochs=300", "seed=1,2", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+    )  # fmt: skip
+    wait_until(lambda: len(_children_with_epochs(store)) == 2, timeout=240)
+
+    # When one worker process is killed outright (the OOM killer)
+    workers = _workers(process.pid)
+    assert workers, "no joblib worker found"
+    for worker in workers[:1]:
+        subprocess.run(["kill", "-9", str(worker)], check=False)
+    _, stderr = process.communicate(timeout=300)
+
+    # Then the sweep ends non-zero, no run is left RUNNING, the dead job's run says why,
+    # and the parent's counts are the true ones
+    assert process.returncode != 0
+    runs = _runs(store)
+    assert not [r for r in runs if r.info.status == "RUNNING"], stderr[-2000:]
+    parent = _parent(runs)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    statuses = [c.info.status for c in children]
+    assert "job process died" in [c.data.tags.get("error") for c in children]
+    metrics = parent.data.metrics
+    assert metrics["jobs_finished"] == statuses.count("FINISHED")
+    assert metrics["jobs_failed"] == statuses.count("FAILED")
+    assert metrics["jobs_killed"] == statuses.count("KILLED")
+
+
+def test_two_sweeps_started_at_once_get_their_own_dir_and_parent(tmp_path, folder, store):
+    # When two one-job sweeps start at the same moment in one directory
+    first = _sweep(tmp_path, folder, "epochs=1", "seed=1")
+    second = _sweep(tmp_path, folder, "epochs=1", "seed=2")
+    results = [p.communicate(timeout=300) for p in (first, second)]
+
+    # Then both finish, each with its own parent run and sweep dir, and one child each
+    assert [first.returncode, second.returncode] == [0, 0], [e[-1500:] for _, e in results]
+    runs = _runs(store)
+    parents = [r for r in runs if "sweep.dir" in r.data.tags]
+    assert len(parents) == 2
+    assert len({p.data.tags["sweep.dir"] for p in parents}) == 2
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert [c.info.status for c in children] == ["FINISHED"]
