@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,8 +23,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
+from insect_exp.upload import Spool
 
 log = logging.getLogger(__name__)
+
+# MLflow's HTTP client retries a failing request for about 4 minutes by default (7 retries,
+# backoff factor 2). A training job would stall that long on every call while a server is down;
+# 3 retries with a backoff factor of 1 give up after about 7 s, and the metric buffer tries again
+# at the next epoch. Set the variables to keep MLflow's own defaults.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 STORE_DIR = "mlruns"
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
@@ -266,13 +275,43 @@ def to_tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 class Run:
-    """One MLflow run, written by its id: two runs in one process never cross."""
+    """One MLflow run, written by its id: two runs in one process never cross.
+
+    Given a spool directory (`spool_to`), a run whose store stops answering goes on offline:
+    whatever it logs from then on is saved there, to upload later (insect_exp/upload.py).
+    """
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
         self.experiment_id = client.get_run(run_id).info.experiment_id
         self._pending: list[Metric] = []
+        # Every metric this process logged, by key and step: the curves when the store is gone.
+        self._logged: dict[str, dict[int, float]] = {}
+        self.spool: Spool | None = None
+        self.offline = False
+
+    def spool_to(self, directory: str | Path, tracking_uri: str) -> None:
+        self.spool = Spool(directory, self.run_id, tracking_uri, self.experiment_id)
+
+    def _write(self, online: Callable[[], Any], offline: Callable[[Spool], Any]) -> None:
+        """Send to the store; once it fails (and a spool is set), save locally from then on."""
+        if not self.offline:
+            try:
+                online()
+                return
+            except Exception as err:
+                if self.spool is None:
+                    raise
+                self.offline = True
+                self.spool.open()
+                log.warning(
+                    "the MLflow store stopped answering (%s): saving run %s in %s",
+                    _first_line(err),
+                    self.run_id,
+                    self.spool.dir,
+                )
+        offline(self.spool)
 
     def sink(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metrics; send them once an epoch-level one arrives (per-batch ones wait).
@@ -303,58 +342,71 @@ class Run:
         return sink
 
     def flush(self, raise_errors: bool = True) -> None:
-        """Send the buffered metrics."""
+        """Send the buffered metrics (to the spool once offline)."""
         while self._pending:
             chunk = self._pending[:_MAX_BATCH]
             try:
-                self.client.log_batch(self.run_id, metrics=chunk)
+                self._write(
+                    lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk),
+                    lambda spool, chunk=chunk: spool.metrics(chunk),
+                )
             except Exception as err:
                 if raise_errors:
                     raise
                 log.warning("metrics kept to send later: %s", _first_line(err))
                 return
+            for m in chunk:
+                self._logged.setdefault(m.key, {})[m.step] = m.value
             del self._pending[: len(chunk)]
 
     def metric_history(self, keys: Iterable[str]) -> dict[str, list[float]]:
-        """Every value the store holds of each metric, by step (empty lists for unknown keys)."""
+        """Every value of each metric, by step: from the store, or offline what was logged here."""
         self.flush()
-        return {
-            key: [
-                m.value for m in sorted(self.client.get_metric_history(self.run_id, key), key=_step)
-            ]
-            for key in keys
-        }
+        if not self.offline:
+            try:
+                return {
+                    key: [
+                        m.value
+                        for m in sorted(self.client.get_metric_history(self.run_id, key), key=_step)
+                    ]
+                    for key in keys
+                }
+            except Exception:
+                if self.spool is None:
+                    raise
+        return {k: [v for _, v in sorted(self._logged.get(k, {}).items())] for k in keys}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, param_value(v)) for k, v in params.items()]
-        for start in range(0, len(items), _MAX_PARAMS):
-            self.client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS])
+        values = {k: param_value(v) for k, v in params.items()}
+        items = [Param(k, v) for k, v in values.items()]
+
+        def online() -> None:
+            for start in range(0, len(items), _MAX_PARAMS):
+                self.client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS])
+
+        self._write(online, lambda spool: spool.params(values))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=items)
+        self.flush()
+        self.sink(dict(metrics), step or 0)
+        self.flush()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
-        self.client.log_batch(self.run_id, tags=items)
-
-    def log_series(self, series: Mapping[str, Sequence[float]], first_step: int = 0) -> None:
-        """Log whole metric histories (e.g. per-batch loss) in a few batched calls."""
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), now, first_step + i)
-            for key, values in series.items()
-            for i, value in enumerate(values)
-        ]
-        for start in range(0, len(metrics), _MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + _MAX_BATCH])
+        values = {k: str(v)[:5000] for k, v in tags.items()}
+        items = [RunTag(k, v) for k, v in values.items()]
+        self._write(
+            lambda: self.client.log_batch(self.run_id, tags=items),
+            lambda spool: spool.tags(values),
+        )
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self.log_text(json.dumps(data, indent=2), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._write(
+            lambda: self.client.log_text(self.run_id, text, artifact_file),
+            lambda spool: spool.artifact(artifact_file).write_text(text),
+        )
 
     def log_table(self, header: Sequence[str], rows: Iterable[Sequence[Any]], artifact_file: str):
         """Log a table as a TSV file that stays valid for any file name in it."""
@@ -366,10 +418,32 @@ class Run:
         zlib level 1 instead of 6 halves the time to write image grids for ~20% larger files.
         """
         save_kwargs = {"dpi": 100, "pil_kwargs": {"compress_level": 1}}
-        self.client.log_figure(self.run_id, figure, artifact_file, save_kwargs=save_kwargs)
+        self._write(
+            lambda: self.client.log_figure(
+                self.run_id, figure, artifact_file, save_kwargs=save_kwargs
+            ),
+            lambda spool: figure.savefig(spool.artifact(artifact_file), **save_kwargs),
+        )
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._write(
+            lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path),
+            lambda spool: spool.artifacts(local_dir, artifact_path),
+        )
+
+    def end(self, status: str) -> None:
+        """Set the run's final status; offline, say where it is saved and how to upload it."""
+        self._write(
+            lambda: self.client.set_terminated(self.run_id, status),
+            lambda spool: spool.finish(status),
+        )
+        if self.offline:
+            print(
+                f"insect_exp: the MLflow store was unreachable: run {self.run_id} ({status}) is "
+                f"saved in {self.spool.dir}; upload it with: "
+                f"python -m insect_exp.upload {self.spool.dir}",
+                file=sys.stderr,
+            )
 
     def log_tf_model(
         self,
@@ -401,19 +475,28 @@ class Run:
         # log_model takes no client: it writes to the process's tracking URI (set by start_run),
         # and without an active run it would file the model under the Default experiment. The
         # model is therefore created here, in this run's experiment and linked to it by id.
-        logged = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=self.run_id
-        )
-        info = mlflow.tensorflow.log_model(
-            module,
-            name=name,
-            signature=signature,
-            pip_requirements=list(requirements),
-            saved_model_kwargs={"options": options},
-            model_id=logged.model_id,
-            run_id=self.run_id,
-        )
-        return info.model_uri
+        settings = {
+            "signature": signature,
+            "pip_requirements": list(requirements),
+            "saved_model_kwargs": {"options": options},
+        }
+        uri: list[str] = []
+
+        def online() -> None:
+            logged = self.client.create_logged_model(
+                self.experiment_id, name=name, source_run_id=self.run_id
+            )
+            info = mlflow.tensorflow.log_model(
+                module, name=name, model_id=logged.model_id, run_id=self.run_id, **settings
+            )
+            uri.append(info.model_uri)
+
+        def offline(spool: Spool) -> None:
+            mlflow.tensorflow.save_model(module, str(spool.model_dir), **settings)
+            uri.append(str(spool.model_dir))
+
+        self._write(online, offline)
+        return uri[0]
 
 
 def param_value(value: Any) -> str:
@@ -483,7 +566,6 @@ def reopen_run(tracking_uri: str, run_id: str) -> Run:
 @contextlib.contextmanager
 def ending(run: Run) -> Iterator[Run]:
     """End an open run FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C."""
-    client = run.client
     try:
         yield run
     except BaseException as err:
@@ -495,10 +577,10 @@ def ending(run: Run) -> Iterator[Run]:
             run.log_text(traceback.format_exc(), "error.txt")
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         with contextlib.suppress(Exception):
-            client.set_terminated(run.run_id, status)
+            run.end(status)
         raise
     run.flush()
-    client.set_terminated(run.run_id, "FINISHED")
+    run.end("FINISHED")
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -108,6 +108,8 @@ def _open_run(cfg: Config, job: sweep.JobContext, uri: str):
     )
     directory = None
     if cfg.runtime.output_dir:
+        # Where the run goes on offline if its store stops answering (python -m insect_exp.upload).
+        run.spool_to(Path(cfg.runtime.output_dir) / "mlflow-spool", uri)
         directory = str(Path(cfg.runtime.output_dir) / "checkpoints")
         resume = f"python -m insect_exp resume={run.run_id}"
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})

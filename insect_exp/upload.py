@@ -1,0 +1,136 @@
+"""A run saved on local disk while its MLflow store is gone, and the command that uploads it later.
+
+    python -m insect_exp.upload SPOOL_DIR [--tracking-uri URI]
+
+When the store stops answering in the middle of a run, training goes on and everything the run
+still logs (metrics, params, tags, artifacts, the model, its final status) lands in a spool
+directory under the run's output dir instead. Uploading replays it into the same run by id, once
+the store is back.
+
+Layout: run.json (ids, URI), metrics.jsonl, params.json, tags.json, artifacts/, model/ (an MLflow
+model directory), status (written last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class Spool:
+    """The local copy of what a run could not send to its store."""
+
+    def __init__(self, directory: str | Path, run_id: str, tracking_uri: str, experiment_id: str):
+        self.dir = Path(directory)
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+
+    def open(self) -> None:
+        (self.dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        info = {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
+        info["experiment_id"] = self.experiment_id
+        (self.dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def metrics(self, metrics: Iterable[Any]) -> None:
+        """Append mlflow.entities.Metric values."""
+        with (self.dir / "metrics.jsonl").open("a") as out:
+            for m in metrics:
+                record = {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                out.write(json.dumps(record) + "\n")
+
+    def _merge(self, name: str, values: Mapping[str, str]) -> None:
+        path = self.dir / name
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update({k: str(v) for k, v in values.items()})
+        path.write_text(json.dumps(merged, indent=2) + "\n")
+
+    def params(self, params: Mapping[str, str]) -> None:
+        self._merge("params.json", params)
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        self._merge("tags.json", tags)
+
+    def artifact(self, artifact_file: str) -> Path:
+        """Where an artifact file goes (its folders made)."""
+        path = self.dir / "artifacts" / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def artifacts(self, local_dir: str | Path, artifact_path: str | None) -> None:
+        target = self.dir / "artifacts" / (artifact_path or "")
+        shutil.copytree(local_dir, target, dirs_exist_ok=True)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / "model"
+
+    def finish(self, status: str) -> None:
+        (self.dir / "status").write_text(status + "\n")
+
+
+def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
+    """Replay a spool into its run; return the run id. The spool is left in place."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
+
+    from insect_exp import tracking
+
+    spool = Path(directory)
+    info = json.loads((spool / "run.json").read_text())
+    uri = tracking_uri or info["tracking_uri"]
+    client = tracking.open_client(uri)
+    run_id = info["run_id"]
+    client.get_run(run_id)  # fails here, before anything is sent, if the store is still gone
+    params = _read_json(spool / "params.json")
+    tags = _read_json(spool / "tags.json")
+    metrics = []
+    if (spool / "metrics.jsonl").is_file():
+        for line in (spool / "metrics.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            metrics.append(Metric(m["key"], m["value"], m["timestamp"], m["step"]))
+    params_ = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(params_), 100):  # MLflow's limits per log_batch call
+        client.log_batch(run_id, params=params_[start : start + 100])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    if any((spool / "artifacts").iterdir()):
+        client.log_artifacts(run_id, str(spool / "artifacts"))
+    if (spool / "model" / "MLmodel").is_file():
+        model = client.create_logged_model(info["experiment_id"], "model", source_run_id=run_id)
+        client.log_model_artifacts(model.model_id, str(spool / "model"))
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    status = (spool / "status").read_text().strip() if (spool / "status").is_file() else "KILLED"
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def _read_json(path: Path) -> dict[str, str]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m insect_exp.upload",
+        description="Upload a run saved locally while its MLflow store was unreachable.",
+    )
+    parser.add_argument("spool", help="the spool directory the run printed")
+    parser.add_argument("--tracking-uri", help="upload to this store instead of the run's own")
+    args = parser.parse_args(argv)
+    try:
+        run_id = upload(args.spool, args.tracking_uri)
+    except Exception as err:  # the store is still gone, or the spool is not one
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"insect_exp.upload: error: {text}", file=sys.stderr)
+        sys.exit(1)
+    print(f"uploaded run {run_id}")
+
+
+if __name__ == "__main__":
+    main()
