@@ -1,4 +1,4 @@
-"""MLflow behind one small module: where the store is, the run's lifecycle, and what gets logged."""
+"""One MLflow run: what it logs, by its own id, and how it ends (or goes on offline)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import csv
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,203 +21,20 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
+from insect_exp.tracking.store import (
+    ensure_experiment,
+    first_line,
+    open_client,
+    with_busy_timeout,
+)
 from insect_exp.upload import Spool
 
 log = logging.getLogger(__name__)
 
-# MLflow's HTTP client retries a failing request for about 4 minutes by default (7 retries,
-# backoff factor 2). A training job would stall that long on every call while a server is down;
-# 3 retries with a backoff factor of 1 give up after about 7 s, and the metric buffer tries again
-# at the next epoch. Set the variables to keep MLflow's own defaults.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-STORE_DIR = "mlruns"
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _MAX_PARAMS = 100  # ... and of params
-_SQLITE_BUSY_TIMEOUT_S = 60
 MetricSink = Callable[[Mapping[str, float], int], None]
 _VERSIONED = ("tensorflow", "tf-keras", "tensorflow-hub", "mlflow", "hydra-core", "insect_exp")
-
-
-def default_tracking_uri(launch_dir: str | Path) -> str:
-    """SQLite database under mlruns/ in the directory the user launched from."""
-    return f"sqlite:///{Path(launch_dir).resolve() / STORE_DIR / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(configured: str | None, launch_dir: str | Path) -> str:
-    """Config first, then $MLFLOW_TRACKING_URI, then the default SQLite store."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    (Path(launch_dir) / STORE_DIR).mkdir(parents=True, exist_ok=True)
-    return default_tracking_uri(launch_dir)
-
-
-class StoreError(UserError):
-    """The tracking store cannot be used: unreachable, read-only, corrupt or half-migrated."""
-
-
-def _with_busy_timeout(tracking_uri: str) -> str:
-    if tracking_uri.startswith("sqlite:") and "?" not in tracking_uri:
-        # sqlite3's default busy timeout is 5 s: parallel sweep jobs logging at once exceed it.
-        return f"{tracking_uri}?timeout={_SQLITE_BUSY_TIMEOUT_S}"
-    return tracking_uri
-
-
-def open_client(tracking_uri: str) -> MlflowClient:
-    """An MLflow client on the store; SQLite writers wait for each other instead of failing."""
-    return MlflowClient(_with_busy_timeout(tracking_uri))
-
-
-def _sqlite_path(tracking_uri: str) -> Path | None:
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    """An exclusive lock on a file beside the store, shared by every process on this machine."""
-    import fcntl
-
-    try:
-        handle = path.open("a")
-    except OSError as err:
-        raise StoreError(f"cannot lock the MLflow store beside {path}: {err}") from err
-    with handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"waited {timeout_s:g} s for another process to create the MLflow store "
-                        f"({path} is locked); is one stuck?"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Make sure the store answers and can be written, before any data is decoded.
-
-    A new SQLite store is created (and an old one migrated) by one process at a time, under a
-    lock file beside the database: MLflow's schema migrations race and corrupt a store when
-    several processes open a new one at once. A server gets one bounded try instead of MLflow's
-    minutes of retries.
-
-    Raises:
-        StoreError: one line naming the store and what is wrong with it.
-    """
-    db = _sqlite_path(tracking_uri)
-    if db is not None:
-        _prepare_sqlite(tracking_uri, db)
-        return
-    bounded = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{timeout_s:g}",
-    }
-    saved = {key: os.environ.get(key) for key in bounded}
-    os.environ.update(bounded)
-    try:
-        open_client(tracking_uri).search_experiments(max_results=1)
-    except Exception as err:
-        raise StoreError(
-            f"cannot reach the MLflow store {tracking_uri} ({_first_line(err)}); start the "
-            "server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a reachable one"
-        ) from err
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
-    import sqlite3
-
-    if not db.parent.is_dir():
-        raise StoreError(f"the MLflow store's folder {db.parent} does not exist")
-    if db.exists():
-        try:
-            with contextlib.closing(sqlite3.connect(db, timeout=_SQLITE_BUSY_TIMEOUT_S)) as conn:
-                names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
-                # A write transaction: fails at once on a read-only file or folder.
-                conn.execute("BEGIN IMMEDIATE")
-                conn.rollback()
-        except sqlite3.DatabaseError as err:
-            raise StoreError(_sqlite_problem(db, err)) from err
-        leftovers = sorted(n for n in names if n.startswith("_alembic_tmp_"))
-        if leftovers:
-            raise StoreError(
-                f"the MLflow store {db} was left half-migrated by processes that created it at "
-                f"once (tables {', '.join(leftovers)}). Repair: back it up, drop those tables "
-                f"(sqlite3 {db} 'DROP TABLE {leftovers[0]}'), then run "
-                f"`mlflow db upgrade sqlite:///{db}`; or move it away to start a new store"
-            )
-    # SQLite writes a journal beside the database: both must be writable. (A check that root
-    # passes; root's writes then simply work.)
-    if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
-        raise StoreError(f"cannot write the MLflow store {db}: it or its folder is read-only")
-    with _file_lock(db.with_name(db.name + ".lock"), timeout_s=120):
-        if not db.exists():
-            # Build the schema in a file of its own and move it into place: a store whose
-            # creation was interrupted (Ctrl-C, a kill) is never left half made.
-            fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
-            fresh.unlink(missing_ok=True)
-            try:
-                open_client(f"sqlite:///{fresh}").search_experiments(max_results=1)
-                os.replace(fresh, db)
-            except Exception as err:
-                raise StoreError(_sqlite_problem(db, err)) from err
-            finally:
-                fresh.unlink(missing_ok=True)
-        try:
-            open_client(tracking_uri).search_experiments(max_results=1)  # migrates an old one
-        except Exception as err:
-            raise StoreError(_sqlite_problem(db, err)) from err
-
-
-def _sqlite_problem(db: Path, err: BaseException) -> str:
-    text = _first_line(err)
-    if "out-of-date database schema" in text:
-        return (
-            f"the MLflow store {db} has an older schema than this MLflow: back it up, then run "
-            f"`mlflow db upgrade sqlite:///{db}`"
-        )
-    if "readonly" in text or "read-only" in text or "unable to open" in text:
-        return f"cannot write the MLflow store {db}: it or its folder is read-only ({text})"
-    return f"the MLflow store {db} is not a usable SQLite database ({text}); move it away"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Create the experiment if needed (artifacts beside a local SQLite store) and return its id."""
-    client = open_client(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    db = _sqlite_path(tracking_uri)
-    if db is not None:
-        # Without this MLflow puts artifacts in ./mlruns of whatever the current directory is.
-        location = (db.parent / "artifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # Another job created it between our lookup and create.
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def run_name(model: str, optimizer: str, overrides: Sequence[str] = ()) -> str:
@@ -307,7 +122,7 @@ class Run:
                 self.spool.open()
                 log.warning(
                     "the MLflow store stopped answering (%s): saving run %s in %s",
-                    _first_line(err),
+                    first_line(err),
                     self.run_id,
                     self.spool.dir,
                 )
@@ -353,7 +168,7 @@ class Run:
             except Exception as err:
                 if raise_errors:
                     raise
-                log.warning("metrics kept to send later: %s", _first_line(err))
+                log.warning("metrics kept to send later: %s", first_line(err))
                 return
             for m in chunk:
                 self._logged.setdefault(m.key, {})[m.step] = m.value
@@ -537,7 +352,7 @@ def start_new_run(
     from mlflow.tracking.context.registry import resolve_tags
 
     # Only for mlflow.tensorflow.log_model, which has no tracking-URI argument.
-    mlflow.set_tracking_uri(_with_busy_timeout(tracking_uri))
+    mlflow.set_tracking_uri(with_busy_timeout(tracking_uri))
     client = open_client(tracking_uri)
     experiment_id = experiment_id or ensure_experiment(tracking_uri, experiment_name)
     all_tags = dict(tags or {})
@@ -552,7 +367,7 @@ def start_new_run(
 def reopen_run(tracking_uri: str, run_id: str) -> Run:
     """An existing run, RUNNING again, to resume into (end it with `ending`)."""
     client = open_client(tracking_uri)
-    mlflow.set_tracking_uri(_with_busy_timeout(tracking_uri))
+    mlflow.set_tracking_uri(with_busy_timeout(tracking_uri))
     try:
         found = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
@@ -581,85 +396,6 @@ def ending(run: Run) -> Iterator[Run]:
         raise
     run.flush()
     run.end("FINISHED")
-
-
-def ui_command(tracking_uri: str) -> str:
-    """The shell command that opens the MLflow UI on this store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
-
-
-# Sweeps: a parent run that the jobs of a multirun nest under. These work by run id through the
-# client, never through the fluent API's active run, which belongs to whichever job runs here.
-
-
-@dataclass
-class RunRecord:
-    """What a sweep summary reads of one run."""
-
-    run_id: str
-    name: str
-    status: str
-    tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    # Full histories of the metrics asked for, ordered by step.
-    history: dict[str, list[float]] = field(default_factory=dict)
-
-
-def create_run(
-    tracking_uri: str,
-    experiment_id: str,
-    name: str,
-    tags: Mapping[str, str] | None = None,
-    parent_run_id: str | None = None,
-) -> str:
-    """Open a RUNNING run (a sweep parent, or a stand-in for a job that died early); return id."""
-    all_tags = dict(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    client = open_client(tracking_uri)
-    return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
-
-
-def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """Close a run opened with create_run as FINISHED, FAILED or KILLED."""
-    open_client(tracking_uri).set_terminated(run_id, status)
-
-
-def child_runs(
-    tracking_uri: str,
-    experiment_id: str,
-    parent_run_id: str,
-    history_keys: Sequence[str] = (),
-) -> list[RunRecord]:
-    """Every run nested under a parent, with the metric histories asked for."""
-    client = open_client(tracking_uri)
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    found, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            break
-    return [
-        RunRecord(
-            run_id=run.info.run_id,
-            name=run.info.run_name,
-            status=run.info.status,
-            tags=dict(run.data.tags),
-            metrics=dict(run.data.metrics),
-            history={
-                key: [
-                    m.value
-                    for m in sorted(client.get_metric_history(run.info.run_id, key), key=_step)
-                ]
-                for key in history_keys
-            },
-        )
-        for run in found
-    ]
 
 
 def _step(metric: Metric) -> tuple[int, int]:
