@@ -1,0 +1,128 @@
+"""Checkpoints, interrupts and what resume reads, in process (tests/faults runs real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from insect_exp import UserError, fit, resilience
+from insect_exp.config import AdamConfig
+from insect_exp.data.pipeline import ImageSplit
+
+
+def _split(n: int = 24, seed: int = 0) -> ImageSplit:
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 3).astype(np.int32)
+    images = rng.integers(0, 60, (n, 4, 4, 3)).astype(np.uint8)
+    images[np.arange(n), :, :, labels] += 150  # learnable: one bright channel per class
+    return ImageSplit(images, labels, [str(i) for i in range(n)])
+
+
+def _model() -> keras.Model:
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+         keras.layers.Dense(3, dtype="float32")]
+    )  # fmt: skip
+    fit.compile_classifier(model, fit.make_optimizer(AdamConfig(learning_rate=0.05)))
+    return model
+
+
+def _settings(epochs: int, directory=None, resume=None) -> fit.FitSettings:
+    return fit.FitSettings(
+        epochs, 5, 11, AdamConfig(learning_rate=0.05), checkpoint_dir=directory, resume_from=resume
+    )
+
+
+def test_fit_checkpoints_every_epoch_keeping_the_latest_and_the_best(tmp_path):
+    # When a model trains 3 epochs with a checkpoint dir
+    fit.fit(_model(), _split(), _split(9, seed=1), _settings(3, tmp_path), verbose=0)
+
+    # Then the latest checkpoint is of epoch 2, the best of the epoch with the lowest val_loss
+    latest = resilience.read_state(tmp_path)
+    best = resilience.read_state(tmp_path, "best")
+    assert (latest.epoch, latest.stage, latest.stage_start) == (2, "main", 0)
+    assert best is not None and best.val_loss <= latest.val_loss
+    # And only those two are kept, each complete (variables and state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest"]
+
+
+def test_a_half_written_checkpoint_is_never_read(tmp_path):
+    # Given a complete checkpoint and the leftovers of a write that was cut short
+    fit.fit(_model(), _split(), _split(9, seed=1), _settings(1, tmp_path), verbose=0)
+    (tmp_path / ".latest-deadbeef").mkdir()
+    (tmp_path / ".latest-deadbeef" / "ckpt.index").write_bytes(b"partial")
+
+    # Then the complete one is what resume reads
+    assert resilience.read_state(tmp_path).epoch == 0
+
+
+def test_resuming_from_a_checkpoint_trains_as_if_never_interrupted(tmp_path):
+    # Given one model trained 4 epochs straight, and another trained 2 then resumed to 4
+    train, val = _split(), _split(9, seed=1)
+    whole = _model()
+    straight = fit.fit(whole, train, val, _settings(4), verbose=0)
+    fit.fit(_model(), train, val, _settings(2, tmp_path), verbose=0)
+    state = resilience.read_state(tmp_path)
+    resumed_model = _model()
+    resumed = fit.fit(resumed_model, train, val, _settings(4, tmp_path, state), verbose=0)
+
+    # Then the resumed one trained only epochs 2 and 3, on the same batches, to the same weights
+    assert resumed.history.num_epochs == 2
+    assert resumed.history.epochs["val_loss"] == pytest.approx(
+        straight.history.epochs["val_loss"][2:], abs=1e-6
+    )
+    for a, b in zip(whole.get_weights(), resumed_model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_each_epoch_has_its_own_batch_order_fixed_by_seed_and_epoch():
+    split = _split(12)
+    first = [b[1].numpy().tolist() for b in fit.train_batches(split, 4, seed=1).take(6)]
+    again = [b[1].numpy().tolist() for b in fit.train_batches(split, 4, seed=1).take(6)]
+    from_epoch_1 = [b[1].numpy().tolist() for b in fit.train_batches(split, 4, 1, 1).take(3)]
+    assert first == again  # the seed fixes it
+    assert first[3:] == from_epoch_1  # epoch 1 is the same whether or not epoch 0 ran here
+    assert first[:3] != first[3:]  # and it differs from epoch 0
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_raise_interrupted_with_the_shells_exit_code(signum, code):
+    with pytest.raises(resilience.Interrupted) as raised, resilience.interrupts():
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # the handler runs at the next bytecode
+            pass
+    assert raised.value.exit_code == code
+    assert isinstance(raised.value, KeyboardInterrupt)  # unwinds like Ctrl-C through libraries
+
+
+def test_a_signal_during_an_epochs_end_waits_until_metrics_and_checkpoint_are_done():
+    with pytest.raises(resilience.Interrupted), resilience.interrupts():
+        finished = []
+        try:
+            with resilience.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    pass
+                finished.append(True)  # the block completes despite the signal
+        finally:
+            assert finished == [True]
+
+
+def test_a_resume_keeps_the_logged_overrides_and_only_lets_epochs_change():
+    logged = ["dataset=insects", "dataset.root=/data", "epochs=2"]
+    given = ["resume=abc", "epochs=5", "dataset=insects"]  # the same dataset: no change
+    assert resilience.resume_overrides(logged, given) == ["dataset.root=/data", *given]
+    with pytest.raises(UserError, match="only epochs may change, not optimizer=sgd"):
+        resilience.resume_overrides(logged, ["resume=abc", "optimizer=sgd"])
+
+
+def test_a_config_that_changed_since_the_run_is_refused():
+    logged = {"epochs": "2", "model.dropout": "0.0", "data.num_train": "18"}
+    resilience.check_same_config(logged, {"epochs": "4", "model.dropout": "0.0"})
+    with pytest.raises(UserError, match=r"model.dropout \(was 0.0, now 0.5\)"):
+        resilience.check_same_config(logged, {"epochs": "4", "model.dropout": "0.5"})
