@@ -8,8 +8,13 @@ import os
 # hub.KerasLayer only works inside Keras 2 models; TensorFlow reads this flag on first import,
 # so it must be set before anything in the process imports TensorFlow.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-# TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown the training log on CPU machines.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# TensorFlow's C++ start-up lines (CUDA probing on a machine without a GPU, oneDNN notices) drown
+# the training log: TF_CPP_MIN_LOG_LEVEL defaults to 3 without an NVIDIA GPU, 1 with one, and the
+# lines TensorFlow prints before it reads the variable are filtered by it (insect_exp/devices.py).
+# Set TF_CPP_MIN_LOG_LEVEL=0 to see them all.
+from insect_exp import devices as _devices  # noqa: E402 (stdlib only: no TensorFlow here)
+
+_devices.quiet_tensorflow_startup()
 # Runs here must work offline and stay reproducible; MLflow's usage telemetry would otherwise try
 # the network at start and exit. Set MLFLOW_DISABLE_TELEMETRY=false to send it anyway.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -10,9 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from insect_exp import UserError
 from insect_exp.config import Config, register_configs, to_object
 
-# conf/ sits beside the package in the repository (an editable install, as README sets up); an
-# absolute path works both for `python -m insect_exp` and for the console script.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The config ships inside the package (insect_exp/conf/, package data in the wheel), so editable
+# and regular installs find it alike; an absolute path works both for `python -m insect_exp` and
+# for the console script. A user's own config dir adds to it: --config-dir DIR or
+# hydra.searchpath=[file:///DIR].
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 register_configs()
 

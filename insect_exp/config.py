@@ -514,18 +514,23 @@ def to_object(cfg: DictConfig) -> Config:
 
 
 def register_configs() -> None:
-    """Register the schemas that the YAML files in conf/ name in their defaults lists."""
+    """Register the schemas that the YAML files in conf/ name in their defaults lists.
+
+    They live in groups of their own, `schema/<group>/<name>`, so that the real groups offer only
+    real options (in --help, in Hydra's errors); a YAML extends one with
+    `- /schema/model/cnn@_here_` in its defaults list.
+    """
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, name, node in (
-        ("dataset", "base_demo", DemoDatasetConfig),
-        ("dataset", "base_folder", FolderDatasetConfig),
-        ("model", "base_cnn", CNNConfig),
-        ("model", "base_hub", HubModelConfig),
-        ("model", "base_keras_app", KerasAppConfig),
-        ("optimizer", "base_adam", AdamConfig),
-        ("optimizer", "base_adamw", AdamWConfig),
-        ("optimizer", "base_sgd", SGDConfig),
-        ("optimizer", "base_rmsprop", RMSpropConfig),
+        ("dataset", "demo", DemoDatasetConfig),
+        ("dataset", "folder", FolderDatasetConfig),
+        ("model", "cnn", CNNConfig),
+        ("model", "hub", HubModelConfig),
+        ("model", "keras_app", KerasAppConfig),
+        ("optimizer", "adam", AdamConfig),
+        ("optimizer", "adamw", AdamWConfig),
+        ("optimizer", "sgd", SGDConfig),
+        ("optimizer", "rmsprop", RMSpropConfig),
     ):
-        cs.store(group=group, name=name, node=node)
+        cs.store(group=f"schema/{group}", name=name, node=node)

@@ -263,6 +263,6 @@ def check_same_config(logged: dict[str, str], current: dict[str, str]) -> None:
     ]
     if differ:
         raise UserError(
-            "the config composed today differs from the run's (conf/ changed?): "
+            "the config composed today differs from the run's (the config changed?): "
             + "; ".join(differ[:5])
         )

@@ -6,10 +6,11 @@ import contextlib
 import io
 import logging
 import os
+import shlex
 import signal
 from pathlib import Path
 
-from insect_exp import sweep, tracking
+from insect_exp import devices, sweep, tracking
 from insect_exp.config import Config, Precision
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def run(cfg: Config) -> float:
     rt = cfg.runtime
     job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
     _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision)
+    log.info(devices.describe_devices())
     uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
     if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
         tracking.prepare_store(uri)
@@ -77,7 +79,10 @@ def run(cfg: Config) -> float:
         raise resilience.Interrupted(signum, run.run_id) from None
     val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
     log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
-    print(f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}")
+    print(
+        f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}\n"
+        f"For MLflow's commands and API: export MLFLOW_TRACKING_URI={shlex.quote(uri)}"
+    )
     return val_accuracy
 
 

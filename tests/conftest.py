@@ -16,7 +16,7 @@ from PIL import Image
 import insect_exp  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports TensorFlow)
 from insect_exp.config import Config, RuntimeConfig, register_configs, to_object
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "insect_exp" / "conf")
 CLASSES = ("beetles", "cockroach", "dragonflies")
 
 

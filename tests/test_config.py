@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from insect_exp import fit, models
+from tests.conftest import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(CONF_DIR)
 
 
 def _options(group: str) -> list[str]:

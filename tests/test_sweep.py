@@ -84,7 +84,8 @@ def test_sweep_parent_gets_a_summary_table_best_metric_and_overlay_plot(grid, tm
             children[name].data.metrics["val_accuracy"]
         )
     # And the best child's val_accuracy is a parent metric, the best child a tag
-    best = max(grid.children, key=lambda c: c.data.metrics["val_accuracy"])
+    by_job = sorted(grid.children, key=lambda c: int(c.data.tags["sweep.job_num"]))
+    best = max(by_job, key=lambda c: c.data.metrics["val_accuracy"])  # ties: the earliest job
     metrics = grid.parent.data.metrics
     assert metrics["best_val_accuracy"] == pytest.approx(best.data.metrics["val_accuracy"])
     assert metrics["jobs_finished"] == 2 and metrics["jobs_failed"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import json
+import logging
 import math
 import numbers
 import os
@@ -28,6 +29,8 @@ _MIN_SIDE, _MAX_SIDE = 120, 400
 _SPLIT_IDS = {"train": 0, "test": 1}
 # Keeps these image streams disjoint from any other use of the same user seed.
 _SEED_SALT = 0x1D5EC7
+
+log = logging.getLogger(__name__)
 
 Color = tuple[int, int, int]
 Point = tuple[float, float]
@@ -57,11 +60,19 @@ def ensure_demo_dataset(
     ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    where = "dataset.root" if root is not None else "INSECT_EXP_DATA_DIR"
     root = pathlib.Path(root).expanduser() if root is not None else default_demo_root()
     params = _params(int(train_per_class), int(test_per_class), int(seed))
     if _is_complete(root, params):
         return root
 
+    count = len(CLASS_NAMES) * (int(train_per_class) + int(test_per_class))
+    log.info(
+        "generating the demo data (%d images, once) in %s; set %s=DIR to keep it elsewhere",
+        count,
+        root,
+        where,
+    )
     root.parent.mkdir(parents=True, exist_ok=True)
     # A sibling temp dir keeps the final renames on one filesystem, hence atomic. Not mkdtemp:
     # its 0700 mode would follow the rename and hide a shared cache from other users.

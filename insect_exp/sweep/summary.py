@@ -29,7 +29,7 @@ class Summary:
     columns: list[str]
     rows: list[dict[str, Any]]
     curves: dict[str, list[float]]
-    best: RunRecord | None  # the finished child with the highest val_accuracy
+    best: RunRecord | None  # the finished child with the highest val_accuracy (ties: first job)
     finished: int
     failed: int
     killed: int = 0
