@@ -25,6 +25,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 STORE_DIR = "mlruns"
 _SQLITE_BUSY_TIMEOUT_S = 60
+# How MLflow's UI (3.x) tells a model-training experiment from a GenAI one: with it, the
+# experiment opens on its runs rather than on traces and an assistant panel.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def default_tracking_uri(launch_dir: str | Path) -> str:
@@ -194,6 +197,8 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     client = open_client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND[0] not in experiment.tags:  # one made before this tag existed
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
     db = _sqlite_path(tracking_uri)
@@ -201,7 +206,9 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         # Without this MLflow puts artifacts in ./mlruns of whatever the current directory is.
         location = (db.parent / "artifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(
+            name, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+        )
     except mlflow.exceptions.MlflowException:
         # Another job created it between our lookup and create.
         return client.get_experiment_by_name(name).experiment_id
