@@ -441,6 +441,37 @@ class MlflowConfig:
     run_name: str | None = None
     log_model: bool = True
     tags: dict[str, str] = field(default_factory=dict)
+    # Register each run's logged model as a new version of this model in MLflow's Model Registry
+    # (then models:/<name>/latest, models:/<name>/<version>); null: no registration.
+    registered_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        name = self.registered_model_name
+        ok = name is None or (name.strip() != "" and "/" not in name and ":" not in name)
+        _require(ok, "mlflow.registered_model_name", name, "a name without '/' or ':' (or null)")
+
+
+class Quantize(Enum):
+    """TFLite quantization: none (float32), dynamic (int8 weights, float activations)."""
+
+    none = "none"
+    dynamic = "dynamic"
+
+
+@dataclass
+class ExportConfig:
+    """Files for devices, logged beside the SavedModel: model.tflite and labels.txt."""
+
+    tflite: bool = False
+    # dynamic implies tflite.
+    quantize: Quantize = Quantize.none
+
+    def __post_init__(self) -> None:
+        self.quantize = _enum("export.quantize", self.quantize, Quantize)
+
+    @property
+    def wanted(self) -> bool:
+        return self.tflite or self.quantize is not Quantize.none
 
 
 @dataclass
@@ -480,6 +511,7 @@ class Config:
     # (faster on CPUs with AVX512-BF16/AMX and recent GPUs); float32 is the reference recipe.
     precision: Precision = Precision.float32
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # A run id to continue from its last checkpoint, with its own logged config (epochs may rise).
     resume: str | None = None
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -67,9 +67,9 @@ def check() -> None:
         raise Interrupted(_received[0])
 
 
-def was_interrupted() -> bool:
-    """Whether this process received SIGINT or SIGTERM under `interrupts()`/the sweep."""
-    return bool(_received)
+def signal_count() -> int:
+    """How many SIGINT/SIGTERM this process has received under `interrupts()` or a sweep."""
+    return len(_received)
 
 
 def interrupt_on_sigterm() -> None:

@@ -68,10 +68,23 @@ def run(cfg: Config) -> float:
             report.log_predictions(run, test, logits, data.class_names, cfg.seed)
 
             if cfg.mlflow.log_model:
+                import tempfile
+
+                from insect_exp import export
+
+                # A pyfunc over the SavedModel: encoded files or float images in; class names,
+                # probabilities (or logits for float images) out. See insect_exp/serving.py.
                 module = ServingModule(model, cfg.model.image_size)
                 requirements = [f"tensorflow=={tf.__version__}"]
-                shape = (*cfg.model.image_size, 3)
-                uri_model = run.log_tf_model(module, shape, len(data.class_names), requirements)
+                with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
+                    files = export.write_model(module, data.class_names, tmp, cfg.export)
+                    uri_model = run.log_tf_model(
+                        files,
+                        requirements,
+                        input_example=export.input_example(test.images[0]),
+                        metadata=export.metadata(data.class_names, cfg.model.image_size),
+                        registered_model_name=cfg.mlflow.registered_model_name,
+                    )
                 log.info("model logged: %s", uri_model)
     except KeyboardInterrupt as err:
         resilience.acknowledge()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from insect_exp.data.decode import decode_image
 from insect_exp.data.scan import (
     DatasetError,
     FileList,
@@ -76,13 +77,9 @@ class Data:
 
 
 def _decode_fn(image_size: Sequence[int]):
-    height, width = (int(v) for v in image_size)
-
+    # The one decoder: the served model decodes uploaded files with it too (data/decode.py).
     def decode(path: tf.Tensor) -> tf.Tensor:
-        # channels=3 turns grayscale, RGBA and palette images into RGB; GIFs give their first frame.
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image = tf.image.resize(image, (height, width))
-        return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+        return decode_image(tf.io.read_file(path), image_size)
 
     return decode
 

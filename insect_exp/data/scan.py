@@ -110,7 +110,7 @@ def _os_reason(err: OSError) -> str:
     return f"cannot read ({(err.strerror or type(err).__name__).lower()})"
 
 
-def _stat(path: Path) -> os.stat_result | str:
+def stat_entry(path: Path) -> os.stat_result | str:
     """The stat of what PATH points to, or why there is none."""
     try:
         return path.stat()
@@ -120,7 +120,7 @@ def _stat(path: Path) -> os.stat_result | str:
         return _os_reason(err)
 
 
-def _list_split(split_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
+def list_split(split_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
     """Sorted class folder names; every other visible entry goes to SKIPPED with its reason."""
     try:
         names = sorted(os.listdir(split_dir))
@@ -130,7 +130,7 @@ def _list_split(split_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
     for name in names:
         if name.startswith("."):
             continue
-        st = _stat(split_dir / name)
+        st = stat_entry(split_dir / name)
         if isinstance(st, os.stat_result) and stat.S_ISDIR(st.st_mode):
             classes.append(name)
         else:
@@ -139,7 +139,7 @@ def _list_split(split_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
     return classes
 
 
-def _file_reason(path: Path, st: os.stat_result) -> str | None:
+def file_reason(path: Path, st: os.stat_result) -> str | None:
     """Why a regular file will not be used, from its name and size; None if it will be tried."""
     suffix = path.suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
@@ -150,7 +150,7 @@ def _file_reason(path: Path, st: os.stat_result) -> str | None:
     return None
 
 
-def _class_files(folder: Path) -> list[tuple[Path, str | None]]:
+def class_files(folder: Path) -> list[tuple[Path, str | None]]:
     """Every visible file under FOLDER, at any depth, with why it cannot be used (None if it may).
 
     Sorted by path. Symlinked folders are followed, except back into a folder being walked.
@@ -167,7 +167,7 @@ def _class_files(folder: Path) -> list[tuple[Path, str | None]]:
             if name.startswith("."):
                 continue
             path = directory / name
-            st = _stat(path)
+            st = stat_entry(path)
             if isinstance(st, str):
                 found.append((path, st))
             elif stat.S_ISDIR(st.st_mode):
@@ -179,16 +179,16 @@ def _class_files(folder: Path) -> list[tuple[Path, str | None]]:
             elif not stat.S_ISREG(st.st_mode):
                 found.append((path, "not a file"))
             else:
-                found.append((path, _file_reason(path, st)))
+                found.append((path, file_reason(path, st)))
 
-    st = _stat(folder)
+    st = stat_entry(folder)
     if isinstance(st, str):  # gone since it was listed
         return [(folder, st)]
     walk(folder, frozenset({(st.st_dev, st.st_ino)}))
     return sorted(found, key=lambda item: item[0])
 
 
-def _scan_split(
+def scan_split(
     split_dir: Path,
     class_names: list[str],
     max_per_class: int | None,
@@ -197,7 +197,7 @@ def _scan_split(
     files = FileList()
     for label, name in enumerate(class_names):
         kept = 0
-        for path, reason in _class_files(split_dir / name):
+        for path, reason in class_files(split_dir / name):
             if reason is not None:
                 skipped.append((str(path), reason))
                 continue
@@ -222,22 +222,22 @@ def scan(root: str | Path, max_per_class: int | None = None) -> Manifest:
     if not train_dir.is_dir():
         raise DatasetError(f"{str(root)!r} has no train/ folder (expected ROOT/train/<class>/*)")
     skipped: list[tuple[str, str]] = []
-    class_names = _list_split(train_dir, skipped)
+    class_names = list_split(train_dir, skipped)
     if len(class_names) < 2:
         raise DatasetError(
             f"{str(train_dir)!r} needs at least 2 class folders, found {len(class_names)}"
         )
-    train = _scan_split(train_dir, class_names, max_per_class, skipped)
+    train = scan_split(train_dir, class_names, max_per_class, skipped)
     test = None
     if test_dir.is_dir():
         test_skipped: list[tuple[str, str]] = []
-        test_classes = _list_split(test_dir, test_skipped)
+        test_classes = list_split(test_dir, test_skipped)
         if test_classes != class_names:
             raise DatasetError(
                 f"test classes {test_classes} differ from train classes {class_names}"
             )
         skipped += test_skipped
-        test = _scan_split(test_dir, class_names, max_per_class, skipped)
+        test = scan_split(test_dir, class_names, max_per_class, skipped)
     check_usable(root, class_names, train.labels, None if test is None else test.labels)
     return Manifest(root, class_names, train, test, skipped)
 
@@ -380,7 +380,7 @@ def diagnose(path: str | Path) -> str:
     decode it with Pillow); the reasons are listed in the module docstring.
     """
     path = Path(path)
-    st = _stat(path)
+    st = stat_entry(path)
     if isinstance(st, str):
         return st
     if not stat.S_ISREG(st.st_mode):

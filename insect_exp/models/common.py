@@ -42,17 +42,42 @@ def classification_head(num_features: int, num_classes: int, dropout: float) -> 
 
 
 class ServingModule(tf.Module):
-    """Wraps a Keras model as a plain SavedModel: raw float32 images in, logits out."""
+    """Wraps a Keras model as a plain SavedModel (no Keras at load time). Its functions:
+
+    - `__call__` (the `serving_default` signature): float32 images (N, H, W, 3) in 0..255 -> logits;
+    - `classify_encoded` (the `encoded_images` signature): encoded image files (N,) -> logits,
+      each decoded and resized exactly as the training images were (`data.decode.decode_image`);
+    - `decode`: one encoded file -> uint8 (H, W, 3), to find which file of a batch is bad.
+    """
 
     def __init__(self, model: keras.Model, image_size: Sequence[int]):
+        from insect_exp.data.decode import decode_image
+
         super().__init__(name="classifier")
         # Track the variables, not the Keras model: saving a tracked Keras model also traces every
         # layer's functions, which nothing loads and which tripled the save time of hub models.
         self.model_variables = list(model.variables)
         height, width = (int(v) for v in image_size)
+        self.image_size = (height, width)
         spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="images")
+        image_spec = tf.TensorSpec([height, width, 3], tf.uint8)
 
         def logits(images: tf.Tensor) -> tf.Tensor:
             return model(images, training=False)
 
+        def decode(contents: tf.Tensor) -> tf.Tensor:
+            return decode_image(contents, (height, width))
+
+        def classify_encoded(encoded: tf.Tensor) -> tf.Tensor:
+            images = tf.map_fn(decode, encoded, fn_output_signature=image_spec)
+            return model(tf.cast(images, tf.float32), training=False)
+
         self.__call__ = tf.function(logits, input_signature=[spec])
+        self.decode = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
+        self.classify_encoded = tf.function(
+            classify_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")]
+        )
+
+    def signatures(self) -> dict[str, tf.types.experimental.PolymorphicFunction]:
+        """The SavedModel's signatures, for TF Serving and other non-MLflow consumers."""
+        return {"serving_default": self.__call__, "encoded_images": self.classify_encoded}

@@ -100,9 +100,10 @@ class MlflowSweepCallback(Callback):
         # What on_multirun_start handed to the jobs; also travels, pickled, to joblib/submitit.
         self.sweep: SweepInfo | None = None
         self._open = False
+        self._signals_at_start = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from insect_exp import tracking
+        from insect_exp import resilience, tracking
 
         hydra = config.hydra
         launch_dir = Path(OmegaConf.select(hydra, "runtime.cwd", default=str(Path.cwd())))
@@ -143,12 +144,11 @@ class MlflowSweepCallback(Callback):
             sweep_dir=str(sweep_dir),
         )
         self._open = True
+        self._signals_at_start = resilience.signal_count()
         # Hydra skips on_multirun_end when its sweeper raises for a failed job (or on Ctrl-C):
         # the summary and the parent's status are then written as the process exits. SIGTERM
         # (SLURM preemption, kill) must unwind like Ctrl-C for that to happen.
         atexit.register(self._close)
-        from insect_exp import resilience
-
         resilience.interrupt_on_sigterm()
         tracking.Run(tracking.open_client(uri), parent).log_params(plan.params)
         self.sweep.write()
@@ -202,7 +202,7 @@ class MlflowSweepCallback(Callback):
         self._open = False
         from insect_exp import resilience, tracking
 
-        interrupted = resilience.was_interrupted()
+        interrupted = resilience.signal_count() > self._signals_at_start
         status = "KILLED" if interrupted else "FAILED"
         try:
             close_orphans(self.sweep, interrupted)

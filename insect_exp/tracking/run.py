@@ -262,55 +262,121 @@ class Run:
 
     def log_tf_model(
         self,
-        module: Any,
-        input_shape: Sequence[int],
-        num_outputs: int,
+        artifacts: Mapping[str, str | Path],
         requirements: Sequence[str],
         name: str = "model",
+        *,
+        input_example: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        registered_model_name: str | None = None,
     ) -> str:
-        """Log a tf.Module SavedModel with an explicit signature and requirements; return its URI.
+        """Log a trained SavedModel as an MLflow pyfunc model (insect_exp/serving.py); its URI.
 
-        A plain TensorFlow SavedModel reloads in any process with only TensorFlow installed: no
-        Keras version flag, no pickled custom objects (hub.KerasLayer) at load time. Giving the
-        signature and requirements skips MLflow's slow inference of both.
+        `artifacts` are the model's files by key (insect_exp/export.py: the SavedModel, the class
+        names, labels.txt, model.tflite); they land in the model's artifacts/ folder. The pyfunc
+        is logged as code, not pickled: it reloads in any process with MLflow and TensorFlow
+        only, no Keras flag, no custom objects. The signature (outputs only: inputs are either
+        encoded files or float images) and the requirements are given, which skips MLflow's slow
+        inference of both; the input example is stored, not run (see UncheckedPyfunc).
+
+        Args:
+            requirements: pip requirements beyond MLflow, NumPy and pandas (TensorFlow's).
+            registered_model_name: also register the model as a new version of this registered
+                model (not possible offline: the spooled model is uploaded unregistered).
         """
-        import mlflow.tensorflow
-        import numpy as np
-        import tensorflow as tf
-        from mlflow.models import ModelSignature
-        from mlflow.types.schema import Schema, TensorSpec
+        import os
+        from importlib import metadata as package_metadata
+
+        import mlflow.pyfunc
+        from mlflow.models import Model, ModelSignature
+        from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
+        from insect_exp import serving
 
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_outputs))]),
+            outputs=Schema(
+                [
+                    ColSpec(DataType.string, "label"),
+                    ColSpec(DataType.double, "probability"),
+                    ColSpec(Map(DataType.double), "probabilities"),
+                ]
+            )
         )
-        # TF2 loading restores variables by itself; the saver ops TF1 loaders need would take
-        # a third of the save time of a hub model to build.
-        options = tf.saved_model.SaveOptions(experimental_skip_saver=True)
-        # log_model takes no client: it writes to the process's tracking URI (set by start_run),
-        # and without an active run it would file the model under the Default experiment. The
-        # model is therefore created here, in this run's experiment and linked to it by id.
+        pinned = [
+            f"{package}=={package_metadata.version(package)}"
+            for package in ("mlflow", "numpy", "pandas")
+        ]
         settings = {
+            "python_model": str(Path(serving.__file__).resolve()),
+            "artifacts": {key: str(path) for key, path in artifacts.items()},
             "signature": signature,
-            "pip_requirements": list(requirements),
-            "saved_model_kwargs": {"options": options},
+            "input_example": input_example,
+            "pip_requirements": [*pinned, *requirements],
+            "metadata": dict(metadata or {}),
         }
+
+        class UncheckedPyfunc:
+            """mlflow.pyfunc as a flavor for Model.log, without its check of the input example.
+
+            That check loads the model just saved and predicts on the example through the
+            scoring code: 2 s a run for the reference CNN, more for hub models.
+            tests/test_serve.py checks the same through a real `mlflow models serve`.
+            """
+
+            __name__ = "mlflow.pyfunc"
+
+            @staticmethod
+            def save_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
+                kwargs.pop("validate_serving_input", None)
+                mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+
         uri: list[str] = []
+        version: list[int | None] = []
 
         def online() -> None:
+            # log_model takes no client: it writes to the process's tracking URI (set by
+            # start_run), and without an active run it would file the model under the Default
+            # experiment. The model is therefore created here, in this run's experiment and
+            # linked to it by id.
             logged = self.client.create_logged_model(
                 self.experiment_id, name=name, source_run_id=self.run_id
             )
-            info = mlflow.tensorflow.log_model(
-                module, name=name, model_id=logged.model_id, run_id=self.run_id, **settings
+            # Model.log is what mlflow.pyfunc.log_model calls, but it takes the run by id.
+            info = Model.log(
+                artifact_path=None,
+                name=name,
+                flavor=UncheckedPyfunc,
+                model_id=logged.model_id,
+                run_id=self.run_id,
+                registered_model_name=registered_model_name,
+                validate_serving_input=False,
+                **settings,
             )
             uri.append(info.model_uri)
+            version.append(info.registered_model_version)
 
         def offline(spool: Spool) -> None:
-            mlflow.tensorflow.save_model(module, str(spool.model_dir), **settings)
+            mlflow.pyfunc.save_model(str(spool.model_dir), **settings)
             uri.append(str(spool.model_dir))
+            if registered_model_name:
+                log.warning(
+                    "the model is saved offline and not registered as %s: register it after "
+                    "the upload (mlflow.register_model)",
+                    registered_model_name,
+                )
 
-        self._write(online, offline)
+        # Copying the artifacts into the model would draw progress bars in the training log.
+        quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+        before = os.environ.get(quiet)
+        os.environ[quiet] = before or "false"
+        try:
+            self._write(online, offline)
+        finally:
+            if before is None:
+                os.environ.pop(quiet, None)
+        if registered_model_name and version:
+            log.info("model registered as %s version %s", registered_model_name, version[0])
+            self.set_tags({"registered_model": f"{registered_model_name}/{version[0]}"})
         return uri[0]
 
 
@@ -361,6 +427,8 @@ def start_new_run(
     # MLflow's own context tags (user, source name and type, git commit of the entry point), as
     # its fluent start_run would set them.
     all_tags = resolve_tags(all_tags)
+    # The entry point, not the file MLflow sees (`__main__.py`), in the UI's Source column.
+    all_tags["mlflow.source.name"] = "insect_exp"
     return Run(client, client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id)
 
 

@@ -1,0 +1,337 @@
+"""Evaluate a logged model on a labelled folder, as a new MLflow run:
+
+    python -m insect_exp.evaluate model_uri=runs:/<run id>/model dataset=insects \\
+        dataset.root=/path [split=test]
+
+The folder is a dataset root with `train/` and `test/` (`split` picks one), or a bare folder of
+`<class>/*` folders. Its files are found, decoded and resized exactly as training does them
+(insect_exp/data), and the model runs on them as its logged SavedModel.
+
+The new run (in the source run's experiment unless `mlflow.experiment_name` says otherwise) is
+tagged with the source run and model, and the source run gets a tag `evaluation.<run id>` pointing
+back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `macro_f1`, and
+`precision_<class>`, `recall_<class>`, `f1_<class>` (also as `per_class.tsv`), `predictions.tsv`,
+`confusion_matrix.json`, `plots/confusion_matrix.png`, `plots/misclassified.png`, and the files
+skipped (`dataset/skipped.tsv`). Loss, accuracy and macro F1 are also linked to the logged model
+(MLflow 3's model page lists them).
+
+Classes that differ from the model's stop it with one line before any image is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from insect_exp import UserError
+from insect_exp.config import ConfigError, DatasetConfig, RuntimeConfig, register_configs, to_object
+from insect_exp.predict import CONFIG_DIR, ModelRef, find_model, load_classifier, store_uri
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from insect_exp.data.scan import FileList
+
+log = logging.getLogger(__name__)
+_NOT_IN_KEYS = re.compile(r"[^\w.\- /]")  # what MLflow refuses in a metric key
+
+
+@dataclass
+class EvaluateMlflowConfig:
+    # null: $MLFLOW_TRACKING_URI if set, else SQLite under mlruns/ in the launch directory.
+    tracking_uri: str | None = None
+    # null: the source run's experiment (insect_exp for a model that is not from a run).
+    experiment_name: str | None = None
+    # null: "evaluate <source run name> on <dataset>/<split>".
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluateConfig:
+    model_uri: str = MISSING
+    dataset: DatasetConfig = MISSING
+    # The subfolder of the dataset root to evaluate on (ignored for a bare <class>/* folder).
+    split: str = "test"
+    batch_size: int = 32
+    # Picks the images of the misclassified grid when there are more than it shows.
+    seed: int = 123
+    mlflow: EvaluateMlflowConfig = field(default_factory=EvaluateMlflowConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r} is out of range: must be >= 1")
+        if not self.split or "/" in self.split or self.split.startswith("."):
+            raise ConfigError(f"split={self.split!r} must be a folder name such as test or train")
+
+
+register_configs()  # the dataset schemas the dataset/*.yaml files extend
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+@dataclass
+class Metrics:
+    loss: float
+    accuracy: float
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    matrix: np.ndarray
+
+    @property
+    def macro_f1(self) -> float:
+        return float(self.f1.mean())
+
+
+def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support per class (0 where undefined), and the confusion matrix."""
+    import numpy as np
+
+    from insect_exp.plots import confusion_matrix
+
+    matrix = confusion_matrix(true, predicted, num_classes)
+    hits = np.diag(matrix).astype(np.float64)
+    predicted_n, true_n = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(hits, predicted_n, out=np.zeros_like(hits), where=predicted_n > 0)
+    recall = np.divide(hits, true_n, out=np.zeros_like(hits), where=true_n > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": true_n, "matrix": matrix}
+
+
+def metric_key(prefix: str, class_name: str) -> str:
+    """An MLflow metric key for a class: characters MLflow refuses become '_'."""
+    return f"{prefix}_{_NOT_IN_KEYS.sub('_', class_name)}"
+
+
+def labelled_files(
+    root: Path, split: str, class_names: list[str], max_per_class: int | None
+) -> tuple[Path, FileList, list[tuple[str, str]]]:
+    """The folder to evaluate (root/split, or root itself when it is a bare <class>/* folder),
+    its files with labels, and the files skipped; the classes must be the model's."""
+    from insect_exp.data.scan import DatasetError, list_split, scan_split
+
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {str(root)!r} is not a directory (set dataset.root=PATH)")
+    splits = [name for name in ("train", "test") if (root / name).is_dir()]
+    if (root / split).is_dir():
+        folder = root / split
+    elif splits:
+        present = ", ".join(f"{name}/" for name in splits)
+        raise DatasetError(f"{str(root)!r} has no {split}/ folder (it has {present})")
+    else:
+        folder = root
+    skipped: list[tuple[str, str]] = []
+    listed = list_split(folder, skipped)
+    if listed != class_names:
+        raise DatasetError(
+            f"the classes in {str(folder)!r} ({', '.join(listed) or 'none'}) differ from the "
+            f"model's ({', '.join(class_names)})"
+        )
+    files = scan_split(folder, class_names, max_per_class, skipped)
+    if not files.paths:
+        raise DatasetError(f"{str(folder)!r} has no image files")
+    return folder, files, skipped
+
+
+def run(cfg: EvaluateConfig) -> float:
+    """Evaluate, log the evaluation run, and return the accuracy."""
+    from insect_exp import tracking
+
+    uri = store_uri(cfg.mlflow.tracking_uri, cfg.model_uri)
+    if not cfg.model_uri.startswith(("runs:", "models:")):
+        uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.runtime.launch_dir)
+    tracking.prepare_store(uri)
+    ref = find_model(cfg.model_uri, uri)
+    root = Path(cfg.dataset.resolve_root()).expanduser().resolve()
+    folder, files, skipped = labelled_files(
+        root, cfg.split, ref.class_names, cfg.dataset.max_per_class
+    )
+    prefix = cfg.split if folder != root else "test"
+    client = tracking.open_client(uri)
+    source = _source_run(client, ref)
+    experiment = cfg.mlflow.experiment_name or (source[1] if source else "insect_exp")
+    where = f"{cfg.dataset.name}/{prefix}" if folder != root else cfg.dataset.name
+    name = cfg.mlflow.run_name or f"evaluate {source[2] if source else ref.uri} on {where}"
+    tags = {
+        **tracking.environment_tags(),
+        "insect_exp.job": "evaluate",
+        "source_model_uri": ref.uri,
+        **({"source_model_id": ref.model_id} if ref.model_id else {}),
+        **({"source_run_id": ref.run_id} if source else {}),
+        "mlflow.note.content": _note(ref, source, folder),
+        **cfg.mlflow.tags,
+    }
+    with tracking.start_run(uri, experiment, name, tags) as run:
+        run.log_params(
+            {
+                "model_uri": ref.uri,
+                "split": prefix,
+                "folder": str(folder),
+                "batch_size": cfg.batch_size,
+                **tracking.flatten({"dataset": _dataset_params(cfg.dataset)}),
+            }
+        )
+        metrics, split, predicted, probability, skipped = _evaluate(cfg, ref, files, skipped)
+        _log(run, ref, metrics, split, predicted, probability, skipped, prefix, cfg.seed)
+        if source:
+            summary = f"{prefix} of {folder}: accuracy {metrics.accuracy:.4f}"
+            client.set_tag(ref.run_id, f"evaluation.{run.run_id}", summary)
+    print(
+        f"{prefix}_accuracy {metrics.accuracy:.4f} ({int(metrics.matrix.trace())}/"
+        f"{int(metrics.matrix.sum())}), {prefix}_loss {metrics.loss:.4f}, macro F1 "
+        f"{metrics.macro_f1:.4f}, {len(skipped)} files skipped\n"
+        f"MLflow run id: {run.run_id} (evaluates {ref.uri})\n"
+        f"Open the UI: {tracking.ui_command(uri)}"
+    )
+    return metrics.accuracy
+
+
+def _source_run(client, ref: ModelRef) -> tuple[str, str, str] | None:
+    """(experiment id, experiment name, run name) of the run that logged the model, if any."""
+    if not ref.run_id:
+        return None
+    try:
+        found = client.get_run(ref.run_id)
+        experiment = client.get_experiment(found.info.experiment_id)
+    except Exception:  # noqa: BLE001  (a model copied from another store: nothing to link)
+        return None
+    return found.info.experiment_id, experiment.name, found.info.run_name or ref.run_id
+
+
+def _note(ref: ModelRef, source: tuple[str, str, str] | None, folder: Path) -> str:
+    """The run's description in the MLflow UI, linking to the source run."""
+    if source is None:
+        return f"Evaluation of `{ref.uri}` on `{folder}`."
+    link = f"#/experiments/{source[0]}/runs/{ref.run_id}"
+    return f"Evaluation of `{ref.uri}` (run [{source[2]}]({link})) on `{folder}`."
+
+
+def _dataset_params(dataset: DatasetConfig) -> dict[str, object]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(dataset), enum_to_str=True)
+
+
+def _evaluate(cfg: EvaluateConfig, ref: ModelRef, files: FileList, skipped: list):
+    """Decode as training does, run the model, score."""
+    import numpy as np
+
+    from insect_exp.callbacks import scores
+    from insect_exp.data.pipeline import decode_files
+    from insect_exp.serving import softmax
+
+    started = time.monotonic()
+    split, failed = decode_files(files, ref.image_size, cfg.dataset.decode_workers)
+    skipped = sorted(skipped + failed)
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    if not len(split):
+        raise UserError(f"none of the {len(files)} files could be decoded")
+    classifier = load_classifier(ref)
+    step = cfg.batch_size
+    logits = np.concatenate(
+        [classifier.logits(split.images[i : i + step]) for i in range(0, len(split), step)]
+    )
+    probs = softmax(logits)
+    predicted = probs.argmax(axis=1)
+    found = scores(logits, split.labels)
+    stats = per_class(split.labels, predicted, len(ref.class_names))
+    metrics = Metrics(found["loss"], found["accuracy"], **stats)
+    log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
+    return metrics, split, predicted, probs[np.arange(len(predicted)), predicted], skipped
+
+
+def _log(run, ref, metrics: Metrics, split, predicted, probability, skipped, prefix, seed):
+    """Everything the evaluation run holds."""
+    import numpy as np
+    from mlflow.entities import Metric
+
+    from insect_exp import plots
+
+    names = ref.class_names
+    summary = {
+        f"{prefix}_loss": metrics.loss,
+        f"{prefix}_accuracy": metrics.accuracy,
+        "macro_f1": metrics.macro_f1,
+    }
+    now = int(time.time() * 1000)
+    # Linked to the logged model too: its page in the MLflow UI lists its evaluations.
+    run.client.log_batch(
+        run.run_id,
+        metrics=[Metric(k, float(v), now, 0, model_id=ref.model_id) for k, v in summary.items()],
+    )
+    classes = {}
+    for i, name in enumerate(names):
+        for key in ("precision", "recall", "f1"):
+            classes[metric_key(key, name)] = float(getattr(metrics, key)[i])
+    run.log_metrics({**classes, "skipped_files": len(skipped), "images": len(split)})
+    rows = [
+        (name, metrics.precision[i], metrics.recall[i], metrics.f1[i], int(metrics.support[i]))
+        for i, name in enumerate(names)
+    ]
+    run.log_table(["class", "precision", "recall", "f1", "support"], rows, "per_class.tsv")
+    run.log_table(
+        ["path", "true", "predicted", "probability"],
+        (
+            (p, names[t], names[q], f"{c:.6f}")
+            for p, t, q, c in zip(split.paths, split.labels, predicted, probability, strict=True)
+        ),
+        "predictions.tsv",
+    )
+    if skipped:
+        run.log_table(["path", "reason"], skipped, "dataset/skipped.tsv")
+    run.log_dict({"class_names": names, "matrix": metrics.matrix.tolist()}, "confusion_matrix.json")
+    title = f"Confusion matrix ({prefix})"
+    figure = plots.confusion_matrix_figure(metrics.matrix, names, title=title)
+    run.log_figure(figure, "plots/confusion_matrix.png")
+    wrong = np.flatnonzero(predicted != split.labels)
+    if len(wrong):
+        rng = np.random.default_rng(seed)
+        shown = np.sort(rng.choice(wrong, size=min(30, len(wrong)), replace=False))
+        rows_needed = -(-len(shown) // 5)
+        figure = plots.prediction_grid(
+            split.images[shown],
+            predicted[shown],
+            names,
+            true=split.labels[shown],
+            title=f"Misclassified: {len(wrong)} of {len(split)} (predicted (true))",
+            rows=rows_needed,
+        )
+        run.log_figure(figure, "plots/misclassified.png")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def _hydra_main(dict_cfg: DictConfig) -> float | None:
+    try:
+        cfg = to_object(dict_cfg)  # typed, ranges checked: before TensorFlow loads
+        return run(cfg)
+    except UserError as err:
+        _exit(f"error: {err}", 2)
+    except KeyboardInterrupt:
+        _exit("interrupted", 130)
+    return None
+
+
+def _exit(message: str, code: int) -> None:
+    print(f"insect_exp.evaluate: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Label image files with a logged model, no labels needed:
+
+    python -m insect_exp.predict model_uri=runs:/<run id>/model inputs=/path/to/file_or_folder \\
+        [output=preds.csv] [top_k=3] [batch_size=64]
+
+`model_uri`: runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<model
+id>, or a model folder. One CSV row per image: path,label,probability, then label_2,probability_2
+... up to top_k; without `output`, the CSV goes to stdout. Files are found and decoded as in
+training (insect_exp/data): the same rules for what counts as an image (hidden names ignored), the
+same decoding and resizing; a file that cannot be used is reported on stderr with its reason and
+skipped. Images stream through tf.data in batches (decoding overlapped with the model), so the
+number of files is bounded by the list of their paths only; progress goes to stderr on long
+inputs.
+
+Config errors, a bad model URI, an empty or missing `inputs` stop it with one line and exit code 2
+before TensorFlow is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from insect_exp import UserError
+from insect_exp.config import ConfigError, to_object
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from insect_exp.serving import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+# The artifact repositories MLflow 3 knows, besides runs:/ and models:/.
+_ARTIFACT_SCHEMES = frozenset(
+    {"file", "s3", "r2", "b2", "gs", "wasbs", "abfss", "ftp", "sftp", "dbfs", "hdfs", "viewfs"}
+    | {"http", "https", "mlflow-artifacts"}
+)
+_URI_FORMS = (
+    "runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<model id> "
+    "or a model folder"
+)
+# Quiet MLflow's per-file download progress bars on stderr (set the variable to see them).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@dataclass
+class StoreConfig:
+    # null: $MLFLOW_TRACKING_URI if set, else SQLite under mlruns/ in the current directory.
+    tracking_uri: str | None = None
+
+
+@dataclass
+class PredictConfig:
+    model_uri: str = MISSING
+    # An image file or a folder (searched at every depth).
+    inputs: str = MISSING
+    # The CSV file to write; null prints it.
+    output: str | None = None
+    top_k: int = 3
+    batch_size: int = 64
+    # Images decoded in parallel; 0 lets tf.data choose.
+    decode_workers: int = 0
+    # Progress on stderr: null shows it for long inputs (1000 images or more) and on a terminal.
+    progress: bool | None = None
+    mlflow: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("top_k", "batch_size"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"{key}={value!r} is out of range: must be >= 1")
+        if self.decode_workers < 0:
+            raise ConfigError(f"decode_workers={self.decode_workers!r} must be >= 0")
+
+
+ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRef:
+    """A logged model found in the store, before anything large is downloaded."""
+
+    uri: str
+    class_names: list[str]
+    image_size: tuple[int, int]
+    run_id: str | None
+    model_id: str | None
+
+
+def store_uri(configured: str | None, model_uri: str) -> str:
+    """The tracking URI (config, $MLFLOW_TRACKING_URI, or ./mlruns/mlflow.db), never created here.
+
+    Raises:
+        UserError: a runs:/ or models:/ URI with no SQLite store where the URI says.
+    """
+    from insect_exp.tracking import default_tracking_uri
+
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    needs_store = model_uri.startswith(("runs:", "models:"))
+    if needs_store and uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        if not db.is_file():
+            raise UserError(
+                f"no MLflow store at {db}: run from the directory you trained in, or set "
+                "mlflow.tracking_uri=... (or $MLFLOW_TRACKING_URI)"
+            )
+    return uri
+
+
+def find_model(uri: str, tracking_uri: str) -> ModelRef:
+    """Check `uri` names a model this tool logged, from its MLmodel file only (no TensorFlow).
+
+    Raises:
+        UserError: a scheme MLflow does not know (named), no such run/model/version, or a model
+            that was not logged by insect_exp with its class names.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from insect_exp.tracking.store import first_line
+
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme and len(scheme) > 1 and scheme not in {"runs", "models", *_ARTIFACT_SCHEMES}:
+        raise UserError(f"model_uri {uri!r}: unknown scheme {scheme + ':'!r}; use {_URI_FORMS}")
+    if not scheme and not Path(uri).expanduser().exists():
+        raise UserError(f"model_uri {uri!r}: no such folder (use {_URI_FORMS})")
+    if not scheme:
+        uri = str(Path(uri).expanduser().resolve())
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except (MlflowException, OSError) as err:
+        where = f" in the MLflow store {tracking_uri}" if scheme in ("runs", "models") else ""
+        raise UserError(f"model_uri {uri!r}{where}: {first_line(err)}") from None
+    meta = info.metadata or {}
+    if "class_names" not in meta or "image_size" not in meta:
+        raise UserError(
+            f"model_uri {uri!r} was not logged by this version of insect_exp (it has no class "
+            "names); train it again to predict, evaluate or serve with it"
+        )
+    height, width = (int(v) for v in meta["image_size"])
+    return ModelRef(uri, list(meta["class_names"]), (height, width), info.run_id, info.model_id)
+
+
+def load_classifier(ref: ModelRef) -> ImageClassifier:
+    """Download and load the model (TensorFlow loads here)."""
+    import mlflow
+
+    from insect_exp.tracking.store import first_line
+
+    try:
+        return mlflow.pyfunc.load_model(ref.uri).unwrap_python_model()
+    except Exception as err:  # noqa: BLE001  (download or load: one line either way)
+        raise UserError(f"cannot load model_uri {ref.uri!r}: {first_line(err)}") from err
+
+
+# -- the inputs ------------------------------------------------------------------------------
+
+
+def list_inputs(inputs: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files under `inputs` (a file or a folder), and (path, reason) for the others.
+
+    Raises:
+        UserError: `inputs` does not exist, or holds no file to try.
+    """
+    from insect_exp.data.scan import class_files, file_reason, stat_entry
+
+    path = Path(inputs).expanduser()
+    st = stat_entry(path)
+    if isinstance(st, str):
+        raise UserError(f"inputs {inputs!r}: {st}")
+    found = class_files(path) if path.is_dir() else [(path, file_reason(path, st))]
+    paths = [str(p) for p, reason in found if reason is None]
+    skipped = [(str(p), reason) for p, reason in found if reason is not None]
+    if not paths:
+        if not skipped:
+            raise UserError(f"inputs {inputs!r}: no files in this folder")
+        first = f"{skipped[0][0]}: {skipped[0][1]}"
+        raise UserError(f"inputs {inputs!r}: no image to label ({len(skipped)} skipped; {first})")
+    return paths, skipped
+
+
+# -- prediction ------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    path: str
+    probabilities: np.ndarray  # (classes,)
+
+
+def stream_predictions(
+    classifier: ImageClassifier,
+    paths: Sequence[str],
+    batch_size: int = 64,
+    workers: int = 0,
+    on_skip: Any = None,
+) -> Iterator[Prediction]:
+    """Probabilities for each path that decodes, in order; `on_skip(path, reason)` for the others.
+
+    Decoding (training's `_decode_fn`: same decoder, resize and rounding) runs in tf.data's
+    threads while the model runs on the batch before. A file tf.data fails on is tried once more
+    alone, as in training, and only if that fails too is it diagnosed (scan.diagnose) and skipped.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from insect_exp.data.pipeline import _decode_fn
+    from insect_exp.data.scan import diagnose
+    from insect_exp.serving import softmax
+
+    decode = _decode_fn(classifier.image_size)
+    ds = (
+        tf.data.Dataset.from_tensor_slices(list(paths))
+        .enumerate()
+        .map(lambda i, p: (i, decode(p)), num_parallel_calls=workers or tf.data.AUTOTUNE)
+        .ignore_errors()  # a failed file's index never arrives
+        .batch(batch_size)
+        .map(lambda i, x: (i, tf.cast(x, tf.float32)))
+        .prefetch(2)
+    )
+    single = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
+
+    def missing(upto: int, start: int) -> Iterator[Prediction]:
+        for i in range(start, upto):
+            try:
+                image = single(tf.constant(paths[i])).numpy()[None].astype(np.float32)
+            except tf.errors.OpError:
+                if on_skip is not None:
+                    on_skip(paths[i], diagnose(paths[i]))
+                continue
+            yield Prediction(paths[i], softmax(classifier.logits(image))[0])
+
+    expected = 0  # the next index in order: any below an index that arrives were dropped
+    for index, images in ds:
+        probs = softmax(classifier.logits(images))
+        for i, p in zip(index.numpy().tolist(), probs, strict=True):
+            yield from missing(i, expected)
+            yield Prediction(paths[i], p)
+            expected = i + 1
+    yield from missing(len(paths), expected)
+
+
+class Progress:
+    """Images done so far on stderr: a line that redraws on a terminal, else one every 10 s."""
+
+    def __init__(self, total: int, enabled: bool | None, stream: TextIO = sys.stderr):
+        tty = stream.isatty()
+        self.enabled = enabled if enabled is not None else (tty or total >= 1000)
+        self.total, self.stream, self.tty = total, stream, tty
+        self.every = 0.5 if tty else 10.0
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int, skipped: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        line = f"predict: {done}/{self.total} images, {skipped} skipped, {rate:.0f} images/s"
+        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+
+
+def header(class_names: Sequence[str], top_k: int) -> list[str]:
+    k = min(top_k, len(class_names))
+    extra = [f"{name}_{i}" for i in range(2, k + 1) for name in ("label", "probability")]
+    return ["path", "label", "probability", *extra]
+
+
+def row(prediction: Prediction, class_names: Sequence[str], top_k: int) -> list[str]:
+    order = prediction.probabilities.argsort()[::-1][: min(top_k, len(class_names))]
+    cells = [prediction.path]
+    for i in order:
+        cells += [class_names[i], f"{prediction.probabilities[i]:.6f}"]
+    return cells
+
+
+def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
+    """Label every image of cfg.inputs; return how many were labelled."""
+    started = time.monotonic()
+    ref = find_model(cfg.model_uri, store_uri(cfg.mlflow.tracking_uri, cfg.model_uri))
+    paths, skipped = list_inputs(cfg.inputs)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    classifier = load_classifier(ref)
+    names = classifier.class_names
+    progress = Progress(len(paths), cfg.progress)
+    done = 0
+
+    def on_skip(path: str, reason: str) -> None:
+        skipped.append((path, reason))
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+    out = stdout or sys.stdout
+    handle = open(cfg.output, "w", newline="") if cfg.output else None  # noqa: SIM115
+    try:
+        writer = csv.writer(handle or out, lineterminator="\n")
+        writer.writerow(header(names, cfg.top_k))
+        stream = stream_predictions(
+            classifier, paths, cfg.batch_size, cfg.decode_workers, on_skip=on_skip
+        )
+        for prediction in stream:
+            writer.writerow(row(prediction, names, cfg.top_k))
+            done += 1
+            progress.update(done, len(skipped))
+    finally:
+        progress.close()
+        if handle is not None:
+            handle.close()
+    seconds = time.monotonic() - started
+    where = f" -> {cfg.output}" if cfg.output else ""
+    print(
+        f"predict: labelled {done} images, skipped {len(skipped)}, in {seconds:.1f} s{where}",
+        file=sys.stderr,
+    )
+    return done
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    try:
+        cfg = to_object(dict_cfg)  # typed, ranges checked: before TensorFlow loads
+        run(cfg)
+    except UserError as err:
+        _exit(f"error: {err}", 2)
+    except KeyboardInterrupt:
+        _exit("interrupted", 130)
+    except BrokenPipeError:  # `... | head`: the reader is gone
+        sys.stderr.close()
+        os._exit(0)
+
+
+def _exit(message: str, code: int) -> None:
+    print(f"insect_exp.predict: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
