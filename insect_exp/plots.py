@@ -57,6 +57,34 @@ def _wrap(text: str, width: int = 24) -> str:
     return "\n".join(textwrap.wrap(text, width, max_lines=2, placeholder="...")) or text
 
 
+_CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback")
+_warned_missing_glyphs: list[bool] = []
+
+
+def _fonts(text: str) -> list[str]:
+    """Matplotlib's default font, then a CJK one for names it has no glyphs for, if installed.
+
+    Without one, CJK names render as empty boxes: say so once, with the package that fixes it.
+    """
+    families = ["DejaVu Sans"]
+    if not any(ord(c) >= 0x2E80 for c in text):
+        return families
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    fallback = [f for f in _CJK_FONTS if f in installed]
+    if not fallback and not _warned_missing_glyphs:
+        _warned_missing_glyphs.append(True)
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "no font with CJK glyphs is installed: class names such as %r show as boxes in the "
+            "plots (Debian: apt-get install fonts-noto-cjk)",
+            text,
+        )
+    return families + fallback
+
+
 def _grid_layout(fig: Figure, rows: int, title_lines: int = 1) -> None:
     """Fixed margins for an image grid with a suptitle and `title_lines` of title per tile.
 
@@ -98,7 +126,8 @@ def sample_grid(
     axes = _grid_axes(fig, rows, cols)
     for ax, image, label in zip(axes, pixels, indices, strict=False):
         ax.imshow(image)
-        ax.set_title(str(class_names[int(label)]), fontsize=10)
+        name = str(class_names[int(label)])
+        ax.set_title(name, fontsize=10, fontfamily=_fonts(name))
     if title:
         fig.suptitle(title)
     _grid_layout(fig, rows)
@@ -169,15 +198,18 @@ def prediction_grid(
     axes = _grid_axes(fig, rows, cols)
     for i, (ax, image) in enumerate(zip(axes, pixels, strict=False)):
         ax.imshow(image)
-        pred_name = str(class_names[int(pred_idx[i])]).title()
+        # Class names as they are: they are the ids the user gave the folders.
+        pred_name = str(class_names[int(pred_idx[i])])
         if true_idx is None:
-            ax.set_title(_wrap(pred_name), fontsize=9)
+            ax.set_title(_wrap(pred_name), fontsize=9, fontfamily=_fonts(pred_name))
             continue
         correct = int(pred_idx[i]) == int(true_idx[i])
-        text = (
-            pred_name if correct else f"{pred_name} ({str(class_names[int(true_idx[i])]).title()})"
-        )
-        ax.set_title(_wrap(text), fontsize=9, color=CORRECT_COLOR if correct else WRONG_COLOR)
+        text = pred_name if correct else f"{pred_name} (true: {class_names[int(true_idx[i])]})"
+        color = CORRECT_COLOR if correct else WRONG_COLOR
+        ax.set_title(_wrap(text), fontsize=9, color=color, fontfamily=_fonts(text))
+    if true_idx is not None:
+        # The key to the tiles: which name is the prediction, what the colours mean.
+        title = f"{title}: predicted class, green if right, red if wrong (true class after it)"
     fig.suptitle(title)
     _grid_layout(fig, rows, title_lines=2)
     return fig

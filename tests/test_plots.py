@@ -104,18 +104,19 @@ def test_prediction_grid_colours_correct_green_and_wrong_red() -> None:
     fig = plots.prediction_grid(images, np.array([0, 1, 2]), CLASSES, true=true, title="Preds")
     assert len(fig.axes) == 30
     tiles = fig.axes[:3]
-    assert [ax.get_title() for ax in tiles] == ["Ant", "Bee (Beetle)", "Beetle"]
+    assert [ax.get_title() for ax in tiles] == ["ant", "bee (true: beetle)", "beetle"]
     colours = [to_rgb(ax.title.get_color()) for ax in tiles]
     assert colours == [to_rgb("green"), to_rgb("red"), to_rgb("green")]
     assert all(ax.get_title() == "" for ax in fig.axes[3:])
-    assert fig.get_suptitle() == "Preds"
+    # And the figure says which name is the prediction and what the colours mean
+    assert fig.get_suptitle().startswith("Preds: predicted class, green if right, red if wrong")
 
 
 def test_prediction_grid_without_truth_titles_predictions_only() -> None:
     names = ["background", "tench", "goldfish", "great white shark"]
     fig = plots.prediction_grid(_solid(2, (5, 5, 5)), [3, 1], names, rows=1, cols=2)
     assert len(fig.axes) == 2
-    assert _visible_titles(fig) == ["Great White Shark", "Tench"]
+    assert _visible_titles(fig) == ["great white shark", "tench"]
     assert fig.get_suptitle() == "Model predictions"
     # Without labels there is no right/wrong, so neither verdict colour may appear.
     verdicts = {to_rgb("green"), to_rgb("red")}
@@ -241,3 +242,25 @@ def test_overlay_curves_many_runs_puts_small_legend_outside() -> None:
     axes_box = fig.axes[0].get_window_extent()
     assert legend_box.x0 >= axes_box.x1
     assert legend.get_texts()[0].get_fontsize() < fig.axes[0].xaxis.label.get_fontsize()
+
+
+def test_cjk_class_names_fall_back_to_a_cjk_font_or_say_once_that_none_is_installed(caplog):
+    from matplotlib import font_manager
+
+    # When a grid is drawn with a Japanese class name (twice)
+    names = ["カブトムシ", "beetle"]
+    plots._warned_missing_glyphs.clear()  # "once" is per process: start this test afresh
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            fig = plots.sample_grid(_solid(2, (9, 9, 9)), [0, 1], names, rows=1, cols=2)
+            fig.canvas.draw()
+
+    # Then its tile asks for a CJK font when one is installed, else one warning says which to add
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    family = fig.axes[0].title.get_fontfamily()
+    if any(f in installed for f in plots._CJK_FONTS):
+        assert len(family) > 1
+    else:
+        warnings = [r for r in caplog.records if "CJK" in r.getMessage()]
+        assert len(warnings) == 1 and "fonts-noto-cjk" in warnings[0].getMessage()
+    assert fig.axes[1].title.get_fontfamily() == ["DejaVu Sans"]
