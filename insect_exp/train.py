@@ -94,6 +94,7 @@ def run(cfg: Config) -> float:
     log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
     print(
         f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}\n"
+        f"  then: {tracking.ui_url(uri, run.experiment_id)}\n"
         f"For MLflow's commands and API: export MLFLOW_TRACKING_URI={shlex.quote(uri)}"
     )
     return val_accuracy

@@ -228,6 +228,30 @@ def test_runs_page_nests_the_children_under_the_parent_in_chromium(ui_store, tmp
     assert "3 matching runs" in re.sub(r"<[^>]+>", "", dom)
 
 
+def test_the_printed_ui_address_opens_on_the_training_runs_not_genai(ui_store, tmp_path):
+    # Given the address a training run prints for its experiment (a fresh browser profile, in
+    # which MLflow 3's UI would open in its GenAI mode)
+    from insect_exp import tracking
+
+    url = tracking.ui_url(ui_store.server.url, ui_store.experiment_id)
+
+    # When headless Chromium renders it
+    dom = _render(url, tmp_path)
+    (tmp_path / "landing.html").write_text(dom)
+
+    # Then it is the runs table in model-training mode, with the sweep's parent run listed,
+    # not the GenAI overview of traces
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+    assert ui_store.parent_id in _run_links(dom, ui_store.experiment_id), tmp_path / "landing.html"
+    assert "matching runs" in text and "Usage" not in text
+    # And the experiment says what kind it is, as MLflow's UI reads it
+    experiment = ui_store.server.api("experiments/get", experiment_id=ui_store.experiment_id)[
+        "experiment"
+    ]
+    tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+    assert tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
 def test_train_job_logs_to_the_server_and_uploads_artifacts_through_it(
     ui_store, compose_cfg, image_folder
 ):

@@ -219,9 +219,9 @@ class MlflowSweepCallback(Callback):
                 best_text,
             )
             log.info(
-                "compare the runs: %s, then #/experiments/%s/runs",
+                "compare the runs: %s, then %s",
                 tracking.ui_command(self.sweep.tracking_uri),
-                self.sweep.experiment_id,
+                tracking.ui_url(self.sweep.tracking_uri, self.sweep.experiment_id),
             )
             return summary.failed
         finally:

@@ -27,6 +27,7 @@ from insect_exp.tracking.store import (
     prepare_store,
     resolve_tracking_uri,
     ui_command,
+    ui_url,
 )
 from insect_exp.tracking.sweeps import RunRecord, child_runs, create_run, end_run
 
@@ -54,4 +55,5 @@ __all__ = [
     "start_run",
     "to_tsv",
     "ui_command",
+    "ui_url",
 ]

@@ -219,3 +219,13 @@ def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """The page of the experiment's runs in the MLflow UI that `ui_command` opens.
+
+    MLflow 3's UI opens in its GenAI mode (traces, an assistant) by a setting of its own, not
+    by the experiment's kind; `workflowType=machine_learning` opens it on the training runs.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
