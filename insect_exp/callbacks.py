@@ -121,16 +121,12 @@ class Position(keras.callbacks.Callback):
         self.first_epoch = first_epoch
         self.epoch = first_epoch
         self.batch = 0
-        self.epochs_done = 0  # completed epochs in this fit call
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch, self.batch = self.first_epoch + epoch, 0
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self.batch = batch
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.epochs_done += 1
 
 
 class LearningRateLog(keras.callbacks.Callback):

@@ -172,17 +172,12 @@ def load(
     return Data(manifest.class_names, train, val, test, skipped)
 
 
-def make_dataset(
-    split: ImageSplit,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    shuffle_buffer: int | None = None,
-) -> tf.data.Dataset:
-    """Batches of (float32 images in 0..255, int32 labels); shuffled anew each epoch if asked."""
+def make_dataset(split: ImageSplit, batch_size: int) -> tf.data.Dataset:
+    """Batches of (float32 images in 0..255, int32 labels), in order: for predicting and validating.
+
+    Training batches, shuffled epoch by epoch, are `insect_exp.fit.train_batches`.
+    """
     ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer or len(split), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(
         lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
     )

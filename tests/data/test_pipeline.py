@@ -165,19 +165,30 @@ def test_max_per_class_caps_every_split(tmp_path):
     assert len(manifest.train) == 6 and len(manifest.test) == 6
 
 
-def test_dataset_batches_float_pixels_and_reshuffles_each_epoch(tmp_path):
+def test_training_batches_are_float_pixels_with_every_image_once_an_epoch_in_a_new_order(
+    tmp_path,
+):
+    from insect_exp.fit import train_batches
+
     # Given a decoded split of 12 images
     root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
     data = load(scan(root), (8, 8), seed=0)
 
-    # When it is served shuffled in batches of 5
-    ds = make_dataset(data.train, batch_size=5, shuffle=True, seed=3)
-    epoch1 = [y.numpy().tolist() for _, y in ds]
-    epoch2 = [y.numpy().tolist() for _, y in ds]
-    images, _ = next(iter(ds))
+    # When it is served for training in batches of 5, two epochs
+    batches = list(train_batches(data.train, batch_size=5, seed=3).take(6))
+    epoch1 = [y.numpy().tolist() for _, y in batches[:3]]
+    epoch2 = [y.numpy().tolist() for _, y in batches[3:]]
+    images = batches[0][0]
 
     # Then batches are float32 pixels in 0..255, all labels come each epoch, order changes
     assert [len(b) for b in epoch1] == [5, 5, 2]
     assert images.dtype.name == "float32" and float(images.numpy().max()) > 1.0
     assert sorted(sum(epoch1, [])) == sorted(sum(epoch2, [])) == sorted(data.train.labels)
     assert epoch1 != epoch2
+
+
+def test_prediction_batches_keep_the_splits_order(tmp_path):
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    data = load(scan(root), (8, 8), seed=0)
+    labels = [y.numpy().tolist() for _, y in make_dataset(data.train, batch_size=5)]
+    assert sum(labels, []) == data.train.labels.tolist()
