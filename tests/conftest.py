@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,23 @@ from insect_exp.config import Config, RuntimeConfig, register_configs, to_object
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "insect_exp" / "conf")
 CLASSES = ("beetles", "cockroach", "dragonflies")
+
+
+def config_options(group: str) -> list[str]:
+    """The options of a config group: its YAML files' names."""
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m insect_exp ARGS` in cwd, to its end (extra environment variables in env)."""
+    return subprocess.run(
+        [sys.executable, "-m", "insect_exp", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def make_image_folder(

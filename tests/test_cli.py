@@ -15,26 +15,11 @@ from hydra import compose, initialize_config_dir
 
 from insect_exp import devices
 from insect_exp.config import register_configs
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, config_options, run_cli
 
 CONF = Path(CONF_DIR)
 # Every config group the package has (hydra/ holds Hydra's own: launcher and help).
 GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and d.name != "hydra")
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "insect_exp", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_config_ships_inside_the_package_and_conf_is_the_same_files():
@@ -45,14 +30,14 @@ def test_config_ships_inside_the_package_and_conf_is_the_same_files():
         assert top.is_symlink() and top.resolve() == CONF.resolve()
 
 
-def test_help_says_what_the_command_does_with_each_groups_real_options(tmp_path):
-    out = _cli("--help", cwd=tmp_path)
+def test_help_says_what_the_command_does_with_each_groups_realconfig_options(tmp_path):
+    out = run_cli("--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     groups = text.split("== Config groups")[1].split("== Most used keys")[0]
     for group in GROUPS:
         assert re.search(rf"^{group}\s", groups, re.M), group
-        for option in _options(group):
+        for option in config_options(group):
             assert re.search(rf"\b{option}\b", groups), (group, option)
     assert "slurm" in groups and "joblib" in groups
     # Only real options: no schema entries, no Hydra boilerplate
@@ -68,7 +53,7 @@ def test_every_option_of_every_group_composes_with_its_schema():
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for group in GROUPS:
-            for option in _options(group):
+            for option in config_options(group):
                 overrides = [f"{group}={option}"]
                 if option == "insects":
                     overrides.append("dataset.root=/x")
@@ -77,7 +62,7 @@ def test_every_option_of_every_group_composes_with_its_schema():
 
 
 def test_the_job_has_a_name_so_its_log_is_not_main_log(tmp_path):
-    out = _cli("--cfg", "hydra", cwd=tmp_path)
+    out = run_cli("--cfg", "hydra", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["hydra"]["job"]["name"] == "insect_exp"
 
@@ -127,7 +112,7 @@ def test_a_config_dir_of_ones_own_adds_datasets_and_experiments(tmp_path, how):
     # When the job's config is printed with them, from another directory
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
-    out = _cli(*where, "experiment=quick", "--cfg", "job", cwd=run_dir)
+    out = run_cli(*where, "experiment=quick", "--cfg", "job", cwd=run_dir)
 
     # Then the package's config and the user's compose into one typed config
     assert out.returncode == 0, out.stderr
@@ -138,7 +123,7 @@ def test_a_config_dir_of_ones_own_adds_datasets_and_experiments(tmp_path, how):
     assert cfg["model"]["name"] == "cnn" and cfg["model"]["image_size"] == [64, 64]
 
     # And the user's dataset is checked against the package's schema
-    bad = _cli(*where, "dataset=mine", "dataset.val_split=fast", "--cfg", "job", cwd=run_dir)
+    bad = run_cli(*where, "dataset=mine", "dataset.val_split=fast", "--cfg", "job", cwd=run_dir)
     assert bad.returncode != 0 and "could not be converted to Float" in bad.stderr
 
 

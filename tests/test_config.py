@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,30 +10,15 @@ from pathlib import Path
 import pytest
 
 from insect_exp import fit, models
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, config_options, run_cli
 
 CONF = Path(CONF_DIR)
 
 
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "insect_exp", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def test_groups_offer_the_documented_options():
-    assert {"demo", "insects"} <= set(_options("dataset"))
-    assert {"cnn", "hub_mobilenet", "keras_app"} <= set(_options("model"))
-    assert {"adam", "adamw", "sgd", "rmsprop"} <= set(_options("optimizer"))
+def test_groups_offer_the_documentedconfig_options():
+    assert {"demo", "insects"} <= set(config_options("dataset"))
+    assert {"cnn", "hub_mobilenet", "keras_app"} <= set(config_options("model"))
+    assert {"adam", "adamw", "sgd", "rmsprop"} <= set(config_options("optimizer"))
 
 
 def test_defaults_are_the_reference_recipe(compose_cfg):
@@ -43,7 +27,7 @@ def test_defaults_are_the_reference_recipe(compose_cfg):
     assert (cfg.epochs, cfg.batch_size, list(cfg.model.image_size)) == (10, 32, [180, 180])
 
 
-@pytest.mark.parametrize("name", _options("optimizer"))
+@pytest.mark.parametrize("name", config_options("optimizer"))
 def test_every_optimizer_builds_with_its_learning_rate(compose_cfg, name):
     cfg = compose_cfg(f"optimizer={name}", "optimizer.learning_rate=0.05")
     optimizer = fit.make_optimizer(cfg.optimizer)
@@ -68,7 +52,7 @@ def test_cnn_options_change_the_model(compose_cfg):
     assert names[0] == "RandomFlip" and "Dropout" in names
 
 
-@pytest.mark.parametrize("name", _options("dataset"))
+@pytest.mark.parametrize("name", config_options("dataset"))
 def test_every_dataset_option_composes(compose_cfg, name):
     cfg = compose_cfg(f"dataset={name}", "dataset.root=/some/folder")
     assert cfg.dataset.name == name and cfg.dataset.root == "/some/folder"
@@ -77,11 +61,11 @@ def test_every_dataset_option_composes(compose_cfg, name):
 def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):
     # --cfg job prints the composed config; TensorFlow must not be imported for it
     start = time.perf_counter()
-    out = _cli("--cfg", "job", "model=hub_mobilenet", "epochs=3", cwd=tmp_path)
+    out = run_cli("--cfg", "job", "model=hub_mobilenet", "epochs=3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "hub_mobilenet" in out.stdout and "epochs: 3" in out.stdout
     assert time.perf_counter() - start < 20  # generous bound; importing TF alone takes ~5 s
-    assert _cli("--help", cwd=tmp_path).returncode == 0
+    assert run_cli("--help", cwd=tmp_path).returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -96,14 +80,14 @@ def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):
     ],
 )
 def test_invalid_config_fails_at_startup_with_hydras_message(tmp_path, override, message):
-    out = _cli(override, cwd=tmp_path)
+    out = run_cli(override, cwd=tmp_path)
     assert out.returncode != 0
     assert message in out.stderr
     assert not (tmp_path / "mlruns").exists()  # nothing ran
 
 
 def test_insects_dataset_without_root_is_a_clear_error(tmp_path):
-    out = _cli("dataset=insects", cwd=tmp_path)
+    out = run_cli("dataset=insects", cwd=tmp_path)
     assert out.returncode == 2
     assert "insect_exp: error: no value for dataset.root" in out.stderr
     assert "Traceback" not in out.stderr
@@ -111,7 +95,7 @@ def test_insects_dataset_without_root_is_a_clear_error(tmp_path):
 
 def test_missing_folder_exits_non_zero_with_one_line_and_a_failed_run(tmp_path):
     # Given a dataset root that does not exist
-    out = _cli("dataset=insects", f"dataset.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    out = run_cli("dataset=insects", f"dataset.root={tmp_path / 'nowhere'}", cwd=tmp_path)
 
     # Then the command fails with one line naming the folder, and no traceback
     assert out.returncode == 2
@@ -158,7 +142,7 @@ def test_out_of_range_value_fails_at_startup_naming_the_key_and_range(
     tmp_path, override, key, allowed
 ):
     # When a value outside its range is given on the command line
-    out = _cli(override, cwd=tmp_path)
+    out = run_cli(override, cwd=tmp_path)
 
     # Then the command exits 2 with one line naming the key and its allowed range
     assert out.returncode == 2, out.stderr

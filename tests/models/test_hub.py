@@ -221,8 +221,9 @@ def test_unreachable_handle_fails_fast_with_a_one_line_fix(tmp_path, monkeypatch
     with pytest.raises(HubHandleError) as err:
         step(recipe)
 
-    # Then it fails at once with one line naming both settings and the untrained export
-    assert time.perf_counter() - start < 10
+    # Then it fails (here at once: the name does not resolve) with one line naming both settings
+    # and the untrained export; the bound is only for a hang, three times the 10 s timeout
+    assert time.perf_counter() - start < 30
     message = str(err.value)
     assert "\n" not in message
     assert isinstance(err.value, UserError)
@@ -274,7 +275,7 @@ def test_server_that_never_answers_fails_within_the_load_timeout(tmp_path, monke
             HubRecipe(_hub(url, load_timeout_s=1.0)).prepare()
     finally:
         server.close()
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 15  # a hang bound: the timeout is 1 s
 
 
 # Training recipe
