@@ -21,6 +21,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dict_cfg: DictConfig) -> float:
+    from insect_exp.distribute import WorkerLost
     from insect_exp.resilience import Interrupted, TrainingDiverged, interrupts
 
     multirun = OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None
@@ -41,6 +42,10 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
         if multirun:
             raise
         _exit(f"error: {err}; the run is FAILED and no model was logged", 1)
+    except WorkerLost as err:
+        if multirun:
+            raise
+        _exit(f"error: {err}; the chief's run is FAILED", 1)
     except Interrupted as err:
         if multirun:
             raise

@@ -89,6 +89,14 @@ class Monitor(Enum):
         return "min" if self.value.endswith("loss") else "max"
 
 
+class Strategy(Enum):
+    """How training spreads over devices (insect_exp/distribute.py); batch_size stays global."""
+
+    default = "default"  # one device: GPU:0 if there is one, else the CPU
+    mirrored = "mirrored"  # every local GPU, or train.logical_cpus CPU devices
+    multi_worker = "multi_worker"  # several processes: the cluster in TF_CONFIG or SLURM
+
+
 class ClassWeight(Enum):
     """Loss weight per class: none, or balanced (n_images / (n_classes * n_images_of_class))."""
 
@@ -430,6 +438,22 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # default, mirrored or multi_worker (README: "Several devices"); batch_size is the global batch.
+    strategy: Strategy = Strategy.default
+    # Split the CPU into N logical devices before TensorFlow starts (0: one CPU device), so that
+    # strategy=mirrored runs on machines without GPUs (tests, trying it out).
+    logical_cpus: int = 0
+    # multi_worker: how long to wait for every worker at start-up and for any one collective op
+    # (a dead worker's peers fail after it at the latest); also how long the other workers wait
+    # for the chief to extract the hub model's frozen features.
+    worker_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        self.strategy = _enum("train.strategy", self.strategy, Strategy)
+        n = self.logical_cpus
+        _require(n >= 0, "train.logical_cpus", n, ">= 0 (0: the CPU as one device)")
+        t = self.worker_timeout_s
+        _require(t > 0 and math.isfinite(t), "train.worker_timeout_s", t, "> 0")
 
 
 @dataclass

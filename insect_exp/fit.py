@@ -26,7 +26,7 @@ from insect_exp.config import (
     OptimizerConfig,
     Schedule,
 )
-from insect_exp.data.pipeline import ImageSplit, make_dataset
+from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images
 from insect_exp.resilience import CheckpointState, TrainingDiverged
 
 
@@ -45,6 +45,8 @@ class FitSettings:
     # Where each epoch's checkpoint goes (None: no checkpoints), and the one to resume from.
     checkpoint_dir: str | None = None
     resume_from: CheckpointState | None = None
+    # multi_worker: how long the other workers wait for the chief's frozen features.
+    worker_timeout_s: float = 600.0
 
     @classmethod
     def from_config(
@@ -64,6 +66,7 @@ class FitSettings:
             early_stopping=cfg.train.early_stopping,
             checkpoint_dir=checkpoint_dir,
             resume_from=resume_from,
+            worker_timeout_s=cfg.train.worker_timeout_s,
         )
 
 
@@ -202,7 +205,7 @@ def train_batches(
     an uninterrupted run would have. With shuffle_buffer set, a windowed shuffle seeded the same
     way replaces the exact permutation (for splits streamed from disk).
     """
-    images = tf.constant(split.images)
+    # Images are read per batch (from memory or the disk cache), never copied into a tf.constant.
     labels = tf.constant(split.labels)
     count = len(split)
 
@@ -221,7 +224,7 @@ def train_batches(
 
     batches = tf.data.Dataset.range(first_epoch, 2**62).flat_map(one_epoch)
     batches = batches.map(
-        lambda index: (tf.cast(tf.gather(images, index), tf.float32), tf.gather(labels, index)),
+        lambda index: (read_images(split.images, index), tf.gather(labels, index)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return batches.prefetch(tf.data.AUTOTUNE)
@@ -264,6 +267,10 @@ def fit(
     train_ds = train_batches(
         train_split, settings.batch_size, seed, first_epoch + done, settings.shuffle_buffer
     )
+    # Every worker builds the same batches; each takes its share of every batch, not of files.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_ds = train_ds.with_options(options)
     num_classes = int(model.output_shape[-1])
     validation = Validation(
         make_dataset(val_split, settings.batch_size), val_split.labels, settings.label_smoothing

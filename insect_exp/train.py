@@ -7,10 +7,12 @@ import io
 import logging
 import os
 import shlex
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
-from insect_exp import devices, sweep, tracking
+from insect_exp import distribute, sweep, tracking
 from insect_exp.config import Config, Precision
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ def run(cfg: Config) -> float:
 
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
     """
+    distribute.before_tensorflow(cfg.train)
     import tensorflow as tf
 
     from insect_exp import callbacks, models, report, resilience
@@ -38,11 +41,19 @@ def run(cfg: Config) -> float:
     rt = cfg.runtime
     job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
     _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision)
-    log.info(devices.describe_devices())
+    # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
+    dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
+    log.info(dist.describe())
     uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
-    if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
-        tracking.prepare_store(uri)
-    run, checkpoints, resume_from = _open_run(cfg, job, uri)
+    if dist.is_chief:
+        if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
+            tracking.prepare_store(uri)
+        run, checkpoints, resume_from = _open_run(cfg, job, uri)
+    else:
+        # Other workers run the same ops (collectives need every worker) and log nothing; their
+        # checkpoints go to a scratch dir, as Keras's multi-worker guide does.
+        run, resume_from = distribute.WorkerRun(), None
+        checkpoints = tempfile.mkdtemp(prefix=f"insect_exp-worker{dist.worker}-")
     try:
         with tracking.ending(run):
             if not cfg.resume:
@@ -54,44 +65,50 @@ def run(cfg: Config) -> float:
             if not cfg.resume:
                 report.log_data(run, data, cfg.seed)
                 report.log_artifacts(run, recipe.artifacts(data, cfg.seed))
-            model = recipe.build(len(data.class_names))
-            run.log_text(_summary(model), "model_summary.txt")
-            settings = FitSettings.from_config(cfg, checkpoints, resume_from)
-            sink = run.resumed_sink(RESUMED_KEYS) if cfg.resume else run.sink
-            history = recipe.fit(model, data, settings, sink=sink)
-            report.log_training(run, history)
+            # Variables, optimizers and compiles of every stage: one copy per replica.
+            with dist.strategy.scope(), distribute.peer_failures(dist):
+                model = recipe.build(len(data.class_names))
+                run.log_text(_summary(model), "model_summary.txt")
+                settings = FitSettings.from_config(cfg, checkpoints, resume_from)
+                sink = run.resumed_sink(RESUMED_KEYS) if cfg.resume else run.sink
+                history = recipe.fit(model, data, settings, sink=sink)
+                report.log_training(run, history)
 
-            test = data.test if data.test is not None else data.val
-            logits = recipe.predict(model, test, cfg.batch_size)
-            test_scores = callbacks.scores(logits, test.labels)
-            run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
-            report.log_predictions(run, test, logits, data.class_names, cfg.seed)
+                test = data.test if data.test is not None else data.val
+                logits = recipe.predict(model, test, cfg.batch_size)
+                test_scores = callbacks.scores(logits, test.labels)
+                run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
+                report.log_predictions(run, test, logits, data.class_names, cfg.seed)
 
-            if cfg.mlflow.log_model:
-                import tempfile
+                if cfg.mlflow.log_model:
+                    from insect_exp import export
 
-                from insect_exp import export
-
-                # A pyfunc over the SavedModel: encoded files or float images in; class names,
-                # probabilities (or logits for float images) out. See insect_exp/serving.py.
-                module = ServingModule(model, cfg.model.image_size)
-                requirements = [f"tensorflow=={tf.__version__}"]
-                with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
-                    files = export.write_model(module, data.class_names, tmp, cfg.export)
-                    uri_model = run.log_tf_model(
-                        files,
-                        requirements,
-                        input_example=export.input_example(test.images[0]),
-                        metadata=export.metadata(data.class_names, cfg.model.image_size),
-                        registered_model_name=cfg.mlflow.registered_model_name,
-                    )
-                log.info("model logged: %s", uri_model)
+                    # A pyfunc over the SavedModel: encoded files or float images in; class names,
+                    # probabilities (or logits for float images) out. See insect_exp/serving.py.
+                    module = ServingModule(model, cfg.model.image_size)
+                    requirements = [f"tensorflow=={tf.__version__}"]
+                    with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
+                        files = export.write_model(module, data.class_names, tmp, cfg.export)
+                        uri_model = run.log_tf_model(
+                            files,
+                            requirements,
+                            input_example=export.input_example(test.images[0]),
+                            metadata=export.metadata(data.class_names, cfg.model.image_size),
+                            registered_model_name=cfg.mlflow.registered_model_name,
+                        )
+                    log.info("model logged: %s", uri_model)
     except KeyboardInterrupt as err:
         resilience.acknowledge()
         signum = getattr(err, "signum", signal.SIGINT)
         raise resilience.Interrupted(signum, run.run_id) from None
+    finally:
+        if not dist.is_chief:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
     log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
+    if not dist.is_chief:
+        print(f"worker {dist.worker} done; the chief (worker 0) logged the run")
+        return val_accuracy
     print(
         f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}\n"
         f"  then: {tracking.ui_url(uri, run.experiment_id)}\n"

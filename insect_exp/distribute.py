@@ -1,0 +1,345 @@
+"""Training on several devices or machines with tf.distribute: strategy, cluster, who logs.
+
+- `default`: TensorFlow's default strategy, one device (GPU:0 when there is one, else the CPU).
+- `mirrored`: MirroredStrategy over every local GPU or, without one, over the CPU's logical
+  devices (`train.logical_cpus`, so that it can be tried on any machine).
+- `multi_worker`: MultiWorkerMirroredStrategy over the cluster that TF_CONFIG describes, or over
+  the SLURM job step that srun started this process in (SlurmClusterResolver).
+
+`batch_size` is the global batch: each step, N replicas get batch_size / N images each and their
+gradients are summed, so steps per epoch and the learning rate are those of one device with the
+same batch_size. Only the chief (worker 0) logs to MLflow; the other workers run the same code
+with a `WorkerRun` that logs nothing, because every collective op must run on every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from insect_exp import UserError
+from insect_exp.config import Strategy, TrainConfig
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+# srun sets these in every task of a job step; SlurmClusterResolver reads them.
+SLURM_STEP_VARS = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST")
+SLURM_PORT_BASE = 8888  # SlurmClusterResolver's default: task i of a node listens on 8888 + i
+
+
+class WorkerLost(Exception):
+    """Another worker of a multi_worker run stopped answering: the run fails."""
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """The strategy a run trains under, and this process's place in the cluster."""
+
+    strategy: tf.distribute.Strategy
+    kind: Strategy
+    devices: tuple[str, ...]  # this worker's devices the replicas run on
+    worker: int = 0
+    num_workers: int = 1
+    is_chief: bool = True
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    def describe(self) -> str:
+        """One line: the strategy, the devices, and for multi_worker which worker this is."""
+        from insect_exp import devices
+
+        if self.kind is Strategy.default:
+            return devices.describe_devices()
+        names = ", ".join(d.rsplit("device:", 1)[-1] for d in self.devices)
+        line = f"training on {self.replicas} replica(s), strategy {self.kind.value}: {names}"
+        if self.kind is Strategy.multi_worker:
+            role = "the chief, logs the run" if self.is_chief else "logs nothing"
+            line += f" on each of {self.num_workers} workers; this is worker {self.worker} ({role})"
+        return line
+
+
+def cluster_source(environ: Mapping[str, str] | None = None) -> str:
+    """Where multi_worker takes its cluster from: "TF_CONFIG" or "SLURM".
+
+    Raises:
+        UserError: neither is set up, or TF_CONFIG is not the JSON TensorFlow expects.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TF_CONFIG"):
+        try:
+            spec = json.loads(env["TF_CONFIG"])
+            ok = isinstance(spec, dict) and spec.get("cluster") and "type" in spec.get("task", {})
+        except json.JSONDecodeError as err:
+            raise UserError(f"TF_CONFIG is not valid JSON: {err}") from None
+        if not ok:
+            raise UserError(
+                'TF_CONFIG needs "cluster" and "task" (e.g. {"cluster": {"worker": ["host:port", '
+                '...]}, "task": {"type": "worker", "index": 0}})'
+            )
+        return "TF_CONFIG"
+    if all(env.get(name) for name in SLURM_STEP_VARS):
+        return "SLURM"
+    where = " (inside SLURM job %s but not in a job step: start it with srun)" % env[
+        "SLURM_JOB_ID"
+    ] if env.get("SLURM_JOB_ID") else ""
+    raise UserError(
+        "train.strategy=multi_worker needs a cluster: set TF_CONFIG on every worker, or start "
+        f"one task per node with srun in a SLURM allocation; neither is there{where}"
+    )
+
+
+def is_chief(task_type: str | None, task_id: int | None, cluster: Mapping[str, Any]) -> bool:
+    """The chief logs the run: the "chief" task, or worker 0 of a cluster without one."""
+    if task_type in (None, "chief"):
+        return True
+    return task_type == "worker" and task_id == 0 and "chief" not in cluster
+
+
+def per_replica_batch(batch_size: int, replicas: int) -> int:
+    """Images each replica gets of a global batch (the last batch of an epoch may have fewer).
+
+    Raises:
+        UserError: fewer images in a batch than replicas.
+    """
+    if batch_size < replicas:
+        raise UserError(
+            f"batch_size={batch_size} is the global batch, split across {replicas} replicas: "
+            f"it must be at least {replicas}"
+        )
+    return batch_size // replicas
+
+
+def before_tensorflow(cfg: TrainConfig) -> None:
+    """Checks and settings that must come before TensorFlow is imported.
+
+    multi_worker without a cluster fails here, in a second. On CPUs, several replicas run with
+    TensorFlow's oneDNN ops off (unless TF_ENABLE_ONEDNN_OPTS is set): when the last batch of an
+    epoch has fewer images than there are replicas, a replica gets an empty batch, and oneDNN's
+    convolutions fail on it ("input depth must be evenly divisible by filter depth", TF 2.21).
+    """
+    if cfg.strategy is Strategy.multi_worker:
+        cluster_source()
+    from insect_exp import devices
+
+    several = cfg.strategy is Strategy.multi_worker or cfg.logical_cpus > 1
+    if cfg.strategy is not Strategy.default and several and not devices.nvidia_gpu_visible():
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def start(cfg: TrainConfig, batch_size: int, resume: bool = False) -> Distribution:
+    """Create the strategy `cfg` names; call it before any other TensorFlow op of the process.
+
+    Raises:
+        UserError: multi_worker without a cluster or resuming, logical CPUs asked for too late,
+            a batch smaller than the replicas, or workers that did not all come up in time.
+    """
+    source = cluster_source() if cfg.strategy is Strategy.multi_worker else None
+    if source and resume:
+        # The other workers would need the chief's checkpoint, which only the chief's run knows.
+        raise UserError("resume= cannot continue a train.strategy=multi_worker run")
+    _split_cpu(cfg.logical_cpus)
+    if cfg.strategy is Strategy.multi_worker:
+        dist = _multi_worker(source, cfg.worker_timeout_s)
+    elif cfg.strategy is Strategy.mirrored:
+        dist = _mirrored()
+    else:
+        import tensorflow as tf
+
+        dist = Distribution(tf.distribute.get_strategy(), Strategy.default, ())
+    per_replica_batch(batch_size, dist.replicas)
+    return dist
+
+
+def _split_cpu(count: int) -> None:
+    """Split the CPU into `count` logical devices (0: leave it whole)."""
+    if count <= 0:
+        return
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count
+        )
+    except RuntimeError:
+        # The runtime had started (an earlier job of an in-process sweep): keep what it has.
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != count:
+            raise UserError(
+                f"train.logical_cpus={count} must be set before TensorFlow starts; this process "
+                f"already has {have} CPU device(s) (run it in a process of its own)"
+            ) from None
+
+
+def _mirrored() -> Distribution:
+    """MirroredStrategy over every GPU, else over every logical CPU device."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        strategy = tf.distribute.MirroredStrategy()  # every GPU, NCCL all-reduce
+    else:
+        # Without GPUs MirroredStrategy would take the CPU as one device; NCCL needs GPUs.
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(
+            devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+    devices = tuple(strategy.extended.worker_devices)
+    return Distribution(strategy, Strategy.mirrored, devices)
+
+
+def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
+    """MultiWorkerMirroredStrategy on the cluster from TF_CONFIG or SLURM; waits for every worker."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_all_reduce_strategy as mwms
+
+    from insect_exp import devices
+
+    if source == "SLURM":
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+            port_base=SLURM_PORT_BASE,
+            # Its default asks nvidia-smi, which a CPU node lacks.
+            gpus_per_node=None if devices.nvidia_gpu_visible() else 0,
+        )
+    else:
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    # No public setting bounds the wait for the other workers at start-up (it is forever by
+    # default): this private class attribute is what MultiWorkerMirroredStrategy reads.
+    mwms.CollectiveAllReduceExtended._check_health_initial_timeout = int(timeout_s)
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options
+        )
+    except RuntimeError as err:
+        if "Collective ops must be configured at program startup" in str(err):
+            raise UserError(
+                "train.strategy=multi_worker must start with the process: not in an in-process "
+                "sweep or after another run"
+            ) from None
+        if "Timeout waiting for the cluster" in str(err):
+            raise UserError(
+                f"not every worker of {resolver.cluster_spec().as_dict()} came up within "
+                f"train.worker_timeout_s={timeout_s:g} s"
+            ) from None
+        raise
+    except tf.errors.OpError as err:
+        raise WorkerLost(f"the cluster did not come up: {_first_line(err)}") from None
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict()
+    num_workers = sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
+    worker = int(resolver.task_id or 0) + (
+        1 if resolver.task_type == "worker" and "chief" in cluster else 0
+    )
+    return Distribution(
+        strategy,
+        Strategy.multi_worker,
+        tuple(strategy.extended.worker_devices),
+        worker=worker,
+        num_workers=num_workers,
+        is_chief=is_chief(resolver.task_type, resolver.task_id, cluster),
+    )
+
+
+@contextlib.contextmanager
+def peer_failures(dist: Distribution) -> Iterator[None]:
+    """Turn the errors a dead or unreachable worker causes into one WorkerLost, on every worker."""
+    if dist.kind is not Strategy.multi_worker:
+        yield
+        return
+    import tensorflow as tf
+
+    lost = (
+        tf.errors.UnavailableError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.AbortedError,
+        tf.errors.CancelledError,
+        tf.errors.FailedPreconditionError,
+        tf.errors.InternalError,
+    )
+    try:
+        yield
+    except lost as err:
+        raise WorkerLost(
+            f"a worker of the {dist.num_workers}-worker cluster stopped answering "
+            f"({type(err).__name__}): {_first_line(err)}"
+        ) from err
+
+
+def cluster_role(strategy: tf.distribute.Strategy) -> tuple[bool, bool]:
+    """(several workers, this is the chief) for the strategy a model was built under."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False, True
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict()
+    return len(cluster) > 1 or sum(map(len, cluster.values())) > 1, is_chief(
+        resolver.task_type, resolver.task_id, cluster
+    )
+
+
+class LocalPredictor:
+    """`model.predict` on this worker alone, without the strategy's gather across workers.
+
+    For work that one worker does for all (the chief extracting frozen features), which must not
+    wait on collective ops the other workers never join.
+    """
+
+    def __init__(self, model) -> None:
+        import tensorflow as tf
+
+        self._call = tf.function(lambda images: model(images, training=False))
+
+    def predict(self, dataset, verbose: int = 0):
+        import numpy as np
+
+        outputs = [self._call(batch[0] if isinstance(batch, tuple) else batch).numpy()
+                   for batch in dataset]  # fmt: skip
+        return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "message", "") or err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+class WorkerRun:
+    """What a non-chief worker logs to: nothing. It keeps the metrics it is given, so that the
+    job returns its final metric like the chief does; any log_*/set_* call does nothing."""
+
+    run_id = None
+    experiment_id = None
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, dict[int, float]] = {}
+
+    def sink(self, metrics: Mapping[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self._metrics.setdefault(key, {})[step] = float(value)
+
+    def resumed_sink(self, keys):
+        return self.sink
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.sink(metrics, step or 0)
+
+    def metric_history(self, keys) -> dict[str, list[float]]:
+        return {k: [v for _, v in sorted(self._metrics.get(k, {}).items())] for k in keys}
+
+    def log_tf_model(self, *args: Any, **kwargs: Any) -> str:
+        return "(not logged: only the chief logs)"
+
+    def __getattr__(self, name: str):
+        if name.startswith(("log_", "set_", "flush", "end")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
