@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from insect_exp import UserError
+
+if TYPE_CHECKING:
+    from insect_exp.data.scan import Manifest
 
 # Published TF Hub handles used by the reference post; an environment variable can point them at a
 # local SavedModel, which also works in sweeps that mix in models without these keys.
@@ -65,6 +68,14 @@ class FeatureCache(Enum):
     memory = "memory"
     disk = "disk"
     off = "off"
+
+
+class ImageCache(Enum):
+    """Where decoded images are kept: auto picks memory or disk by their decoded size."""
+
+    auto = "auto"
+    memory = "memory"
+    disk = "disk"
 
 
 class Schedule(Enum):
@@ -122,9 +133,22 @@ class DatasetConfig:
     # Shuffle buffer in images; null shuffles the whole (in-memory) train split.
     shuffle_buffer: int | None = None
     class_weight: ClassWeight = ClassWeight.none
+    # Decoded images: in memory, or streamed from a shared on-disk cache of uint8 records;
+    # auto: memory up to cache_max_memory_mb of decoded pixels, disk above (data/cache.py).
+    cache: ImageCache = ImageCache.auto
+    # null: $INSECT_EXP_CACHE_DIR, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp.
+    cache_dir: str | None = None
+    cache_max_memory_mb: int = 2048
+    # Disk cache cap; the least recently used entries go first (the ones in use never do).
+    cache_max_disk_gb: float = 50.0
 
     def __post_init__(self) -> None:
         self.class_weight = _enum("dataset.class_weight", self.class_weight, ClassWeight)
+        self.cache = _enum("dataset.cache", self.cache, ImageCache)
+        mb = self.cache_max_memory_mb
+        _require(mb >= 0, "dataset.cache_max_memory_mb", mb, ">= 0")
+        gb = self.cache_max_disk_gb
+        _require(gb > 0, "dataset.cache_max_disk_gb", gb, "> 0")
         _require(0 <= self.val_split < 1, "dataset.val_split", self.val_split, "in [0, 1)")
         n = self.max_per_class
         _require(n is None or n >= 1, "dataset.max_per_class", n, ">= 1 (or null for all)")
@@ -135,6 +159,12 @@ class DatasetConfig:
     def resolve_root(self) -> str:
         """The folder to scan (a subclass may have to create it first)."""
         return str(self.root)
+
+    def manifest(self) -> Manifest:
+        """The dataset's files, classes and skipped files (data/scan.py)."""
+        from insect_exp.data.scan import scan
+
+        return scan(self.resolve_root(), self.max_per_class)
 
 
 @dataclass
@@ -170,6 +200,20 @@ class DemoDatasetConfig(DatasetConfig):
 class FolderDatasetConfig(DatasetConfig):
     name: str = "insects"
     root: str | None = MISSING
+
+
+@dataclass
+class CsvDatasetConfig(DatasetConfig):
+    """Images listed in a CSV file of `path,label[,split]` rows (paths relative to the file)."""
+
+    name: str = "csv"
+    root: str | None = None  # unused: the CSV names the files
+    path: str = MISSING
+
+    def manifest(self) -> Manifest:
+        from insect_exp.data.csv_list import scan_csv
+
+        return scan_csv(self.path, self.max_per_class)
 
 
 # Models
@@ -260,6 +304,8 @@ class BackboneConfig(ModelConfig):
     feature_cache: FeatureCache = FeatureCache.auto
     feature_cache_dir: str | None = None
     feature_cache_max_memory_mb: int = 2048
+    # Disk cap of the feature cache, least recently used shards evicted first (as dataset.cache).
+    feature_cache_max_disk_gb: float = 50.0
     # Seconds a remote download may take to start before we call it offline.
     load_timeout_s: float = 20.0
     fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
@@ -269,6 +315,8 @@ class BackboneConfig(ModelConfig):
         self.feature_cache = _enum("model.feature_cache", self.feature_cache, FeatureCache)
         mb = self.feature_cache_max_memory_mb
         _require(mb >= 0, "model.feature_cache_max_memory_mb", mb, ">= 0")
+        gb = self.feature_cache_max_disk_gb
+        _require(gb > 0, "model.feature_cache_max_disk_gb", gb, "> 0")
         _require(self.load_timeout_s > 0, "model.load_timeout_s", self.load_timeout_s, "> 0")
 
 
@@ -581,6 +629,7 @@ def register_configs() -> None:
     for group, name, node in (
         ("dataset", "demo", DemoDatasetConfig),
         ("dataset", "folder", FolderDatasetConfig),
+        ("dataset", "csv", CsvDatasetConfig),
         ("model", "cnn", CNNConfig),
         ("model", "hub", HubModelConfig),
         ("model", "keras_app", KerasAppConfig),

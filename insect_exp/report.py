@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from insect_exp import plots
 from insect_exp.data.pipeline import Data, ImageSplit
 from insect_exp.fit import History
 from insect_exp.tracking import Run
+from insect_exp.tracking.lineage import SplitRecord
 
 
 def sample(split: ImageSplit, count: int, seed: int) -> np.ndarray:
@@ -21,7 +23,8 @@ def sample(split: ImageSplit, count: int, seed: int) -> np.ndarray:
 
 
 def log_data(run: Run, data: Data, seed: int) -> None:
-    """Dataset stats, class names, skipped files, and 3x3 sample grids of each split."""
+    """Dataset stats, class names, skipped files, the splits' lineage (MLflow dataset inputs), and
+    3x3 sample grids of each split."""
     stats = data.stats()
     run.log_dict(stats, "dataset/stats.json")
     run.log_dict(data.class_names, "class_names.json")
@@ -29,11 +32,31 @@ def log_data(run: Run, data: Data, seed: int) -> None:
     run.log_metrics({"skipped_files": len(data.skipped)})
     if data.skipped:
         run.log_table(["path", "reason"], data.skipped, "dataset/skipped.tsv")
+    run.log_inputs(lineage(data))
     grids = {"train": data.train, "test": data.test if data.test is not None else data.val}
     for name, split in grids.items():
         idx = sample(split, 9, seed)
         fig = plots.sample_grid(split.images[idx], split.labels[idx], data.class_names, name)
         run.log_figure(fig, f"plots/{name}_samples.png")
+
+
+def lineage(data: Data) -> list[SplitRecord]:
+    """The train, val and test splits as dataset inputs: source, content digest, class counts."""
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    stats = data.stats()["images_per_class"]
+    base = Path(data.source).name or "dataset"
+    root = data.source if Path(data.source).is_dir() else str(Path(data.source).parent)
+    return [
+        SplitRecord(
+            context=name,
+            name=f"{base}/{name}",
+            source=data.source,
+            digest=split.content_digest(root, data.class_names),
+            profile={"num_images": len(split), "class_counts": stats[name]},
+        )
+        for name, split in splits.items()
+        if split is not None and split.fingerprints is not None
+    ]
 
 
 def log_training(run: Run, history: History) -> None:

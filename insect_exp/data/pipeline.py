@@ -1,14 +1,26 @@
-"""Decode a Manifest once into in-memory arrays and serve them as tf.data pipelines."""
+"""Decode a Manifest once, into memory or the on-disk cache (data/cache.py), and serve the splits
+as tf.data pipelines."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
+from insect_exp.config import ImageCache as ImageCacheMode
+from insect_exp.data.cache import (
+    CachePolicy,
+    CacheUnavailable,
+    DiskImages,
+    ImageCache,
+    RecordWriter,
+    split_key,
+)
 from insect_exp.data.decode import decode_image
 from insect_exp.data.scan import (
     DatasetError,
@@ -18,23 +30,102 @@ from insect_exp.data.scan import (
     diagnose,
     stratified_split,
 )
+from insect_exp.progress import Progress
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ImageSplit:
-    """Decoded, resized RGB images (uint8, N x H x W x 3) with labels and source paths."""
+    """Decoded, resized RGB images (uint8, N x H x W x 3) with labels and source paths.
 
-    images: np.ndarray
+    `images` is an in-memory array, or `DiskImages` streaming the same records from the disk cache
+    (indexed the same way: images[i], images[a:b], images[index_array]).
+    """
+
+    images: np.ndarray | DiskImages
     labels: np.ndarray
     paths: list[str]
+    # An 8-byte content fingerprint of each source file (None for derived splits: features).
+    fingerprints: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> ImageSplit:
-        return ImageSplit(self.images[index], self.labels[index], [self.paths[i] for i in index])
+        """The images at `index` (a copy in memory; a view of the same records on disk)."""
+        if isinstance(self.images, DiskImages):
+            images = self.images.subset(index)
+        else:
+            images = self.images[index]
+        fingerprints = None if self.fingerprints is None else self.fingerprints[index]
+        return ImageSplit(images, self.labels[index], [self.paths[i] for i in index], fingerprints)
+
+    def content_digest(self, root: str, class_names: Sequence[str]) -> str:
+        """A digest of the split's files: each one's path under ROOT, class and content fingerprint.
+
+        The same for the same files wherever the folder lives; another one once any file's bytes,
+        name or class change. Computed from the fingerprints taken while decoding: no file is read.
+        """
+        if self.fingerprints is None:
+            raise ValueError("this split has no content fingerprints")
+        rows = sorted(
+            f"{os.path.relpath(path, root)}\0{class_names[label]}\0{int(fp):016x}\n"
+            for path, label, fp in zip(self.paths, self.labels, self.fingerprints, strict=True)
+        )
+        digest = hashlib.blake2b(digest_size=8)
+        for row in rows:
+            digest.update(row.encode())
+        return digest.hexdigest()
+
+    def partition(self, first: np.ndarray, second: np.ndarray) -> tuple[ImageSplit, ImageSplit]:
+        """Two disjoint subsets; in memory the array is reordered in place and both are views of
+        it, so a held-out validation split costs no second copy of the images (this split is
+        consumed)."""
+        if isinstance(self.images, DiskImages):
+            return self.subset(first), self.subset(second)
+        order = np.concatenate([first, second])
+        _take_in_place(self.images, order)
+        n = len(first)
+        fps = self.fingerprints
+
+        def part(rows: slice, index: np.ndarray) -> ImageSplit:
+            return ImageSplit(
+                self.images[rows],
+                self.labels[index],
+                [self.paths[i] for i in index],
+                None if fps is None else fps[index],
+            )
+
+        return part(slice(0, n), first), part(slice(n, len(order)), second)
+
+
+def _take_in_place(array: np.ndarray, order: np.ndarray) -> None:
+    """array[:len(order)] = array[order], one row at a time instead of a copy of the array.
+
+    Args:
+        order: distinct row indices; a permutation of range(len(order)), or increasing.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    if np.all(np.diff(order) > 0):  # dropping rows: every row moves down, never onto a pending one
+        for i, j in enumerate(order.tolist()):
+            if i != j:
+                array[i] = array[j]
+        return
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):  # follow each cycle of the permutation with one spare row
+        if done[start] or order[start] == start:
+            continue
+        spare = array[start].copy()
+        j = start
+        while True:
+            done[j] = True
+            k = int(order[j])
+            if k == start:
+                array[j] = spare
+                break
+            array[j] = array[k]
+            j = k
 
 
 @dataclass
@@ -47,6 +138,10 @@ class Data:
     # None when the folder has no test/ split and validation was held out of train.
     test: ImageSplit | None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Where the files come from (the folder, or the CSV file listing them), for lineage.
+    source: str = ""
+    # Where the decoded images are kept: "memory" or "disk" (dataset.cache).
+    storage: str = "memory"
 
     @property
     def val_is_test(self) -> bool:
@@ -84,8 +179,82 @@ def _decode_fn(image_size: Sequence[int]):
     return decode
 
 
+def _decode_and_fingerprint_fn(image_size: Sequence[int]):
+    """path -> (the decoded image, an 8-byte fingerprint of the file's bytes), from one read."""
+
+    def decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        contents = tf.io.read_file(path)
+        fingerprint = tf.bitcast(tf.fingerprint(contents[tf.newaxis])[0], tf.uint64)
+        return decode_image(contents, image_size), fingerprint
+
+    return decode
+
+
+Put = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def _decode_into(
+    files: FileList, image_size: Sequence[int], workers: int, put: Put, what: str
+) -> list[tuple[int, str]]:
+    """Decode every file, handing each batch to put(indices, images, fingerprints).
+
+    Returns:
+        (index, reason) of each file that failed to decode.
+    """
+    decode = _decode_and_fingerprint_fn(image_size)
+    ok = np.zeros(len(files), dtype=bool)
+    if files.paths:
+        ds = (
+            tf.data.Dataset.from_tensor_slices(files.paths)
+            .enumerate()
+            .map(lambda i, p: (i, *decode(p)), num_parallel_calls=workers or tf.data.AUTOTUNE)
+            .ignore_errors()  # dropped elements are the failures: their indices never arrive
+            .batch(64)
+        )
+        with Progress(len(files), what) as progress:
+            for index, batch, fingerprints in ds.as_numpy_iterator():
+                put(index, batch, fingerprints)
+                ok[index] = True
+                progress.update(len(index))
+    failures: list[tuple[int, str]] = []
+    single = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
+    for i in np.flatnonzero(~ok):
+        try:
+            image, fingerprint = single(tf.constant(files.paths[i]))
+            put(np.array([i]), image.numpy()[np.newaxis], fingerprint.numpy()[np.newaxis])
+        except tf.errors.OpError as err:  # corrupt, truncated, not an image, gone since the scan
+            log.debug("TensorFlow cannot decode %s: %s", files.paths[i], err.message)
+            failures.append((int(i), diagnose(files.paths[i])))
+    return failures
+
+
+def _kept(
+    images: np.ndarray | DiskImages,
+    fingerprints: np.ndarray,
+    files: FileList,
+    failed: list[tuple[int, str]],
+) -> tuple[ImageSplit, list[tuple[str, str]]]:
+    """The split without the files that failed, and (path, reason) for those."""
+    labels = np.asarray(files.labels, dtype=np.int32)
+    failures = sorted((files.paths[i], reason) for i, reason in failed)
+    if not failed:  # the usual case
+        return ImageSplit(images, labels, list(files.paths), fingerprints), failures
+    keep = np.setdiff1d(np.arange(len(files)), [i for i, _ in failed])
+    if isinstance(images, DiskImages):
+        images = images.subset(keep)
+    else:
+        _take_in_place(images, keep)  # drop the failed rows without a second copy
+        images = images[: len(keep)]
+    split = ImageSplit(images, labels[keep], [files.paths[i] for i in keep], fingerprints[keep])
+    return split, failures
+
+
 def decode_files(
-    files: FileList, image_size: Sequence[int], workers: int = 0
+    files: FileList,
+    image_size: Sequence[int],
+    workers: int = 0,
+    cache: ImageCache | None = None,
+    what: str = "decoding",
 ) -> tuple[ImageSplit, list[tuple[str, str]]]:
     """Decode and resize every file in parallel; files TensorFlow cannot decode are returned apart.
 
@@ -93,40 +262,73 @@ def decode_files(
     than a Python thread pool); the few that fail there are tried once more alone and, if they fail
     again, examined by `scan.diagnose` (header and last bytes, Pillow) only to learn why.
 
+    Args:
+        cache: keep the images in this on-disk cache (reusing its entry for these files if there
+            is one) and stream them from there; None keeps them in memory.
+
     Returns:
         The decoded split, and (path, reason) for each file that failed to decode, the reason short
         and stable (`truncated`, `not an image`, `permission denied`, ...).
+
+    Raises:
+        CacheUnavailable: the cache folder cannot be written.
     """
-    decode = _decode_fn(image_size)
     height, width = (int(v) for v in image_size)
+    if cache is not None:
+        key = split_key(files.paths, image_size)
+
+        def fill(writer: RecordWriter) -> list[tuple[int, str]]:
+            return _decode_into(files, image_size, workers, writer.put, f"{what} into the cache")
+
+        entry, written = cache.get_or_build(key, len(files), (height, width, 3), fill)
+        if not written:
+            log.info("%s: %d images reused from %s", what, len(files), entry.images.path)
+        return _kept(entry.images, entry.fingerprints, files, entry.failures)
     images = np.empty((len(files), height, width, 3), dtype=np.uint8)
-    ok = np.zeros(len(files), dtype=bool)
-    if files.paths:
-        ds = (
-            tf.data.Dataset.from_tensor_slices(files.paths)
-            .enumerate()
-            .map(lambda i, p: (i, decode(p)), num_parallel_calls=workers or tf.data.AUTOTUNE)
-            .ignore_errors()  # dropped elements are the failures: their indices never arrive
-            .batch(64)
-        )
-        for index, batch in ds.as_numpy_iterator():
-            images[index] = batch
-            ok[index] = True
-    failures: list[tuple[str, str]] = []
-    single = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
-    for i in np.flatnonzero(~ok):
-        try:
-            images[i] = single(tf.constant(files.paths[i])).numpy()
-            ok[i] = True
-        except tf.errors.OpError as err:  # corrupt, truncated, not an image, gone since the scan
-            log.debug("TensorFlow cannot decode %s: %s", files.paths[i], err.message)
-            failures.append((files.paths[i], diagnose(files.paths[i])))
-    labels = np.asarray(files.labels, dtype=np.int32)
-    if ok.all():  # the usual case: no copy of the whole array
-        return ImageSplit(images, labels, list(files.paths)), failures
-    keep = np.flatnonzero(ok)
-    split = ImageSplit(images[keep], labels[keep], [files.paths[i] for i in keep])
-    return split, sorted(failures)
+    fingerprints = np.zeros(len(files), dtype=np.uint64)
+
+    def put(index: np.ndarray, batch: np.ndarray, prints: np.ndarray) -> None:
+        images[index] = batch
+        fingerprints[index] = prints
+
+    failed = _decode_into(files, image_size, workers, put, what)
+    return _kept(images, fingerprints, files, failed)
+
+
+def choose_storage(policy: CachePolicy | None, num_images: int, image_size: Sequence[int]) -> str:
+    """memory or disk for NUM_IMAGES decoded images: auto picks memory while they fit the cap."""
+    if policy is None or policy.mode is ImageCacheMode.memory:
+        return "memory"
+    if policy.mode is ImageCacheMode.disk:
+        return "disk"
+    size = num_images * int(image_size[0]) * int(image_size[1]) * 3
+    return "memory" if size <= policy.max_memory_bytes else "disk"
+
+
+def _decode_split(
+    files: FileList,
+    image_size: Sequence[int],
+    workers: int,
+    cache: ImageCache | None,
+    policy: CachePolicy | None,
+    what: str,
+) -> tuple[ImageSplit, list[tuple[str, str]], ImageCache | None]:
+    """Decode one split into the cache, or into memory when the cache cannot be written and the
+    images fit the memory cap (else DatasetError). Returns the cache to use for the next split."""
+    if cache is None or policy is None:
+        return (*decode_files(files, image_size, workers, None, what), None)
+    try:
+        return (*decode_files(files, image_size, workers, cache, what), cache)
+    except CacheUnavailable as err:
+        needed = len(files) * int(image_size[0]) * int(image_size[1]) * 3
+        if needed > policy.max_memory_bytes:
+            raise DatasetError(
+                f"{err}, and the {needed / 2**20:.0f} MB of decoded images exceed "
+                f"dataset.cache_max_memory_mb={policy.max_memory_bytes // 2**20}: free space there "
+                "or set dataset.cache_dir to a writable folder"
+            ) from None
+        log.warning("%s: keeping the decoded images in memory instead", err)
+        return (*decode_files(files, image_size, workers, None, what), None)
 
 
 def load(
@@ -135,14 +337,30 @@ def load(
     val_split: float = 0.0,
     seed: int = 0,
     workers: int = 0,
+    cache: CachePolicy | None = None,
 ) -> Data:
-    """Decode every split once; validate on test, or on a seeded stratified hold-out of train."""
-    train, failed = decode_files(manifest.train, image_size, workers)
+    """Decode every split once; validate on test, or on a seeded stratified hold-out of train.
+
+    Args:
+        cache: where decoded images go (dataset.cache); None keeps them in memory.
+    """
+    count = len(manifest.train) + (0 if manifest.test is None else len(manifest.test))
+    store = None
+    if choose_storage(cache, count, image_size) == "disk":
+        assert cache is not None
+        store = ImageCache(cache.directory, cache.max_disk_bytes)
+        log.info("decoded images go to the disk cache in %s", store.dir)
+    train, failed, store = _decode_split(
+        manifest.train, image_size, workers, store, cache, "decoding train"
+    )
     skipped = list(manifest.skipped) + failed
     test = None
     if manifest.test is not None:
-        test, failed = decode_files(manifest.test, image_size, workers)
+        test, failed, store = _decode_split(
+            manifest.test, image_size, workers, store, cache, "decoding test"
+        )
         skipped += failed
+    storage = "memory" if store is None else "disk"
     # Undecodable files may have emptied a split or a class: say so before training starts.
     check_usable(
         manifest.root,
@@ -161,7 +379,7 @@ def load(
     )
     if val_split > 0:
         keep, held = stratified_split(train.labels, val_split, seed)
-        train, val = train.subset(keep), train.subset(held)
+        train, val = train.partition(keep, held)
     elif test is not None:
         val = test
     else:
@@ -169,7 +387,19 @@ def load(
             f"{str(manifest.root)!r} has no test/ split: set dataset.val_split (e.g. 0.2) to "
             "hold out part of train for validation"
         )
-    return Data(manifest.class_names, train, val, test, skipped)
+    source = str(manifest.source or manifest.root)
+    return Data(manifest.class_names, train, val, test, skipped, source, storage)
+
+
+def read_images(images: np.ndarray | DiskImages, index: tf.Tensor) -> tf.Tensor:
+    """images[index] as float32, for a batch of indices inside a tf.data map.
+
+    One reader for both kinds of split: NumPy indexing of the in-memory array (no tf.constant copy
+    of it) or reads of the disk cache's records, which run in tf.data's parallel calls.
+    """
+    batch = tf.numpy_function(lambda i: images[i], [index], tf.as_dtype(images.dtype))
+    batch = tf.ensure_shape(batch, (None, *images.shape[1:]))
+    return tf.cast(batch, tf.float32)
 
 
 def make_dataset(split: ImageSplit, batch_size: int) -> tf.data.Dataset:
@@ -177,8 +407,10 @@ def make_dataset(split: ImageSplit, batch_size: int) -> tf.data.Dataset:
 
     Training batches, shuffled epoch by epoch, are `insect_exp.fit.train_batches`.
     """
-    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-    ds = ds.batch(batch_size).map(
-        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+    labels = tf.constant(split.labels)
+    ds = tf.data.Dataset.range(len(split)).batch(batch_size)
+    ds = ds.map(
+        lambda index: (read_images(split.images, index), tf.gather(labels, index)),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
     return ds.prefetch(tf.data.AUTOTUNE)

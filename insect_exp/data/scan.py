@@ -96,6 +96,8 @@ class Manifest:
     # (path, reason) for every file (or unlistable folder) that will not be used; hidden names and
     # files beyond max_per_class are not in it.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # What lineage names as the data's source when it is not the root (a CSV file list).
+    source: Path | None = None
 
 
 def _os_reason(err: OSError) -> str:

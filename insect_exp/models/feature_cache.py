@@ -4,8 +4,9 @@ On disk, features live under a directory named by a digest of the backbone (its 
 or its architecture and weights), one row per image keyed by a digest of the decoded pixels
 (which covers the file's content, the image size and the decoder). A changed backbone, image size
 or file therefore never reuses stale features, and unchanged images are reused across runs,
-splits and sweeps. Nothing is evicted:
-delete the directory to reclaim the space.
+splits and sweeps. Reading a shard touches it; after each write the least recently used shards
+(of every backbone under the cache root) are deleted until they fit `max_bytes`
+(model.feature_cache_max_disk_gb), as the image cache does (data/cache.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import tf_keras as keras
 
+from insect_exp.data.cache import DiskImages, evict_lru, touch
 from insect_exp.data.pipeline import ImageSplit, make_dataset
+from insect_exp.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +59,14 @@ def weights_digest(name: str, weights: Sequence[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def image_digests(images: np.ndarray) -> list[str]:
-    """One digest per image of its shape and pixels."""
-    return [
-        hashlib.blake2b(str(image.shape).encode() + image.tobytes(), digest_size=16).hexdigest()
-        for image in images
-    ]
+def image_digests(images: np.ndarray | DiskImages, chunk: int = 256) -> list[str]:
+    """One digest per image of its shape and pixels (read a chunk at a time from a disk split)."""
+    digests = []
+    for start in range(0, len(images), chunk):
+        for image in images[start : start + chunk]:
+            data = str(image.shape).encode() + image.tobytes()
+            digests.append(hashlib.blake2b(data, digest_size=16).hexdigest())
+    return digests
 
 
 class FeatureStore:
@@ -71,15 +76,23 @@ class FeatureStore:
     so concurrent runs (sweeps) only ever see complete shards.
     """
 
-    def __init__(self, root: str | Path, backbone_key: str):
-        """Args: backbone_key: a digest that changes whenever the backbone's function does."""
-        self.dir = Path(root) / backbone_key
+    def __init__(self, root: str | Path, backbone_key: str, max_bytes: int | None = None):
+        """Args: backbone_key: a digest that changes whenever the backbone's function does;
+        max_bytes: the cap of the whole cache root (None: no eviction)."""
+        self.root = Path(root)
+        self.dir = self.root / backbone_key
+        self.max_bytes = max_bytes
+        self._used: set[str] = set()  # shards this process read or wrote: never evicted by it
 
     def _index(self) -> dict[str, tuple[str, int]]:
         index: dict[str, tuple[str, int]] = {}
         for keys_file in sorted(self.dir.glob("*.keys.npy")):
             shard = keys_file.name.removesuffix(".keys.npy")
-            for row, key in enumerate(np.load(keys_file).tolist()):
+            try:
+                stored_keys = np.load(keys_file).tolist()
+            except FileNotFoundError:  # evicted since the listing
+                continue
+            for row, key in enumerate(stored_keys):
                 index[key] = (shard, row)
         return index
 
@@ -94,7 +107,14 @@ class FeatureStore:
         for i in np.flatnonzero(found):
             by_shard.setdefault(index[keys[i]][0], []).append(i)
         for shard, positions in by_shard.items():
-            stored = np.load(self.dir / f"{shard}.features.npy", mmap_mode="r")
+            path = self.dir / f"{shard}.features.npy"
+            try:
+                stored = np.load(path, mmap_mode="r")
+            except FileNotFoundError:  # evicted by another process since the index was read
+                found[positions] = False
+                continue
+            touch(path)
+            self._used.add(f"{self.dir.name}/{shard}")
             if features is None:
                 features = np.zeros((len(keys), stored.shape[1]), dtype=np.float32)
             features[positions] = stored[[index[keys[i]][1] for i in positions]]
@@ -109,10 +129,39 @@ class FeatureStore:
             with tmp.open("wb") as f:
                 np.save(f, array)
             os.replace(tmp, self.dir / f"{name}.{suffix}.npy")
+        self._used.add(f"{self.dir.name}/{name}")
+        if self.max_bytes is not None:
+            self.evict()
+
+    def evict(self) -> list[str]:
+        """Delete least recently used shards of every backbone down to the cap (keys file first,
+        so that no reader indexes rows whose features are gone)."""
+        groups: dict[str, list[Path]] = {}
+        for keys_file in self.root.glob("*/*.keys.npy"):
+            shard = keys_file.name.removesuffix(".keys.npy")
+            features = keys_file.with_name(f"{shard}.features.npy")
+            groups[f"{keys_file.parent.name}/{shard}"] = [keys_file, features]
+        return evict_lru(groups, self.max_bytes or 0, self._used)
+
+
+class _PredictProgress(keras.callbacks.Callback):
+    def __init__(self, progress: Progress, batch_size: int):
+        super().__init__()
+        self.progress = progress
+        self.batch_size = batch_size
+
+    def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.progress.update(min(self.batch_size, self.progress.total - self.progress.done))
 
 
 def _predict(extractor: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
-    return extractor.predict(make_dataset(split, batch_size), verbose=0).astype(np.float32)
+    with Progress(len(split), "backbone features") as progress:
+        features = extractor.predict(
+            make_dataset(split, batch_size),
+            verbose=0,
+            callbacks=[_PredictProgress(progress, batch_size)],
+        )
+    return features.astype(np.float32)
 
 
 def cached_features(
@@ -134,7 +183,9 @@ def cached_features(
     features, found = store.get(keys)
     missing = np.flatnonzero(~found)
     if missing.size:
-        new = _predict(extractor, split.subset(missing), batch_size)
+        # All missing (the first run): the split itself, not a copy of its images.
+        todo = split if missing.size == len(split) else split.subset(missing)
+        new = _predict(extractor, todo, batch_size)
         store.put([keys[i] for i in missing], new)
         if features is None:
             features = np.zeros((len(split), new.shape[1]), dtype=np.float32)

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
+from insect_exp.tracking.lineage import SplitRecord
 from insect_exp.tracking.store import (
     ensure_experiment,
     first_line,
@@ -212,6 +214,15 @@ class Run:
         self._write(
             lambda: self.client.log_batch(self.run_id, tags=items),
             lambda spool: spool.tags(values),
+        )
+
+    def log_inputs(self, records: Sequence[SplitRecord]) -> None:
+        """Log dataset inputs (lineage.py); offline, they are kept as dataset/inputs.json."""
+        inputs = [r.to_input() for r in records]
+        as_json = json.dumps([{**asdict(r)} for r in records], indent=2)
+        self._write(
+            lambda: self.client.log_inputs(self.run_id, datasets=inputs),
+            lambda spool: spool.artifact("dataset/inputs.json").write_text(as_json),
         )
 
     def log_dict(self, data: Any, artifact_file: str) -> None:

@@ -1,0 +1,420 @@
+"""The on-disk image cache: each split decoded and resized once, kept as uint8 records on disk.
+
+An entry is one file, `<cache_dir>/images/<key>.imgs`: the records (N x H x W x 3 uint8, in file
+list order, zeros where a file failed to decode), one 8-byte content fingerprint per file, a JSON
+trailer (shape, count, failures and their reasons) and a fixed footer (magic, format version,
+trailer offset and length). Readers check the footer, the version and the file's size, so a
+truncated file or one of another format version is rebuilt, never misread.
+
+The key is a digest of the format version, the image size and every file's absolute path, size,
+mtime and ctime (`stat` only: a hit reads no image file). Any write to a file changes its ctime,
+which no tool can set back, so changed pixels are never reused; a `chmod`/`touch` or a copy of
+the folder rebuilds an entry that would have been the same (a content digest would not, but would
+read every file on every run: 5-10 GB for IP102). The content fingerprints are still computed
+while decoding (for the lineage digest, tracking/lineage.py), at no extra read.
+
+Entries are written to a temporary file in the same folder, fsynced and renamed into place, so an
+interrupted write is never read. A lock file per key (`fcntl.flock`, which Linux maps to POSIX
+locks on NFS) makes a second run or sweep job wait for the first one's entry and reuse it. Using
+an entry touches its mtime; after each write the least recently used entries are deleted until
+the folder is under its cap (an entry another process has open stays readable until it closes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from insect_exp.config import DatasetConfig
+from insect_exp.config import ImageCache as ImageCacheMode
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the layout or the meaning of an entry changes
+_MAGIC = b"INSXIMGS"
+_FOOTER = struct.Struct("<8sIQQ")  # magic, format version, trailer offset, trailer length
+_SUFFIX = ".imgs"
+_STALE_TMP_S = 3600  # a temporary file untouched this long belongs to a writer that died
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What dataset.cache asks for: where decoded images go, and the caps."""
+
+    mode: ImageCacheMode
+    directory: Path
+    max_memory_bytes: int
+    max_disk_bytes: int
+
+    @classmethod
+    def from_config(cls, cfg: DatasetConfig) -> CachePolicy:
+        directory = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        return cls(
+            cfg.cache,
+            directory,
+            cfg.cache_max_memory_mb * 2**20,
+            int(cfg.cache_max_disk_gb * 1e9),
+        )
+
+
+class CacheUnavailable(Exception):
+    """The cache folder cannot be written (read-only, full, no permission); the message says why."""
+
+
+def default_cache_dir() -> Path:
+    """$INSECT_EXP_CACHE_DIR if set, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp."""
+    directory = os.environ.get("INSECT_EXP_CACHE_DIR")
+    if directory:
+        return Path(directory).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "insect_exp"
+
+
+def touch(path: Path) -> None:
+    """Mark PATH as just used (its mtime: atime is often off), if the folder lets us."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def evict_lru(groups: dict[str, list[Path]], max_bytes: int, keep: Iterable[str] = ()) -> list[str]:
+    """Delete whole groups of files, least recently used first, until they total <= max_bytes.
+
+    A group's last use is its newest mtime. Groups in `keep` (in use here) are never deleted.
+
+    Returns:
+        The names of the deleted groups.
+    """
+    sizes: dict[str, int] = {}
+    used: dict[str, float] = {}
+    for name, files in groups.items():
+        size, latest = 0, 0.0
+        for path in files:
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                size += st.st_size
+                latest = max(latest, st.st_mtime)
+        sizes[name], used[name] = size, latest
+    total = sum(sizes.values())
+    kept = set(keep)
+    deleted = []
+    for name in sorted(groups, key=lambda n: used[n]):
+        if total <= max_bytes:
+            break
+        if name in kept:
+            continue
+        for path in groups[name]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        total -= sizes[name]
+        deleted.append(name)
+    if deleted:
+        log.info("cache over %.1f GB: evicted %d least recently used entries", max_bytes / 1e9,
+                 len(deleted))  # fmt: skip
+    return deleted
+
+
+def _unavailable(directory: Path, err: OSError) -> CacheUnavailable:
+    reason = {
+        errno.ENOSPC: "disk full",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(err.errno or 0, (err.strerror or type(err).__name__).lower())
+    return CacheUnavailable(f"cannot write the image cache in {str(directory)!r}: {reason}")
+
+
+class _RecordFile:
+    """An open entry, shared by the views of its records; closed when the last one goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
+
+
+class DiskImages:
+    """Images read from an entry's records on demand, indexed like the in-memory uint8 array.
+
+    `images[i]`, `images[a:b]` and `images[index_array]` read those records (pread, which leaves
+    them in the page cache rather than in this process's memory); `subset` gives a view.
+    """
+
+    def __init__(self, file: _RecordFile, record_shape: Sequence[int], rows: np.ndarray):
+        self._file = file
+        self._record_shape = tuple(int(v) for v in record_shape)
+        self._record_bytes = int(np.prod(self._record_shape))
+        self._rows = np.asarray(rows, dtype=np.int64)
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._rows), *self._record_shape)
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def subset(self, index: np.ndarray) -> DiskImages:
+        return DiskImages(self._file, self._record_shape, self._rows[index])
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self._read(self._rows[[index]])[0]
+        return self._read(self._rows[index])
+
+    def _read(self, records: np.ndarray) -> np.ndarray:
+        records = np.atleast_1d(records)
+        out = np.empty((len(records), *self._record_shape), dtype=np.uint8)
+        flat = out.reshape(len(records), -1)
+        start = 0
+        # One read per run of consecutive records (a whole batch when reading in order).
+        breaks = np.flatnonzero(np.diff(records) != 1) + 1
+        for end in [*breaks.tolist(), len(records)]:
+            view = memoryview(flat[start:end]).cast("B")
+            offset = int(records[start]) * self._record_bytes
+            done = 0
+            while done < len(view):
+                n = os.preadv(self._file.fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise OSError(errno.EIO, f"image cache {self._file.path} ends early")
+                done += n
+            start = end
+        return out
+
+
+@dataclass
+class CachedSplit:
+    """An entry as read back: every record, the content fingerprints, the files that failed."""
+
+    images: DiskImages  # one record per file of the list, failed ones included (zeros)
+    fingerprints: np.ndarray  # uint64, one per file
+    failures: list[tuple[int, str]]  # (index in the file list, reason)
+
+
+class RecordWriter:
+    """Writes decoded images into a temporary entry as they arrive, in any order."""
+
+    def __init__(self, fd: int, count: int, record_shape: Sequence[int]):
+        self.fd = fd
+        self.count = count
+        self.record_shape = tuple(int(v) for v in record_shape)
+        self.record_bytes = int(np.prod(self.record_shape))
+        self.fingerprints = np.zeros(count, dtype=np.uint64)
+
+    def put(self, index: np.ndarray, images: np.ndarray, fingerprints: np.ndarray) -> None:
+        """Write images[k] as record index[k]."""
+        images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(index), -1)
+        self.fingerprints[index] = fingerprints
+        start = 0
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        for end in [*breaks.tolist(), len(index)]:
+            data = memoryview(images[start:end]).cast("B")
+            offset = int(index[start]) * self.record_bytes
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], offset + done)
+            start = end
+
+
+def split_key(paths: Sequence[str], image_size: Sequence[int]) -> str:
+    """The entry key of a file list at an image size: names and `stat`s only (module docstring)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"v{FORMAT_VERSION} {int(image_size[0])}x{int(image_size[1])}\n".encode())
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+        except OSError as err:
+            stamp = f"error {err.errno}"  # it fails to decode too, and is reported then
+        digest.update(f"{os.path.abspath(path)}\0{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+class ImageCache:
+    """The entries of one cache folder, capped at max_bytes (least recently used go first)."""
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.root = Path(directory).expanduser()
+        self.dir = self.root / "images"
+        self.max_bytes = int(max_bytes)
+        self._in_use: set[str] = set()
+
+    def entry_path(self, key: str) -> Path:
+        return self.dir / f"{key}{_SUFFIX}"
+
+    def open(self, key: str, count: int, record_shape: Sequence[int]) -> CachedSplit | None:
+        """The complete entry of KEY, or None if there is none (or it is of another version)."""
+        path = self.entry_path(key)
+        try:
+            file = _RecordFile(path)
+        except OSError:
+            return None
+        try:
+            meta, fingerprints = self._check(file.fd, key, count, record_shape)
+        except (OSError, ValueError) as err:
+            log.info("image cache entry %s cannot be used (%s): rebuilding it", path.name, err)
+            return None
+        touch(path)
+        self._in_use.add(key)
+        images = DiskImages(file, record_shape, np.arange(count))
+        failures = [(int(i), str(reason)) for i, reason in meta["failures"]]
+        return CachedSplit(images, fingerprints, failures)
+
+    @staticmethod
+    def _check(
+        fd: int, key: str, count: int, record_shape: Sequence[int]
+    ) -> tuple[dict, np.ndarray]:
+        size = os.fstat(fd).st_size
+        if size < _FOOTER.size:
+            raise ValueError("too short")
+        magic, version, at, length = _FOOTER.unpack(os.pread(fd, _FOOTER.size, size - _FOOTER.size))
+        if magic != _MAGIC:
+            raise ValueError("not an image cache entry")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format version {version}, this is {FORMAT_VERSION}")
+        record_bytes = int(np.prod(record_shape))
+        if at != count * (record_bytes + 8) or at + length + _FOOTER.size != size:
+            raise ValueError("incomplete")
+        meta = json.loads(os.pread(fd, length, at))
+        if meta.get("key") != key or meta.get("shape") != list(record_shape):
+            raise ValueError("written for other files")
+        fingerprints = np.frombuffer(os.pread(fd, count * 8, count * record_bytes), np.uint64)
+        return meta, fingerprints.copy()
+
+    @contextlib.contextmanager
+    def _lock(self, key: str):
+        """Hold KEY's lock file; a second process waits here until the first one is done."""
+        locks = self.dir / "locks"
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise _unavailable(self.dir, err) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process writing image cache entry %s", key[:12])
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def get_or_build(
+        self,
+        key: str,
+        count: int,
+        record_shape: Sequence[int],
+        fill: Callable[[RecordWriter], list[tuple[int, str]]],
+    ) -> tuple[CachedSplit, bool]:
+        """KEY's entry, reused or written by `fill` (which decodes into the writer it is given).
+
+        Returns:
+            The entry, and whether this call wrote it.
+
+        Raises:
+            CacheUnavailable: the folder cannot be written (and holds no entry for KEY).
+        """
+        found = self.open(key, count, record_shape)
+        if found is not None:
+            return found, False
+        with self._lock(key):
+            found = self.open(key, count, record_shape)  # written while we waited
+            if found is not None:
+                return found, False
+            self._write(key, count, record_shape, fill)
+        found = self.open(key, count, record_shape)
+        if found is None:  # gone already: another process evicted it, or the disk lost it
+            raise CacheUnavailable(f"image cache entry {self.entry_path(key)} vanished")
+        self.evict()
+        return found, True
+
+    def _write(
+        self,
+        key: str,
+        count: int,
+        record_shape: Sequence[int],
+        fill: Callable[[RecordWriter], list[tuple[int, str]]],
+    ) -> None:
+        record_bytes = int(np.prod(record_shape))
+        needed = count * (record_bytes + 8)
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError as err:
+            raise _unavailable(self.dir, err) from None
+        if needed > free:
+            raise CacheUnavailable(
+                f"cannot write the image cache in {str(self.dir)!r}: disk full "
+                f"({needed / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free)"
+            )
+        tmp = self.dir / f".{key}.{uuid.uuid4().hex}.tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as err:
+            raise _unavailable(self.dir, err) from None
+        try:
+            try:
+                os.ftruncate(fd, count * record_bytes)
+                writer = RecordWriter(fd, count, record_shape)
+                failures = fill(writer)
+                meta = {"key": key, "shape": list(record_shape), "count": count,
+                        "failures": [[int(i), r] for i, r in failures]}  # fmt: skip
+                trailer = json.dumps(meta).encode()
+                at = count * (record_bytes + 8)
+                os.pwrite(fd, writer.fingerprints.tobytes(), count * record_bytes)
+                os.pwrite(fd, trailer, at)
+                footer = _FOOTER.pack(_MAGIC, FORMAT_VERSION, at, len(trailer))
+                os.pwrite(fd, footer, at + len(trailer))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.entry_path(key))
+            _fsync_dir(self.dir)
+        except OSError as err:
+            raise _unavailable(self.dir, err) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def evict(self) -> list[str]:
+        """Delete least recently used entries (not those this process uses) down to the cap."""
+        now = time.time()
+        for tmp in self.dir.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > _STALE_TMP_S:
+                    tmp.unlink()
+        groups = {p.name.removesuffix(_SUFFIX): [p] for p in self.dir.glob(f"*{_SUFFIX}")}
+        return evict_lru(groups, self.max_bytes, self._in_use)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in DIRECTORY durable (where the file system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

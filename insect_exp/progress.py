@@ -1,0 +1,86 @@
+"""Progress of long work (decoding, cache writing, feature extraction): a bar on a terminal, else a
+few log lines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+_LOG_EVERY_S = 30.0  # without a terminal: a line at most this often, and at each quarter
+_QUIET_S = 2.0  # ... but none for work done within this long
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    """Counts done items of a known total; shows rate and ETA.
+
+    On a terminal (stderr a TTY) it redraws one line, at most 10 times a second; otherwise it
+    logs a line at each quarter (or every 30 s, whichever comes first) and one at the end, unless
+    the work took under 2 s.
+    """
+
+    def __init__(self, total: int, what: str, unit: str = "images", stream: TextIO | None = None):
+        self.total = max(0, int(total))
+        self.what = what
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done = 0
+        self.start = time.monotonic()
+        self._shown = 0.0
+        self._quarter = 0
+
+    def line(self, final: bool = False) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        text = f"{self.what}: {self.done}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s"
+        if final or self.done >= self.total:
+            return f"{text}, took {_duration(elapsed)}"
+        if rate > 0:
+            text += f", ETA {_duration((self.total - self.done) / rate)}"
+        return text
+
+    def update(self, count: int) -> None:
+        self.done += int(count)
+        now = time.monotonic()
+        if self.tty:
+            if now - self._shown >= 0.1 or self.done >= self.total:
+                width = 24
+                filled = int(width * self.done / max(self.total, 1))
+                bar = "=" * filled + (">" if filled < width else "") + " " * (width - filled - 1)
+                self.stream.write(f"\r[{bar[:width]}] {self.line()}\x1b[K")
+                self.stream.flush()
+                self._shown = now
+            return
+        if now - self.start < _QUIET_S:
+            return
+        quarter = 4 * self.done // max(self.total, 1)
+        due = quarter > self._quarter or now - self._shown >= _LOG_EVERY_S
+        if self.done < self.total and due:
+            self._quarter = quarter
+            self._shown = now
+            log.info(self.line())
+
+    def close(self) -> None:
+        """The final line (the bar ends with a newline)."""
+        if self.tty:
+            self.update(0)
+            self.stream.write("\n")
+            self.stream.flush()
+        elif time.monotonic() - self.start >= _QUIET_S:
+            log.info(self.line(final=True))
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
