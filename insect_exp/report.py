@@ -28,7 +28,12 @@ def log_data(run: Run, data: Data, seed: int) -> None:
     stats = data.stats()
     run.log_dict(stats, "dataset/stats.json")
     run.log_dict(data.class_names, "class_names.json")
-    run.log_params({f"data.num_{k}": v for k, v in stats["num_images"].items()})
+    run.log_params(
+        {
+            **{f"data.num_{k}": v for k, v in stats["num_images"].items()},
+            "data.storage": data.storage,
+        }
+    )
     run.log_metrics({"skipped_files": len(data.skipped)})
     if data.skipped:
         run.log_table(["path", "reason"], data.skipped, "dataset/skipped.tsv")
