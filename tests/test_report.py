@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from insect_exp import report, tracking
-from insect_exp.data.pipeline import Data, ImageSplit
+from insect_exp.data.pipeline import Data, ImageSplit, load
+from insect_exp.data.scan import scan
 from insect_exp.fit import History
-from tests.conftest import artifact_paths
+from tests.conftest import artifact_paths, make_image_folder
 
 CLASSES = ["beetles", "cockroach", "dragonflies"]
 
@@ -147,3 +149,40 @@ def test_a_recipes_extra_artifacts_are_logged_by_kind(tracking_uri, tmp_path):
     table = list(csv.reader(_read(client, run, "table.tsv", tmp_path).splitlines(True),
                             dialect="excel-tab"))  # fmt: skip
     assert table == [["path", "label"], ["a\tb.jpg", "ant"]]
+
+
+def _inputs(client: MlflowClient, run: tracking.Run) -> dict[str, object]:
+    """The run's dataset inputs by their context (train, val, test)."""
+    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i for i in inputs}
+
+
+def test_splits_are_logged_as_dataset_inputs_whose_digest_follows_the_files(tracking_uri, tmp_path):
+    # Given two runs on the same folder, and a third after one test image changed
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=2)
+    client = MlflowClient(tracking_uri)
+    runs = []
+    for edit in (False, False, True):
+        if edit:
+            pixels = np.full((20, 24, 3), 5, np.uint8)
+            Image.fromarray(pixels).save(root / "test" / "beetles" / "beetles_0.jpg")
+        data = load(scan(root), (8, 8), val_split=0.25, seed=0)
+        runs.append(_run(tracking_uri))
+        report.log_data(runs[-1], data, seed=0)
+    first, second, edited = (_inputs(client, run) for run in runs)
+
+    # Then each run has train, val and test inputs from the folder, with class counts; the same
+    # files give the same digests, the edited test split another one (train and val keep theirs)
+    assert set(first) == {"train", "val", "test"}
+    dataset = first["train"].dataset
+    assert json.loads(dataset.source) == {"uri": str(root)}
+    assert dataset.source_type == "local" and dataset.name == "insects/train"
+    assert json.loads(first["val"].dataset.profile) == {
+        "num_images": 3,
+        "class_counts": {"beetles": 1, "cockroach": 1, "dragonflies": 1},
+    }
+    digests = [{k: v.dataset.digest for k, v in inputs.items()} for inputs in (first, second)]
+    assert digests[0] == digests[1]
+    assert edited["test"].dataset.digest != first["test"].dataset.digest
+    assert edited["train"].dataset.digest == first["train"].dataset.digest
+    assert len(set(digests[0].values())) == 3

@@ -1,0 +1,87 @@
+"""dataset=csv: images listed in a CSV of path,label[,split] rows, bad rows reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from insect_exp.data import load_data
+from insect_exp.data.csv_list import scan_csv
+from insect_exp.data.scan import DatasetError
+from tests.conftest import make_image_folder
+
+
+def _flat_images(tmp_path: Path) -> list[Path]:
+    """The tiny folder's images, moved into one flat folder (no class folders)."""
+    root = make_image_folder(tmp_path / "layout", train_per_class=4, test_per_class=1)
+    flat = tmp_path / "data" / "images"
+    flat.mkdir(parents=True)
+    moved = []
+    for path in sorted(root.rglob("*.jpg")):
+        target = flat / f"{path.parent.parent.name}-{path.name}"
+        path.rename(target)
+        moved.append(target)
+    return moved
+
+
+def test_a_csv_file_list_gives_classes_splits_and_reports_bad_rows(tmp_path, compose_cfg):
+    # Given a CSV with a header, relative paths, a split column and every kind of bad row
+    images = _flat_images(tmp_path)
+    rows = ["path,label,split"]
+    for path in images:
+        split, name = path.name.split("-", 1)
+        rows.append(f"images/{path.name},{name.rsplit('_', 1)[0]},{split}")
+    rows += [
+        "images/missing.jpg,beetles,train",
+        "images/train-beetles_0.jpg,,train",
+        "images/train-beetles_1.jpg,beetles,holdout",
+        "images/test-beetles_0.jpg,moths,test",
+        ",beetles,train",
+    ]
+    csv_file = tmp_path / "data" / "labels.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+
+    # When the csv dataset is loaded through the config
+    cfg = compose_cfg("dataset=csv", f"dataset.path={csv_file}")
+    data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
+
+    # Then classes come from the train labels, files land in their splits, bad rows are skipped
+    assert data.class_names == ["beetles", "cockroach", "dragonflies"]
+    assert len(data.train) == 12 and len(data.test) == 3
+    assert data.source == str(csv_file)
+    reasons = {(Path(p).name, r) for p, r in data.skipped}
+    assert reasons == {
+        ("missing.jpg", "file not found"),
+        ("train-beetles_0.jpg", "empty label"),
+        ("train-beetles_1.jpg", "unknown split (holdout)"),
+        ("test-beetles_0.jpg", "label not in train (moths)"),
+        (f"{csv_file.name}:{len(rows)}", "malformed row"),
+    }
+
+
+def test_a_csv_without_header_or_split_column_is_all_train(tmp_path):
+    images = _flat_images(tmp_path)
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text(
+        "".join(f"{p},{p.name.split('-', 1)[1].rsplit('_', 1)[0]}\n" for p in images)
+    )
+    manifest = scan_csv(csv_file)
+    assert manifest.test is None and len(manifest.train) == 15 and not manifest.skipped
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is not a file"),
+        ("path,label\n", "at least 2 labels"),
+        ("path,label,when\n", "unknown columns"),
+    ],
+)
+def test_an_unusable_csv_fails_with_one_line(tmp_path, content, message):
+    csv_file = tmp_path / "labels.csv"
+    if content is not None:
+        csv_file.write_text(content)
+    with pytest.raises(DatasetError, match=message) as err:
+        scan_csv(csv_file)
+    assert "\n" not in str(err.value)
