@@ -2,6 +2,7 @@
 
 import gc
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,9 @@ from insect_exp.config import Config, register_configs, to_object
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 register_configs()
+# hydra/launcher=joblib is insect_exp's own launcher (conf/hydra/launcher/joblib.yaml) on joblib's
+# schema; Hydra warns that matching a config file to a schema of the same name is deprecated.
+warnings.filterwarnings("ignore", message=r"\n'hydra/launcher/joblib' is validated against")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -184,8 +184,17 @@ class MlflowSweepCallback(Callback):
             return
         children = tracking.child_runs(job.tracking_uri, job.experiment_id, job.parent_run_id)
         num = job.tags["sweep.job_num"]
-        if any(c.tags.get("sweep.job_num") == num for c in children):
-            return  # train.run opened the run and recorded the error itself
+        mine = [c for c in children if c.tags.get("sweep.job_num") == num]
+        if mine:
+            # train.run recorded its own error, unless its process died: the launcher then
+            # reports the job (see hydra_plugins/insect_exp_launcher) and its run is still open.
+            for child in mine:
+                if child.status == "RUNNING":
+                    tracking.open_client(job.tracking_uri).set_tag(
+                        child.run_id, "error", str(error)[:5000]
+                    )
+                    tracking.end_run(job.tracking_uri, child.run_id, "FAILED")
+            return
         model = OmegaConf.select(config, "model.name", default="model")
         optimizer = OmegaConf.select(config, "optimizer.name", default="optimizer")
         name = tracking.run_name(model, optimizer, job.overrides)
