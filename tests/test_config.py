@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from insect_exp import fit, models
+from insect_exp import UserError, fit, models
 from tests.conftest import CONF_DIR, config_options, run_cli
 
 CONF = Path(CONF_DIR)
@@ -54,8 +54,14 @@ def test_cnn_options_change_the_model(compose_cfg):
 
 @pytest.mark.parametrize("name", config_options("dataset"))
 def test_every_dataset_option_composes(compose_cfg, name):
-    cfg = compose_cfg(f"dataset={name}", "dataset.root=/some/folder")
+    required = ["dataset.path=/some/labels.csv"] if name == "csv" else []  # a file list, no root
+    cfg = compose_cfg(f"dataset={name}", "dataset.root=/some/folder", *required)
     assert cfg.dataset.name == name and cfg.dataset.root == "/some/folder"
+
+
+def test_a_csv_dataset_without_its_path_fails_naming_the_key(compose_cfg):
+    with pytest.raises(UserError, match="no value for dataset.path"):
+        compose_cfg("dataset=csv")
 
 
 def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):

@@ -1,0 +1,211 @@
+"""First ingest and steady epochs: the reference loader vs dataset.cache=memory vs disk.
+
+Usage: python benchmarks/ingest.py [--count 20000] [--png] [--image-size 180] [--work DIR]
+
+Generates --count photo-like JPEGs of about 500x375 in 3 classes (with --png: small 96x96 PNGs,
+60,000 by default), once per work dir. Then each side runs in a fresh process, measured whole:
+- reference: tf_keras.utils.image_dataset_from_directory on the folder, iterated once;
+- memory / disk: insect_exp's decode (scan, decode, resize, and for disk the cache write).
+Each prints images/s and its peak RSS. Then the steady epoch time (best of epochs 2-3) of
+fit.train_batches over the decoded train split, memory against disk (data only, the worst case
+for disk), and of one training epoch of the reference CNN on it (--train-steps batches).
+Targets (issue 12): ingest at least as fast as the reference; disk epochs within 10% of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import insect_exp  # noqa: F401  (stdlib only: sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+HERE = Path(__file__).resolve()
+CLASSES = ("beetles", "cockroach", "dragonflies")
+
+
+def _photo(args: tuple[Path, int, bool]) -> None:
+    """One image: smooth colour fields, edges and fine noise, so JPEGs compress like photos."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    path, seed, png = args
+    rng = np.random.default_rng(seed)
+    width, height = (96, 96) if png else (500, 375)
+    coarse = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(image, dtype=np.int16)
+    pixels += rng.integers(-18, 18, pixels.shape, dtype=np.int16)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image = image.filter(ImageFilter.GaussianBlur(0.6))
+    if png:
+        image.save(path)
+    else:
+        image.save(path, quality=90)
+
+
+def generate(root: Path, count: int, png: bool) -> Path:
+    """ROOT/train/<class>/*: COUNT images (kept across runs: done once per work dir)."""
+    marker = root / f".complete-{count}"
+    if marker.exists():
+        return root
+    jobs = []
+    for i in range(count):
+        folder = root / "train" / CLASSES[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"{i:06d}.{'png' if png else 'jpg'}", i, png))
+    start = time.perf_counter()
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_photo, jobs, chunksize=64))
+    size = sum(p.stat().st_size for p, _, _ in jobs) / 2**20
+    print(f"generated {count} images ({size:.0f} MB) in {time.perf_counter() - start:.0f} s")
+    marker.touch()
+    return root
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: int) -> dict:
+    """One measurement, in this (fresh) process."""
+    import tf_keras as keras
+
+    from insect_exp.config import ImageCache
+    from insect_exp.data.cache import CachePolicy
+    from insect_exp.data.pipeline import load
+    from insect_exp.data.scan import scan
+
+    size = (image_size, image_size)
+    start = time.perf_counter()  # imports done: both sides time listing, reading and decoding
+    if name == "reference":
+        ds = keras.utils.image_dataset_from_directory(
+            root / "train", image_size=size, batch_size=32
+        )
+        count = sum(int(x.shape[0]) for x, _ in ds)
+        return {"images": count, "seconds": time.perf_counter() - start, "rss_mb": _peak_rss_mb()}
+
+    mode = ImageCache.disk if name.startswith("disk") else ImageCache.memory
+    policy = CachePolicy(mode, cache_dir, 2**40, 2**40)
+    data = load(scan(root), size, val_split=0.1, seed=0, cache=policy)
+    result = {
+        "images": len(data.train) + len(data.val),
+        "seconds": time.perf_counter() - start,
+        "rss_mb": _peak_rss_mb(),
+    }
+    if name.endswith("epochs"):
+        result.update(epochs(data.train, train_steps))
+    return result
+
+
+def epochs(split, train_steps: int) -> dict:
+    """Steady data-only epoch time, and the time of TRAIN_STEPS training steps of the CNN."""
+    import tf_keras as keras
+
+    from insect_exp.config import CNNConfig
+    from insect_exp.fit import train_batches
+    from insect_exp.models.cnn import CNNRecipe
+
+    batch = 32
+    steps = -(-len(split) // batch)
+    it = iter(train_batches(split, batch, seed=0))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(it)
+        times.append(time.perf_counter() - start)
+    size = [int(v) for v in split.images.shape[1:3]]
+    model = CNNRecipe(CNNConfig(image_size=size)).build(3)
+    model.compile(
+        optimizer=keras.optimizers.Adam(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    train = train_batches(split, batch, seed=0)
+    model.fit(train, epochs=1, steps_per_epoch=20, verbose=0)  # warm-up: graph, threads
+    start = time.perf_counter()
+    model.fit(train, epochs=1, steps_per_epoch=train_steps, verbose=0)
+    return {"data_epoch_s": min(times[1:]), "train_steps_s": time.perf_counter() - start}
+
+
+def run_phase(name: str, args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
+    cmd = [
+        sys.executable, str(HERE), "--phase", name, "--root", str(root),
+        "--cache-dir", str(cache_dir), "--image-size", str(args.image_size),
+        "--train-steps", str(args.train_steps),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu() -> str:
+    flags = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(f for f in wanted if f in flags)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, help="images (default 20,000; 60,000 with --png)")
+    parser.add_argument("--png", action="store_true", help="small 96x96 PNGs instead of photos")
+    parser.add_argument("--image-size", type=int, default=180)
+    parser.add_argument("--train-steps", type=int, default=100, help="CNN steps timed per mode")
+    parser.add_argument("--work", type=Path, help="work dir (kept: generated images are reused)")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        result = phase(args.phase, args.root, args.cache_dir, args.image_size, args.train_steps)
+        print(json.dumps(result))
+        return
+
+    count = args.count or (60_000 if args.png else 20_000)
+    work = args.work or Path(tempfile.mkdtemp(prefix="insect_ingest_bench_"))
+    kind = "png96" if args.png else "jpeg500x375"
+    root = generate(work / f"{kind}-{count}", count, args.png)
+    print(f"cpu: {cpu()}")
+    print(f"data: {count} {kind} images in {root}; decoded at {args.image_size} px")
+    results = {}
+    for name in ("reference", "memory", "disk"):
+        cache_dir = Path(tempfile.mkdtemp(prefix="cache_", dir=work))  # a cold cache each time
+        results[name] = r = run_phase(name, args, root, cache_dir)
+        rate = r["images"] / r["seconds"]
+        print(f"{name:>9} ingest: {r['seconds']:6.1f} s  {rate:7.0f} images/s  "
+              f"peak RSS {r['rss_mb']:6.0f} MB")  # fmt: skip
+    ratio = results["disk"]["seconds"] / results["reference"]["seconds"]
+    print(f"disk ingest / reference: {ratio:.2f} (target <= 1)")
+    cache_dir = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+    run_phase("disk", args, root, cache_dir)  # write the entry: the epochs below read it warm
+    memory = run_phase("memory-epochs", args, root, cache_dir)
+    disk = run_phase("disk-epochs", args, root, cache_dir)
+    print(f"data-only epoch: memory {memory['data_epoch_s']:.2f} s, disk {disk['data_epoch_s']:.2f}"
+          f" s ({disk['data_epoch_s'] / memory['data_epoch_s']:.2f}x)")  # fmt: skip
+    print(f"{args.train_steps} CNN training steps: memory {memory['train_steps_s']:.1f} s, disk "
+          f"{disk['train_steps_s']:.1f} s ({disk['train_steps_s'] / memory['train_steps_s']:.2f}x,"
+          " target <= 1.10)")  # fmt: skip
+    print(f"peak RSS after the epochs: memory {memory['rss_mb']:.0f} MB, disk {disk['rss_mb']:.0f}"
+          " MB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
