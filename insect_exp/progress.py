@@ -23,9 +23,9 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Counts done items of a known total; shows rate and ETA.
 
-    On a terminal (stderr a TTY) it redraws one line, at most 10 times a second; otherwise it
-    logs a line at each quarter (or every 30 s, whichever comes first) and one at the end, unless
-    the work took under 2 s.
+    On a terminal (stderr a TTY) it redraws one line, at most 10 times a second. Otherwise it logs
+    a first line (with the ETA) once 2 s have passed, then one at each quarter (or every 30 s,
+    whichever comes first) and one at the end; work done within 2 s logs nothing.
     """
 
     def __init__(self, total: int, what: str, unit: str = "images", stream: TextIO | None = None):

@@ -360,7 +360,7 @@ def load(
             manifest.test, image_size, workers, store, cache, "decoding test"
         )
         skipped += failed
-    storage = "memory" if store is None else "disk"
+    storage = "disk" if isinstance(train.images, DiskImages) else "memory"
     # Undecodable files may have emptied a split or a class: say so before training starts.
     check_usable(
         manifest.root,
