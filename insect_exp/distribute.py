@@ -89,9 +89,8 @@ def cluster_source(environ: Mapping[str, str] | None = None) -> str:
         return "TF_CONFIG"
     if all(env.get(name) for name in SLURM_STEP_VARS):
         return "SLURM"
-    where = " (inside SLURM job %s but not in a job step: start it with srun)" % env[
-        "SLURM_JOB_ID"
-    ] if env.get("SLURM_JOB_ID") else ""
+    job = env.get("SLURM_JOB_ID")
+    where = f" (in SLURM job {job} but not in a job step: start it with srun)" if job else ""
     raise UserError(
         "train.strategy=multi_worker needs a cluster: set TF_CONFIG on every worker, or start "
         f"one task per node with srun in a SLURM allocation; neither is there{where}"
@@ -198,7 +197,7 @@ def _mirrored() -> Distribution:
 
 
 def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
-    """MultiWorkerMirroredStrategy on the cluster from TF_CONFIG or SLURM; waits for every worker."""
+    """MultiWorkerMirroredStrategy on the TF_CONFIG or SLURM cluster, once every worker is up."""
     import tensorflow as tf
     from tensorflow.python.distribute import collective_all_reduce_strategy as mwms
 
@@ -271,8 +270,26 @@ def peer_failures(dist: Distribution) -> Iterator[None]:
     except lost as err:
         raise WorkerLost(
             f"a worker of the {dist.num_workers}-worker cluster stopped answering "
-            f"({type(err).__name__}): {_first_line(err)}"
+            f"({type(err).__name__}): {peer_error_reason(str(err))}"
         ) from err
+
+
+_REASON_WORDS = ("unhealthy", "aborted", "down", "timed out", "deadline", "unavailable", "socket")
+
+
+def peer_error_reason(message: str) -> str:
+    """The line of a collective op's error that says what happened to the peer (one line).
+
+    TensorFlow's message starts with "Graph execution error:" and the Python stack of the op;
+    the reason (e.g. "... tasks are unhealthy (stopped sending heartbeats): /job:worker/...") and
+    the tasks it names come further down.
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if any(word in line.lower() for word in _REASON_WORDS) and not line.startswith("File "):
+            tasks = [t for t in lines[i + 1 : i + 4] if t.startswith("/job:")]
+            return " ".join([line, *tasks])[:500]
+    return lines[-1][:500] if lines else "no reason given"
 
 
 def cluster_role(strategy: tf.distribute.Strategy) -> tuple[bool, bool]:
@@ -298,13 +315,25 @@ class LocalPredictor:
     def __init__(self, model) -> None:
         import tensorflow as tf
 
-        self._call = tf.function(lambda images: model(images, training=False))
+        strategy = model.distribute_strategy
 
-    def predict(self, dataset, verbose: int = 0):
+        @tf.function
+        def call(images: tf.Tensor) -> tf.Tensor:
+            # In replica context, as Keras runs models; no op in it talks to other workers. Local
+            # replicas (several GPUs) each compute the batch: take the first one's.
+            outputs = strategy.run(lambda x: model(x, training=False), args=(images,))
+            return strategy.experimental_local_results(outputs)[0]
+
+        self._call = call
+
+    def predict(self, dataset, verbose: int = 0, callbacks=(), **_: Any):
         import numpy as np
 
-        outputs = [self._call(batch[0] if isinstance(batch, tuple) else batch).numpy()
-                   for batch in dataset]  # fmt: skip
+        outputs = []
+        for step, batch in enumerate(dataset):
+            outputs.append(self._call(batch[0] if isinstance(batch, tuple) else batch).numpy())
+            for callback in callbacks or ():
+                callback.on_predict_batch_end(step)
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
 

@@ -146,6 +146,9 @@ def compile_classifier(
         loss=Crossentropy(label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
+    # A batch's logs are metric results, already the same on every replica: take one. Keras's
+    # default sums them across the workers of a MultiWorkerMirroredStrategy (2x on two workers).
+    model.distribute_reduction_method = "first"
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: ClassWeight) -> dict[int, float]:
