@@ -18,9 +18,11 @@ from insect_exp.config import Config, register_configs, to_object
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 register_configs()
-# hydra/launcher=joblib is insect_exp's own launcher (conf/hydra/launcher/joblib.yaml) on joblib's
-# schema; Hydra warns that matching a config file to a schema of the same name is deprecated.
-warnings.filterwarnings("ignore", message=r"\n'hydra/launcher/joblib' is validated against")
+# hydra/launcher=joblib, submitit_local and submitit_slurm are insect_exp's launchers (conf/hydra/
+# launcher/) on the plugins' schemas of the same names, which Hydra matches with a warning.
+warnings.filterwarnings(
+    "ignore", message=r"\n'hydra/launcher/(joblib|submitit_local|submitit_slurm)' is validated"
+)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -26,27 +26,18 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import (
-    JobReturn,
-    JobStatus,
-    configure_log,
-    filter_overrides,
-    run_job,
-    setup_globals,
-)
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from hydra_plugins.insect_exp_launcher._common import JobProcessDied, failed_job, job_config
 
 log = logging.getLogger(__name__)
 
 # This launcher's config (conf/hydra/launcher/joblib.yaml) keeps joblib's schema of the same name,
 # which Hydra matches with a deprecation warning, once per process that loads a job's config.
 warnings.filterwarnings("ignore", message=r"\n'hydra/launcher/joblib' is validated against")
-
-
-class JobProcessDied(RuntimeError):
-    """A job's process ended without returning: killed by a signal or the OOM killer."""
 
 
 class IsolatedJoblibLauncher(Launcher):
@@ -132,29 +123,8 @@ class IsolatedJoblibLauncher(Launcher):
         except BrokenProcessPool as err:
             cause = str(err).split("\n", 1)[0]
             error = JobProcessDied(f"job process died ({cause})")
-        log.error("job #%d (%s): %s", idx, " ".join(filter_overrides(overrides)), error)
         assert self.config is not None and self.hydra_context is not None
-        config = _job_config(self.hydra_context, self.config, idx, overrides)
-        ret = JobReturn(
-            overrides=list(overrides),
-            cfg=config,
-            hydra_cfg=config,
-            task_name=str(config.hydra.job.name),
-            status=JobStatus.FAILED,
-            _return_value=error,
-        )
-        self.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
-        return ret
-
-
-def _job_config(
-    hydra_context: HydraContext, config: DictConfig, idx: int, overrides: Sequence[str]
-) -> DictConfig:
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-    with open_dict(sweep_config):
-        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
-        sweep_config.hydra.job.num = idx
-    return sweep_config
+        return failed_job(self.hydra_context, self.config, idx, overrides, error)
 
 
 def _execute_job(
@@ -168,7 +138,7 @@ def _execute_job(
     """In the job's process: what joblib's launcher does in each of its workers."""
     setup_globals()
     Singleton.set_state(singleton_state)
-    sweep_config = _job_config(hydra_context, config, idx, overrides)
+    sweep_config = job_config(hydra_context, config, idx, overrides)
     HydraConfig.instance().set_config(sweep_config)
     return run_job(
         hydra_context=hydra_context,

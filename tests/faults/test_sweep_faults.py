@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from tests.faults.conftest import TINY, environment, wait_until
 
 # Long enough that the healthy job is still training when the other is killed.
-EPOCHS = 60
+EPOCHS = 150
 
 
 def _sweep(cwd: Path, folder: Path, *overrides: str) -> subprocess.Popen:
@@ -47,14 +47,18 @@ def _parent(runs: list):
     return parent
 
 
-def _workers(pid: int) -> list[int]:
-    """joblib's loky worker processes among pid's children (not its resource trackers)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+def _job_processes(pid: int, marker: bytes) -> list[int]:
+    """The processes under pid (at any depth) whose command line holds marker."""
     found = []
-    for child in out.stdout.split():
-        command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"LokyProcess" in command:
-            found.append(int(child))
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    for child in map(int, out.stdout.split()):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker in command:
+            found.append(child)
+        found += _job_processes(child, marker)
     return found
 
 
@@ -84,20 +88,25 @@ def test_sigterm_to_a_sweep_ends_its_parent_and_running_job_killed_with_a_summar
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
+# Each launcher's job processes: joblib's loky workers, submitit's job scripts.
+JOB_PROCESS = {"joblib": b"LokyProcess", "submitit_local": b"submitit.core._submit"}
+
+
 @pytest.mark.slow
-def test_a_killed_joblib_job_fails_alone_and_the_counts_are_true(tmp_path, folder, store):
-    # Given a joblib sweep of two jobs, both training
+@pytest.mark.parametrize("launcher", sorted(JOB_PROCESS))
+def test_a_killed_job_fails_alone_and_the_counts_are_true(tmp_path, folder, store, launcher):
+    # Given a sweep of two jobs running side by side, both training
     process = _sweep(
-        tmp_path, folder, f"epochs={EPOCHS}", "seed=1,2", "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
+        tmp_path, folder, f"epochs={EPOCHS}", "seed=1,2", f"hydra/launcher={launcher}",
+        *(["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []),
     )  # fmt: skip
     wait_until(lambda: len(_children_with_epochs(store)) == 2, timeout=240)
 
-    # When one worker process is killed outright (the OOM killer)
-    workers = _workers(process.pid)
-    assert workers, "no joblib worker found"
-    for worker in workers[:1]:
-        subprocess.run(["kill", "-9", str(worker)], check=False)
+    # When the first job's process (started first: the lower pid) is killed outright (the OOM
+    # killer); a launcher that collects results in job order stops at that one
+    workers = sorted(_job_processes(process.pid, JOB_PROCESS[launcher]))
+    assert len(workers) == 2, workers
+    subprocess.run(["kill", "-9", str(workers[0])], check=False)
     _, stderr = process.communicate(timeout=300)
 
     # Then the other job trains on to the end, the sweep ends 1, no run is left RUNNING, the
