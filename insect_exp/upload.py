@@ -7,8 +7,8 @@ still logs (metrics, params, tags, artifacts, the model, its final status) lands
 directory under the run's output dir instead. Uploading replays it into the same run by id, once
 the store is back.
 
-Layout: run.json (ids, URI), metrics.jsonl, params.json, tags.json, artifacts/, model/ (an MLflow
-model directory), status (written last).
+Layout: run.json (ids, URI, the registered model name if any), metrics.jsonl, params.json,
+tags.json, artifacts/, model/ (an MLflow model directory), status (written last).
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ class Spool:
         target = self.dir / "artifacts" / (artifact_path or "")
         shutil.copytree(local_dir, target, dirs_exist_ok=True)
 
+    def register_as(self, name: str) -> None:
+        """Register the spooled model under `name` when it is uploaded."""
+        path = self.dir / "run.json"
+        info = json.loads(path.read_text())
+        path.write_text(json.dumps({**info, "registered_model_name": name}, indent=2) + "\n")
+
     @property
     def model_dir(self) -> Path:
         return self.dir / "model"
@@ -106,9 +112,27 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
         client.log_model_artifacts(model.model_id, str(spool / "model"))
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        if info.get("registered_model_name"):
+            _register(client, info["registered_model_name"], model.model_id, run_id)
     status = (spool / "status").read_text().strip() if (spool / "status").is_file() else "KILLED"
     client.set_terminated(run_id, status)
     return run_id
+
+
+def _register(client: Any, name: str, model_id: str, run_id: str) -> None:
+    """A new version of registered model `name` for the uploaded model (as log_model does)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    version = client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
+    )
+    client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
 
 
 def _read_json(path: Path) -> dict[str, str]:

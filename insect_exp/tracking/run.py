@@ -293,7 +293,7 @@ class Run:
         Args:
             requirements: pip requirements beyond MLflow, NumPy and pandas (TensorFlow's).
             registered_model_name: also register the model as a new version of this registered
-                model (not possible offline: the spooled model is uploaded unregistered).
+                model (offline: when the spooled run is uploaded).
         """
         import os
         from importlib import metadata as package_metadata
@@ -370,9 +370,9 @@ class Run:
             mlflow.pyfunc.save_model(str(spool.model_dir), **settings)
             uri.append(str(spool.model_dir))
             if registered_model_name:
+                spool.register_as(registered_model_name)
                 log.warning(
-                    "the model is saved offline and not registered as %s: register it after "
-                    "the upload (mlflow.register_model)",
+                    "the model is saved offline; the upload registers it as %s",
                     registered_model_name,
                 )
 

@@ -40,8 +40,9 @@ def test_a_run_whose_server_stops_finishes_offline_and_uploads_when_it_is_back(
     url = server.url
     env = environment(MLFLOW_TRACKING_URI=url)
     process = start(
-        f"dataset.root={folder}", "epochs=8", "mlflow.log_model=true", cwd=tmp_path, env=env
-    )
+        f"dataset.root={folder}", "epochs=8", "mlflow.log_model=true",
+        "mlflow.registered_model_name=insects", cwd=tmp_path, env=env,
+    )  # fmt: skip
     try:
         wait_until(lambda: _epochs(url) >= 1, timeout=180)
 
@@ -66,7 +67,7 @@ def test_a_run_whose_server_stops_finishes_offline_and_uploads_when_it_is_back(
         )  # fmt: skip
         assert upload.returncode == 0, upload.stderr[-3000:]
 
-        # Then the run is FINISHED with all 8 epochs, its plots and its model, which loads
+        # Then the run is FINISHED with all 8 epochs, its plots and its model
         client = MlflowClient(server.url)
         (found,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
         assert found.info.status == "FINISHED"
@@ -74,10 +75,14 @@ def test_a_run_whose_server_stops_finishes_offline_and_uploads_when_it_is_back(
         assert steps == list(range(8))
         listed = {a.path for a in client.list_artifacts(found.info.run_id, "plots")}
         assert "plots/training_curves.png" in listed
+        # And registered as the run asked, the version linked to the run
+        (version,) = client.search_model_versions("name='insects'")
+        assert version.run_id == found.info.run_id
+        assert found.data.tags["registered_model"] == f"insects/{version.version}"
         code = (
             "import numpy as np, mlflow\n"
             f"mlflow.set_tracking_uri({server.url!r})\n"
-            f"m = mlflow.pyfunc.load_model('runs:/{found.info.run_id}/model')\n"
+            "m = mlflow.pyfunc.load_model('models:/insects/latest')\n"
             "print('SHAPE', np.asarray(m.predict(np.zeros((2, 32, 32, 3), 'float32'))).shape)\n"
         )
         out = subprocess.run(
