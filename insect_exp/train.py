@@ -69,6 +69,9 @@ def run(cfg: Config) -> float:
             with dist.strategy.scope(), distribute.peer_failures(dist):
                 model = recipe.build(len(data.class_names))
                 run.log_text(_summary(model), "model_summary.txt")
+                # The model's own strategy: what it really trains on, every worker together.
+                replicas = model.distribute_strategy.num_replicas_in_sync
+                run.set_tags({"replicas": replicas, "devices": dist.describe()})
                 settings = FitSettings.from_config(cfg, checkpoints, resume_from)
                 sink = run.resumed_sink(RESUMED_KEYS) if cfg.resume else run.sink
                 history = recipe.fit(model, data, settings, sink=sink)

@@ -249,6 +249,7 @@ def test_mirrored_over_two_cpu_devices_trains_the_cnn_as_one_device_does(
     c1, _, run_one = _only_run(one)
     c2, experiment, run_two = _only_run(two)
     assert run_two.info.status == "FINISHED" and run_two.data.params["train.strategy"] == "mirrored"
+    assert (run_one.data.tags["replicas"], run_two.data.tags["replicas"]) == ("1", "2")
     # and the global batch of 4 split 2 + 2 trains the same model: same steps, same losses
     for key in ("loss", "val_loss", "batch_loss"):
         expected = _history(c1, run_one.info.run_id, key)
@@ -273,7 +274,7 @@ def test_mirrored_trains_the_hub_model_with_features_extracted_once(folder, back
     # Then one FINISHED run: every image through the backbone once, 3 epochs, a model that reloads
     assert out.returncode == 0, out.stderr[-3000:]
     client, experiment, run = _only_run(store)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["replicas"] == "2"
     assert run.data.metrics["backbone_images_computed"] == 27  # 18 train + 9 test
     assert len(_history(client, run.info.run_id, "loss")) == 3
     assert np.isfinite(run.data.metrics["test_loss"])
@@ -299,6 +300,7 @@ def test_two_workers_log_exactly_one_finished_run(folder, backbone, tmp_path, mo
     assert "worker 1 done; the chief (worker 0) logged the run" in out1
     client, experiment, run = _only_run(store)
     assert run.info.status == "FINISHED" and run.data.params["train.strategy"] == "multi_worker"
+    assert run.data.tags["replicas"] == "2"  # one CPU device on each worker
     epochs = 3 if model == "hub" else 2
     assert len(_history(client, run.info.run_id, "loss")) == epochs
     # a batch's loss is the global batch's mean, not summed over the two workers
