@@ -233,6 +233,46 @@ def train_batches(
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
+class CallbackCounters(keras.callbacks.Callback):
+    """Carries early stopping's and plateau decay's counters across an interruption.
+
+    Keras resets both when fit starts: a resumed run would wait `patience` epochs anew and forget
+    its best epoch. Their counters go into every checkpoint (`snapshot`); on resume they are set
+    back in on_train_begin, which runs after theirs (this callback comes after them), and early
+    stopping gets the best epoch's weights back from the best checkpoint.
+    """
+
+    FIELDS = {
+        "early_stopping": ("wait", "best", "best_epoch"),
+        "plateau": ("wait", "best", "cooldown_counter"),
+    }
+
+    def __init__(
+        self,
+        callbacks: dict[str, keras.callbacks.Callback],
+        saved: dict | None = None,
+        best_weights: Callable[[], list[np.ndarray] | None] | None = None,
+    ):
+        super().__init__()
+        self.callbacks = callbacks
+        self.saved = saved or {}
+        self.best_weights = best_weights
+
+    def snapshot(self) -> dict:
+        return {
+            name: {key: float(getattr(cb, key)) for key in self.FIELDS[name]}
+            for name, cb in self.callbacks.items()
+        }
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        for name, cb in self.callbacks.items():
+            for key, value in self.saved.get(name, {}).items():
+                setattr(cb, key, int(value) if key != "best" else value)
+        stopper = self.callbacks.get("early_stopping")
+        if stopper is not None and self.saved and stopper.restore_best_weights:
+            stopper.best_weights = self.best_weights() if self.best_weights else None
+
+
 def fit(
     model: keras.Model,
     train_split: ImageSplit,
@@ -290,8 +330,13 @@ def fit(
     ]
     stopper = None
     es = settings.early_stopping
+    counted: dict[str, keras.callbacks.Callback] = {}
     if schedule:
-        callbacks += _schedule_callbacks(settings.optimizer, epochs)
+        scheduling = _schedule_callbacks(settings.optimizer, epochs)
+        for cb in scheduling:
+            if isinstance(cb, keras.callbacks.ReduceLROnPlateau):
+                counted["plateau"] = cb
+        callbacks += scheduling
         if es.enabled:
             stopper = keras.callbacks.EarlyStopping(
                 monitor=es.monitor.value,
@@ -300,10 +345,17 @@ def fit(
                 restore_best_weights=es.restore_best,
             )
             callbacks.append(stopper)
+            counted["early_stopping"] = stopper
     callbacks.append(LearningRateLog())
+    saved = resume.callbacks if resume is not None and resume.stage == stage else None
+    counters = CallbackCounters(counted, saved, lambda: _best_weights(model, settings, stage))
+    callbacks.append(counters)
     checkpoint = None
     if settings.checkpoint_dir:
-        checkpoint = resilience.Checkpointer(settings.checkpoint_dir, stage, first_epoch)
+        monitor, mode = (es.monitor.value, es.monitor.mode) if stopper else ("val_loss", "min")
+        checkpoint = resilience.Checkpointer(
+            settings.checkpoint_dir, stage, first_epoch, monitor, mode, counters.snapshot
+        )
     callbacks.append(EpochEnd(sink, first_epoch, checkpoint))
     weights = class_weights(train_split.labels, num_classes, settings.class_weight)
     try:
@@ -340,6 +392,22 @@ def fit(
         if es.restore_best and stopper.best_epoch != done + history.num_epochs - 1:
             val_logits = None  # the model now holds an earlier epoch's weights
     return Fitted(history, val_logits)
+
+
+def _best_weights(
+    model: keras.Model, settings: FitSettings, stage: str
+) -> list[np.ndarray] | None:
+    """The weights of the best checkpoint of this stage (None if there is none), model unchanged."""
+    if not settings.checkpoint_dir:
+        return None
+    best = resilience.read_state(settings.checkpoint_dir, "best")
+    if best is None or best.stage != stage:
+        return None
+    current = model.get_weights()
+    tf.train.Checkpoint(model=model).read(best.path).expect_partial()
+    weights = model.get_weights()
+    model.set_weights(current)
+    return weights
 
 
 def predict_logits(model: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:

@@ -17,8 +17,8 @@ import os
 import shutil
 import signal
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ class CheckpointState:
     stage_start: int  # the first epoch of that stage
     path: str  # the checkpoint prefix to read the variables from
     val_loss: float | None = None
+    # What "best" is judged by (early stopping's monitor, else val_loss) and this epoch's value.
+    monitor: str = "val_loss"
+    value: float | None = None
+    # Counters of callbacks that outlive an epoch (early stopping, plateau decay), by name.
+    callbacks: dict = field(default_factory=dict)
 
 
 def read_state(directory: str | Path, which: str = "latest") -> CheckpointState | None:
@@ -191,26 +196,54 @@ def interrupt_callback():
 
 
 class Checkpointer:
-    """Latest and best (lowest val_loss) checkpoint of a model being fit, after each epoch."""
+    """Latest and best checkpoint of a model being fit, after each epoch.
 
-    def __init__(self, directory: str | Path, stage: str, first_epoch: int):
+    Best is judged by `monitor` (lowest, or highest with mode "max"): early stopping's monitor,
+    so that its best weights survive an interruption. `state_of` adds the counters of callbacks
+    that a resume must carry on (see fit.CallbackCounters).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        stage: str,
+        first_epoch: int,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        state_of: Callable[[], dict] | None = None,
+    ):
         self.directory = Path(directory)
         self.stage = stage
         self.first_epoch = first_epoch
+        self.monitor = monitor
+        self.sign = -1.0 if mode == "max" else 1.0
+        self.state_of = state_of
         best = read_state(self.directory, "best")
-        self.best = best.val_loss if best and best.val_loss is not None else float("inf")
+        self.best = float("inf")
+        if best is not None and best.monitor == monitor and best.value is not None:
+            self.best = self.sign * best.value
 
     def __call__(self, model, epoch: int, logs: dict | None) -> None:
         """Checkpoint `model` and its optimizer after Keras's epoch `epoch` of this stage."""
         import tensorflow as tf
 
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-        val_loss = (logs or {}).get("val_loss")
-        absolute = self.first_epoch + epoch
-        state = asdict(CheckpointState(absolute, self.stage, self.first_epoch, "", val_loss))
-        _write(self.directory / "latest", checkpoint, state)
-        if val_loss is not None and val_loss < self.best:
-            self.best = val_loss
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        value = None if value is None else float(value)
+        state = CheckpointState(
+            self.first_epoch + epoch,
+            self.stage,
+            self.first_epoch,
+            "",
+            None if logs.get("val_loss") is None else float(logs["val_loss"]),
+            self.monitor,
+            value,
+            self.state_of() if self.state_of else {},
+        )
+        _write(self.directory / "latest", checkpoint, asdict(state))
+        if value is not None and self.sign * value < self.best:
+            self.best = self.sign * value
             _link(self.directory / "latest", self.directory / "best")
 
 

@@ -126,3 +126,49 @@ def test_a_config_that_changed_since_the_run_is_refused():
     resilience.check_same_config(logged, {"epochs": "4", "model.dropout": "0.0"})
     with pytest.raises(UserError, match=r"model.dropout \(was 0.0, now 0.5\)"):
         resilience.check_same_config(logged, {"epochs": "4", "model.dropout": "0.5"})
+
+
+@pytest.mark.parametrize("schedule", ["early_stopping", "reduce_on_plateau"])
+def test_a_resumed_run_keeps_early_stopping_and_plateau_counting_where_it_stopped(
+    tmp_path, schedule
+):
+    # Given a validation split whose loss is best after epoch 0 and worse from then on (its
+    # labels disagree with train's), watched by early stopping or plateau decay
+    from insect_exp.config import EarlyStoppingConfig, Schedule
+
+    train = _split()
+    val = _split(9, seed=1)
+    val.labels = (val.labels + 1) % 3
+    optimizer = AdamConfig(learning_rate=0.05)
+    stopping = EarlyStoppingConfig()
+    if schedule == "early_stopping":
+        stopping = EarlyStoppingConfig(enabled=True, patience=3, restore_best=True)
+    else:
+        optimizer = AdamConfig(
+            learning_rate=0.05, schedule=Schedule.reduce_on_plateau, plateau_patience=2,
+            decay_factor=0.5,
+        )  # fmt: skip
+
+    def settings(epochs, directory, resume=None):
+        return fit.FitSettings(
+            epochs, 5, 11, optimizer, early_stopping=stopping, checkpoint_dir=directory,
+            resume_from=resume,
+        )  # fmt: skip
+
+    # When one model trains 6 epochs straight, and another 2 epochs then resumes to 6
+    whole = _model()
+    straight = fit.fit(whole, train, val, settings(6, tmp_path / "a"), verbose=0)
+    fit.fit(_model(), train, val, settings(2, tmp_path / "b"), verbose=0)
+    resumed_model = _model()
+    state = resilience.read_state(tmp_path / "b")
+    resumed = fit.fit(resumed_model, train, val, settings(6, tmp_path / "b", state), verbose=0)
+
+    # Then the resumed one stops, decays and ends with the weights the straight one does
+    assert resumed.history.stopped_epoch == straight.history.stopped_epoch
+    assert resumed.history.best_epoch == straight.history.best_epoch
+    assert resumed.history.epochs["lr"] == straight.history.epochs["lr"][2:]
+    assert resilience.read_state(tmp_path / "b").callbacks == resilience.read_state(
+        tmp_path / "a"
+    ).callbacks
+    for a, b in zip(whole.get_weights(), resumed_model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
