@@ -33,7 +33,8 @@ import zipfile
 
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 needed = {"insect_exp/conf/config.yaml", "insect_exp/conf/hydra/help/insect_exp.yaml",
-          "insect_exp/conf/model/cnn.yaml", "insect_exp/conf/dataset/demo.yaml"}
+          "insect_exp/conf/model/cnn.yaml", "insect_exp/conf/dataset/demo.yaml",
+          "hydra_plugins/insect_exp_launcher/isolated_joblib.py"}
 missing = sorted(needed - names)
 if missing:
     sys.exit(f"check-wheel: the wheel lacks {missing}")
