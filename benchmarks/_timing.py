@@ -1,20 +1,57 @@
 """What the side-by-side benchmark scripts share."""
 
+import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, str]:
     """Run `cmd` to completion; return wall seconds and its combined output (exit on failure)."""
+    seconds, _, output = measured(cmd, cwd, env)
+    return seconds, output
+
+
+def measured(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str]:
+    """Run `cmd` to completion; wall seconds, its peak RSS in GB, its output (exit on failure).
+
+    The peak is the process's own (wait4's ru_maxrss), not that of every child so far.
+    """
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    out_file = Path(cwd) / f".bench-{os.getpid()}-{time.monotonic_ns()}.log"
+    with out_file.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
-    output = proc.stdout + proc.stderr
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = out_file.read_text(errors="replace")
+    out_file.unlink()
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
-    return elapsed, output
+    return elapsed, usage.ru_maxrss / 1024**2, output
+
+
+def cpu() -> str:
+    """The CPU and the flags that decide TensorFlow's speed here (machines differ by 4x)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    have = " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+    return f"{model}, {os.cpu_count()} cores, flags: {have}"
+
+
+def summary(values: list[float]) -> str:
+    """Best and median of repeated wall times."""
+    return f"best {min(values):7.1f} s  median {statistics.median(values):7.1f} s"
 
 
 def post_sized_folder(work: Path) -> Path:

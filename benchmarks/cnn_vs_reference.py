@@ -1,28 +1,39 @@
-"""Side by side: the post's CNN recipe vs `python -m insect_exp`, whole-process wall times.
+"""Side by side: the post's CNN recipe (bare, and with MLflow autolog) vs `python -m insect_exp`.
 
-Usage: python benchmarks/cnn_vs_reference.py [--root DIR] [--epochs 10] [--repeats 1]
+Usage: python benchmarks/cnn_vs_reference.py [--root DIR] [--epochs 10] [--repeats 3]
                                              [--variant "precision=mixed_bfloat16" ...]
 
 Without --root it generates a ~1,000-image folder like the post's (1,020 train / 180 test images,
-3 classes) with the demo generator. Each side runs as its own process, one after the other, so
-both pay their imports, data decoding and, for the framework, MLflow logging of params, metrics,
-plots and the model. Every framework run logs into one MLflow store, as a user's runs share
-mlruns/: the first run also pays for creating the store (about a second).
+3 classes) with the demo generator. Each side runs as its own process, so every side pays its
+imports, data decoding and logging: the framework logs params, metrics, plots and the model; the
+autolog side is the post's script with `mlflow.tensorflow.autolog()` around `fit` (it needs the
+`tensorboard` package in this environment and is left out, with a note, without it). Every
+framework run logs into one MLflow store, as a user's runs share mlruns/; that store and the
+autolog side's are created before the first timed run.
 
-The framework runs its default config; each --variant adds a framework run with those extra
-overrides per repeat, reported as its own row.
+Each repeat runs every side once, the order rotating from one repeat to the next, so that a
+noisy moment of a shared machine does not always fall on the same side. Printed: the CPU and its
+flags; per side the best and median wall time, the peak RSS of its process and the mean and
+spread of its val_accuracy; the framework's ratios to both references (best to best, median to
+median) and its fixed overhead (framework minus reference, best to best: run with --epochs 1 for
+the figure the performance issue names).
+
+The framework runs its default config; each --variant adds a framework side with those extra
+overrides.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 # A sibling module: these scripts run as benchmarks/NAME.py.
-from _timing import post_sized_folder, timed
+from _timing import cpu, measured, post_sized_folder
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="folder in the reference layout")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each side")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument(
         "--variant", action="append", default=[], help="extra framework overrides (space-separated)"
     )
@@ -50,46 +61,78 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="insect_bench_"))
     root = args.root or post_sized_folder(work)
-    print(f"data: {root}  epochs: {args.epochs}  work dir: {work}")
+    print(cpu())
+    print(f"data: {root}  epochs: {args.epochs}  repeats: {args.repeats}  work dir: {work}")
     uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
     (work / "mlruns").mkdir()
+    autolog_uri = f"sqlite:///{work / 'autolog' / 'mlflow.db'}"
+    (work / "autolog").mkdir()
+    # Both stores exist before the first timed run, as a user's mlruns/ does after their first
+    # run: creating one costs seconds that neither side pays again.
+    from insect_exp import tracking
 
-    sides = ["reference", "framework", *(f"framework {v}" for v in args.variant)]
-    results: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+    tracking.prepare_store(uri)
+    tracking.prepare_store(autolog_uri)
+
+    reference = [sys.executable, str(HERE / "reference_cnn.py"), str(root), str(args.epochs)]
+    sides: dict[str, object] = {"reference": reference}
+    if importlib.util.find_spec("tensorboard") is not None:
+        sides["reference + autolog"] = [*reference, "--autolog", autolog_uri]
+    else:
+        print("note: no reference + autolog side (mlflow.tensorflow.autolog needs tensorboard: "
+              "pip install tensorboard in this environment)")  # fmt: skip
+    for variant in ["", *args.variant]:
+        sides[f"framework {variant}".strip()] = variant
+
+    def run(side: str, i: int) -> tuple[float, float, float]:
+        command = sides[side]
+        if isinstance(command, list):
+            seconds, rss, out = measured(command, work)
+            return seconds, rss, float(re.findall(r"REFERENCE val_accuracy=([0-9.]+)", out)[-1])
+        name = f"benchmark-{i}-{side.replace(' ', '_')}"
+        seconds, rss, _ = measured(
+            [
+                sys.executable, "-m", "insect_exp", "dataset=insects", f"dataset.root={root}",
+                f"epochs={args.epochs}", f"mlflow.tracking_uri={uri}",
+                "mlflow.experiment_name=benchmark", f"mlflow.run_name={name}",
+                f"hydra.run.dir={work / f'outputs-{name}'}", f"seed={123 + i}",
+                *str(command).split(),
+            ],
+            work,
+        )  # fmt: skip
+        return seconds, rss, framework_val_accuracy(uri, name)
+
+    names = list(sides)
+    results: dict[str, list[tuple[float, float, float]]] = {side: [] for side in names}
     for i in range(args.repeats):
-        seconds, out = timed(
-            [sys.executable, str(HERE / "reference_cnn.py"), str(root), str(args.epochs)], work
-        )
-        accuracy = float(re.findall(r"REFERENCE val_accuracy=([0-9.]+)", out)[-1])
-        results["reference"].append((seconds, accuracy))
-        for j, variant in enumerate(["", *args.variant]):
-            name = f"benchmark-{i}-{j}"
-            seconds, _ = timed(
-                [
-                    sys.executable, "-m", "insect_exp", "dataset=insects", f"dataset.root={root}",
-                    f"epochs={args.epochs}", f"mlflow.tracking_uri={uri}",
-                    "mlflow.experiment_name=benchmark", f"mlflow.run_name={name}",
-                    f"hydra.run.dir={work / f'outputs-{i}-{j}'}", f"seed={123 + i}",
-                    *variant.split(),
-                ],
-                work,
-            )  # fmt: skip
-            results[sides[1 + j]].append((seconds, framework_val_accuracy(uri, name)))
-        for side, runs in results.items():
-            print(f"run {i + 1} {side:30s}: {runs[-1][0]:7.1f} s  val_accuracy {runs[-1][1]:.4f}")
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for side in order:
+            results[side].append(run(side, i))
+            seconds, rss, accuracy = results[side][-1]
+            print(f"run {i + 1} {side:28s}: {seconds:7.1f} s  peak RSS {rss:5.2f} GB  "
+                  f"val_accuracy {accuracy:.4f}", flush=True)  # fmt: skip
 
-    # Wall times: best of the repeats (the machine may be shared); accuracies: their mean, as the
-    # reference shuffles and initialises unseeded (the framework gets seed 123, 124, ...).
-    ref_time = min(t for t, _ in results["reference"])
-    ref_acc = sum(a for _, a in results["reference"]) / args.repeats
-    print(f"reference{'':22s} wall time (best of {args.repeats}) {ref_time:7.1f} s  "
-          f"mean val_accuracy {ref_acc:.4f}")  # fmt: skip
-    for side in sides[1:]:
-        time_ = min(t for t, _ in results[side])
-        acc = sum(a for _, a in results[side]) / args.repeats
-        print(f"{side:31s} wall time (best of {args.repeats}) {time_:7.1f} s  "
-              f"mean val_accuracy {acc:.4f}  ratio {time_ / ref_time:.3f}  "
-              f"accuracy {100 * (acc - ref_acc):+.1f} points")  # fmt: skip
+    # Wall times: best and median of the repeats; accuracies: mean and spread, as the reference
+    # shuffles and initialises unseeded (the framework gets seed 123, 124, ...).
+    print()
+    stats = {}
+    for side in names:
+        times = [t for t, _, _ in results[side]]
+        accuracies = [a for _, _, a in results[side]]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        stats[side] = (min(times), statistics.median(times))
+        print(f"{side:28s} best {min(times):7.1f} s  median {statistics.median(times):7.1f} s  "
+              f"peak RSS {max(r for _, r, _ in results[side]):5.2f} GB  "
+              f"val_accuracy {statistics.mean(accuracies):.4f} +- {spread:.4f}")  # fmt: skip
+    for side in names:
+        if not side.startswith("framework"):
+            continue
+        for anchor in (n for n in names if n.startswith("reference")):
+            best = stats[side][0] / stats[anchor][0]
+            median = stats[side][1] / stats[anchor][1]
+            print(f"{side} / {anchor}: {best:.3f} (best)  {median:.3f} (median)")
+        overhead = stats[side][0] - stats["reference"][0]
+        print(f"{side} minus reference (best to best): {overhead:+.1f} s")
 
 
 if __name__ == "__main__":

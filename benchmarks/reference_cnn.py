@@ -1,7 +1,12 @@
 """The blog post's CNN recipe, as the post writes it, for side-by-side timing.
 
-Usage: python benchmarks/reference_cnn.py DATA_ROOT [EPOCHS]
+Usage: python benchmarks/reference_cnn.py DATA_ROOT [EPOCHS] [--autolog TRACKING_URI]
 Prints `REFERENCE val_accuracy=<float>` as its last line.
+
+With --autolog, the same script with `mlflow.tensorflow.autolog()` around `fit`: what a user
+would write to get the run into MLflow without the framework (params, per-epoch metrics and the
+model, logged to TRACKING_URI). autolog needs the `tensorboard` package: install it in the
+benchmark's environment; it is not a dependency of the framework.
 """
 
 import os
@@ -13,8 +18,14 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.keras import layers  # noqa: E402
 from tensorflow.keras.models import Sequential  # noqa: E402
 
-root = sys.argv[1]
-epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+args = sys.argv[1:]
+autolog_uri = None
+if "--autolog" in args:
+    at = args.index("--autolog")
+    autolog_uri = args[at + 1]
+    del args[at : at + 2]
+root = args[0]
+epochs = int(args[1]) if len(args) > 1 else 10
 img_height, img_width, batch_size = 180, 180, 32
 
 train_ds = tf.keras.preprocessing.image_dataset_from_directory(
@@ -51,5 +62,11 @@ model.compile(
     metrics=["accuracy"],
 )
 model.summary()
+if autolog_uri:
+    import mlflow
+
+    mlflow.set_tracking_uri(autolog_uri)
+    mlflow.set_experiment("reference_autolog")
+    mlflow.tensorflow.autolog()
 history = model.fit(train_ds, validation_data=test_ds, epochs=epochs)
 print(f"REFERENCE val_accuracy={history.history['val_accuracy'][-1]:.4f}")
