@@ -82,7 +82,7 @@ def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: 
     """One measurement, in this (fresh) process."""
     import tf_keras as keras
 
-    from insect_exp.config import ImageCache
+    from insect_exp.config import CacheMode
     from insect_exp.data.cache import CachePolicy
     from insect_exp.data.pipeline import load
     from insect_exp.data.scan import scan
@@ -96,7 +96,7 @@ def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: 
         count = sum(int(x.shape[0]) for x, _ in ds)
         return {"images": count, "seconds": time.perf_counter() - start, "rss_mb": _peak_rss_mb()}
 
-    mode = ImageCache.disk if name.startswith("disk") else ImageCache.memory
+    mode = CacheMode.disk if name.startswith("disk") else CacheMode.memory
     policy = CachePolicy(mode, cache_dir, 2**40, 2**40)
     data = load(scan(root), size, val_split=0.1, seed=0, cache=policy)
     result = {

@@ -70,7 +70,7 @@ class FeatureCache(Enum):
     off = "off"
 
 
-class ImageCache(Enum):
+class CacheMode(Enum):
     """Where decoded images are kept: auto picks memory or disk by their decoded size."""
 
     auto = "auto"
@@ -135,7 +135,7 @@ class DatasetConfig:
     class_weight: ClassWeight = ClassWeight.none
     # Decoded images: in memory, or streamed from a shared on-disk cache of uint8 records;
     # auto: memory up to cache_max_memory_mb of decoded pixels, disk above (data/cache.py).
-    cache: ImageCache = ImageCache.auto
+    cache: CacheMode = CacheMode.auto
     # null: $INSECT_EXP_CACHE_DIR, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp.
     cache_dir: str | None = None
     cache_max_memory_mb: int = 2048
@@ -144,7 +144,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         self.class_weight = _enum("dataset.class_weight", self.class_weight, ClassWeight)
-        self.cache = _enum("dataset.cache", self.cache, ImageCache)
+        self.cache = _enum("dataset.cache", self.cache, CacheMode)
         mb = self.cache_max_memory_mb
         _require(mb >= 0, "dataset.cache_max_memory_mb", mb, ">= 0")
         gb = self.cache_max_disk_gb

@@ -39,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from insect_exp.config import DatasetConfig
-from insect_exp.config import ImageCache as ImageCacheMode
+from insect_exp.config import CacheMode, DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ _STALE_TMP_S = 3600  # a temporary file untouched this long belongs to a writer 
 class CachePolicy:
     """What dataset.cache asks for: where decoded images go, and the caps."""
 
-    mode: ImageCacheMode
+    mode: CacheMode
     directory: Path
     max_memory_bytes: int
     max_disk_bytes: int

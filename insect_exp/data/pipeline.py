@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from insect_exp.config import ImageCache as ImageCacheMode
+from insect_exp.config import CacheMode
 from insect_exp.data.cache import (
     CachePolicy,
     CacheUnavailable,
@@ -207,9 +207,15 @@ def _decode_into(
         ds = (
             tf.data.Dataset.from_tensor_slices(files.paths)
             .enumerate()
-            .map(lambda i, p: (i, *decode(p)), num_parallel_calls=workers or tf.data.AUTOTUNE)
+            # Each image travels with its index: any finishing order will do.
+            .map(
+                lambda i, p: (i, *decode(p)),
+                num_parallel_calls=workers or tf.data.AUTOTUNE,
+                deterministic=False,
+            )
             .ignore_errors()  # dropped elements are the failures: their indices never arrive
             .batch(64)
+            .prefetch(2)  # decoding goes on while this thread stores a batch
         )
         with Progress(len(files), what) as progress:
             for index, batch, fingerprints in ds.as_numpy_iterator():
@@ -297,9 +303,9 @@ def decode_files(
 
 def choose_storage(policy: CachePolicy | None, num_images: int, image_size: Sequence[int]) -> str:
     """memory or disk for NUM_IMAGES decoded images: auto picks memory while they fit the cap."""
-    if policy is None or policy.mode is ImageCacheMode.memory:
+    if policy is None or policy.mode is CacheMode.memory:
         return "memory"
-    if policy.mode is ImageCacheMode.disk:
+    if policy.mode is CacheMode.disk:
         return "disk"
     size = num_images * int(image_size[0]) * int(image_size[1]) * 3
     return "memory" if size <= policy.max_memory_bytes else "disk"

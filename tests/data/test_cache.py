@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from insect_exp.config import ImageCache as Mode
+from insect_exp.config import CacheMode as Mode
 from insect_exp.data import cache as cache_module
 from insect_exp.data.cache import CachePolicy, ImageCache, split_key
 from insect_exp.data.pipeline import load, make_dataset
@@ -200,7 +200,7 @@ def test_a_truncated_entry_or_one_of_another_format_version_is_rebuilt(tmp_path)
 _SHARED_JOB = """
 import logging, sys, time
 from pathlib import Path
-from insect_exp.config import ImageCache as Mode
+from insect_exp.config import CacheMode as Mode
 from insect_exp.data import pipeline
 from insect_exp.data.cache import CachePolicy
 from insect_exp.data.scan import scan
