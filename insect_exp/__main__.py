@@ -51,7 +51,9 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
     except WorkerLost as err:
         if multirun:
             raise
-        _exit(f"error: {err}; the chief's run is FAILED", 1)
+        # At once: the aborted collectives leave TensorFlow's runtime half torn down, and the
+        # interpreter's own exit would print its finalizers' tracebacks (the run is ended).
+        _exit(f"error: {err}; the chief's run is FAILED", 1, at_once=True)
     except Interrupted as err:
         if multirun:
             raise
@@ -65,8 +67,16 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
         _exit(f"interrupted ({err})", err.exit_code)
 
 
-def _exit(message: str, code: int) -> None:
+def _exit(message: str, code: int, at_once: bool = False) -> None:
     print(f"insect_exp: {message}", file=sys.stderr)
+    if at_once:
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

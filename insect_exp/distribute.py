@@ -18,6 +18,8 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -199,7 +201,6 @@ def _mirrored() -> Distribution:
 def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
     """MultiWorkerMirroredStrategy on the TF_CONFIG or SLURM cluster, once every worker is up."""
     import tensorflow as tf
-    from tensorflow.python.distribute import collective_all_reduce_strategy as mwms
 
     from insect_exp import devices
 
@@ -211,10 +212,14 @@ def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
         )
     else:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    # No public setting bounds the wait for the other workers at start-up (it is forever by
-    # default): this private class attribute is what MultiWorkerMirroredStrategy reads.
-    mwms.CollectiveAllReduceExtended._check_health_initial_timeout = int(timeout_s)
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+    # Creating the strategy waits, inside TensorFlow's C++ runtime (deaf to signals and with no
+    # public timeout), until every worker has registered; a watchdog bounds that wait.
+    watchdog = _exit_after(
+        timeout_s,
+        f"not every worker of {resolver.cluster_spec().as_dict()} came up within "
+        f"train.worker_timeout_s={timeout_s:g} s (is each one started, with its own task index?)",
+    )
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver, communication_options=options
@@ -225,14 +230,12 @@ def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
                 "train.strategy=multi_worker must start with the process: not in an in-process "
                 "sweep or after another run"
             ) from None
-        if "Timeout waiting for the cluster" in str(err):
-            raise UserError(
-                f"not every worker of {resolver.cluster_spec().as_dict()} came up within "
-                f"train.worker_timeout_s={timeout_s:g} s"
-            ) from None
         raise
     except tf.errors.OpError as err:
         raise WorkerLost(f"the cluster did not come up: {_first_line(err)}") from None
+    finally:
+        watchdog.kill()
+        watchdog.wait()
     resolver = strategy.cluster_resolver
     cluster = resolver.cluster_spec().as_dict()
     num_workers = sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
@@ -249,6 +252,23 @@ def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
     )
 
 
+def _exit_after(seconds: float, message: str) -> subprocess.Popen:
+    """Kill this process after `seconds`, saying `message` in one line, unless the returned
+    watcher is killed first.
+
+    The wait it bounds holds the GIL inside TensorFlow's C++ runtime, where neither a Python
+    thread nor a signal handler can run: the watcher is a process of its own. No MLflow run is
+    open yet when it is used, so nothing is left RUNNING.
+    """
+    code = (
+        "import os, sys, time\n"
+        f"time.sleep({float(seconds)!r})\n"
+        f"print({('insect_exp: error: ' + message)!r}, file=sys.stderr, flush=True)\n"
+        f"os.kill({os.getpid()}, 9)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+
+
 @contextlib.contextmanager
 def peer_failures(dist: Distribution) -> Iterator[None]:
     """Turn the errors a dead or unreachable worker causes into one WorkerLost, on every worker."""
@@ -263,7 +283,6 @@ def peer_failures(dist: Distribution) -> Iterator[None]:
         tf.errors.AbortedError,
         tf.errors.CancelledError,
         tf.errors.FailedPreconditionError,
-        tf.errors.InternalError,
     )
     try:
         yield

@@ -99,11 +99,14 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _start_workers(args: list[str], cwd: Path, count: int = 2) -> list[subprocess.Popen]:
-    """The same command once per worker, told apart only by TF_CONFIG; output in worker<i>.log."""
+def _start_workers(
+    args: list[str], cwd: Path, count: int = 2, start: int | None = None
+) -> list[subprocess.Popen]:
+    """The same command once per worker (the first `start` of them), told apart only by
+    TF_CONFIG; output in worker<i>.log."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(count)]}
     workers = []
-    for index in range(count):
+    for index in range(count if start is None else start):
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config),
                "INSECT_EXP_DATA_DIR": str(cwd / "data")}  # fmt: skip
@@ -159,6 +162,22 @@ def test_multi_worker_without_a_cluster_stops_at_start_up_with_one_line(tmp_path
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "TF_CONFIG" in lines[0] and "srun" in lines[0]
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_worker_that_never_comes_up_stops_the_others_with_one_line(folder, backbone, tmp_path):
+    # Given a two-worker cluster of which only worker 0 is started
+    store = _store(tmp_path)
+    args = [*_args(folder, store, "cnn", backbone), "train.worker_timeout_s=15"]
+    (chief,) = _start_workers(args, tmp_path, count=2, start=1)
+
+    # When the wait for the other worker runs out
+    ((rc, out),) = _finish([chief], tmp_path)
+
+    # Then worker 0 says which cluster did not come up, and opened no MLflow run
+    assert rc != 0
+    assert "insect_exp: error: not every worker of {'worker': ['127.0.0.1:" in out, out[-3000:]
+    assert "came up within train.worker_timeout_s=15 s" in out and "Traceback" not in out
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize(
