@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _timing import cpu  # a sibling module: these scripts run as benchmarks/NAME.py
 
 HERE = Path(__file__).resolve()
 SETUPS = {
@@ -28,22 +29,6 @@ SETUPS = {
     "default (oneDNN off)": ("default", 0, {"TF_ENABLE_ONEDNN_OPTS": "0"}),
     "mirrored, 2 logical CPUs": ("mirrored", 2, {}),
 }
-
-
-def cpu() -> str:
-    """The CPU model, core count and the instruction sets TensorFlow's kernels care about."""
-    flags: set[str] = set()
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(f for f in wanted if f in flags)}"
 
 
 def measure(strategy: str, logical_cpus: int, images: int, size: int, epochs: int) -> dict:
@@ -66,7 +51,7 @@ def measure(strategy: str, logical_cpus: int, images: int, size: int, epochs: in
     pixels = rng.integers(0, 80, (images, size, size, 3), dtype=np.uint8)
     pixels[np.arange(images), :, :, labels] += 150  # learnable: one dominant channel per class
     split = ImageSplit(pixels, labels, [str(i) for i in range(images)])
-    val = split.subset(np.arange(64))
+    val = split.subset(np.arange(min(64, images)))
     keras.utils.set_random_seed(0)
     with dist.strategy.scope():
         model = build_cnn((size, size), 3)
