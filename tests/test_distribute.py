@@ -334,7 +334,6 @@ def test_two_workers_log_exactly_one_finished_run(folder, backbone, tmp_path, mo
     _assert_model_reloads(store, experiment.experiment_id, tmp_path)
 
 
-@pytest.mark.slow
 def test_a_worker_that_dies_fails_the_chiefs_run_with_the_reason(folder, backbone, tmp_path):
     # Given two workers training for long
     store = _store(tmp_path)
