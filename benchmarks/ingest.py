@@ -198,7 +198,12 @@ def main() -> None:
     print(f"data: {count} {kind} images in {root}; decoded at {args.image_size} px")
     print(f"best of {args.repeats} alternating runs of each side (the machine may be shared)")
     if args.warm_memory_gb > 0:
-        seconds = warm_memory(args.warm_memory_gb)
+        # In a process of its own: a child inherits its parent's peak RSS across fork and exec.
+        start = time.perf_counter()
+        code = f"import sys; sys.path.insert(0, {str(HERE.parent)!r}); import ingest; "
+        code += f"ingest.warm_memory({args.warm_memory_gb})"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        seconds = time.perf_counter() - start
         print(f"touched {args.warm_memory_gb:g} GB of memory once first: {seconds:.1f} s")
     results: dict[str, dict] = {}
     for _ in range(args.repeats):
