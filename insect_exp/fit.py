@@ -394,9 +394,7 @@ def fit(
     return Fitted(history, val_logits)
 
 
-def _best_weights(
-    model: keras.Model, settings: FitSettings, stage: str
-) -> list[np.ndarray] | None:
+def _best_weights(model: keras.Model, settings: FitSettings, stage: str) -> list[np.ndarray] | None:
     """The weights of the best checkpoint of this stage (None if there is none), model unchanged."""
     if not settings.checkpoint_dir:
         return None

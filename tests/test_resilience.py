@@ -167,8 +167,9 @@ def test_a_resumed_run_keeps_early_stopping_and_plateau_counting_where_it_stoppe
     assert resumed.history.stopped_epoch == straight.history.stopped_epoch
     assert resumed.history.best_epoch == straight.history.best_epoch
     assert resumed.history.epochs["lr"] == straight.history.epochs["lr"][2:]
-    assert resilience.read_state(tmp_path / "b").callbacks == resilience.read_state(
-        tmp_path / "a"
-    ).callbacks
+    assert (
+        resilience.read_state(tmp_path / "b").callbacks
+        == resilience.read_state(tmp_path / "a").callbacks
+    )
     for a, b in zip(whole.get_weights(), resumed_model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
