@@ -152,21 +152,20 @@ def run_phase(name: str, args: argparse.Namespace, root: Path, cache_dir: Path) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def warm_memory(gigabytes: float) -> float:
-    """Touch GIGABYTES of fresh memory once, then free it; the seconds that took.
+def first_touch_s_per_gb() -> float:
+    """Seconds a fresh process takes to touch 1 GB of new memory (fill it once).
 
-    A freshly booted VM (CI, this sandbox) pays about 2 s per GB the first time guest memory is
-    touched, and about 0.1 s per GB after that, whoever touches it. Without this the first side
-    to hold its images pays the VM's cost for the others, and the side that holds the most pays
-    most: that measures the VM, not the loaders.
+    About 0.1-0.25 s on a machine whose memory has been used before; about 2 s on a freshly
+    booted VM (CI, this sandbox), whose host backs guest memory on first touch and takes free
+    memory back after a while. A loader that keeps its images (memory mode; disk mode's page
+    cache) pays this per GB held; one that streams and forgets (the reference) barely does.
     """
-    import numpy as np
-
-    start = time.perf_counter()
-    chunk = 2**28
-    held = [np.ones(chunk, np.uint8) for _ in range(int(gigabytes * 2**30 // chunk))]
-    del held  # the pages go back to the kernel, now warm, for the sides to come
-    return time.perf_counter() - start
+    code = (
+        "import time, numpy as np; t = time.perf_counter(); a = np.ones(2**30, np.uint8); "
+        "print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
 
 
 def main() -> None:
@@ -177,10 +176,6 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=100, help="CNN steps timed per mode")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     parser.add_argument("--work", type=Path, help="work dir (kept: generated images are reused)")
-    parser.add_argument(
-        "--warm-memory-gb", type=float, default=6.0,
-        help="fresh memory touched once before measuring (0: none; see warm_memory)",
-    )  # fmt: skip
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
@@ -197,14 +192,7 @@ def main() -> None:
     print(f"cpu: {cpu()}")
     print(f"data: {count} {kind} images in {root}; decoded at {args.image_size} px")
     print(f"best of {args.repeats} alternating runs of each side (the machine may be shared)")
-    if args.warm_memory_gb > 0:
-        # In a process of its own: a child inherits its parent's peak RSS across fork and exec.
-        start = time.perf_counter()
-        code = f"import sys; sys.path.insert(0, {str(HERE.parent)!r}); import ingest; "
-        code += f"ingest.warm_memory({args.warm_memory_gb})"
-        subprocess.run([sys.executable, "-c", code], check=True)
-        seconds = time.perf_counter() - start
-        print(f"touched {args.warm_memory_gb:g} GB of memory once first: {seconds:.1f} s")
+    print(f"touching 1 GB of fresh memory costs {first_touch_s_per_gb():.2f} s here")
     results: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name in ("reference", "memory", "disk"):
@@ -220,6 +208,9 @@ def main() -> None:
     for name in ("memory", "disk"):
         ratio = results[name]["seconds"] / results["reference"]["seconds"]
         print(f"{name} ingest time / reference: {ratio:.2f} (target <= 1)")
+    held = count * args.image_size**2 * 3 / 2**30
+    print(f"the decoded images: {held:.2f} GB, held in memory or in the page cache")
+    print(f"touching 1 GB of fresh memory, again: {first_touch_s_per_gb():.2f} s")
     cache_dir = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
     run_phase("disk", args, root, cache_dir)  # write the entry: the epochs below read it warm
     runs: dict[str, list[dict]] = {"memory": [], "disk": []}
