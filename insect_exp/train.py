@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from insect_exp import distribute, sweep, tracking
@@ -54,17 +55,23 @@ def run(cfg: Config) -> float:
         # checkpoints go to a scratch dir, as Keras's multi-worker guide does.
         run, resume_from = distribute.WorkerRun(), None
         checkpoints = tempfile.mkdtemp(prefix=f"insect_exp-worker{dist.worker}-")
+    # Logging that nothing downstream waits for runs here while the model builds and trains
+    # (TensorFlow's kernels release the GIL): the data's stats, lineage and sample grids, and
+    # MLflow's scan of the installed packages that log_model would otherwise do at the end.
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-logging")
     try:
-        with tracking.ending(run):
+        with tracking.ending(run), background:
             if not cfg.resume:
                 _log_config(run, cfg)
+            if cfg.mlflow.log_model and dist.is_chief:
+                background.submit(tracking.warm_model_logging)
             recipe = models.recipe_for(cfg.model)
             recipe.prepare()  # before decoding: offline weights fail in seconds
             data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
             resilience.check()  # a signal swallowed while decoding
-            if not cfg.resume:
-                report.log_data(run, data, cfg.seed)
-                report.log_artifacts(run, recipe.artifacts(data, cfg.seed))
+            data_logged = None
+            if not cfg.resume:  # one thread: matplotlib draws one figure at a time
+                data_logged = background.submit(_log_data, run, data, recipe, cfg.seed)
             # Variables, optimizers and compiles of every stage: one copy per replica.
             with dist.strategy.scope(), distribute.peer_failures(dist):
                 model = recipe.build(len(data.class_names))
@@ -75,6 +82,8 @@ def run(cfg: Config) -> float:
                 settings = FitSettings.from_config(cfg, checkpoints, resume_from)
                 sink = run.resumed_sink(RESUMED_KEYS) if cfg.resume else run.sink
                 history = recipe.fit(model, data, settings, sink=sink)
+                if data_logged is not None:
+                    data_logged.result()  # its error, if it failed, is the run's
                 report.log_training(run, history)
 
                 test = data.test if data.test is not None else data.val
@@ -154,6 +163,14 @@ def _open_run(cfg: Config, job: sweep.JobContext, uri: str):
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})
     log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
     return run, directory, None
+
+
+def _log_data(run: tracking.Run, data, recipe, seed: int) -> None:
+    """The data's stats, lineage and sample grids, and the recipe's own artifacts."""
+    from insect_exp import report
+
+    report.log_data(run, data, seed)
+    report.log_artifacts(run, recipe.artifacts(data, seed))
 
 
 def _log_config(run: tracking.Run, cfg: Config) -> None:

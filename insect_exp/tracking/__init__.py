@@ -17,6 +17,7 @@ from insect_exp.tracking.run import (
     start_new_run,
     start_run,
     to_tsv,
+    warm_model_logging,
 )
 from insect_exp.tracking.store import (
     STORE_DIR,
@@ -54,6 +55,7 @@ __all__ = [
     "start_new_run",
     "start_run",
     "to_tsv",
+    "warm_model_logging",
     "ui_command",
     "ui_url",
 ]

@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -107,6 +108,8 @@ class Run:
         self._logged: dict[str, dict[int, float]] = {}
         self.spool: Spool | None = None
         self.offline = False
+        # Artifacts may be written from a background thread while training logs metrics.
+        self._going_offline = threading.Lock()
 
     def spool_to(self, directory: str | Path, tracking_uri: str) -> None:
         self.spool = Spool(directory, self.run_id, tracking_uri, self.experiment_id)
@@ -120,14 +123,16 @@ class Run:
             except Exception as err:
                 if self.spool is None:
                     raise
-                self.offline = True
-                self.spool.open()
-                log.warning(
-                    "the MLflow store stopped answering (%s): saving run %s in %s",
-                    first_line(err),
-                    self.run_id,
-                    self.spool.dir,
-                )
+                with self._going_offline:
+                    if not self.offline:
+                        self.spool.open()
+                        self.offline = True
+                        log.warning(
+                            "the MLflow store stopped answering (%s): saving run %s in %s",
+                            first_line(err),
+                            self.run_id,
+                            self.spool.dir,
+                        )
         offline(self.spool)
 
     def sink(self, metrics: Mapping[str, float], step: int) -> None:
@@ -389,6 +394,22 @@ class Run:
             log.info("model registered as %s version %s", registered_model_name, version[0])
             self.set_tags({"registered_model": f"{registered_model_name}/{version[0]}"})
         return uri[0]
+
+
+def warm_model_logging() -> None:
+    """Have MLflow map the installed packages to their modules now, not inside log_model.
+
+    log_model checks the model's requirements against the installed packages; the first check
+    in a process builds that map (about 0.6 s here) and MLflow keeps it. Called in a background
+    thread while the model trains, it takes that off the end of the run. It is an MLflow
+    internal: if it is gone, log_model simply builds the map itself.
+    """
+    try:
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_packages_to_modules_map()
+    except Exception as err:  # an optimisation only
+        log.debug("could not prepare MLflow's package map early: %s", err)
 
 
 def param_value(value: Any) -> str:
