@@ -91,6 +91,29 @@ def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
     return found
 
 
+def assert_model_reloads(
+    tracking_uri: str, experiment_id: str, tmp_path: Path, timeout: float = 300
+) -> None:
+    """The experiment's one logged model loads in a fresh process (no Keras flag set there) and
+    gives logits of shape (2, 3) for 2 images of 32x32."""
+    from mlflow.tracking import MlflowClient
+
+    (model,) = MlflowClient(tracking_uri).search_logged_models([experiment_id])
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", images)
+    code = (
+        "import numpy as np, mlflow\n"
+        f"mlflow.set_tracking_uri({tracking_uri!r})\n"
+        f"m = mlflow.pyfunc.load_model('models:/{model.model_id}')\n"
+        f"print('SHAPE', np.asarray(m.predict(np.load({str(tmp_path / 'x.npy')!r}))).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert "SHAPE (2, 3)" in out.stdout, out.stderr[-3000:]
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """A tiny 3-class folder with train/ and test/."""

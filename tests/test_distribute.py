@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from insect_exp import UserError
 from insect_exp.config import ConfigError
 from insect_exp.distribute import cluster_source, is_chief, peer_error_reason, per_replica_batch
-from tests.conftest import make_image_folder, run_cli
+from tests.conftest import assert_model_reloads, make_image_folder, run_cli
 
 HANG_BOUND_S = 600  # a hang bound, not a speed check: runs here take seconds to a minute
 
@@ -68,25 +68,6 @@ def _only_run(store: str):
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
-def _assert_model_reloads(store: str, experiment_id: str, tmp_path: Path) -> None:
-    """The run's logged model loads in a fresh process (no Keras flag) and labels 2 images."""
-    (model,) = MlflowClient(store).search_logged_models([experiment_id])
-    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    np.save(tmp_path / "x.npy", images)
-    code = (
-        "import numpy as np, mlflow\n"
-        f"mlflow.set_tracking_uri({store!r})\n"
-        f"m = mlflow.pyfunc.load_model('models:/{model.model_id}')\n"
-        f"print('SHAPE', np.asarray(m.predict(np.load({str(tmp_path / 'x.npy')!r}))).shape)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env,
-        timeout=HANG_BOUND_S,
-    )  # fmt: skip
-    assert "SHAPE (2, 3)" in out.stdout, out.stderr[-3000:]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -275,7 +256,7 @@ def test_mirrored_over_two_cpu_devices_trains_the_cnn_as_one_device_does(
         assert len(expected) == (10 if key == "batch_loss" else 2)
         np.testing.assert_allclose(_history(c2, run_two.info.run_id, key), expected, rtol=2e-3)
     # and the model reloads in a fresh process
-    _assert_model_reloads(two, experiment.experiment_id, tmp_path)
+    assert_model_reloads(two, experiment.experiment_id, tmp_path, HANG_BOUND_S)
 
 
 def test_mirrored_trains_the_hub_model_with_features_extracted_once(folder, backbone, tmp_path):
@@ -297,7 +278,7 @@ def test_mirrored_trains_the_hub_model_with_features_extracted_once(folder, back
     assert run.data.metrics["backbone_images_computed"] == 27  # 18 train + 9 test
     assert len(_history(client, run.info.run_id, "loss")) == 3
     assert np.isfinite(run.data.metrics["test_loss"])
-    _assert_model_reloads(store, experiment.experiment_id, tmp_path)
+    assert_model_reloads(store, experiment.experiment_id, tmp_path, HANG_BOUND_S)
 
 
 # multi_worker as two local processes
@@ -331,7 +312,7 @@ def test_two_workers_log_exactly_one_finished_run(folder, backbone, tmp_path, mo
         assert run.data.metrics["backbone_images_computed"] == 27
         assert "backbone features: 27 computed, 0 reused" in out0
         assert "backbone features: 0 computed, 27 reused" in out1
-    _assert_model_reloads(store, experiment.experiment_id, tmp_path)
+    assert_model_reloads(store, experiment.experiment_id, tmp_path, HANG_BOUND_S)
 
 
 def test_a_worker_that_dies_fails_the_chiefs_run_with_the_reason(folder, backbone, tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from insect_exp.callbacks import scores
 from insect_exp.data import load_data
 from insect_exp.models.cnn import CNNRecipe
 from insect_exp.models.common import ServingModule
-from tests.conftest import artifact_paths
+from tests.conftest import artifact_paths, assert_model_reloads
 
 
 def _record_builds(monkeypatch) -> list:
@@ -69,21 +67,7 @@ def test_train_logs_a_finished_run_with_metrics_plots_config_and_model(
     assert stats["images_per_class"]["train"] == {"beetles": 6, "cockroach": 6, "dragonflies": 6}
 
     # And the logged model reloads in a fresh process (no Keras flag set there) and predicts
-    (model,) = client.search_logged_models([experiment.experiment_id])
-    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    np.save(tmp_path / "x.npy", images)
-    code = (
-        "import sys, numpy as np, mlflow\n"
-        f"mlflow.set_tracking_uri({tracking_uri!r})\n"
-        f"m = mlflow.pyfunc.load_model('models:/{model.model_id}')\n"
-        f"y = m.predict(np.load({str(tmp_path / 'x.npy')!r}))\n"
-        "print('SHAPE', tuple(np.asarray(y).shape))\n"
-    )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert "SHAPE (2, 3)" in out.stdout, out.stderr[-3000:]
+    assert_model_reloads(tracking_uri, experiment.experiment_id, tmp_path)
 
 
 def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights_and_logits(
