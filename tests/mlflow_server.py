@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_answers(
+    process: subprocess.Popen, url: str, log_tail: Callable[[], str], timeout_s: float
+) -> None:
+    """Poll `url` until it answers 200; fail early, with the log's tail, if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_tail()}")
+        try:
+            with _OPENER.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s:\n{log_tail()}")
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -87,20 +106,7 @@ class MlflowServer:
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Poll /health until the server answers; fail early if it exits."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with _OPENER.open(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"mlflow server not healthy after {timeout_s}s:\n{self.log_tail()}")
+        wait_until_answers(self.process, f"{self.url}/health", self.log_tail, timeout_s)
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM our pid, SIGKILL after `grace_s`; then make sure no worker of its group lives."""

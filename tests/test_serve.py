@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.lifecycle import Trained, train_run
-from tests.mlflow_server import _OPENER, _group_members, free_port
+from tests.mlflow_server import _OPENER, _group_members, free_port, wait_until_answers
 
 
 @pytest.fixture(scope="module")
@@ -149,19 +149,11 @@ class ModelServer:
                 start_new_session=True,
             )  # fmt: skip
 
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                with _OPENER.open(f"{self.url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"not ready after {timeout_s}s:\n{self.log_path.read_text()[-4000:]}")
+        wait_until_answers(self.process, f"{self.url}/ping", self.log_tail, timeout_s)
 
     def post(self, body: dict) -> tuple[int, dict]:
         request = urllib.request.Request(
