@@ -188,10 +188,8 @@ class DiskImages:
         records = np.atleast_1d(records)
         out = np.empty((len(records), *self._record_shape), dtype=np.uint8)
         flat = out.reshape(len(records), -1)
-        start = 0
         # One read per run of consecutive records (a whole batch when reading in order).
-        breaks = np.flatnonzero(np.diff(records) != 1) + 1
-        for end in [*breaks.tolist(), len(records)]:
+        for start, end in _consecutive_runs(records):
             view = memoryview(flat[start:end]).cast("B")
             offset = int(records[start]) * self._record_bytes
             done = 0
@@ -200,8 +198,13 @@ class DiskImages:
                 if n == 0:
                     raise OSError(errno.EIO, f"image cache {self._file.path} ends early")
                 done += n
-            start = end
         return out
+
+
+def _consecutive_runs(records: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) positions of each run of consecutive record numbers, one I/O call each."""
+    breaks = (np.flatnonzero(np.diff(records) != 1) + 1).tolist()
+    return list(zip([0, *breaks], [*breaks, len(records)], strict=True))
 
 
 @dataclass
@@ -227,15 +230,12 @@ class RecordWriter:
         """Write images[k] as record index[k]."""
         images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(index), -1)
         self.fingerprints[index] = fingerprints
-        start = 0
-        breaks = np.flatnonzero(np.diff(index) != 1) + 1
-        for end in [*breaks.tolist(), len(index)]:
+        for start, end in _consecutive_runs(index):
             data = memoryview(images[start:end]).cast("B")
             offset = int(index[start]) * self.record_bytes
             done = 0
             while done < len(data):
                 done += os.pwrite(self.fd, data[done:], offset + done)
-            start = end
 
 
 def split_key(paths: Sequence[str], image_size: Sequence[int]) -> str:
