@@ -15,6 +15,7 @@ from pathlib import Path
 
 from insect_exp import distribute, sweep, tracking
 from insect_exp.config import Config, Precision
+from insect_exp.upload import SPOOL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _open_run(cfg: Config, job: sweep.JobContext, uri: str):
     directory = None
     if cfg.runtime.output_dir:
         # Where the run goes on offline if its store stops answering (python -m insect_exp.upload).
-        run.spool_to(Path(cfg.runtime.output_dir) / "mlflow-spool", uri)
+        run.spool_to(Path(cfg.runtime.output_dir) / SPOOL_DIR, uri)
         directory = str(Path(cfg.runtime.output_dir) / "checkpoints")
         resume = f"python -m insect_exp resume={run.run_id}"
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})

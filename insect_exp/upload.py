@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+SPOOL_DIR = "mlflow-spool"  # in a run's output dir
+
 
 class Spool:
     """The local copy of what a run could not send to its store."""
@@ -80,6 +82,25 @@ class Spool:
         (self.dir / "status").write_text(status + "\n")
 
 
+_OFFLINE = "the store failed this run mid-way; the rest of its record is in "
+
+
+def offline_note(spool: Path) -> str:
+    """The error a sweep gives a child whose record is in a spool (upload clears it)."""
+    return f"{_OFFLINE}{spool}: upload it with python -m insect_exp.upload {spool}"
+
+
+def spools_under(directory: str | Path) -> dict[str, Path]:
+    """The spools below a directory (a sweep's jobs), by run id."""
+    found = {}
+    for info in Path(directory).glob(f"**/{SPOOL_DIR}/run.json"):
+        try:
+            found[json.loads(info.read_text())["run_id"]] = info.parent
+        except (OSError, ValueError, KeyError):
+            continue  # not a spool
+    return found
+
+
 def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
     """Replay a spool into its run; return the run id. The spool is left in place."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
@@ -91,7 +112,9 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
     uri = tracking_uri or info["tracking_uri"]
     client = tracking.open_client(uri)
     run_id = info["run_id"]
-    client.get_run(run_id)  # fails here, before anything is sent, if the store is still gone
+    # fails here, before anything is sent, if the store is still gone
+    if client.get_run(run_id).data.tags.get("error", "").startswith(_OFFLINE):
+        client.delete_tag(run_id, "error")  # the spool holds its true ending
     params = _read_json(spool / "params.json")
     tags = _read_json(spool / "tags.json")
     metrics = []

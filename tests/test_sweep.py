@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from insect_exp import sweep, tracking
 from insect_exp.config import RuntimeConfig
 from insect_exp.tracking import RunRecord
+from insect_exp.upload import SPOOL_DIR, Spool, upload
 from tests.sweeps import TINY, SweepResult, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -258,6 +260,41 @@ def test_sweep_with_a_failed_job_ends_its_parent_finished_and_exits_1(tmp_path, 
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["jobs_failed"] == 1
     assert parent.data.params["seed"] == "1,2"
+
+
+def test_a_job_whose_run_went_offline_is_named_with_its_spool_and_upload_ends_it_true(
+    tmp_path, tracking_uri
+):
+    # Given a sweep where one job finished and the other's run went offline mid-way (the store
+    # failed one of its writes): the job ended, its run is RUNNING in the store and the rest of
+    # its record, ending and all, is in a spool in its job dir
+    callback, config = _start_sweep(tmp_path, tracking_uri)
+    handoff = sweep.read_sweep_file(tmp_path / "sweep")
+    _job(handoff, 0, "FINISHED")
+    tags = {"sweep.job_num": "1", "sweep.overrides": '["seed=1"]'}
+    run_id = tracking.create_run(
+        tracking_uri, handoff.experiment_id, "seed=1", tags, handoff.parent_run_id
+    )
+    spool = Spool(tmp_path / "sweep" / "1" / SPOOL_DIR, run_id, tracking_uri, handoff.experiment_id)
+    spool.open()
+    spool.metrics([Metric("val_accuracy", 0.75, 0, 0)])
+    spool.finish("FINISHED")
+
+    # When the sweep ends
+    with pytest.raises(SystemExit):
+        callback.on_multirun_end(config)
+
+    # Then that run is not "job process died": it is FAILED with the command that uploads it
+    client = MlflowClient(tracking_uri)
+    offline = client.get_run(run_id)
+    assert offline.info.status == "FAILED"
+    assert offline.data.tags["error"].endswith(f"python -m insect_exp.upload {spool.dir}")
+
+    # And uploading the spool gives it its true ending, with no error left on it
+    upload(spool.dir)
+    offline = client.get_run(run_id)
+    assert offline.info.status == "FINISHED" and "error" not in offline.data.tags
+    assert offline.data.metrics["val_accuracy"] == 0.75
 
 
 def test_sweep_where_every_job_failed_ends_its_parent_failed(tmp_path, tracking_uri):

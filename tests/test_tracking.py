@@ -6,6 +6,7 @@ import csv
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,62 @@ def test_launched_from_another_repository_the_run_does_not_take_its_commit(tmp_p
     # Then no tag carries the other repository's commit
     assert out.returncode == 0, out.stderr
     assert other_head not in out.stdout
+
+
+# One run logging a dataset input, started by the test and held until it says go.
+_LOG_INPUT = """
+import sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+from insect_exp import tracking
+from insect_exp.tracking.lineage import SplitRecord
+
+uri, go = sys.argv[1], Path(sys.argv[2])
+client = MlflowClient(uri)
+run = tracking.Run(client, client.create_run(tracking.ensure_experiment(uri, "race")).info.run_id)
+records = [SplitRecord(c, f"insects-{c}", "/data", "abc123", {"n": 1}) for c in ("train", "test")]
+print("ready", flush=True)
+while not go.exists() or not go.read_text():
+    time.sleep(0.001)
+at = float(go.read_text())
+while time.time() < at:  # all start within a millisecond or so
+    pass
+run.log_inputs(records)
+print(run.run_id)
+"""
+
+
+def test_runs_started_together_on_the_same_new_data_all_log_it_as_an_input(tracking_uri, tmp_path):
+    # Given four runs about to log the same dataset, new to the store, at the same moment (a
+    # sweep's jobs): MLflow reads "not there", then inserts, so three of them used to hit the
+    # unique constraint and go offline
+    tracking.prepare_store(tracking_uri)
+    go = tmp_path / "go"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOG_INPUT, tracking_uri, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for process in runs:
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()[-2000:]
+
+    # When they all log it at once
+    go.write_text(str(time.time() + 0.3))
+    results = [p.communicate(timeout=120) for p in runs]
+
+    # Then every run holds both inputs, all pointing at one dataset per split
+    assert [p.returncode for p in runs] == [0] * 4, [e[-1500:] for _, e in results]
+    client = MlflowClient(tracking_uri)
+    digests = set()
+    for out, _ in results:
+        inputs = client.get_run(out.strip()).inputs.dataset_inputs
+        assert sorted(i.dataset.name for i in inputs) == ["insects-test", "insects-train"]
+        digests |= {(i.dataset.name, i.dataset.digest) for i in inputs}
+    assert len(digests) == 2
 
 
 def test_tsv_tables_stay_valid_for_any_file_name():

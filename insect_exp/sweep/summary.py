@@ -96,12 +96,16 @@ def optuna_best(sweep_dir: Path) -> tuple[dict[str, Any], float | None]:
 def close_orphans(info: SweepInfo, interrupted: bool) -> None:
     """End the children still RUNNING when their sweep is over: their process is gone.
 
-    KILLED (and resumable) when the sweep was interrupted, else FAILED: the job's process died
-    (killed by the OS, out of memory) without ending its run.
+    KILLED (and resumable) when the sweep was interrupted. A child whose job went offline (the
+    store failed it mid-run, so its record is in a spool under the sweep dir) is FAILED with the
+    command that uploads it, which then sets its true status. Any other is FAILED: its process
+    died (killed by the OS, out of memory) without ending its run.
     """
     from insect_exp import tracking
+    from insect_exp.upload import offline_note, spools_under
 
     children = tracking.child_runs(info.tracking_uri, info.experiment_id, info.parent_run_id)
+    spools = spools_under(info.sweep_dir)
     for child in children:
         if child.status != "RUNNING":
             continue
@@ -109,6 +113,9 @@ def close_orphans(info: SweepInfo, interrupted: bool) -> None:
         if interrupted:
             client.set_tag(child.run_id, "error", "the sweep was interrupted")
             tracking.end_run(info.tracking_uri, child.run_id, "KILLED")
+        elif child.run_id in spools:
+            client.set_tag(child.run_id, "error", offline_note(spools[child.run_id]))
+            tracking.end_run(info.tracking_uri, child.run_id, "FAILED")
         else:
             client.set_tag(child.run_id, "error", "job process died")
             tracking.end_run(info.tracking_uri, child.run_id, "FAILED")

@@ -93,11 +93,19 @@ def only_run(uri: str):
     return found
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 120) -> None:
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float = 120,
+    process: subprocess.Popen | None = None,
+    output: Callable[[], str] = str,
+) -> None:
+    """Poll condition; fail at the timeout, or at once if process exits first, with output()."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"exited {process.returncode} while waiting\n{output()}")
         if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
+            raise AssertionError(f"timed out waiting\n{output()}")
         time.sleep(0.2)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,31 @@ from tests.faults.conftest import TINY, environment, wait_until
 EPOCHS = 150
 
 
-def _sweep(cwd: Path, folder: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "insect_exp", "-m", *TINY, f"dataset.root={folder}", *overrides],
-        cwd=cwd,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Sweep:
+    """`python -m insect_exp -m TINY... overrides` in the background, its output in a file.
+
+    Not a pipe: nobody reads one until the sweep ends, and two jobs printing 150 epochs (~160 KB)
+    fill it, which stalls both jobs in their next print.
+    """
+
+    def __init__(self, cwd: Path, folder: Path, *overrides: str):
+        self.log = cwd / f"sweep-{len(list(cwd.glob('sweep-*.log')))}.log"
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "insect_exp", "-m", *TINY, f"dataset.root={folder}",
+                 *overrides],
+                cwd=cwd, env=environment(), stdout=out, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
+        wait_until(condition, timeout, self.process, self.output)
+
+    def end(self, timeout: float) -> int:
+        """Wait for the sweep to exit; its exit code."""
+        return self.process.wait(timeout)
 
 
 def _runs(uri: str) -> list:
@@ -66,15 +83,14 @@ def test_sigterm_to_a_sweep_ends_its_parent_and_running_job_killed_with_a_summar
     tmp_path, folder, store
 ):
     # Given a two-job sweep on the basic launcher, its first job training
-    process = _sweep(tmp_path, folder, "epochs=60", "seed=1,2")
-    wait_until(lambda: _children_with_epochs(store), timeout=180)
+    sweep = Sweep(tmp_path, folder, "epochs=60", "seed=1,2")
+    sweep.wait_until(lambda: _children_with_epochs(store), timeout=180)
 
     # When the sweep gets SIGTERM (SLURM preemption, kill)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    sweep.process.send_signal(signal.SIGTERM)
 
     # Then it exits 143, its running job is KILLED, and the parent is KILLED with its summary
-    assert process.returncode == 143, stderr[-2000:]
+    assert sweep.end(timeout=120) == 143, sweep.output()
     runs = _runs(store)
     parent = _parent(runs)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -96,28 +112,27 @@ JOB_PROCESS = {"joblib": b"LokyProcess", "submitit_local": b"submitit.core._subm
 @pytest.mark.parametrize("launcher", sorted(JOB_PROCESS))
 def test_a_killed_job_fails_alone_and_the_counts_are_true(tmp_path, folder, store, launcher):
     # Given a sweep of two jobs running side by side, both training
-    process = _sweep(
+    sweep = Sweep(
         tmp_path, folder, f"epochs={EPOCHS}", "seed=1,2", f"hydra/launcher={launcher}",
         *(["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []),
     )  # fmt: skip
-    wait_until(lambda: len(_children_with_epochs(store)) == 2, timeout=240)
+    sweep.wait_until(lambda: len(_children_with_epochs(store)) == 2, timeout=240)
 
     # When the first job's process (started first: the lower pid) is killed outright (the OOM
     # killer); a launcher that collects results in job order stops at that one
-    workers = sorted(_job_processes(process.pid, JOB_PROCESS[launcher]))
+    workers = sorted(_job_processes(sweep.process.pid, JOB_PROCESS[launcher]))
     assert len(workers) == 2, workers
     subprocess.run(["kill", "-9", str(workers[0])], check=False)
-    _, stderr = process.communicate(timeout=300)
 
     # Then the other job trains on to the end, the sweep ends 1, no run is left RUNNING, the
     # dead job's run says why, and the parent's counts are the true ones
-    assert process.returncode == 1, stderr[-2000:]
+    assert sweep.end(timeout=300) == 1, sweep.output()
     runs = _runs(store)
-    assert not [r for r in runs if r.info.status == "RUNNING"], stderr[-2000:]
+    assert not [r for r in runs if r.info.status == "RUNNING"], sweep.output()
     parent = _parent(runs)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     statuses = [c.info.status for c in children]
-    assert sorted(statuses) == ["FAILED", "FINISHED"], stderr[-2000:]
+    assert sorted(statuses) == ["FAILED", "FINISHED"], sweep.output()
     (dead,) = [c for c in children if c.info.status == "FAILED"]
     assert dead.data.tags["error"].startswith("job process died"), dead.data.tags
     (healthy,) = [c for c in children if c.info.status == "FINISHED"]
@@ -131,12 +146,11 @@ def test_a_killed_job_fails_alone_and_the_counts_are_true(tmp_path, folder, stor
 
 def test_two_sweeps_started_at_once_get_their_own_dir_and_parent(tmp_path, folder, store):
     # When two one-job sweeps start at the same moment in one directory
-    first = _sweep(tmp_path, folder, "epochs=1", "seed=1")
-    second = _sweep(tmp_path, folder, "epochs=1", "seed=2")
-    results = [p.communicate(timeout=300) for p in (first, second)]
+    sweeps = [Sweep(tmp_path, folder, "epochs=1", f"seed={seed}") for seed in (1, 2)]
+    codes = [s.end(timeout=300) for s in sweeps]
 
     # Then both finish, each with its own parent run and sweep dir, and one child each
-    assert [first.returncode, second.returncode] == [0, 0], [e[-1500:] for _, e in results]
+    assert codes == [0, 0], [s.output() for s in sweeps]
     runs = _runs(store)
     parents = [r for r in runs if "sweep.dir" in r.data.tags]
     assert len(parents) == 2
