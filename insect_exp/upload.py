@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 SPOOL_DIR = "mlflow-spool"  # in a run's output dir
+INPUTS_FILE = "dataset/inputs.json"  # a spooled run's dataset inputs, replayed as MLflow inputs
 
 
 class Spool:
@@ -106,6 +107,7 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 
     from insect_exp import tracking
+    from insect_exp.tracking.lineage import SplitRecord
 
     spool = Path(directory)
     info = json.loads((spool / "run.json").read_text())
@@ -130,6 +132,11 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     if any((spool / "artifacts").iterdir()):
         client.log_artifacts(run_id, str(spool / "artifacts"))
+    inputs = spool / "artifacts" / INPUTS_FILE
+    if inputs.is_file():  # the run's datasets, as MLflow inputs (the file stays an artifact)
+        records = [SplitRecord(**r) for r in json.loads(inputs.read_text())]
+        datasets = [r.to_input() for r in records]
+        tracking.retry_if_raced(lambda: client.log_inputs(run_id, datasets=datasets))
     if (spool / "model" / "MLmodel").is_file():
         model = client.create_logged_model(info["experiment_id"], "model", source_run_id=run_id)
         client.log_model_artifacts(model.model_id, str(spool / "model"))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from omegaconf import OmegaConf
 from insect_exp import sweep, tracking
 from insect_exp.config import RuntimeConfig
 from insect_exp.tracking import RunRecord
-from insect_exp.upload import SPOOL_DIR, Spool, upload
+from insect_exp.tracking.lineage import SplitRecord
+from insect_exp.upload import INPUTS_FILE, SPOOL_DIR, Spool, upload
 from tests.sweeps import TINY, SweepResult, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -278,6 +281,8 @@ def test_a_job_whose_run_went_offline_is_named_with_its_spool_and_upload_ends_it
     spool = Spool(tmp_path / "sweep" / "1" / SPOOL_DIR, run_id, tracking_uri, handoff.experiment_id)
     spool.open()
     spool.metrics([Metric("val_accuracy", 0.75, 0, 0)])
+    split = SplitRecord("train", "insects-train", "/data", "abc123", {"images": 90})
+    spool.artifact(INPUTS_FILE).write_text(json.dumps([asdict(split)]))
     spool.finish("FINISHED")
 
     # When the sweep ends
@@ -295,6 +300,8 @@ def test_a_job_whose_run_went_offline_is_named_with_its_spool_and_upload_ends_it
     offline = client.get_run(run_id)
     assert offline.info.status == "FINISHED" and "error" not in offline.data.tags
     assert offline.data.metrics["val_accuracy"] == 0.75
+    (logged,) = offline.inputs.dataset_inputs  # its dataset, as an MLflow input again
+    assert (logged.dataset.name, logged.dataset.digest) == ("insects-train", "abc123")
 
 
 def test_sweep_where_every_job_failed_ends_its_parent_failed(tmp_path, tracking_uri):

@@ -27,6 +27,7 @@ from insect_exp.tracking.store import (
     open_client,
     prepare_store,
     resolve_tracking_uri,
+    retry_if_raced,
     ui_command,
     ui_url,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "prepare_store",
     "reopen_run",
     "resolve_tracking_uri",
+    "retry_if_raced",
     "run_name",
     "start_new_run",
     "start_run",

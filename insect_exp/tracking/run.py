@@ -28,9 +28,10 @@ from insect_exp.tracking.store import (
     ensure_experiment,
     first_line,
     open_client,
+    retry_if_raced,
     with_busy_timeout,
 )
-from insect_exp.upload import Spool
+from insect_exp.upload import INPUTS_FILE, Spool
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +39,6 @@ _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _MAX_PARAMS = 100  # ... and of params
 MetricSink = Callable[[Mapping[str, float], int], None]
 _VERSIONED = ("tensorflow", "tf-keras", "tensorflow-hub", "mlflow", "hydra-core", "insect_exp")
-
-
-# What a store says when two writers insert the same new row at once (SQLite, PostgreSQL, MySQL).
-_DUPLICATE_ROW = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
-
-
-def _retry_if_raced(call: Callable[[], Any], attempts: int = 4) -> Any:
-    """call(), again when it lost an insert race to another process.
-
-    MLflow adds a dataset it has not seen with a read, then an insert. Runs that start together on
-    the same data (a sweep's jobs) race there: all read "not yet", one inserts, the others hit the
-    unique constraint. Their transaction is rolled back, and the next try finds the row.
-    """
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as err:
-            if attempt == attempts - 1 or not any(s in str(err) for s in _DUPLICATE_ROW):
-                raise
-            time.sleep(0.05 * (attempt + 1))
 
 
 def run_name(model: str, optimizer: str, overrides: Sequence[str] = ()) -> str:
@@ -246,8 +227,8 @@ class Run:
         inputs = [r.to_input() for r in records]
         as_json = json.dumps([{**asdict(r)} for r in records], indent=2)
         self._write(
-            lambda: _retry_if_raced(lambda: self.client.log_inputs(self.run_id, datasets=inputs)),
-            lambda spool: spool.artifact("dataset/inputs.json").write_text(as_json),
+            lambda: retry_if_raced(lambda: self.client.log_inputs(self.run_id, datasets=inputs)),
+            lambda spool: spool.artifact(INPUTS_FILE).write_text(as_json),
         )
 
     def log_dict(self, data: Any, artifact_file: str) -> None:

@@ -6,8 +6,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -190,6 +191,26 @@ def _sqlite_problem(db: Path, err: BaseException) -> str:
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+# What a store says when two writers insert the same new row at once (SQLite, PostgreSQL, MySQL).
+_DUPLICATE_ROW = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+
+
+def retry_if_raced(call: Callable[[], Any], attempts: int = 4) -> Any:
+    """call(), again when it lost an insert race to another process.
+
+    MLflow adds a dataset it has not seen with a read, then an insert. Runs that start together on
+    the same data (a sweep's jobs) race there: all read "not yet", one inserts, the others hit the
+    unique constraint. Their transaction is rolled back, and the next try finds the row.
+    """
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == attempts - 1 or not any(s in str(err) for s in _DUPLICATE_ROW):
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
