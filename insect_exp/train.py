@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -10,12 +11,18 @@ import shlex
 import shutil
 import signal
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from insect_exp import distribute, sweep, tracking
 from insect_exp.config import Config, Precision
 from insect_exp.upload import SPOOL_DIR
+
+if TYPE_CHECKING:
+    from insect_exp.data.pipeline import Data
+    from insect_exp.models import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +40,8 @@ def run(cfg: Config) -> float:
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
     """
     distribute.before_tensorflow(cfg.train)
-    import tensorflow as tf
-
-    from insect_exp import callbacks, models, report, resilience
+    from insect_exp import models
     from insect_exp.data import load_data
-    from insect_exp.fit import FitSettings
-    from insect_exp.models.common import ServingModule
 
     rt = cfg.runtime
     job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
@@ -47,18 +50,51 @@ def run(cfg: Config) -> float:
     dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
     log.info(dist.describe())
     uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
+    # What fails in seconds does so before any image decodes: the store's file or server, and
+    # model weights that cannot be had (offline). A sweep's store was checked before its jobs.
+    if dist.is_chief and job.parent_run_id is None:
+        tracking.check_store(uri)
+    recipe = models.recipe_for(cfg.model)
+    recipe.prepare()
+    # The images decode (in TensorFlow's threads, the GIL released) while MLflow opens the store
+    # and the run; leaving the block early stops them between two batches.
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-decoding") as decoding:
+        loading = decoding.submit(load_data, cfg.dataset, cfg.model.image_size, cfg.seed, stop)
+        try:
+            return _train_and_log(cfg, job, dist, uri, recipe, loading)
+        finally:
+            stop.set()
+
+
+def _train_and_log(
+    cfg: Config,
+    job: sweep.JobContext,
+    dist: distribute.Distribution,
+    uri: str,
+    recipe: Recipe,
+    loading: Future[Data],
+) -> float:
+    """run() once TensorFlow is set up and the data decoding: open the run, train, log."""
+    import tensorflow as tf
+
+    from insect_exp import callbacks, report, resilience
+    from insect_exp.fit import FitSettings
+    from insect_exp.models.common import ServingModule
+
     if dist.is_chief:
-        if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
-            tracking.prepare_store(uri)
+        if job.parent_run_id is None:
+            tracking.build_store(uri)  # creates or migrates it, one process at a time
         run, checkpoints, resume_from = _open_run(cfg, job, uri)
     else:
         # Other workers run the same ops (collectives need every worker) and log nothing; their
         # checkpoints go to a scratch dir, as Keras's multi-worker guide does.
         run, resume_from = distribute.WorkerRun(), None
         checkpoints = tempfile.mkdtemp(prefix=f"insect_exp-worker{dist.worker}-")
-    # Logging that nothing downstream waits for runs here while the model builds and trains
-    # (TensorFlow's kernels release the GIL): the data's stats, lineage and sample grids, and
-    # MLflow's scan of the installed packages that log_model would otherwise do at the end.
+    # Logging that nothing downstream waits for runs here while the model builds, trains,
+    # predicts and exports (TensorFlow's kernels release the GIL): the data's stats, lineage and
+    # sample grids, MLflow's scan of the installed packages that log_model would otherwise do at
+    # the end, then the plots of training and predictions.
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-logging")
     try:
         with tracking.ending(run), background:
@@ -66,9 +102,7 @@ def run(cfg: Config) -> float:
                 _log_config(run, cfg)
             if cfg.mlflow.log_model and dist.is_chief:
                 background.submit(tracking.warm_model_logging)
-            recipe = models.recipe_for(cfg.model)
-            recipe.prepare()  # before decoding: offline weights fail in seconds
-            data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
+            data = loading.result()
             resilience.check()  # a signal swallowed while decoding
             data_logged = None
             if not cfg.resume:  # one thread: matplotlib draws one figure at a time
@@ -82,16 +116,24 @@ def run(cfg: Config) -> float:
                 run.set_tags({"replicas": replicas, "devices": dist.describe()})
                 settings = FitSettings.from_config(cfg, checkpoints, resume_from)
                 sink = run.resumed_sink(RESUMED_KEYS) if cfg.resume else run.sink
+                # The command turned the collector off for start-up (__main__); what start-up
+                # made lives on, so later collections skip it.
+                if not gc.isenabled():  # the process's first run (a sweep's next job finds it on)
+                    gc.freeze()
+                    gc.enable()
                 history = recipe.fit(model, data, settings, sink=sink)
-                if data_logged is not None:
-                    data_logged.result()  # its error, if it failed, is the run's
-                report.log_training(run, history)
+                # The plots are drawn in the background too, while the model predicts and exports.
+                logged = [data_logged, background.submit(report.log_training, run, history)]
 
                 test = data.test if data.test is not None else data.val
                 logits = recipe.predict(model, test, cfg.batch_size)
                 test_scores = callbacks.scores(logits, test.labels)
                 run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
-                report.log_predictions(run, test, logits, data.class_names, cfg.seed)
+                logged.append(
+                    background.submit(
+                        report.log_predictions, run, test, logits, data.class_names, cfg.seed
+                    )
+                )
 
                 if cfg.mlflow.log_model:
                     from insect_exp import export
@@ -110,6 +152,9 @@ def run(cfg: Config) -> float:
                             registered_model_name=cfg.mlflow.registered_model_name,
                         )
                     log.info("model logged: %s", uri_model)
+                for done in logged:
+                    if done is not None:
+                        done.result()  # its error, if it failed, is the run's
     except KeyboardInterrupt as err:
         resilience.acknowledge()
         signum = getattr(err, "signum", signal.SIGINT)
