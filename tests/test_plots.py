@@ -10,6 +10,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from insect_exp import plots
 
@@ -33,9 +34,13 @@ def _has_colour(pixels: np.ndarray, rgb: tuple[int, int, int], min_count: int = 
     return int(np.all(pixels == np.asarray(rgb, dtype=np.uint8), axis=-1).sum()) >= min_count
 
 
+def _tile_titles(fig: Figure) -> list[Text]:
+    """The titles over an image grid's tiles, in reading order (unused tiles have none)."""
+    return [t for t in fig.texts if t.get_gid() == "tile"]
+
+
 def _visible_titles(fig: Figure) -> list[str]:
-    """Titles of the axes that are drawn (tile grids switch unused tiles off)."""
-    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+    return [t.get_text() for t in _tile_titles(fig)]
 
 
 def test_module_has_no_heavy_or_global_state_imports() -> None:
@@ -55,25 +60,28 @@ def test_sample_grid_titles_tiles_with_class_names() -> None:
     images = _solid(4, (10, 20, 30))
     fig = plots.sample_grid(images, [0, 2, 1, 2], CLASSES, title="train")
     assert isinstance(fig, Figure)
-    assert len(fig.axes) == 9
     assert _visible_titles(fig) == ["ant", "beetle", "bee", "beetle"]
-    # Tiles without an image stay switched off rather than drawing empty frames.
-    assert [ax.axison for ax in fig.axes].count(True) == 0
-    assert [len(ax.images) for ax in fig.axes] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
     assert fig.get_suptitle() == "train"
+    # One picture of 3x3 tiles, no axes frames; the tiles without an image stay blank (white):
+    # 4 tiles of the images' colour, enlarged to at least 160 px a side
+    assert fig.axes == [] and len(fig.images) == 1
+    pixels = _render(fig)
+    tile = plots._MIN_TILE * plots._MIN_TILE
+    assert int(np.all(pixels == (10, 20, 30), axis=-1).sum()) == 4 * tile
+    assert pixels.shape[1] == 3 * plots._MIN_TILE + 4 * plots._GAP
 
 
 def test_sample_grid_accepts_int32_labels_and_custom_shape() -> None:
     labels = np.array([1, 0], dtype=np.int32)
     fig = plots.sample_grid(_solid(2, (0, 0, 0)), labels, CLASSES, rows=1, cols=2)
-    assert len(fig.axes) == 2
     assert _visible_titles(fig) == ["bee", "ant"]
 
 
 def test_sample_grid_shows_only_first_tiles_when_given_more_images() -> None:
-    fig = plots.sample_grid(_solid(12, (0, 0, 0)), [0] * 12, CLASSES, rows=2, cols=2)
-    assert len(fig.axes) == 4
-    assert sum(len(ax.images) for ax in fig.axes) == 4
+    fig = plots.sample_grid(_solid(12, (1, 2, 3)), [0] * 12, CLASSES, rows=2, cols=2)
+    assert len(_visible_titles(fig)) == 4
+    tile = plots._MIN_TILE * plots._MIN_TILE
+    assert int(np.all(_render(fig) == (1, 2, 3), axis=-1).sum()) == 4 * tile
 
 
 @pytest.mark.parametrize(
@@ -102,12 +110,10 @@ def test_prediction_grid_colours_correct_green_and_wrong_red() -> None:
     images = _solid(3, (51, 102, 153))
     true = np.array([0, 2, 2], dtype=np.int32)
     fig = plots.prediction_grid(images, np.array([0, 1, 2]), CLASSES, true=true, title="Preds")
-    assert len(fig.axes) == 30
-    tiles = fig.axes[:3]
-    assert [ax.get_title() for ax in tiles] == ["ant", "bee (true: beetle)", "beetle"]
-    colours = [to_rgb(ax.title.get_color()) for ax in tiles]
+    tiles = _tile_titles(fig)  # 3 images: the other 27 tiles of the 6x5 grid stay untitled
+    assert [t.get_text() for t in tiles] == ["ant", "bee (true: beetle)", "beetle"]
+    colours = [to_rgb(t.get_color()) for t in tiles]
     assert colours == [to_rgb("green"), to_rgb("red"), to_rgb("green")]
-    assert all(ax.get_title() == "" for ax in fig.axes[3:])
     # And the figure says which name is the prediction and what the colours mean
     assert fig.get_suptitle().startswith("Preds: predicted class, green if right, red if wrong")
 
@@ -115,12 +121,11 @@ def test_prediction_grid_colours_correct_green_and_wrong_red() -> None:
 def test_prediction_grid_without_truth_titles_predictions_only() -> None:
     names = ["background", "tench", "goldfish", "great white shark"]
     fig = plots.prediction_grid(_solid(2, (5, 5, 5)), [3, 1], names, rows=1, cols=2)
-    assert len(fig.axes) == 2
     assert _visible_titles(fig) == ["great white shark", "tench"]
     assert fig.get_suptitle() == "Model predictions"
     # Without labels there is no right/wrong, so neither verdict colour may appear.
     verdicts = {to_rgb("green"), to_rgb("red")}
-    assert all(to_rgb(ax.title.get_color()) not in verdicts for ax in fig.axes)
+    assert all(to_rgb(t.get_color()) not in verdicts for t in _tile_titles(fig))
 
 
 def test_training_curves_panels_and_legends() -> None:
@@ -257,10 +262,10 @@ def test_cjk_class_names_fall_back_to_a_cjk_font_or_say_once_that_none_is_instal
 
     # Then its tile asks for a CJK font when one is installed, else one warning says which to add
     installed = {f.name for f in font_manager.fontManager.ttflist}
-    family = fig.axes[0].title.get_fontfamily()
+    family = _tile_titles(fig)[0].get_fontfamily()
     if any(f in installed for f in plots._CJK_FONTS):
         assert len(family) > 1
     else:
         warnings = [r for r in caplog.records if "CJK" in r.getMessage()]
         assert len(warnings) == 1 and "fonts-noto-cjk" in warnings[0].getMessage()
-    assert fig.axes[1].title.get_fontfamily() == ["DejaVu Sans"]
+    assert _tile_titles(fig)[1].get_fontfamily() == ["DejaVu Sans"]
