@@ -65,6 +65,7 @@ def run(cfg: Config) -> float:
             return _train_and_log(cfg, job, dist, uri, recipe, loading)
         finally:
             stop.set()
+            gc.enable()  # on already, unless start-up failed: the next job in this process
 
 
 def _train_and_log(
