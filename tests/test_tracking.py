@@ -6,8 +6,10 @@ import csv
 import io
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -119,6 +121,47 @@ def test_launched_from_another_repository_the_run_does_not_take_its_commit(tmp_p
     # Then no tag carries the other repository's commit
     assert out.returncode == 0, out.stderr
     assert other_head not in out.stdout
+
+
+class _SlowStore:
+    """A client whose writes take a moment, as a store's do: the other thread runs meanwhile."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, int]] = []
+        self.writing = 0
+        self.overlapped = False
+
+    def get_run(self, run_id):
+        return SimpleNamespace(info=SimpleNamespace(experiment_id="0"))
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.writing += 1
+        self.overlapped |= self.writing > 1
+        time.sleep(0.002)
+        self.sent += [(m.key, m.step) for m in metrics]
+        self.writing -= 1
+
+
+def test_metrics_logged_from_two_threads_at_once_are_sent_once_each_one_write_at_a_time():
+    # Given one run, and two threads logging to it at once (train.py draws its plots, which log
+    # metrics, in a background thread while the main thread logs the test scores)
+    store = _SlowStore()
+    run = tracking.Run(store, "run")
+
+    def log(key: str) -> None:
+        for step in range(40):
+            run.log_metrics({key: float(step)}, step=step)
+
+    threads = [threading.Thread(target=log, args=(key,)) for key in ("main", "background")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then every value was sent exactly once, and the store never saw two writes at a time
+    expected = [(key, step) for key in ("background", "main") for step in range(40)]
+    assert sorted(store.sent) == expected
+    assert not store.overlapped
 
 
 # One run logging a dataset input, started by the test and held until it says go.

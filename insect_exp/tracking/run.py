@@ -111,6 +111,11 @@ class Run:
         self.offline = False
         # Artifacts may be written from a background thread while training logs metrics.
         self._going_offline = threading.Lock()
+        # ... and metrics too (train.py's plots log theirs): one thread at a time sends the buffer,
+        self._buffer = threading.RLock()
+        # and one at a time talks to the store: two writers of one process on an SQLite store
+        # wait on each other's locks (up to the busy timeout) instead of taking turns.
+        self._io = threading.Lock()
 
     def spool_to(self, directory: str | Path, tracking_uri: str) -> None:
         self.spool = Spool(directory, self.run_id, tracking_uri, self.experiment_id)
@@ -119,7 +124,8 @@ class Run:
         """Send to the store; once it fails (and a spool is set), save locally from then on."""
         if not self.offline:
             try:
-                online()
+                with self._io:
+                    online()
                 return
             except Exception as err:
                 if self.spool is None:
@@ -142,8 +148,10 @@ class Run:
         What cannot be sent (the store is down) stays buffered and is tried again next time.
         """
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self._pending) >= _MAX_BATCH or any(not k.startswith("batch_") for k in metrics):
+        with self._buffer:
+            self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            full = len(self._pending) >= _MAX_BATCH
+        if full or any(not k.startswith("batch_") for k in metrics):
             self.flush(raise_errors=False)
 
     def resumed_sink(self, keys: Iterable[str]) -> MetricSink:
@@ -166,34 +174,38 @@ class Run:
 
     def flush(self, raise_errors: bool = True) -> None:
         """Send the buffered metrics (to the spool once offline)."""
-        while self._pending:
-            chunk = self._pending[:_MAX_BATCH]
-            try:
-                self._write(
-                    lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk),
-                    lambda spool, chunk=chunk: spool.metrics(chunk),
-                )
-            except Exception as err:
-                if raise_errors:
-                    raise
-                log.warning("metrics kept to send later: %s", first_line(err))
-                return
-            for m in chunk:
-                self._logged.setdefault(m.key, {})[m.step] = m.value
-            del self._pending[: len(chunk)]
+        with self._buffer:
+            while self._pending:
+                chunk = self._pending[:_MAX_BATCH]
+                try:
+                    self._write(
+                        lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk),
+                        lambda spool, chunk=chunk: spool.metrics(chunk),
+                    )
+                except Exception as err:
+                    if raise_errors:
+                        raise
+                    log.warning("metrics kept to send later: %s", first_line(err))
+                    return
+                for m in chunk:
+                    self._logged.setdefault(m.key, {})[m.step] = m.value
+                del self._pending[: len(chunk)]
 
     def metric_history(self, keys: Iterable[str]) -> dict[str, list[float]]:
         """Every value of each metric, by step: from the store, or offline what was logged here."""
         self.flush()
         if not self.offline:
             try:
-                return {
-                    key: [
-                        m.value
-                        for m in sorted(self.client.get_metric_history(self.run_id, key), key=_step)
-                    ]
-                    for key in keys
-                }
+                with self._io:
+                    return {
+                        key: [
+                            m.value
+                            for m in sorted(
+                                self.client.get_metric_history(self.run_id, key), key=_step
+                            )
+                        ]
+                        for key in keys
+                    }
             except Exception:
                 if self.spool is None:
                     raise
