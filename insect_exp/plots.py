@@ -105,8 +105,8 @@ def _image_grid(
     """Tiles of images in reading order, each under its (text, colour) title, as one picture.
 
     The tiles are composed in NumPy and placed on the figure pixel for pixel (`figimage`: no axes,
-    no resampling); only the titles are text. A grid of Axes, one per tile, took five times as
-    long to build and save, most of it spent on the Axes themselves. Unused tiles stay blank.
+    no resampling); only the titles are text. A grid of Axes, one per tile, took twice as long to
+    build and save (0.56 s against 0.25 s for 6x5 tiles of 180 px). Unused tiles stay blank.
     """
     if rows < 1 or cols < 1:
         raise ValueError(f"rows and cols must be positive, got {rows}x{cols}")
