@@ -11,18 +11,12 @@ import shlex
 import shutil
 import signal
 import tempfile
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from insect_exp import distribute, sweep, tracking
 from insect_exp.config import Config, Precision
 from insect_exp.upload import SPOOL_DIR
-
-if TYPE_CHECKING:
-    from insect_exp.data.pipeline import Data
-    from insect_exp.models import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +34,12 @@ def run(cfg: Config) -> float:
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
     """
     distribute.before_tensorflow(cfg.train)
-    from insect_exp import models
+    import tensorflow as tf
+
+    from insect_exp import callbacks, models, report, resilience
     from insect_exp.data import load_data
+    from insect_exp.fit import FitSettings
+    from insect_exp.models.common import ServingModule
 
     rt = cfg.runtime
     job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
@@ -50,42 +48,9 @@ def run(cfg: Config) -> float:
     dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
     log.info(dist.describe())
     uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
-    # What fails in seconds does so before any image decodes: the store's file or server, and
-    # model weights that cannot be had (offline). A sweep's store was checked before its jobs.
-    if dist.is_chief and job.parent_run_id is None:
-        tracking.check_store(uri)
-    recipe = models.recipe_for(cfg.model)
-    recipe.prepare()
-    # The images decode (in TensorFlow's threads, the GIL released) while MLflow opens the store
-    # and the run; leaving the block early stops them between two batches.
-    stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-decoding") as decoding:
-        loading = decoding.submit(load_data, cfg.dataset, cfg.model.image_size, cfg.seed, stop)
-        try:
-            return _train_and_log(cfg, job, dist, uri, recipe, loading)
-        finally:
-            stop.set()
-            gc.enable()  # on already, unless start-up failed: the next job in this process
-
-
-def _train_and_log(
-    cfg: Config,
-    job: sweep.JobContext,
-    dist: distribute.Distribution,
-    uri: str,
-    recipe: Recipe,
-    loading: Future[Data],
-) -> float:
-    """run() once TensorFlow is set up and the data decoding: open the run, train, log."""
-    import tensorflow as tf
-
-    from insect_exp import callbacks, report, resilience
-    from insect_exp.fit import FitSettings
-    from insect_exp.models.common import ServingModule
-
     if dist.is_chief:
-        if job.parent_run_id is None:
-            tracking.build_store(uri)  # creates or migrates it, one process at a time
+        if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
+            tracking.prepare_store(uri)
         run, checkpoints, resume_from = _open_run(cfg, job, uri)
     else:
         # Other workers run the same ops (collectives need every worker) and log nothing; their
@@ -103,7 +68,9 @@ def _train_and_log(
                 _log_config(run, cfg)
             if cfg.mlflow.log_model and dist.is_chief:
                 background.submit(tracking.warm_model_logging)
-            data = loading.result()
+            recipe = models.recipe_for(cfg.model)
+            recipe.prepare()  # before decoding: offline weights fail in seconds
+            data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
             resilience.check()  # a signal swallowed while decoding
             data_logged = None
             if not cfg.resume:  # one thread: matplotlib draws one figure at a time
@@ -161,6 +128,7 @@ def _train_and_log(
         signum = getattr(err, "signum", signal.SIGINT)
         raise resilience.Interrupted(signum, run.run_id) from None
     finally:
+        gc.enable()  # on already, unless start-up failed: the next job in this process
         if not dist.is_chief:
             shutil.rmtree(checkpoints, ignore_errors=True)
     val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -194,25 +193,13 @@ def _decode_and_fingerprint_fn(image_size: Sequence[int]):
 Put = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
-class DecodingStopped(Exception):
-    """Decoding was stopped from another thread (the run failed or was interrupted meanwhile)."""
-
-
 def _decode_into(
-    files: FileList,
-    image_size: Sequence[int],
-    workers: int,
-    put: Put,
-    what: str,
-    stop: threading.Event | None = None,
+    files: FileList, image_size: Sequence[int], workers: int, put: Put, what: str
 ) -> list[tuple[int, str]]:
     """Decode every file, handing each batch to put(indices, images, fingerprints).
 
     Returns:
         (index, reason) of each file that failed to decode.
-
-    Raises:
-        DecodingStopped: `stop` was set (checked between batches).
     """
     decode = _decode_and_fingerprint_fn(image_size)
     ok = np.zeros(len(files), dtype=bool)
@@ -232,8 +219,6 @@ def _decode_into(
         )
         with Progress(len(files), what) as progress:
             for index, batch, fingerprints in ds.as_numpy_iterator():
-                if stop is not None and stop.is_set():
-                    raise DecodingStopped(what)
                 put(index, batch, fingerprints)
                 ok[index] = True
                 progress.update(len(index))
@@ -276,7 +261,6 @@ def decode_files(
     workers: int = 0,
     cache: ImageCache | None = None,
     what: str = "decoding",
-    stop: threading.Event | None = None,
 ) -> tuple[ImageSplit, list[tuple[str, str]]]:
     """Decode and resize every file in parallel; files TensorFlow cannot decode are returned apart.
 
@@ -287,7 +271,6 @@ def decode_files(
     Args:
         cache: keep the images in this on-disk cache (reusing its entry for these files if there
             is one) and stream them from there; None keeps them in memory.
-        stop: set from another thread to stop decoding (DecodingStopped) between batches.
 
     Returns:
         The decoded split, and (path, reason) for each file that failed to decode, the reason short
@@ -301,9 +284,7 @@ def decode_files(
         key = split_key(files.paths, image_size)
 
         def fill(writer: RecordWriter) -> list[tuple[int, str]]:
-            return _decode_into(
-                files, image_size, workers, writer.put, f"{what} into the cache", stop
-            )
+            return _decode_into(files, image_size, workers, writer.put, f"{what} into the cache")
 
         entry, written = cache.get_or_build(key, len(files), (height, width, 3), fill)
         if not written:
@@ -316,7 +297,7 @@ def decode_files(
         images[index] = batch
         fingerprints[index] = prints
 
-    failed = _decode_into(files, image_size, workers, put, what, stop)
+    failed = _decode_into(files, image_size, workers, put, what)
     return _kept(images, fingerprints, files, failed)
 
 
@@ -337,14 +318,13 @@ def _decode_split(
     cache: ImageCache | None,
     policy: CachePolicy | None,
     what: str,
-    stop: threading.Event | None,
 ) -> tuple[ImageSplit, list[tuple[str, str]], ImageCache | None]:
     """Decode one split into the cache, or into memory when the cache cannot be written and the
     images fit the memory cap (else DatasetError). Returns the cache to use for the next split."""
     if cache is None or policy is None:
-        return (*decode_files(files, image_size, workers, None, what, stop), None)
+        return (*decode_files(files, image_size, workers, None, what), None)
     try:
-        return (*decode_files(files, image_size, workers, cache, what, stop), cache)
+        return (*decode_files(files, image_size, workers, cache, what), cache)
     except CacheUnavailable as err:
         needed = len(files) * int(image_size[0]) * int(image_size[1]) * 3
         if needed > policy.max_memory_bytes:
@@ -354,7 +334,7 @@ def _decode_split(
                 "or set dataset.cache_dir to a writable folder"
             ) from None
         log.warning("%s: keeping the decoded images in memory instead", err)
-        return (*decode_files(files, image_size, workers, None, what, stop), None)
+        return (*decode_files(files, image_size, workers, None, what), None)
 
 
 def load(
@@ -364,13 +344,11 @@ def load(
     seed: int = 0,
     workers: int = 0,
     cache: CachePolicy | None = None,
-    stop: threading.Event | None = None,
 ) -> Data:
     """Decode every split once; validate on test, or on a seeded stratified hold-out of train.
 
     Args:
         cache: where decoded images go (dataset.cache); None keeps them in memory.
-        stop: set from another thread to stop decoding (DecodingStopped).
     """
     count = len(manifest.train) + (0 if manifest.test is None else len(manifest.test))
     store = None
@@ -379,13 +357,13 @@ def load(
         store = ImageCache(cache.directory, cache.max_disk_bytes)
         log.info("decoded images go to the disk cache in %s", store.dir)
     train, failed, store = _decode_split(
-        manifest.train, image_size, workers, store, cache, "decoding train", stop
+        manifest.train, image_size, workers, store, cache, "decoding train"
     )
     skipped = list(manifest.skipped) + failed
     test = None
     if manifest.test is not None:
         test, failed, store = _decode_split(
-            manifest.test, image_size, workers, store, cache, "decoding test", stop
+            manifest.test, image_size, workers, store, cache, "decoding test"
         )
         skipped += failed
     storage = "disk" if isinstance(train.images, DiskImages) else "memory"

@@ -22,8 +22,6 @@ from insect_exp.tracking.run import (
 from insect_exp.tracking.store import (
     STORE_DIR,
     StoreError,
-    build_store,
-    check_store,
     default_tracking_uri,
     ensure_experiment,
     open_client,
@@ -41,8 +39,6 @@ __all__ = [
     "Run",
     "RunRecord",
     "StoreError",
-    "build_store",
-    "check_store",
     "child_runs",
     "create_run",
     "default_tracking_uri",

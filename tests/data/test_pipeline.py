@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from insect_exp.data.cache import ImageCache
-from insect_exp.data.pipeline import DecodingStopped, decode_files, load, make_dataset
+from insect_exp.data.pipeline import decode_files, load, make_dataset
 from insect_exp.data.scan import DatasetError, scan, stratified_split
 from tests.conftest import make_image_folder
 
@@ -91,31 +89,6 @@ def test_each_image_lands_at_its_own_file_and_label_around_failures(tmp_path):
         expected = np.round(np.clip(alone.numpy(), 0, 255)).astype(np.uint8)
         np.testing.assert_array_equal(image, expected)
         assert label == by_path[path]
-
-
-@pytest.mark.parametrize("cached", [False, True])
-def test_decoding_stops_at_the_next_batch_once_told_and_the_cache_keeps_nothing_of_it(
-    tmp_path, cached
-):
-    # Given a folder decoding in the background (train.run does that while the run opens)
-    root = make_image_folder(tmp_path / "insects", train_per_class=30, test_per_class=1)
-    files = scan(root).train
-    cache = ImageCache(tmp_path / "cache", 10**9) if cached else None
-
-    # When the run fails meanwhile and says stop
-    stop = threading.Event()
-    stop.set()
-
-    # Then decoding stops, and the disk cache holds no entry and no partial file
-    with pytest.raises(DecodingStopped):
-        decode_files(files, (16, 16), cache=cache, stop=stop)
-    if cached:  # (lock files aside)
-        assert [
-            f for f in (tmp_path / "cache").rglob("*") if f.is_file() and f.suffix != ".lock"
-        ] == []
-    # and without the stop, the same call decodes everything
-    split, failed = decode_files(files, (16, 16), cache=cache, stop=threading.Event())
-    assert len(split) == 90 and failed == []
 
 
 @pytest.mark.parametrize(
