@@ -113,8 +113,8 @@ class Run:
         self._going_offline = threading.Lock()
         # ... and metrics too (train.py's plots log theirs): one thread at a time sends the buffer,
         self._buffer = threading.RLock()
-        # and one at a time talks to the store: two writers of one process on an SQLite store
-        # wait on each other's locks (up to the busy timeout) instead of taking turns.
+        # and one at a time talks to the store (or the spool): two writers of one process on an
+        # SQLite store wait on each other's locks (up to the busy timeout) instead of taking turns.
         self._io = threading.Lock()
 
     def spool_to(self, directory: str | Path, tracking_uri: str) -> None:
@@ -140,7 +140,8 @@ class Run:
                             self.run_id,
                             self.spool.dir,
                         )
-        offline(self.spool)
+        with self._io:  # the spool's JSON files are read, merged and written back
+            offline(self.spool)
 
     def sink(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metrics; send them once an epoch-level one arrives (per-batch ones wait).
