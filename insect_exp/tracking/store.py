@@ -96,26 +96,19 @@ def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
 
 
 def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Make sure the store answers and can be written (`check_store`), then create or migrate it
-    (`build_store`).
+    """Make sure the store answers and can be written, before any data is decoded.
 
-    Raises:
-        StoreError: one line naming the store and what is wrong with it.
-    """
-    check_store(tracking_uri, timeout_s)
-    build_store(tracking_uri)
-
-
-def check_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """The checks that take a moment: an SQLite store's file and folder (readable, writable, not
-    left half-migrated), or one bounded try of a server, instead of MLflow's minutes of retries.
+    A new SQLite store is created (and an old one migrated) by one process at a time, under a
+    lock file beside the database: MLflow's schema migrations race and corrupt a store when
+    several processes open a new one at once. A server gets one bounded try instead of MLflow's
+    minutes of retries.
 
     Raises:
         StoreError: one line naming the store and what is wrong with it.
     """
     db = _sqlite_path(tracking_uri)
     if db is not None:
-        _check_sqlite(db)
+        _prepare_sqlite(tracking_uri, db)
         return
     bounded = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -138,39 +131,7 @@ def check_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
                 os.environ[key] = value
 
 
-def build_store(tracking_uri: str) -> None:
-    """Create a new SQLite store, or migrate an old one, and open it (MLflow's schema check, about
-    a second); nothing to do for a server.
-
-    One process at a time, under a lock file beside the database: MLflow's schema migrations race
-    and corrupt a store when several processes open a new one at once.
-
-    Raises:
-        StoreError: one line naming the store and what is wrong with it.
-    """
-    db = _sqlite_path(tracking_uri)
-    if db is None:
-        return
-    with _file_lock(db.with_name(db.name + ".lock"), timeout_s=120):
-        if not db.exists():
-            # Build the schema in a file of its own and move it into place: a store whose
-            # creation was interrupted (Ctrl-C, a kill) is never left half made.
-            fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
-            fresh.unlink(missing_ok=True)
-            try:
-                open_client(f"sqlite:///{fresh}").search_experiments(max_results=1)
-                os.replace(fresh, db)
-            except Exception as err:
-                raise StoreError(_sqlite_problem(db, err)) from err
-            finally:
-                fresh.unlink(missing_ok=True)
-        try:
-            open_client(tracking_uri).search_experiments(max_results=1)  # migrates an old one
-        except Exception as err:
-            raise StoreError(_sqlite_problem(db, err)) from err
-
-
-def _check_sqlite(db: Path) -> None:
+def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
     import sqlite3
 
     if not db.parent.is_dir():
@@ -196,6 +157,23 @@ def _check_sqlite(db: Path) -> None:
     # passes; root's writes then simply work.)
     if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
         raise StoreError(f"cannot write the MLflow store {db}: it or its folder is read-only")
+    with _file_lock(db.with_name(db.name + ".lock"), timeout_s=120):
+        if not db.exists():
+            # Build the schema in a file of its own and move it into place: a store whose
+            # creation was interrupted (Ctrl-C, a kill) is never left half made.
+            fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
+            fresh.unlink(missing_ok=True)
+            try:
+                open_client(f"sqlite:///{fresh}").search_experiments(max_results=1)
+                os.replace(fresh, db)
+            except Exception as err:
+                raise StoreError(_sqlite_problem(db, err)) from err
+            finally:
+                fresh.unlink(missing_ok=True)
+        try:
+            open_client(tracking_uri).search_experiments(max_results=1)  # migrates an old one
+        except Exception as err:
+            raise StoreError(_sqlite_problem(db, err)) from err
 
 
 def _sqlite_problem(db: Path, err: BaseException) -> str:
