@@ -109,12 +109,12 @@ class Run:
         self._logged: dict[str, dict[int, float]] = {}
         self.spool: Spool | None = None
         self.offline = False
-        # Artifacts may be written from a background thread while training logs metrics.
-        self._going_offline = threading.Lock()
-        # ... and metrics too (train.py's plots log theirs): one thread at a time sends the buffer,
+        # train.py logs from a background thread while training logs metrics: one thread at a
+        # time sends the metric buffer,
         self._buffer = threading.RLock()
-        # and one at a time talks to the store (or the spool): two writers of one process on an
-        # SQLite store wait on each other's locks (up to the busy timeout) instead of taking turns.
+        # and one at a time talks to the store (or the spool), or switches to the spool: two
+        # writers of one process on an SQLite store wait on each other's locks (up to the busy
+        # timeout) instead of taking turns.
         self._io = threading.Lock()
 
     def spool_to(self, directory: str | Path, tracking_uri: str) -> None:
@@ -122,26 +122,23 @@ class Run:
 
     def _write(self, online: Callable[[], Any], offline: Callable[[Spool], Any]) -> None:
         """Send to the store; once it fails (and a spool is set), save locally from then on."""
-        if not self.offline:
-            try:
-                with self._io:
+        with self._io:
+            if not self.offline:
+                try:
                     online()
-                return
-            except Exception as err:
-                if self.spool is None:
-                    raise
-                with self._going_offline:
-                    if not self.offline:
-                        self.spool.open()
-                        self.offline = True
-                        log.warning(
-                            "the MLflow store stopped answering (%s): saving run %s in %s",
-                            first_line(err),
-                            self.run_id,
-                            self.spool.dir,
-                        )
-        with self._io:  # the spool's JSON files are read, merged and written back
-            offline(self.spool)
+                    return
+                except Exception as err:
+                    if self.spool is None:
+                        raise
+                    self.spool.open()
+                    self.offline = True
+                    log.warning(
+                        "the MLflow store stopped answering (%s): saving run %s in %s",
+                        first_line(err),
+                        self.run_id,
+                        self.spool.dir,
+                    )
+            offline(self.spool)  # the spool's JSON files are read, merged and written back
 
     def sink(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metrics; send them once an epoch-level one arrives (per-batch ones wait).
