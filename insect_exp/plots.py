@@ -102,7 +102,8 @@ def _image_grid(
     title_lines: int,
     fontsize: float,
 ) -> Figure:
-    """Tiles of images in reading order, each under its (text, colour) title, as one picture.
+    """Tiles of images in reading order, each under its (text, colour) title, as one picture
+    (images beyond the titles, or beyond rows x cols, are left out).
 
     The tiles are composed in NumPy and placed on the figure pixel for pixel (`figimage`: no axes,
     no resampling); only the titles are text. A grid of Axes, one per tile, took twice as long to
@@ -119,13 +120,12 @@ def _image_grid(
     canvas_h, canvas_w = _TOP + rows * row_height, _GAP + cols * (width + _GAP)
     canvas = np.full((canvas_h, canvas_w, 3), 255, dtype=np.uint8)
     fig = Figure(figsize=(canvas_w / GRID_DPI, canvas_h / GRID_DPI), dpi=GRID_DPI)
-    for i, image in enumerate(pixels):
+    for i, (image, (text, color)) in enumerate(zip(pixels, titles, strict=False)):
         row, col = divmod(i, cols)
         top, left = _TOP + row * row_height + band, _GAP + col * (width + _GAP)
         if scale > 1:
             image = image.repeat(scale, axis=0).repeat(scale, axis=1)
         canvas[top : top + height, left : left + width] = image
-        text, color = titles[i]
         fig.text(
             (left + width / 2) / canvas_w, 1 - (top - 3) / canvas_h, text, ha="center",
             va="bottom", fontsize=fontsize, color=color, fontfamily=_fonts(text), gid="tile",
@@ -147,7 +147,7 @@ def sample_grid(
     """Grid of images, each tile titled with its class name (the tutorial's train/test preview)."""
     names = [str(class_names[int(label)]) for label in _as_class_indices(labels)[: rows * cols]]
     titles = [(name, None) for name in names]
-    return _image_grid(images[: len(titles)], titles, rows, cols, title, 1, fontsize=10)
+    return _image_grid(images, titles, rows, cols, title, 1, fontsize=10)
 
 
 def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
@@ -223,7 +223,7 @@ def prediction_grid(
     if true_idx is not None:
         # The key to the tiles: which name is the prediction, what the colours mean.
         title = f"{title}: predicted class, green if right, red if wrong (true class after it)"
-    return _image_grid(images[: len(titles)], titles, rows, cols, title, 2, fontsize=9)
+    return _image_grid(images, titles, rows, cols, title, 2, fontsize=9)
 
 
 def confusion_matrix(
