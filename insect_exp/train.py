@@ -59,15 +59,12 @@ def run(cfg: Config) -> float:
         checkpoints = tempfile.mkdtemp(prefix=f"insect_exp-worker{dist.worker}-")
     # Logging that nothing downstream waits for runs here while the model builds, trains,
     # predicts and exports (TensorFlow's kernels release the GIL): the data's stats, lineage and
-    # sample grids, MLflow's scan of the installed packages that log_model would otherwise do at
-    # the end, then the plots of training and predictions.
+    # sample grids, then the plots of training and predictions.
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-logging")
     try:
         with tracking.ending(run), background:
             if not cfg.resume:
                 _log_config(run, cfg)
-            if cfg.mlflow.log_model and dist.is_chief:
-                background.submit(tracking.warm_model_logging)
             recipe = models.recipe_for(cfg.model)
             recipe.prepare()  # before decoding: offline weights fail in seconds
             data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -162,6 +163,56 @@ def test_metrics_logged_from_two_threads_at_once_are_sent_once_each_one_write_at
     expected = [(key, step) for key in ("background", "main") for step in range(40)]
     assert sorted(store.sent) == expected
     assert not store.overlapped
+
+
+# Logs a model with pinned requirements in a fresh process; prints whether MLflow mapped every
+# installed package (its first requirements check does), whether its check is back in place after,
+# and the logged requirements.
+_LOG_MODEL = """
+import json, sys
+from importlib import metadata
+from pathlib import Path
+import mlflow
+from mlflow.utils import environment, requirements_utils
+from insect_exp import tracking
+
+uri, folder = sys.argv[1], Path(sys.argv[2])
+check = environment.warn_dependency_requirement_mismatches
+(folder / "labels.txt").write_text("a\\nb\\n")
+with tracking.start_run(uri, "models", "pinned") as run:
+    pins = ["pillow==" + metadata.version("pillow")]
+    model = run.log_tf_model({"labels": folder / "labels.txt"}, pins)
+local = mlflow.artifacts.download_artifacts(model, dst_path=str(folder / "model"), tracking_uri=uri)
+print(json.dumps({
+    "scanned": requirements_utils._MODULES_TO_PACKAGES is not None,
+    "restored": environment.warn_dependency_requirement_mismatches is check,
+    "requirements": (Path(local) / "requirements.txt").read_text().split(),
+}))
+"""
+
+
+def test_logging_a_model_with_pinned_requirements_skips_mlflows_scan_of_installed_packages(
+    tracking_uri, tmp_path
+):
+    # Given a fresh process (MLflow keeps its map of installed packages once made)
+    from importlib import metadata
+
+    tracking.prepare_store(tracking_uri)
+
+    # When it logs a model whose requirements are pinned to the installed versions
+    done = subprocess.run(
+        [sys.executable, "-c", _LOG_MODEL, tracking_uri, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+
+    # Then the model holds the pins, and MLflow never mapped the installed packages to check
+    # them (0.6 s of CPU a run); its check is back in place for anyone else's models
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert f"pillow=={metadata.version('pillow')}" in found["requirements"]
+    assert f"mlflow=={metadata.version('mlflow')}" in found["requirements"]
+    assert not found["scanned"]
+    assert found["restored"]
 
 
 # One run logging a dataset input, started by the test and held until it says go.

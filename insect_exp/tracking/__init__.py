@@ -17,7 +17,6 @@ from insect_exp.tracking.run import (
     start_new_run,
     start_run,
     to_tsv,
-    warm_model_logging,
 )
 from insect_exp.tracking.store import (
     STORE_DIR,
@@ -57,7 +56,6 @@ __all__ = [
     "start_new_run",
     "start_run",
     "to_tsv",
-    "warm_model_logging",
     "ui_command",
     "ui_url",
 ]

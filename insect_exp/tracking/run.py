@@ -307,7 +307,9 @@ class Run:
         inference of both; the input example is stored, not run (see UncheckedPyfunc).
 
         Args:
-            requirements: pip requirements beyond MLflow, NumPy and pandas (TensorFlow's).
+            requirements: pip requirements beyond MLflow, NumPy and pandas (TensorFlow's),
+                pinned to the installed versions: MLflow's check of them against the installed
+                packages is skipped (see _pinned_requirements_unchecked).
             registered_model_name: also register the model as a new version of this registered
                 model (offline: when the spooled run is uploaded).
         """
@@ -397,7 +399,8 @@ class Run:
         before = os.environ.get(quiet)
         os.environ[quiet] = before or "false"
         try:
-            self._write(online, offline)
+            with _pinned_requirements_unchecked():
+                self._write(online, offline)
         finally:
             if before is None:
                 os.environ.pop(quiet, None)
@@ -407,20 +410,27 @@ class Run:
         return uri[0]
 
 
-def warm_model_logging() -> None:
-    """Have MLflow map the installed packages to their modules now, not inside log_model.
+@contextlib.contextmanager
+def _pinned_requirements_unchecked() -> Iterator[None]:
+    """Skip MLflow's check of a model's requirements against the installed packages.
 
-    log_model checks the model's requirements against the installed packages; the first check
-    in a process builds that map (about 0.6 s here) and MLflow keeps it. Called in a background
-    thread while the model trains, it takes that off the end of the run. It is an MLflow
-    internal: if it is gone, log_model simply builds the map itself.
+    Saving a model, MLflow warns when the installed packages do not satisfy its requirements. The
+    first check in a process maps every installed distribution to its modules, about 0.6 s of
+    CPU here. log_tf_model pins the requirements to the installed versions, read from the same
+    package metadata, so the check cannot warn: it is skipped. The check is an MLflow internal,
+    looked up by name; if it moves, MLflow simply checks as before.
     """
-    try:
-        from mlflow.utils import requirements_utils
+    from mlflow.utils import environment
 
-        requirements_utils._init_packages_to_modules_map()
-    except Exception as err:  # an optimisation only
-        log.debug("could not prepare MLflow's package map early: %s", err)
+    check = getattr(environment, "warn_dependency_requirement_mismatches", None)
+    if check is None:
+        yield
+        return
+    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    try:
+        yield
+    finally:
+        environment.warn_dependency_requirement_mismatches = check
 
 
 def param_value(value: Any) -> str:
