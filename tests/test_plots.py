@@ -173,6 +173,35 @@ def test_batch_curve_labels_limits_and_data() -> None:
     assert len(ax.lines[0].get_xdata()) == len(values)
 
 
+@pytest.mark.parametrize("loss_scale", [1.0, 12345.6])
+def test_curves_keep_every_label_inside_the_figure_and_off_the_other_panel(loss_scale) -> None:
+    # Given curves whose loss ticks are short (1.0) or long (a diverging 12345.6): the figures
+    # have fixed margins, not a layout pass
+    loss = [loss_scale * v for v in (1.2, 0.8, 0.5)]
+    history = {"accuracy": [0.5, 0.7, 0.8], "val_accuracy": [0.4, 0.6, 0.65], "loss": loss}
+    figures = [
+        plots.training_curves(history),
+        plots.batch_curve(loss, "Loss", (0, max(2.0, *loss)), "Loss per training step"),
+    ]
+    for fig in figures:
+        # When drawn
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        width, height = fig.bbox.width, fig.bbox.height
+        # Then each panel's labels, tick labels and title lie inside the figure
+        for ax in fig.axes:
+            drawn = ax.get_tightbbox(renderer)
+            assert drawn.x0 >= 0 and drawn.y0 >= 0, (loss_scale, drawn)
+            assert drawn.x1 <= width and drawn.y1 <= height, (loss_scale, drawn)
+        # and the right panel's labels stay off the left panel
+        if len(fig.axes) == 2:
+            left, right = fig.axes
+            edge = left.get_window_extent(renderer).x1
+            assert right.get_tightbbox(renderer).x0 > edge
+
+
 def test_batch_curve_without_ylim_autoscales_to_data() -> None:
     ax = plots.batch_curve([0.2, 0.9], "Accuracy").axes[0]
     low, high = ax.get_ylim()
