@@ -13,10 +13,14 @@ import signal
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from insect_exp import distribute, sweep, tracking
+from insect_exp import distribute, sweep
 from insect_exp.config import Config, Precision
 from insect_exp.upload import SPOOL_DIR
+
+if TYPE_CHECKING:
+    from insect_exp import tracking
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,8 @@ def run(cfg: Config) -> float:
     distribute.before_tensorflow(cfg.train)
     import tensorflow as tf
 
-    from insect_exp import callbacks, models, report, resilience
-    from insect_exp.data import load_data
+    from insect_exp import callbacks, models, resilience
+    from insect_exp.data import Loading
     from insect_exp.fit import FitSettings
     from insect_exp.models.common import ServingModule
 
@@ -47,6 +51,11 @@ def run(cfg: Config) -> float:
     # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
     dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
     log.info(dist.describe())
+    # The train split decodes in TensorFlow's threads, on the cores that importing MLflow, opening
+    # its store and starting the run leave idle (they hold the GIL, the decoding does not).
+    loading = Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
+    from insect_exp import report, tracking
+
     uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
     if dist.is_chief:
         if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
@@ -66,8 +75,9 @@ def run(cfg: Config) -> float:
             if not cfg.resume:
                 _log_config(run, cfg)
             recipe = models.recipe_for(cfg.model)
-            recipe.prepare()  # before decoding: offline weights fail in seconds
-            data = load_data(cfg.dataset, cfg.model.image_size, cfg.seed)
+            recipe.prepare()  # before waiting for the images: offline weights fail in seconds
+            data = loading.result()
+            del loading  # its buffers
             resilience.check()  # a signal swallowed while decoding
             data_logged = None
             if not cfg.resume:  # one thread: matplotlib draws one figure at a time
@@ -148,7 +158,7 @@ def _open_run(cfg: Config, job: sweep.JobContext, uri: str):
         The run, where its checkpoints go (None: no output dir to keep them in), and the
         checkpoint state to resume from (None for a new run).
     """
-    from insect_exp import resilience
+    from insect_exp import resilience, tracking
 
     if cfg.resume:
         run = tracking.reopen_run(uri, cfg.resume)
@@ -188,6 +198,8 @@ def _log_data(run: tracking.Run, data, recipe, seed: int) -> None:
 def _log_config(run: tracking.Run, cfg: Config) -> None:
     """The resolved config as params and YAML, the overrides, and Hydra's own snapshot."""
     from omegaconf import OmegaConf
+
+    from insect_exp import tracking
 
     rt = cfg.runtime
     run.log_params(tracking.flatten(cfg.params()))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -193,17 +193,36 @@ def _decode_and_fingerprint_fn(image_size: Sequence[int]):
 Put = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
-def _decode_into(
-    files: FileList, image_size: Sequence[int], workers: int, put: Put, what: str
-) -> list[tuple[int, str]]:
-    """Decode every file, handing each batch to put(indices, images, fingerprints).
+_DECODE_BATCH = 64
 
-    Returns:
-        (index, reason) of each file that failed to decode.
+
+class Decoding:
+    """One split's files decoding in TensorFlow's own threads, batch by batch.
+
+    With `into` (images, fingerprints): the split kept in memory. Each decoded batch is stored
+    into its rows there by the pipeline itself, and only its indices come out, so nothing waits
+    in TensorFlow's buffers as a second copy of the images. Such a decoding can be started early
+    (`ahead=True`): it then runs to the end in C++ threads that hold no GIL while the Python
+    thread does other work (importing MLflow, opening its store), on the cores that leaves idle.
+
+    Without `into`, batches of (indices, images, fingerprints) come out for the reader to store
+    (the disk cache's writer), two batches ahead of it.
     """
-    decode = _decode_and_fingerprint_fn(image_size)
-    ok = np.zeros(len(files), dtype=bool)
-    if files.paths:
+
+    def __init__(
+        self,
+        files: FileList,
+        image_size: Sequence[int],
+        workers: int = 0,
+        into: tuple[np.ndarray, np.ndarray] | None = None,
+        ahead: bool = False,
+    ):
+        self.into = into
+        self._first = None
+        if not files.paths:
+            self.batches: Iterator = iter(())
+            return
+        decode = _decode_and_fingerprint_fn(image_size)
         ds = (
             tf.data.Dataset.from_tensor_slices(files.paths)
             .enumerate()
@@ -214,14 +233,76 @@ def _decode_into(
                 deterministic=False,
             )
             .ignore_errors()  # dropped elements are the failures: their indices never arrive
-            .batch(64)
-            .prefetch(2)  # decoding goes on while this thread stores a batch
+            .batch(_DECODE_BATCH)
         )
-        with Progress(len(files), what) as progress:
-            for index, batch, fingerprints in ds.as_numpy_iterator():
+        buffered = 2  # decoding goes on while the reader stores a batch
+        if into is not None:
+            ds = ds.map(lambda i, b, f: tf.numpy_function(self._store, [i, b, f], tf.int64))
+            if ahead:  # only indices wait: let the whole split run ahead
+                buffered = -(-len(files) // _DECODE_BATCH)
+        self.batches = ds.prefetch(buffered).as_numpy_iterator()
+        if ahead:  # the first request starts TensorFlow's threads; they go on alone
+            self._first = next(self.batches, None)
+
+    def _store(self, index: np.ndarray, batch: np.ndarray, prints: np.ndarray) -> np.ndarray:
+        self.put(index, batch, prints)
+        return index
+
+    def put(self, index: np.ndarray, batch: np.ndarray, prints: np.ndarray) -> None:
+        """Store decoded images at their rows of `into`."""
+        images, fingerprints = self.into
+        images[index] = batch
+        fingerprints[index] = prints
+
+    def __iter__(self) -> Iterator:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        yield from self.batches
+
+
+def in_memory(
+    files: FileList, image_size: Sequence[int], workers: int = 0, ahead: bool = False
+) -> Decoding:
+    """The decoding of a split kept in memory, into arrays made for it (`Decoding.into`)."""
+    height, width = (int(v) for v in image_size)
+    images = np.empty((len(files), height, width, 3), dtype=np.uint8)
+    fingerprints = np.zeros(len(files), dtype=np.uint64)
+    return Decoding(files, image_size, workers, (images, fingerprints), ahead)
+
+
+def _decode_into(
+    files: FileList,
+    image_size: Sequence[int],
+    workers: int,
+    put: Put | None,
+    what: str,
+    decoding: Decoding | None = None,
+) -> list[tuple[int, str]]:
+    """Decode every file, handing each batch to put(indices, images, fingerprints).
+
+    Args:
+        put: None to store them as `decoding` does (into its arrays).
+        decoding: these files' decoding, perhaps running already (default: a new one).
+
+    Returns:
+        (index, reason) of each file that failed to decode.
+    """
+    decode = _decode_and_fingerprint_fn(image_size)
+    ok = np.zeros(len(files), dtype=bool)
+    if decoding is None:
+        decoding = Decoding(files, image_size, workers)
+    if put is None:
+        put = decoding.put
+    with Progress(len(files), what) as progress:
+        for item in decoding:
+            if decoding.into is None:
+                index, batch, fingerprints = item
                 put(index, batch, fingerprints)
-                ok[index] = True
-                progress.update(len(index))
+            else:
+                index = item  # stored already
+            ok[index] = True
+            progress.update(len(index))
     failures: list[tuple[int, str]] = []
     single = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
     for i in np.flatnonzero(~ok):
@@ -261,6 +342,7 @@ def decode_files(
     workers: int = 0,
     cache: ImageCache | None = None,
     what: str = "decoding",
+    started: Decoding | None = None,
 ) -> tuple[ImageSplit, list[tuple[str, str]]]:
     """Decode and resize every file in parallel; files TensorFlow cannot decode are returned apart.
 
@@ -271,6 +353,7 @@ def decode_files(
     Args:
         cache: keep the images in this on-disk cache (reusing its entry for these files if there
             is one) and stream them from there; None keeps them in memory.
+        started: the files' decoding, already running (`start_decoding`; memory only).
 
     Returns:
         The decoded split, and (path, reason) for each file that failed to decode, the reason short
@@ -290,15 +373,10 @@ def decode_files(
         if not written:
             log.info("%s: %d images reused from %s", what, len(files), entry.images.path)
         return _kept(entry.images, entry.fingerprints, files, entry.failures)
-    images = np.empty((len(files), height, width, 3), dtype=np.uint8)
-    fingerprints = np.zeros(len(files), dtype=np.uint64)
-
-    def put(index: np.ndarray, batch: np.ndarray, prints: np.ndarray) -> None:
-        images[index] = batch
-        fingerprints[index] = prints
-
-    failed = _decode_into(files, image_size, workers, put, what)
-    return _kept(images, fingerprints, files, failed)
+    if started is None:
+        started = in_memory(files, image_size, workers)
+    failed = _decode_into(files, image_size, workers, None, what, started)
+    return _kept(*started.into, files, failed)
 
 
 def choose_storage(policy: CachePolicy | None, num_images: int, image_size: Sequence[int]) -> str:
@@ -318,11 +396,12 @@ def _decode_split(
     cache: ImageCache | None,
     policy: CachePolicy | None,
     what: str,
+    started: Decoding | None = None,
 ) -> tuple[ImageSplit, list[tuple[str, str]], ImageCache | None]:
     """Decode one split into the cache, or into memory when the cache cannot be written and the
     images fit the memory cap (else DatasetError). Returns the cache to use for the next split."""
     if cache is None or policy is None:
-        return (*decode_files(files, image_size, workers, None, what), None)
+        return (*decode_files(files, image_size, workers, None, what, started), None)
     try:
         return (*decode_files(files, image_size, workers, cache, what), cache)
     except CacheUnavailable as err:
@@ -337,6 +416,27 @@ def _decode_split(
         return (*decode_files(files, image_size, workers, None, what), None)
 
 
+def _storage(manifest: Manifest, image_size: Sequence[int], cache: CachePolicy | None) -> str:
+    count = len(manifest.train) + (0 if manifest.test is None else len(manifest.test))
+    return choose_storage(cache, count, image_size)
+
+
+def start_decoding(
+    manifest: Manifest,
+    image_size: Sequence[int],
+    workers: int = 0,
+    cache: CachePolicy | None = None,
+) -> Decoding | None:
+    """Start decoding the train split in TensorFlow's threads and return at once (memory only).
+
+    `load(..., started=)` takes it from there. A split going to the disk cache is not started: its
+    cache entry may exist already, and building one is done under the cache's lock.
+    """
+    if _storage(manifest, image_size, cache) != "memory":
+        return None
+    return in_memory(manifest.train, image_size, workers, ahead=True)
+
+
 def load(
     manifest: Manifest,
     image_size: Sequence[int],
@@ -344,20 +444,21 @@ def load(
     seed: int = 0,
     workers: int = 0,
     cache: CachePolicy | None = None,
+    started: Decoding | None = None,
 ) -> Data:
     """Decode every split once; validate on test, or on a seeded stratified hold-out of train.
 
     Args:
         cache: where decoded images go (dataset.cache); None keeps them in memory.
+        started: the train split's decoding, already running (`start_decoding`).
     """
-    count = len(manifest.train) + (0 if manifest.test is None else len(manifest.test))
     store = None
-    if choose_storage(cache, count, image_size) == "disk":
+    if _storage(manifest, image_size, cache) == "disk":
         assert cache is not None
         store = ImageCache(cache.directory, cache.max_disk_bytes)
         log.info("decoded images go to the disk cache in %s", store.dir)
     train, failed, store = _decode_split(
-        manifest.train, image_size, workers, store, cache, "decoding train"
+        manifest.train, image_size, workers, store, cache, "decoding train", started
     )
     skipped = list(manifest.skipped) + failed
     test = None
