@@ -26,7 +26,7 @@ from insect_exp.config import (
     OptimizerConfig,
     Schedule,
 )
-from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images
+from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images, without_autotuning
 from insect_exp.resilience import CheckpointState, TrainingDiverged
 
 
@@ -230,7 +230,7 @@ def train_batches(
         lambda index: (read_images(split.images, index), tf.gather(labels, index)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return without_autotuning(batches.prefetch(tf.data.AUTOTUNE))
 
 
 class CallbackCounters(keras.callbacks.Callback):

@@ -222,12 +222,12 @@ def stream_predictions(
     import numpy as np
     import tensorflow as tf
 
-    from insect_exp.data.pipeline import _decode_fn
+    from insect_exp.data.pipeline import _decode_fn, without_autotuning
     from insect_exp.data.scan import diagnose
     from insect_exp.serving import softmax
 
     decode = _decode_fn(classifier.image_size)
-    ds = (
+    ds = without_autotuning(
         tf.data.Dataset.from_tensor_slices(list(paths))
         .enumerate()
         .map(lambda i, p: (i, decode(p)), num_parallel_calls=workers or tf.data.AUTOTUNE)

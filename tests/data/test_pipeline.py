@@ -192,3 +192,39 @@ def test_prediction_batches_keep_the_splits_order(tmp_path):
     data = load(scan(root), (8, 8), seed=0)
     labels = [y.numpy().tolist() for _, y in make_dataset(data.train, batch_size=5)]
     assert sum(labels, []) == data.train.labels.tolist()
+
+
+def test_the_training_and_prediction_batches_leave_tf_data_autotuning_off(tmp_path):
+    from insect_exp.fit import train_batches
+
+    # Given a decoded split
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    data = load(scan(root), (8, 8), seed=0)
+
+    # When it is served for training and for prediction
+    served = [train_batches(data.train, 5, seed=3), make_dataset(data.train, 5)]
+
+    # Then neither is autotuned: deleting an autotuned iterator can wait out the tuner's period,
+    # and Keras deletes the training one as fit returns (it returned 20 s late in 4 of 13 runs)
+    assert [ds.options().autotune.enabled for ds in served] == [False, False]
+
+
+def test_a_split_decoded_ahead_lands_row_for_row_as_one_decoded_at_once(tmp_path):
+    from insect_exp.data.pipeline import in_memory
+
+    # Given a split with a broken file among good ones, decoded at once
+    root = make_image_folder(tmp_path / "insects", train_per_class=40, test_per_class=1)
+    (root / "train" / "beetles" / "b_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    files = scan(root).train
+    at_once, failed_at_once = decode_files(files, (20, 24))
+
+    # When the same split is started ahead (its batches stored by tf.data's threads) and taken
+    # later
+    started = in_memory(files, (20, 24), ahead=True)
+    ahead, failed_ahead = decode_files(files, (20, 24), started=started)
+
+    # Then the images, their order, fingerprints and the failures are the same
+    assert failed_ahead == failed_at_once and len(failed_ahead) == 1
+    assert ahead.paths == at_once.paths
+    np.testing.assert_array_equal(ahead.images, at_once.images)
+    np.testing.assert_array_equal(ahead.fingerprints, at_once.fingerprints)
