@@ -77,7 +77,6 @@ def run(cfg: Config) -> float:
             recipe = models.recipe_for(cfg.model)
             recipe.prepare()  # before waiting for the images: offline weights fail in seconds
             data = loading.result()
-            del loading  # its buffers
             resilience.check()  # a signal swallowed while decoding
             data_logged = None
             if not cfg.resume:  # one thread: matplotlib draws one figure at a time

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -253,7 +254,8 @@ class Decoding:
         )
         buffered = 2  # decoding goes on while the reader stores a batch
         if into is not None:
-            ds = ds.map(lambda i, b, f: tf.numpy_function(self._store, [i, b, f], tf.int64))
+            store = weakref.WeakMethod(self._store)  # as in read_images
+            ds = ds.map(lambda *batch: tf.numpy_function(lambda *a: store()(*a), batch, tf.int64))
             if ahead:  # only indices wait: let the whole split run ahead
                 buffered = -(-len(files) // _DECODE_BATCH)
         self.batches = without_autotuning(ds.prefetch(buffered)).as_numpy_iterator()
@@ -520,7 +522,10 @@ def read_images(images: np.ndarray | DiskImages, index: tf.Tensor) -> tf.Tensor:
     One reader for both kinds of split: NumPy indexing of the in-memory array (no tf.constant copy
     of it) or reads of the disk cache's records, which run in tf.data's parallel calls.
     """
-    batch = tf.numpy_function(lambda i: images[i], [index], tf.as_dtype(images.dtype))
+    # By weak reference: TensorFlow keeps a numpy_function's Python function for the process's
+    # life (in its global graph), and with it the images, run after run of an in-process sweep.
+    held = weakref.ref(images)
+    batch = tf.numpy_function(lambda i: held()[i], [index], tf.as_dtype(images.dtype))
     batch = tf.ensure_shape(batch, (None, *images.shape[1:]))
     return tf.cast(batch, tf.float32)
 

@@ -228,3 +228,29 @@ def test_a_split_decoded_ahead_lands_row_for_row_as_one_decoded_at_once(tmp_path
     assert ahead.paths == at_once.paths
     np.testing.assert_array_equal(ahead.images, at_once.images)
     np.testing.assert_array_equal(ahead.fingerprints, at_once.fingerprints)
+
+
+def test_a_splits_images_are_freed_with_it_after_training_and_prediction_batches_read_them(
+    tmp_path,
+):
+    import gc
+    import weakref
+
+    from insect_exp.data.pipeline import in_memory
+    from insect_exp.fit import train_batches
+
+    # Given a split decoded into memory (its rows stored by tf.data's threads), then served for
+    # training and prediction
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    split, _ = decode_files(scan(root).train, (8, 8), started=in_memory(scan(root).train, (8, 8)))
+    list(train_batches(split, 5, seed=0).take(3))
+    list(make_dataset(split, 5))
+    images = weakref.ref(split.images)
+
+    # When the run is done with it (the next job of an in-process sweep)
+    del split
+    gc.collect()
+
+    # Then its images are freed: TensorFlow keeps a numpy_function's Python function for the
+    # process's life, and it must not hold them
+    assert images() is None
