@@ -24,8 +24,9 @@ _RUN = """
 import json, sys, time
 import insect_exp  # sets TF_USE_LEGACY_KERAS before TensorFlow loads
 import numpy as np, tensorflow as tf, tf_keras as keras
+from insect_exp import fit
+from insect_exp.config import AdamConfig
 from insect_exp.data.pipeline import ImageSplit
-from insect_exp.fit import train_batches
 from insect_exp.models.cnn import build_cnn
 
 autotune, epochs, n = sys.argv[1] == "on", int(sys.argv[2]), int(sys.argv[3])
@@ -34,9 +35,8 @@ images = rng.integers(0, 255, (n, 180, 180, 3), dtype=np.uint8)
 labels = rng.integers(0, 3, n).astype(np.int32)
 keras.utils.set_random_seed(1)
 model = build_cnn((180, 180), 3)
-loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])
-ds = train_batches(ImageSplit(images, labels, [""] * n), 32, seed=0)
+fit.compile_classifier(model, fit.make_optimizer(AdamConfig()))
+ds = fit.train_batches(ImageSplit(images, labels, [""] * n), 32, seed=0)
 options = tf.data.Options()
 options.autotune.enabled = autotune
 ds = ds.with_options(options)

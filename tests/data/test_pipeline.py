@@ -242,7 +242,8 @@ def test_a_splits_images_are_freed_with_it_after_training_and_prediction_batches
     # Given a split decoded into memory (its rows stored by tf.data's threads), then served for
     # training and prediction
     root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
-    split, _ = decode_files(scan(root).train, (8, 8), started=in_memory(scan(root).train, (8, 8)))
+    files = scan(root).train
+    split, _ = decode_files(files, (8, 8), started=in_memory(files, (8, 8)))
     list(train_batches(split, 5, seed=0).take(3))
     list(make_dataset(split, 5))
     images = weakref.ref(split.images)
