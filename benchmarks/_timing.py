@@ -4,6 +4,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,20 +18,55 @@ def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, st
 def measured(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str]:
     """Run `cmd` to completion; wall seconds, its peak RSS in GB, its output (exit on failure).
 
-    The peak is the process's own (wait4's ru_maxrss), not that of every child so far.
+    The peak counts every process of the command at once: the framework logs to MLflow from a
+    second process (insect_exp/tracking/remote.py). It is the larger of the command's own peak
+    (wait4's ru_maxrss) and the sum of the RSS of it and its descendants, sampled every 50 ms.
+    The sum counts pages the processes share (Python, NumPy) once per process: it errs high.
     """
     start = time.perf_counter()
     out_file = Path(cwd) / f".bench-{os.getpid()}-{time.monotonic_ns()}.log"
     with out_file.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        tree_peak = [0]
+        done = threading.Event()
+        sampler = threading.Thread(target=_sample_tree, args=(proc.pid, done, tree_peak))
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        sampler.join()
     elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     output = out_file.read_text(errors="replace")
     out_file.unlink()
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
-    return elapsed, usage.ru_maxrss / 1024**2, output
+    return elapsed, max(usage.ru_maxrss * 1024, tree_peak[0]) / 1024**3, output
+
+
+def _sample_tree(root: int, done: threading.Event, peak: list[int]) -> None:
+    """The largest sum of RSS (bytes) of `root` and its descendants, until `done`."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    while not done.wait(0.05):
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        tree, grew = {root}, True
+        while grew:
+            found = {pid for pid, parent in parents.items() if parent in tree} - tree
+            grew = bool(found)
+            tree |= found
+        total = 0
+        for pid in tree:
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                continue
+        peak[0] = max(peak[0], total)
 
 
 def cpu() -> str:

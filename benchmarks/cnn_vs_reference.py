@@ -13,10 +13,10 @@ autolog side's are created before the first timed run.
 
 Each repeat runs every side once, the order rotating from one repeat to the next, so that a
 noisy moment of a shared machine does not always fall on the same side. Printed: the CPU and its
-flags; per side the best and median wall time, the peak RSS of its process and the mean and
-spread of its val_accuracy; the framework's ratios to both references (best to best, median to
-median) and its fixed overhead (framework minus reference, best to best: run with --epochs 1 for
-the figure the performance issue names).
+flags; per side the best and median wall time, the peak RSS of its processes together (see
+_timing.measured) and the mean and spread of its val_accuracy; the framework's ratios to both
+references (best to best, median to median) and its fixed overhead (framework minus reference,
+best to best: run with --epochs 1 for the figure the performance issue names).
 
 The framework runs its default config; each --variant adds a framework side with those extra
 overrides.

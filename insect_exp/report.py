@@ -1,19 +1,23 @@
-"""What a finished run shows in MLflow: plots, dataset stats and summaries, built from results."""
+"""What a finished run shows in MLflow: plots, dataset stats and summaries, built from results.
+
+Each report comes in two halves. The training process cuts what it needs from its results
+(`summarize_*`: a few sample images, labels, counts), small enough to send to the logging process
+(tracking/remote.py); `log_*_summary` draws and logs it there, so matplotlib and MLflow run beside
+training rather than in its process. `log_data` and `log_predictions` do both halves in one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from insect_exp import plots
-from insect_exp.data.pipeline import Data, ImageSplit
-from insect_exp.fit import History
-from insect_exp.tracking import Run
-from insect_exp.tracking.lineage import SplitRecord
+if TYPE_CHECKING:
+    from insect_exp.data.pipeline import Data, ImageSplit
+    from insect_exp.tracking import Run
 
 
 def sample(split: ImageSplit, count: int, seed: int) -> np.ndarray:
@@ -22,37 +26,74 @@ def sample(split: ImageSplit, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(len(split), size=min(count, len(split)), replace=False))
 
 
-def log_data(run: Run, data: Data, seed: int) -> None:
-    """Dataset stats, class names, skipped files, the splits' lineage (MLflow dataset inputs), and
-    3x3 sample grids of each split."""
-    stats = data.stats()
-    run.log_dict(stats, "dataset/stats.json")
-    run.log_dict(data.class_names, "class_names.json")
-    run.log_params(
-        {
-            **{f"data.num_{k}": v for k, v in stats["num_images"].items()},
-            "data.storage": data.storage,
-        }
-    )
-    run.log_metrics({"skipped_files": len(data.skipped)})
-    if data.skipped:
-        run.log_table(["path", "reason"], data.skipped, "dataset/skipped.tsv")
-    run.log_inputs(lineage(data))
+@dataclass(frozen=True)
+class DataSummary:
+    """What a run logs about its data: stats, lineage and 3x3 samples of the train and test split.
+
+    Attributes:
+        splits: each split's lineage record (tracking.lineage.SplitRecord's fields).
+        samples: by split, the sample images and their labels.
+    """
+
+    stats: dict[str, Any]
+    class_names: list[str]
+    storage: str
+    skipped: list[tuple[str, str]]
+    splits: list[dict[str, Any]]
+    samples: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def summarize_data(data: Data, seed: int) -> DataSummary:
+    samples = {}
     grids = {"train": data.train, "test": data.test if data.test is not None else data.val}
     for name, split in grids.items():
         idx = sample(split, 9, seed)
-        fig = plots.sample_grid(split.images[idx], split.labels[idx], data.class_names, name)
+        samples[name] = (split.images[idx], split.labels[idx])
+    return DataSummary(
+        data.stats(), list(data.class_names), data.storage, list(data.skipped), lineage(data),
+        samples,
+    )  # fmt: skip
+
+
+def log_data(run: Run, data: Data, seed: int) -> None:
+    """Dataset stats, class names, skipped files, the splits' lineage (MLflow dataset inputs), and
+    3x3 sample grids of each split."""
+    log_data_summary(run, summarize_data(data, seed))
+
+
+def log_data_summary(run: Run, summary: DataSummary) -> None:
+    from insect_exp import plots
+    from insect_exp.tracking.lineage import SplitRecord
+
+    stats = summary.stats
+    run.log_dict(stats, "dataset/stats.json")
+    run.log_dict(summary.class_names, "class_names.json")
+    run.log_params(
+        {
+            **{f"data.num_{k}": v for k, v in stats["num_images"].items()},
+            "data.storage": summary.storage,
+        }
+    )
+    run.log_metrics({"skipped_files": len(summary.skipped)})
+    if summary.skipped:
+        run.log_table(["path", "reason"], summary.skipped, "dataset/skipped.tsv")
+    run.log_inputs([SplitRecord(**record) for record in summary.splits])
+    for name, (images, labels) in summary.samples.items():
+        fig = plots.sample_grid(images, labels, summary.class_names, name)
         run.log_figure(fig, f"plots/{name}_samples.png")
 
 
-def lineage(data: Data) -> list[SplitRecord]:
-    """The train, val and test splits as dataset inputs: source, content digest, class counts."""
+def lineage(data: Data) -> list[dict[str, Any]]:
+    """The train, val and test splits as dataset inputs: source, content digest, class counts.
+
+    Each as the fields of a tracking.lineage.SplitRecord (whose module imports MLflow).
+    """
     splits = {"train": data.train, "val": data.val, "test": data.test}
     stats = data.stats()["images_per_class"]
     base = Path(data.source).name or "dataset"
     root = data.source if Path(data.source).is_dir() else str(Path(data.source).parent)
     return [
-        SplitRecord(
+        dict(
             context=name,
             name=f"{base}/{name}",
             source=data.source,
@@ -64,12 +105,14 @@ def lineage(data: Data) -> list[SplitRecord]:
     ]
 
 
-def log_training(run: Run, history: History) -> None:
+def log_training(run: Run, best_epoch: int | None, stopped_epoch: int | None) -> None:
     """Curves per epoch and per training step; where early stopping stopped, if it did.
 
     The curves are drawn from what the run holds (the metrics went there as training went), so a
     resumed run's curves cover the epochs before the interruption too.
     """
+    from insect_exp import plots
+
     stored = run.metric_history(
         ["loss", "accuracy", "val_loss", "val_accuracy", "batch_loss", "batch_accuracy"]
     )
@@ -81,32 +124,60 @@ def log_training(run: Run, history: History) -> None:
     run.log_figure(loss, "plots/batch_loss.png")
     accuracy = plots.batch_curve(accuracies, "Accuracy", (0, 1), "Accuracy per training step")
     run.log_figure(accuracy, "plots/batch_accuracy.png")
-    stopping = {"best_epoch": history.best_epoch, "stopped_epoch": history.stopped_epoch}
+    stopping = {"best_epoch": best_epoch, "stopped_epoch": stopped_epoch}
     run.log_metrics({k: v for k, v in stopping.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What a run logs about its test predictions: every image's, and 30 samples to draw."""
+
+    class_names: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    predicted: np.ndarray
+    sample_images: np.ndarray
+    sample_index: np.ndarray
+
+
+def summarize_predictions(
+    split: ImageSplit, logits: np.ndarray, class_names: list[str], seed: int
+) -> PredictionSummary:
+    idx = sample(split, 30, seed)
+    predicted = logits.argmax(axis=1)
+    return PredictionSummary(
+        list(class_names), list(split.paths), split.labels, predicted, split.images[idx], idx
+    )
 
 
 def log_predictions(
     run: Run, split: ImageSplit, logits: np.ndarray, class_names: list[str], seed: int
 ) -> None:
     """A grid of predictions (wrong ones marked), a confusion matrix, per-image predictions."""
-    predicted = logits.argmax(axis=1)
-    idx = sample(split, 30, seed)
-    fig = plots.prediction_grid(
-        split.images[idx], predicted[idx], class_names, true=split.labels[idx]
-    )
+    log_prediction_summary(run, summarize_predictions(split, logits, class_names, seed))
+
+
+def log_prediction_summary(run: Run, summary: PredictionSummary) -> None:
+    from insect_exp import plots
+
+    names, labels, predicted, idx = (
+        summary.class_names, summary.labels, summary.predicted, summary.sample_index,
+    )  # fmt: skip
+    fig = plots.prediction_grid(summary.sample_images, predicted[idx], names, true=labels[idx])
     run.log_figure(fig, "plots/test_predictions.png")
-    matrix = plots.confusion_matrix(split.labels, predicted, len(class_names))
-    run.log_figure(plots.confusion_matrix_figure(matrix, class_names), "plots/confusion_matrix.png")
-    run.log_dict({"class_names": class_names, "matrix": matrix.tolist()}, "confusion_matrix.json")
+    matrix = plots.confusion_matrix(labels, predicted, len(names))
+    run.log_figure(plots.confusion_matrix_figure(matrix, names), "plots/confusion_matrix.png")
+    run.log_dict({"class_names": names, "matrix": matrix.tolist()}, "confusion_matrix.json")
     rows = (
-        (p, class_names[t], class_names[q])
-        for p, t, q in zip(split.paths, split.labels, predicted, strict=True)
+        (p, names[t], names[q]) for p, t, q in zip(summary.paths, labels, predicted, strict=True)
     )
     run.log_table(["path", "true", "predicted"], rows, "predictions.tsv")
 
 
 def log_artifacts(run: Run, artifacts: Mapping[str, Any]) -> None:
     """Log a recipe's extra artifacts: Figures as PNG, text as is, (header, rows) as TSV."""
+    from matplotlib.figure import Figure
+
     for path, item in artifacts.items():
         if isinstance(item, Figure):
             run.log_figure(item, path)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from insect_exp import distribute, sweep
-from insect_exp.config import Config, Precision
+from insect_exp.config import Config, Precision, Strategy
 from insect_exp.upload import SPOOL_DIR
 
 if TYPE_CHECKING:
@@ -38,49 +38,58 @@ def run(cfg: Config) -> float:
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
     """
     distribute.before_tensorflow(cfg.train)
-    import tensorflow as tf
-
-    from insect_exp import callbacks, models, resilience
-    from insect_exp.data import Loading
-    from insect_exp.fit import FitSettings
-    from insect_exp.models.common import ServingModule
+    from insect_exp import resilience, tracking  # tracking's names load on use: no MLflow here
 
     rt = cfg.runtime
     job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
-    _configure_tensorflow(cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision)
-    # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
-    dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
-    log.info(dist.describe())
-    # The train split decodes in TensorFlow's threads, on the cores that importing MLflow, opening
-    # its store and starting the run leave idle (they hold the GIL, the decoding does not).
-    loading = Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
-    from insect_exp import report, tracking
-
-    uri = job.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, rt.launch_dir)
-    if dist.is_chief:
-        if job.parent_run_id is None:  # a sweep's store was checked once before its jobs
-            tracking.prepare_store(uri)
-        run, checkpoints, resume_from = _open_run(cfg, job, uri)
-    else:
-        # Other workers run the same ops (collectives need every worker) and log nothing; their
-        # checkpoints go to a scratch dir, as Keras's multi-worker guide does.
-        run, resume_from = distribute.WorkerRun(), None
-        checkpoints = tempfile.mkdtemp(prefix=f"insect_exp-worker{dist.worker}-")
-    # Logging that nothing downstream waits for runs here while the model builds, trains,
-    # predicts and exports (TensorFlow's kernels release the GIL): the data's stats, lineage and
-    # sample grids, then the plots of training and predictions.
-    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-logging")
+    run = scratch = None
     try:
-        with tracking.ending(run), background:
+        with contextlib.ExitStack() as ending:
+            if cfg.train.strategy is not Strategy.multi_worker:
+                # MLflow works in a process of its own (tracking/remote.py). Started before
+                # TensorFlow's import, it imports MLflow, opens the store and starts the run on
+                # the core that the import leaves idle.
+                run = ending.enter_context(tracking.ending(_start_run(cfg, job)))
+            import tensorflow as tf
+
+            from insect_exp import callbacks, models, report
+            from insect_exp.data import Loading
+            from insect_exp.fit import FitSettings
+            from insect_exp.models.common import ServingModule
+
+            _configure_tensorflow(
+                cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision
+            )
+            # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
+            dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
+            log.info(dist.describe())
+            # The train split decodes in TensorFlow's threads from here on.
+            loading = Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
+            if run is None:  # a multi-worker run knows its chief now
+                # Other workers run the same ops (collectives need every worker) and log
+                # nothing; their checkpoints go to a scratch dir, as Keras's multi-worker guide
+                # does.
+                chosen = _start_run(cfg, job) if dist.is_chief else distribute.WorkerRun()
+                run = ending.enter_context(tracking.ending(chosen))
+            # Before the images are used: a store that cannot be used stops the run here.
+            checkpoints, resume_from = _checkpoints(cfg, run, dist)
+            scratch = None if dist.is_chief else checkpoints
             if not cfg.resume:
                 _log_config(run, cfg)
             recipe = models.recipe_for(cfg.model)
             recipe.prepare()  # before waiting for the images: offline weights fail in seconds
             data = loading.result()
             resilience.check()  # a signal swallowed while decoding
-            data_logged = None
-            if not cfg.resume:  # one thread: matplotlib draws one figure at a time
-                data_logged = background.submit(_log_data, run, data, recipe, cfg.seed)
+            # Reports are drawn and logged in the logging process while this one trains,
+            # predicts and exports; the recipe's own artifacts (the hub preview runs a model)
+            # are made in a thread here first.
+            logged = []
+            extras = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-extras")
+            ending.callback(extras.shutdown)
+            if not cfg.resume and dist.is_chief:
+                summary = report.summarize_data(data, cfg.seed)
+                logged.append(run.submit(report.log_data_summary, summary))
+                logged.append(extras.submit(_log_extras, run, recipe, data, cfg.seed))
             # Variables, optimizers and compiles of every stage: one copy per replica.
             with dist.strategy.scope(), distribute.peer_failures(dist):
                 model = recipe.build(len(data.class_names))
@@ -96,18 +105,16 @@ def run(cfg: Config) -> float:
                     gc.freeze()
                     gc.enable()
                 history = recipe.fit(model, data, settings, sink=sink)
-                # The plots are drawn in the background too, while the model predicts and exports.
-                logged = [data_logged, background.submit(report.log_training, run, history)]
+                logged.append(
+                    run.submit(report.log_training, history.best_epoch, history.stopped_epoch)
+                )
 
                 test = data.test if data.test is not None else data.val
                 logits = recipe.predict(model, test, cfg.batch_size)
                 test_scores = callbacks.scores(logits, test.labels)
                 run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
-                logged.append(
-                    background.submit(
-                        report.log_predictions, run, test, logits, data.class_names, cfg.seed
-                    )
-                )
+                predictions = report.summarize_predictions(test, logits, data.class_names, cfg.seed)
+                logged.append(run.submit(report.log_prediction_summary, predictions))
 
                 if cfg.mlflow.log_model:
                     from insect_exp import export
@@ -119,7 +126,7 @@ def run(cfg: Config) -> float:
                     with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
                         files = export.write_model(module, data.class_names, tmp, cfg.export)
                         uri_model = run.log_tf_model(
-                            files,
+                            {key: str(path) for key, path in files.items()},
                             requirements,
                             input_example=export.input_example(test.images[0]),
                             metadata=export.metadata(data.class_names, cfg.model.image_size),
@@ -127,81 +134,103 @@ def run(cfg: Config) -> float:
                         )
                     log.info("model logged: %s", uri_model)
                 for done in logged:
-                    if done is not None:
-                        done.result()  # its error, if it failed, is the run's
+                    done.result()  # its error, if it failed, is the run's
+            val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
+            opened = run.opened() if dist.is_chief else None
     except KeyboardInterrupt as err:
         resilience.acknowledge()
         signum = getattr(err, "signum", signal.SIGINT)
-        raise resilience.Interrupted(signum, run.run_id) from None
+        raise resilience.Interrupted(signum, _id_of(run)) from None
     finally:
         gc.enable()  # on already, unless start-up failed: the next job in this process
-        if not dist.is_chief:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-    val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
-    if not dist.is_chief:
+    if opened is None:
         print(f"worker {dist.worker} done; the chief (worker 0) logged the run")
         return val_accuracy
     print(
-        f"MLflow run id: {run.run_id}\nOpen the UI: {tracking.ui_command(uri)}\n"
-        f"  then: {tracking.ui_url(uri, run.experiment_id)}\n"
-        f"For MLflow's commands and API: export MLFLOW_TRACKING_URI={shlex.quote(uri)}"
+        f"MLflow run id: {opened.run_id}\nOpen the UI: {opened.ui_command}\n"
+        f"  then: {opened.ui_url}\n"
+        f"For MLflow's commands and API: export MLFLOW_TRACKING_URI="
+        f"{shlex.quote(opened.tracking_uri)}"
     )
     return val_accuracy
 
 
-def _open_run(cfg: Config, job: sweep.JobContext, uri: str):
-    """A new run with its config logged, or the run to resume and its last checkpoint.
+def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
+    """The logging process, opening a new run (config and tags set) or the run to resume."""
+    from insect_exp.tracking import basics
+    from insect_exp.tracking.remote import Opening, RemoteRun
 
-    Returns:
-        The run, where its checkpoints go (None: no output dir to keep them in), and the
-        checkpoint state to resume from (None for a new run).
-    """
-    from insect_exp import resilience, tracking
+    rt = cfg.runtime
+    name = cfg.mlflow.run_name or basics.run_name(cfg.model.name, cfg.optimizer.name, job.overrides)
+    return RemoteRun(
+        Opening(
+            tracking_uri=job.tracking_uri or cfg.mlflow.tracking_uri,
+            launch_dir=rt.launch_dir,
+            experiment_name=cfg.mlflow.experiment_name,
+            run_name=name,
+            tags={**job.tags, **cfg.mlflow.tags},
+            parent_run_id=job.parent_run_id,
+            experiment_id=job.experiment_id,
+            check_store=job.parent_run_id is None,  # a sweep's store was checked before its jobs
+            # Where the run goes on offline if its store stops answering (insect_exp.upload).
+            spool_dir=str(Path(rt.output_dir) / SPOOL_DIR) if rt.output_dir else None,
+            resume=cfg.resume,
+        )
+    )
 
+
+def _checkpoints(cfg: Config, run, dist: distribute.Distribution):
+    """Where the run's checkpoints go (None: no output dir to keep them in), and the checkpoint
+    state to resume from (None for a new run). Waits for the run to be open."""
+    from insect_exp import resilience
+
+    if not dist.is_chief:
+        return tempfile.mkdtemp(prefix=f"insect_exp-worker{dist.worker}-"), None
+    opened = run.opened()
     if cfg.resume:
-        run = tracking.reopen_run(uri, cfg.resume)
-        directory = run.client.get_run(run.run_id).data.tags.get(CHECKPOINT_TAG)
+        directory = opened.tags.get(CHECKPOINT_TAG)
         # None: it died before its first checkpoint, and starts over in the same run.
         state = resilience.read_state(directory) if directory else None
         after = -1 if state is None else state.epoch
         run.set_tags({"resumed_after_epoch": after, "epochs": cfg.epochs})
-        log.info("resuming run %s after epoch %d", run.run_id, after)
-        return run, directory, state
-    name = cfg.mlflow.run_name or tracking.run_name(
-        cfg.model.name, cfg.optimizer.name, job.overrides
-    )
-    tags = {**tracking.environment_tags(), **job.tags, **cfg.mlflow.tags}
-    run = tracking.start_new_run(
-        uri, cfg.mlflow.experiment_name, name, tags, job.parent_run_id, job.experiment_id
-    )
+        log.info("resuming run %s after epoch %d", opened.run_id, after)
+        return directory, state
     directory = None
     if cfg.runtime.output_dir:
-        # Where the run goes on offline if its store stops answering (python -m insect_exp.upload).
-        run.spool_to(Path(cfg.runtime.output_dir) / SPOOL_DIR, uri)
         directory = str(Path(cfg.runtime.output_dir) / "checkpoints")
-        resume = f"python -m insect_exp resume={run.run_id}"
+        resume = f"python -m insect_exp resume={opened.run_id}"
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})
-    log.info("MLflow run %s (%s) in %s", run.run_id, name, uri)
-    return run, directory, None
+    log.info("MLflow run %s in %s", opened.run_id, opened.tracking_uri)
+    return directory, None
 
 
-def _log_data(run: tracking.Run, data, recipe, seed: int) -> None:
-    """The data's stats, lineage and sample grids, and the recipe's own artifacts."""
+def _log_extras(run, recipe, data, seed: int) -> None:
+    """A recipe's own artifacts (made here: they may run a model), logged by the logging process."""
     from insect_exp import report
 
-    report.log_data(run, data, seed)
-    report.log_artifacts(run, recipe.artifacts(data, seed))
+    artifacts = recipe.artifacts(data, seed)
+    if artifacts:
+        run.submit(report.log_artifacts, artifacts).result()
 
 
-def _log_config(run: tracking.Run, cfg: Config) -> None:
+def _id_of(run) -> str | None:
+    """The run's id, or None where there is none (no run yet, a worker's, or it never opened)."""
+    with contextlib.suppress(Exception):
+        return run.run_id
+    return None
+
+
+def _log_config(run: tracking.RemoteRun, cfg: Config) -> None:
     """The resolved config as params and YAML, the overrides, and Hydra's own snapshot."""
     from omegaconf import OmegaConf
 
-    from insect_exp import tracking
+    from insect_exp.tracking.basics import flatten
 
     rt = cfg.runtime
-    run.log_params(tracking.flatten(cfg.params()))
+    run.log_params(flatten(cfg.params()))
     run.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config/config.yaml")
     run.log_dict(list(rt.overrides), "config/overrides.json")
     if rt.output_dir and rt.config_subdir:

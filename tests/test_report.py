@@ -11,10 +11,9 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from insect_exp import report, tracking
+from insect_exp import plots, report, tracking
 from insect_exp.data.pipeline import Data, ImageSplit, load
 from insect_exp.data.scan import scan
-from insect_exp.fit import History
 from tests.conftest import artifact_paths, make_image_folder
 
 CLASSES = ["beetles", "cockroach", "dragonflies"]
@@ -77,18 +76,17 @@ def test_training_report_draws_what_the_run_holds_and_where_early_stopping_stopp
         run.sink({"batch_loss": loss, "batch_accuracy": acc}, step)
     run.sink({"loss": 1.0, "val_loss": 1.1, "accuracy": 0.4, "val_accuracy": 0.3}, 0)
     run.sink({"loss": 0.8, "val_loss": 1.2, "accuracy": 0.5, "val_accuracy": 0.3}, 1)
-    history = History(stopped_epoch=1, best_epoch=0)
     drawn = {}
-    curve = report.plots.batch_curve
+    curve = plots.batch_curve
 
     def recording(values, ylabel, ylim=None, title=""):
         drawn[ylabel] = (list(values), ylim, title)
         return curve(values, ylabel, ylim, title)
 
-    monkeypatch.setattr(report.plots, "batch_curve", recording)
+    monkeypatch.setattr(plots, "batch_curve", recording)
 
     # When training is reported
-    report.log_training(run, history)
+    report.log_training(run, best_epoch=0, stopped_epoch=1)
 
     # Then the per-step curves show every stored step, titled, with the loss axis reaching 2.37
     values, ylim, title = drawn["Loss"]

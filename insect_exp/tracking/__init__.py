@@ -2,41 +2,38 @@
 
 store.py   where runs are stored: URI, checks, safe creation, the experiment, the UI command
 run.py     one run: logging by run id, metric buffer, offline spool, how it ends
+remote.py  a run logged from a process of its own: what the training process holds
+basics.py  names, params, tables and a run's ending, shared by both processes (no MLflow)
 sweeps.py  a sweep's parent run and its children
+
+Names are loaded on first use: `from insect_exp.tracking import remote` or `tracking.flatten`
+must not import MLflow into the training process (remote.py says why).
 """
 
-from insect_exp.tracking.run import (
-    MetricSink,
-    Run,
-    ending,
-    environment_tags,
-    flatten,
-    param_value,
-    reopen_run,
-    run_name,
-    start_new_run,
-    start_run,
-    to_tsv,
-)
-from insect_exp.tracking.store import (
-    STORE_DIR,
-    StoreError,
-    default_tracking_uri,
-    ensure_experiment,
-    open_client,
-    prepare_store,
-    resolve_tracking_uri,
-    retry_if_raced,
-    ui_command,
-    ui_url,
-)
-from insect_exp.tracking.sweeps import RunRecord, child_runs, create_run, end_run
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "basics": ("ending", "flatten", "param_value", "run_name", "to_tsv"),
+    "run": ("MetricSink", "Run", "environment_tags", "reopen_run", "start_new_run", "start_run"),
+    "remote": ("Opening", "RemoteError", "RemoteRun"),
+    "store": (
+        "STORE_DIR", "StoreError", "default_tracking_uri", "ensure_experiment", "open_client",
+        "prepare_store", "resolve_tracking_uri", "retry_if_raced", "ui_command", "ui_url",
+    ),
+    "sweeps": ("RunRecord", "child_runs", "create_run", "end_run"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
-    "STORE_DIR",
     "MetricSink",
+    "Opening",
+    "RemoteError",
+    "RemoteRun",
     "Run",
     "RunRecord",
+    "STORE_DIR",
     "StoreError",
     "child_runs",
     "create_run",
@@ -59,3 +56,38 @@ __all__ = [
     "ui_command",
     "ui_url",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from insect_exp.tracking.basics import ending, flatten, param_value, run_name, to_tsv
+    from insect_exp.tracking.remote import Opening, RemoteError, RemoteRun
+    from insect_exp.tracking.run import (
+        MetricSink,
+        Run,
+        environment_tags,
+        reopen_run,
+        start_new_run,
+        start_run,
+    )
+    from insect_exp.tracking.store import (
+        STORE_DIR,
+        StoreError,
+        default_tracking_uri,
+        ensure_experiment,
+        open_client,
+        prepare_store,
+        resolve_tracking_uri,
+        retry_if_raced,
+        ui_command,
+        ui_url,
+    )
+    from insect_exp.tracking.sweeps import RunRecord, child_runs, create_run, end_run

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
 import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from importlib import metadata
@@ -23,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
+from insect_exp.tracking.basics import ending, flatten, param_value, run_name, to_tsv
 from insect_exp.tracking.lineage import SplitRecord
 from insect_exp.tracking.store import (
     ensure_experiment,
@@ -38,25 +36,11 @@ log = logging.getLogger(__name__)
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _MAX_PARAMS = 100  # ... and of params
 MetricSink = Callable[[Mapping[str, float], int], None]
+__all__ = [
+    "MetricSink", "Run", "ending", "environment_tags", "flatten", "param_value", "reopen_run",
+    "run_name", "start_new_run", "start_run", "to_tsv",
+]  # fmt: skip
 _VERSIONED = ("tensorflow", "tf-keras", "tensorflow-hub", "mlflow", "hydra-core", "insect_exp")
-
-
-def run_name(model: str, optimizer: str, overrides: Sequence[str] = ()) -> str:
-    """A readable run name: model, optimizer, then the other command-line overrides."""
-    extra = [o for o in overrides if not o.startswith(("model=", "optimizer=", "hydra"))]
-    return " ".join([f"{model}-{optimizer}", *extra])[:250]
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping to dotted keys: {"model": {"name": "cnn"}} -> {"model.name": "cnn"}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def environment_tags() -> dict[str, str]:
@@ -82,15 +66,6 @@ def environment_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass  # an installed package, or git missing
     return tags
-
-
-def to_tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A table as tab-separated values, quoted where a field holds a tab, newline or quote."""
-    out = io.StringIO()
-    writer = csv.writer(out, dialect="excel-tab", lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 class Run:
@@ -158,10 +133,7 @@ class Run:
         A resume redoes the epoch that was cut short; what the first attempt logged of it (its
         first batches, or the whole epoch when the process died before its checkpoint) stays.
         """
-        last = {
-            key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
-            for key in keys
-        }
+        last = self.last_steps(keys)
 
         def sink(metrics: Mapping[str, float], step: int) -> None:
             fresh = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
@@ -169,6 +141,13 @@ class Run:
                 self.sink(fresh, step)
 
         return sink
+
+    def last_steps(self, keys: Iterable[str]) -> dict[str, int]:
+        """The last step the run holds of each metric (-1: none)."""
+        return {
+            key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+            for key in keys
+        }
 
     def flush(self, raise_errors: bool = True) -> None:
         """Send the buffered metrics (to the spool once offline)."""
@@ -433,12 +412,6 @@ def _pinned_requirements_unchecked() -> Iterator[None]:
         environment.warn_dependency_requirement_mismatches = check
 
 
-def param_value(value: Any) -> str:
-    """A value as MLflow stores it as a param."""
-    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    return text[:6000]  # MLflow's limit on a param value
-
-
 @contextlib.contextmanager
 def start_run(
     tracking_uri: str,
@@ -497,26 +470,6 @@ def reopen_run(tracking_uri: str, run_id: str) -> Run:
         client.delete_tag(run_id, "error")
     client.update_run(run_id, status="RUNNING")
     return Run(client, run_id)
-
-
-@contextlib.contextmanager
-def ending(run: Run) -> Iterator[Run]:
-    """End an open run FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C."""
-    try:
-        yield run
-    except BaseException as err:
-        with contextlib.suppress(Exception):
-            run.flush()
-        # Keep whatever was logged; add the error so a failed run explains itself in the UI.
-        with contextlib.suppress(Exception):
-            run.set_tags({"error": f"{type(err).__name__}: {err}"})
-            run.log_text(traceback.format_exc(), "error.txt")
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        with contextlib.suppress(Exception):
-            run.end(status)
-        raise
-    run.flush()
-    run.end("FINISHED")
 
 
 def _step(metric: Metric) -> tuple[int, int]:

@@ -61,14 +61,18 @@ def test_an_interrupted_run_ends_killed_with_its_metrics_and_resumes_to_the_end(
 
 
 def test_a_run_killed_outright_resumes_the_same_way(tmp_path, folder, store):
-    # Given a run killed with SIGKILL (the OOM killer): it stays RUNNING
+    # Given a run whose training process was killed with SIGKILL (the OOM killer)
     process = start(f"dataset.root={folder}", "epochs=40", cwd=tmp_path)
     wait_until(lambda: epochs_logged(store) >= 1)
     interrupt(process, signal.SIGKILL)
-    finish(process, timeout=60)
+    finish(process, timeout=60)  # until its logging process lets go of the output too
+
+    # Then its logging process ended the run FAILED, saying why, with every epoch it sent
     found = only_run(store)
-    assert found.info.status == "RUNNING"
+    assert found.info.status == "FAILED"
+    assert "training process ended without ending its run" in found.data.tags["error"]
     done = len(steps(store, found.info.run_id, "loss"))
+    assert done >= 1 and steps(store, found.info.run_id, "loss") == list(range(done))
 
     # When it is resumed to a few more epochs
     code, stderr, _ = run(f"resume={found.info.run_id}", f"epochs={done + 1}", cwd=tmp_path)

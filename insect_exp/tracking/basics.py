@@ -1,0 +1,70 @@
+"""What both processes of a run use: names, params, tables, and how a run ends. No MLflow here.
+
+The training process logs through `remote.RemoteRun` and never imports MLflow (remote.py says
+why); these helpers are shared by it and by the logging process's `run.Run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+R = TypeVar("R")
+
+
+def run_name(model: str, optimizer: str, overrides: Sequence[str] = ()) -> str:
+    """A readable run name: model, optimizer, then the other command-line overrides."""
+    extra = [o for o in overrides if not o.startswith(("model=", "optimizer=", "hydra"))]
+    return " ".join([f"{model}-{optimizer}", *extra])[:250]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping to dotted keys: {"model": {"name": "cnn"}} -> {"model.name": "cnn"}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def to_tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A table as tab-separated values, quoted where a field holds a tab, newline or quote."""
+    out = io.StringIO()
+    writer = csv.writer(out, dialect="excel-tab", lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def param_value(value: Any) -> str:
+    """A value as MLflow stores it as a param."""
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text[:6000]  # MLflow's limit on a param value
+
+
+@contextlib.contextmanager
+def ending(run: R) -> Iterator[R]:
+    """End an open run FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C."""
+    try:
+        yield run
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            run.flush()
+        # Keep whatever was logged; add the error so a failed run explains itself in the UI.
+        with contextlib.suppress(Exception):
+            run.set_tags({"error": f"{type(err).__name__}: {err}"})
+            run.log_text(traceback.format_exc(), "error.txt")
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            run.end(status)
+        raise
+    run.flush()
+    run.end("FINISHED")

@@ -1,0 +1,459 @@
+"""A run logged from a process of its own: the training process never imports MLflow.
+
+Importing MLflow and opening its SQLite store cost about 2 s of CPU at the start of a run
+(SQLAlchemy's models, Alembic), and drawing and saving the plots about 1.5 s more. All of it holds
+the GIL, so in a thread of the training process it waits on TensorFlow's import, tracing and
+export, which hold the GIL too. In a process of its own it runs on another core while the
+training process imports TensorFlow, decodes the images and exports the model.
+
+`RemoteRun` is the training process's side. It starts the logging process at once and sends it
+every call, in order:
+- calls that return nothing (log_*, set_tags, the metric sink) do not wait; an error in one is
+  raised by the next call that does wait (flush, metric_history, log_tf_model, end);
+- `submit(fn, *args)` runs `fn(run, *args)` in the logging process beside those calls and returns
+  a Future: report.py's plots are drawn there.
+
+The logging process holds a `run.Run`, so the metric buffer, the spool (a store that stops
+answering) and the ending work as they do in one process. It ignores SIGINT and SIGTERM: they reach
+the training process too (Ctrl-C, SLURM's preemption), which ends the run KILLED through it. Its
+log records go to the training process's logging. It exits when told to, or when the training
+process is gone (its end of the socket closes): a run not ended by then (SIGKILL, the OOM killer)
+ends FAILED with the reason, after what was buffered is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ORPHANED = (
+    "the training process ended without ending its run (killed: SIGKILL, or out of memory); "
+    "what it logged is kept"
+)
+_ENTRY = "from insect_exp.tracking.remote import serve_from_argv; serve_from_argv()"
+
+
+@dataclass(frozen=True)
+class Opening:
+    """The run the logging process opens: a new one, or (resume) an existing one.
+
+    Attributes:
+        tracking_uri: the store; None: $MLFLOW_TRACKING_URI, else mlruns/ under launch_dir.
+        check_store: check (and create) the store first: store.prepare_store.
+        spool_dir: where the run goes on offline if its store stops answering (upload.py).
+        resume: the id of the run to reopen; the other fields but the store's are ignored.
+    """
+
+    tracking_uri: str | None
+    launch_dir: str
+    experiment_name: str = "insect_exp"
+    run_name: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    check_store: bool = True
+    spool_dir: str | None = None
+    resume: str | None = None
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The open run, as the logging process reports it."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    tags: dict[str, str]  # a reopened run's tags (its checkpoint dir); empty for a new run
+    ui_command: str
+    ui_url: str
+
+
+class RemoteError(RuntimeError):
+    """The logging process failed, or an error of it could not travel as itself."""
+
+
+class RemoteRun:
+    """A `run.Run` in a logging process of its own, driven from the training process.
+
+    Started at once; `opened()` waits for the run (and raises what kept it from opening, e.g. a
+    StoreError). End it with `basics.ending` (or `end`), which also stops the process; `close`
+    alone leaves a run that was not ended to be ended FAILED.
+    """
+
+    def __init__(self, opening: Opening):
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        try:
+            self._process = _start(
+                [sys.executable, "-c", _ENTRY, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        # Closing a socket that another thread reads does not end its read: `close` shuts the
+        # writing side down instead, and the reader ends when the logging process closes its side.
+        self._socket = ours
+        self._conn = Connection(os.dup(ours.fileno()))
+        self._send = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, Future] = {}
+        self._unchecked: list[Future] = []  # replies of calls that did not wait, in order
+        self._opened: Future = Future()
+        self._gone: RemoteError | None = None
+        self._closed = False
+        self._post("open", opening, future=self._opened)
+        self._reader = threading.Thread(target=self._read, name="insect_exp-mlflow", daemon=True)
+        self._reader.start()
+
+    # What the run is: each waits until the logging process has opened it.
+    def opened(self) -> Opened:
+        return self._opened.result()
+
+    @property
+    def run_id(self) -> str:
+        return self.opened().run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self.opened().experiment_id
+
+    # Calls that do not wait.
+    def sink(self, metrics: Mapping[str, float], step: int) -> None:
+        self._post("sink", {k: float(v) for k, v in metrics.items()}, step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._post("log_params", dict(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._post("log_metrics", {k: float(v) for k, v in metrics.items()}, step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._post("set_tags", {k: str(v) for k, v in tags.items()})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._post("log_text", text, artifact_file)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self._post("log_dict", data, artifact_file)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self._post("log_artifacts", str(local_dir), artifact_path)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn(run, *args) in the logging process (fn and args travel by pickle)."""
+        future: Future = Future()
+        self._post("submit", fn, *args, future=future)
+        return future
+
+    # Calls that wait, and raise the first error of the calls before them.
+    def flush(self, raise_errors: bool = True) -> None:
+        self._call("flush", raise_errors)
+
+    def metric_history(self, keys: Iterable[str]) -> dict[str, list[float]]:
+        return self._call("metric_history", list(keys))
+
+    def resumed_sink(self, keys: Iterable[str]) -> Callable[[Mapping[str, float], int], None]:
+        """As run.Run.resumed_sink: no step of `keys` that the run already holds is sent again."""
+        last = self._call("last_steps", list(keys))
+
+        def sink(metrics: Mapping[str, float], step: int) -> None:
+            fresh = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
+            if fresh:
+                self.sink(fresh, step)
+
+        return sink
+
+    def log_tf_model(self, *args: Any, **kwargs: Any) -> str:
+        """As run.Run.log_tf_model; the model's files must live until it returns."""
+        return self._call("log_tf_model", *args, **kwargs)
+
+    def end(self, status: str) -> None:
+        """End the run with `status` (after the submitted work) and stop the logging process."""
+        try:
+            self._call("end", status)
+        finally:
+            self.close()
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop the logging process; a run it holds that was not ended ends FAILED."""
+        with self._send:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(OSError):  # OSError: it is gone already
+            self._socket.shutdown(socket.SHUT_WR)  # the logging process reads EOF
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("the MLflow logging process did not stop in %g s: killed", timeout_s)
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(timeout_s)
+        self._conn.close()
+        self._socket.close()
+
+    def _post(self, name: str, *args: Any, future: Future | None = None, **kwargs: Any) -> Future:
+        unchecked = future is None
+        future = future or Future()
+        # Pickled apart from the message: what cannot travel fails here, and what cannot be
+        # unpickled there fails its own call only.
+        payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send:
+            if self._gone is not None:
+                raise self._gone
+            if self._closed:
+                raise RemoteError("the run's logging process is closed")
+            call_id = next(self._ids)
+            self._waiting[call_id] = future
+            if unchecked:
+                self._unchecked.append(future)
+            try:
+                self._conn.send((call_id, name, payload))
+                failed = None
+            except (OSError, ValueError) as err:
+                failed = err
+        if failed is not None:
+            raise self._lost(failed) from failed
+        return future
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        future: Future = Future()
+        self._post(name, *args, future=future, **kwargs)
+        result = future.result()
+        # Replies come in order: every call before this one has answered.
+        with self._send:
+            earlier, self._unchecked = self._unchecked, []
+        for done in earlier:
+            error = done.exception() if done.done() else None
+            if error is not None:
+                raise error
+        return result
+
+    def _read(self) -> None:
+        """The logging process's replies and log records, until it is gone."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError) as err:
+                self._lost(err)
+                return
+            if message[0] == "log":
+                _, name, level, text = message
+                logging.getLogger(name).log(level, "%s", text)
+                continue
+            _, call_id, ok, value = message
+            with self._send:
+                future = self._waiting.pop(call_id, None)
+            if future is None:
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _lost(self, err: BaseException) -> RemoteError:
+        """Fail every call still waiting: the logging process is gone."""
+        with self._send:
+            if self._gone is None:
+                self._gone = RemoteError(
+                    "the MLflow logging process ended unexpectedly "
+                    f"(exit code {self._process.poll()}; {type(err).__name__})"
+                )
+            waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(self._gone)
+        return self._gone
+
+
+def _start(command: list[str], **kwargs: Any) -> subprocess.Popen:
+    """Popen(command), where a user who cannot open sys.executable's path can still run it.
+
+    A process whose interpreter lies under a folder it cannot enter (a virtualenv linked to
+    /root/.pyenv, run by another user through setpriv or sudo) started anyway, but cannot start
+    that path again. /proc/self/exe is the interpreter itself; argv[0] keeps the virtualenv's path
+    so that the new process finds the same site-packages.
+    """
+    try:
+        return subprocess.Popen(command, **kwargs)
+    except PermissionError:
+        if not Path("/proc/self/exe").exists():
+            raise
+        return subprocess.Popen(command, executable="/proc/self/exe", **kwargs)
+
+
+# The logging process's side.
+
+
+def serve_from_argv() -> None:
+    """Entry point of the logging process: `python -c ... FD` (see RemoteRun)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    serve(Connection(int(sys.argv[1])))
+
+
+def serve(conn: Connection) -> None:
+    """Open the run the first message asks for, then answer calls on it until the socket closes."""
+    import gc
+
+    sending = threading.Lock()
+
+    def reply(call_id: int, ok: bool, value: Any) -> None:
+        if not ok:
+            value = _portable(value)
+        with sending, contextlib.suppress(OSError, ValueError):  # the training process is gone
+            conn.send(("reply", call_id, ok, value))
+
+    _forward_logs(conn, sending)
+    call_id, _, payload = conn.recv()
+    (opening,), _ = pickle.loads(payload)
+    gc.disable()  # as in __main__: MLflow's import makes long-lived objects only
+    try:
+        run, opened = _open(opening)
+    except BaseException as err:
+        reply(call_id, False, err)
+        _refuse(conn, reply, err)
+        return
+    finally:
+        gc.freeze()
+        gc.enable()
+    reply(call_id, True, opened)
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        # MLflow's own INFO lines while it saves a model ("Validating input example ...") are
+        # not the run's news.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-logging")
+    submitted: list[Future] = []
+    ended = False
+    while True:
+        try:
+            call_id, name, payload = conn.recv()
+        except (EOFError, OSError):
+            break
+        try:
+            args, kwargs = pickle.loads(payload)
+        except Exception as err:
+            reply(call_id, False, err)
+            continue
+        if name == "submit":
+            fn, *rest = args
+            job = background.submit(fn, run, *rest)
+            job.add_done_callback(
+                lambda done, call_id=call_id: reply(call_id, done.exception() is None,
+                                                    done.exception() or done.result())
+            )  # fmt: skip
+            submitted.append(job)
+            continue
+        if name == "end":
+            for job in submitted:  # what was drawn goes in before the run ends
+                job.exception()
+            ended = True
+        try:
+            reply(call_id, True, getattr(run, name)(*args, **kwargs))
+        except BaseException as err:
+            reply(call_id, False, err)
+    background.shutdown(wait=True)
+    if not ended:
+        _end_orphaned(run)
+    conn.close()
+
+
+def _open(opening: Opening) -> tuple[Any, Opened]:
+    from insect_exp.tracking import run as runs
+    from insect_exp.tracking import store
+
+    uri = store.resolve_tracking_uri(opening.tracking_uri, opening.launch_dir)
+    if opening.check_store:
+        store.prepare_store(uri)
+    if opening.resume:
+        run = runs.reopen_run(uri, opening.resume)
+        tags = dict(run.client.get_run(run.run_id).data.tags)
+    else:
+        run = runs.start_new_run(
+            uri,
+            opening.experiment_name,
+            opening.run_name,
+            {**runs.environment_tags(), **opening.tags},
+            opening.parent_run_id,
+            opening.experiment_id,
+        )
+        if opening.spool_dir:
+            run.spool_to(opening.spool_dir, uri)
+        tags = {}
+    ui = store.ui_command(uri), store.ui_url(uri, run.experiment_id)
+    return run, Opened(run.run_id, run.experiment_id, uri, tags, *ui)
+
+
+def _end_orphaned(run: Any) -> None:
+    """The training process is gone without ending its run: keep what it sent, end it FAILED."""
+    try:
+        run.flush(raise_errors=False)
+        run.set_tags({"error": ORPHANED})
+        run.end("FAILED")
+    except Exception as err:
+        print(f"insect_exp: could not end run {run.run_id}: {err}", file=sys.stderr)
+
+
+def _refuse(conn: Connection, reply: Callable[[int, bool, Any], None], err: BaseException) -> None:
+    """After a failed opening: answer every call with its error until the socket closes."""
+    while True:
+        try:
+            call_id, *_ = conn.recv()
+        except (EOFError, OSError):
+            return
+        reply(call_id, False, err)
+
+
+def _portable(err: BaseException) -> BaseException:
+    """`err` with its traceback as a note, or a RemoteError saying it, if it does not pickle."""
+    with_trace = "".join(traceback.format_exception(err)).rstrip()
+    try:
+        if not getattr(err, "__notes__", None):
+            err.add_note(f"in the MLflow logging process:\n{with_trace}")
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RemoteError(f"{type(err).__name__}: {err}\n{with_trace}")
+
+
+class _LogForwarder(logging.Handler):
+    def __init__(self, conn: Connection, sending: threading.Lock):
+        super().__init__()
+        self.conn = conn
+        self.sending = sending
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = ("log", record.name, record.levelno, self.format(record))
+            with self.sending:
+                self.conn.send(message)
+        except Exception:
+            pass  # the training process is gone: nothing to tell
+
+
+def _forward_logs(conn: Connection, sending: threading.Lock) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [_LogForwarder(conn, sending)]
+    root.setLevel(logging.INFO)
