@@ -9,12 +9,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 from insect_exp.config import ExportConfig, Quantize
 from insect_exp.models.common import ServingModule
-from insect_exp.serving import CLASS_NAMES, IMAGE_COLUMN, SAVED_MODEL
+
+# The logged model's artifact keys and input column, as serving.py (which MLflow loads on its own,
+# without this package) names them; tests/test_export.py checks that both agree. Not imported from
+# there: serving.py imports MLflow, which the training process leaves to its logging process.
+IMAGE_COLUMN = "image"
+SAVED_MODEL = "saved_model"
+CLASS_NAMES = "class_names"
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +82,14 @@ def tflite_model(module: ServingModule, quantize: Quantize = Quantize.none) -> b
     return converter.convert()
 
 
-def input_example(image: np.ndarray) -> pd.DataFrame:
-    """What a client sends: one image (uint8 H x W x 3) as a JPEG file, in the `image` column."""
+def input_example(image: np.ndarray) -> dict[str, list[bytes]]:
+    """What a client sends: one image (uint8 H x W x 3) as a JPEG file, in the `image` column.
+
+    As the columns of a DataFrame: run.Run.log_tf_model makes it one (pandas stays out of the
+    training process).
+    """
     jpeg = tf.io.encode_jpeg(tf.constant(image, tf.uint8), quality=90).numpy()
-    return pd.DataFrame({IMAGE_COLUMN: [jpeg]})
+    return {IMAGE_COLUMN: [jpeg]}
 
 
 def metadata(class_names: list[str], image_size: list[int] | tuple[int, int]) -> dict[str, object]:

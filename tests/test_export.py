@@ -128,3 +128,12 @@ def test_export_and_registry_keys_are_checked_at_start_up(tmp_path):
         compose_config("export.quantize=int8", launch_dir=tmp_path)  # Hydra checks the enum
     with pytest.raises(ConfigError, match="mlflow.registered_model_name"):
         compose_config("mlflow.registered_model_name=a/b", launch_dir=tmp_path)
+
+
+def test_export_names_the_models_files_and_input_column_as_the_served_model_reads_them():
+    # export.py repeats serving.py's names (importing serving.py would import MLflow)
+    from insect_exp import export, serving
+
+    assert (export.IMAGE_COLUMN, export.SAVED_MODEL, export.CLASS_NAMES) == (
+        serving.IMAGE_COLUMN, serving.SAVED_MODEL, serving.CLASS_NAMES,
+    )  # fmt: skip

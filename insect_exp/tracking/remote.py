@@ -47,7 +47,12 @@ ORPHANED = (
     "the training process ended without ending its run (killed: SIGKILL, or out of memory); "
     "what it logged is kept"
 )
-_ENTRY = "from insect_exp.tracking.remote import serve_from_argv; serve_from_argv()"
+# argv: the socket's descriptor, and the folder this package was imported from (a checkout that
+# is not installed), added to sys.path where it is not there already.
+_ENTRY = (
+    "import sys; root = sys.argv[2]; root in sys.path or sys.path.insert(0, root); "
+    "from insect_exp.tracking.remote import serve_from_argv; serve_from_argv()"
+)
 
 
 @dataclass(frozen=True)
@@ -100,14 +105,11 @@ class RemoteRun:
     def __init__(self, opening: Opening):
         ours, theirs = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         try:
             self._process = _start(
-                [sys.executable, "-c", _ENTRY, str(theirs.fileno())],
+                [sys.executable, "-c", _ENTRY, str(theirs.fileno()), package_root],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
-                env=env,
             )
         finally:
             theirs.close()

@@ -301,6 +301,10 @@ class Run:
 
         from insect_exp import serving
 
+        if isinstance(input_example, Mapping):  # columns (export.input_example)
+            import pandas as pd
+
+            input_example = pd.DataFrame(input_example)
         signature = ModelSignature(
             outputs=Schema(
                 [
