@@ -119,8 +119,8 @@ class RemoteRun:
         self._conn = Connection(os.dup(ours.fileno()))
         self._send = threading.Lock()
         self._ids = itertools.count(1)
-        self._waiting: dict[int, Future] = {}
-        self._unchecked: list[Future] = []  # replies of calls that did not wait, in order
+        self._waiting: dict[int, Future | None] = {}  # None: a call that does not wait
+        self._deferred: BaseException | None = None  # the first error of those
         self._opened: Future = Future()
         self._gone: RemoteError | None = None
         self._closed = False
@@ -215,9 +215,7 @@ class RemoteRun:
         self._conn.close()
         self._socket.close()
 
-    def _post(self, name: str, *args: Any, future: Future | None = None, **kwargs: Any) -> Future:
-        unchecked = future is None
-        future = future or Future()
+    def _post(self, name: str, *args: Any, future: Future | None = None, **kwargs: Any) -> None:
         # Pickled apart from the message: what cannot travel fails here, and what cannot be
         # unpickled there fails its own call only.
         payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
@@ -228,8 +226,6 @@ class RemoteRun:
                 raise RemoteError("the run's logging process is closed")
             call_id = next(self._ids)
             self._waiting[call_id] = future
-            if unchecked:
-                self._unchecked.append(future)
             try:
                 self._conn.send((call_id, name, payload))
                 failed = None
@@ -237,7 +233,6 @@ class RemoteRun:
                 failed = err
         if failed is not None:
             raise self._lost(failed) from failed
-        return future
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         future: Future = Future()
@@ -245,11 +240,9 @@ class RemoteRun:
         result = future.result()
         # Replies come in order: every call before this one has answered.
         with self._send:
-            earlier, self._unchecked = self._unchecked, []
-        for done in earlier:
-            error = done.exception() if done.done() else None
-            if error is not None:
-                raise error
+            deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            raise deferred
         return result
 
     def _read(self) -> None:
@@ -267,8 +260,10 @@ class RemoteRun:
             _, call_id, ok, value = message
             with self._send:
                 future = self._waiting.pop(call_id, None)
-            if future is None:
-                continue
+                if future is None:
+                    if not ok and self._deferred is None:
+                        self._deferred = value
+                    continue
             if ok:
                 future.set_result(value)
             else:
@@ -284,7 +279,7 @@ class RemoteRun:
                 )
             waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(self._gone)
         return self._gone
 
