@@ -110,6 +110,9 @@ class RemoteRun:
                 [sys.executable, "-c", _ENTRY, str(theirs.fileno()), package_root],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                # Out of the terminal's process group: Ctrl-C reaches the training process only,
+                # even while this one starts (it ignores SIGINT once it runs).
+                start_new_session=True,
             )
         finally:
             theirs.close()
@@ -427,8 +430,9 @@ def _portable(err: BaseException) -> BaseException:
     """`err` with its traceback as a note, or a RemoteError saying it, if it does not pickle."""
     with_trace = "".join(traceback.format_exception(err)).rstrip()
     try:
-        if not getattr(err, "__notes__", None):
-            err.add_note(f"in the MLflow logging process:\n{with_trace}")
+        add_note = getattr(err, "add_note", None)  # Python 3.11+
+        if add_note is not None and not getattr(err, "__notes__", None):
+            add_note(f"in the MLflow logging process:\n{with_trace}")
         pickle.loads(pickle.dumps(err))
         return err
     except Exception:
