@@ -159,7 +159,7 @@ def run(cfg: Config) -> float:
 
 
 def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
-    """The logging process, opening a new run (config and tags set) or the run to resume."""
+    """The logging process, opening a new run (named and tagged) or the run to resume."""
     from insect_exp.tracking import basics
     from insect_exp.tracking.remote import Opening, RemoteRun
 
