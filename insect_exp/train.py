@@ -203,7 +203,7 @@ def _checkpoints(cfg: Config, run, dist: distribute.Distribution):
         directory = str(Path(cfg.runtime.output_dir) / "checkpoints")
         resume = f"python -m insect_exp resume={opened.run_id}"
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})
-    log.info("MLflow run %s in %s", opened.run_id, opened.tracking_uri)
+    log.info("MLflow run %s (%s) in %s", opened.run_id, opened.run_name, opened.tracking_uri)
     return directory, None
 
 

@@ -34,7 +34,8 @@ def _only_run(uri: str):
 def test_a_remote_run_logs_what_a_run_logs_and_its_process_ends_with_it(tracking_uri, tmp_path):
     # Given a run opened by its logging process
     run = RemoteRun(Opening(tracking_uri, str(tmp_path), run_name="remote", tags={"who": "me"}))
-    assert run.opened().tracking_uri == tracking_uri
+    opened = run.opened()
+    assert (opened.tracking_uri, opened.run_name) == (tracking_uri, "remote")
 
     # When the training side logs params, batch and epoch metrics, text, and submitted work
     run.log_params({"model.name": "cnn", "layers": [16, 32]})

@@ -83,6 +83,7 @@ class Opened:
     """The open run, as the logging process reports it."""
 
     run_id: str
+    run_name: str
     experiment_id: str
     tracking_uri: str
     tags: dict[str, str]  # a reopened run's tags (its checkpoint dir); empty for a new run
@@ -389,7 +390,8 @@ def _open(opening: Opening) -> tuple[Any, Opened]:
         store.prepare_store(uri)
     if opening.resume:
         run = runs.reopen_run(uri, opening.resume)
-        tags = dict(run.client.get_run(run.run_id).data.tags)
+        found = run.client.get_run(run.run_id)
+        name, tags = found.info.run_name, dict(found.data.tags)
     else:
         run = runs.start_new_run(
             uri,
@@ -401,9 +403,9 @@ def _open(opening: Opening) -> tuple[Any, Opened]:
         )
         if opening.spool_dir:
             run.spool_to(opening.spool_dir, uri)
-        tags = {}
+        name, tags = opening.run_name, {}
     ui = store.ui_command(uri), store.ui_url(uri, run.experiment_id)
-    return run, Opened(run.run_id, run.experiment_id, uri, tags, *ui)
+    return run, Opened(run.run_id, name, run.experiment_id, uri, tags, *ui)
 
 
 def _end_orphaned(run: Any) -> None:
