@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-MetricSink = Callable[[dict[str, float], int], None]
+from insect_exp.tracking.basics import MetricSink
 
 
 def scores(

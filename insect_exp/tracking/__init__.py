@@ -10,14 +10,15 @@ Names are loaded on first use: `from insect_exp.tracking import remote` or `trac
 must not import MLflow into the training process (remote.py says why).
 """
 
+# ruff: noqa: F401  (the TYPE_CHECKING imports name, for type checkers, what __getattr__ loads)
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "basics": ("ending", "flatten", "param_value", "run_name", "to_tsv"),
-    "run": ("MetricSink", "Run", "environment_tags", "reopen_run", "start_new_run", "start_run"),
+    "basics": ("MetricSink", "ending", "flatten", "param_value", "run_name", "to_tsv"),
+    "run": ("Run", "environment_tags", "reopen_run", "start_new_run", "start_run"),
     "remote": ("Opening", "RemoteError", "RemoteRun"),
     "store": (
         "STORE_DIR", "StoreError", "default_tracking_uri", "ensure_experiment", "open_client",
@@ -26,36 +27,7 @@ _EXPORTS = {
     "sweeps": ("RunRecord", "child_runs", "create_run", "end_run"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [
-    "MetricSink",
-    "Opening",
-    "RemoteError",
-    "RemoteRun",
-    "Run",
-    "RunRecord",
-    "STORE_DIR",
-    "StoreError",
-    "child_runs",
-    "create_run",
-    "default_tracking_uri",
-    "end_run",
-    "ending",
-    "ensure_experiment",
-    "environment_tags",
-    "flatten",
-    "open_client",
-    "param_value",
-    "prepare_store",
-    "reopen_run",
-    "resolve_tracking_uri",
-    "retry_if_raced",
-    "run_name",
-    "start_new_run",
-    "start_run",
-    "to_tsv",
-    "ui_command",
-    "ui_url",
-]
+__all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str) -> Any:
@@ -68,10 +40,16 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from insect_exp.tracking.basics import ending, flatten, param_value, run_name, to_tsv
+    from insect_exp.tracking.basics import (
+        MetricSink,
+        ending,
+        flatten,
+        param_value,
+        run_name,
+        to_tsv,
+    )
     from insect_exp.tracking.remote import Opening, RemoteError, RemoteRun
     from insect_exp.tracking.run import (
-        MetricSink,
         Run,
         environment_tags,
         reopen_run,

@@ -11,10 +11,12 @@ import csv
 import io
 import json
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 R = TypeVar("R")
+# Where training sends its metrics: (metrics by name, step). A run's `sink`, or a filter of it.
+MetricSink = Callable[[Mapping[str, float], int], None]
 
 
 def run_name(model: str, optimizer: str, overrides: Sequence[str] = ()) -> str:
@@ -68,3 +70,18 @@ def ending(run: R) -> Iterator[R]:
         raise
     run.flush()
     run.end("FINISHED")
+
+
+def unlogged_steps_only(sink: MetricSink, last: Mapping[str, int]) -> MetricSink:
+    """`sink` for a resumed run: no step of a metric at or before `last[metric]` goes to it.
+
+    A resume redoes the epoch that was cut short; what the first attempt logged of it (its first
+    batches, or the whole epoch when the process died before its checkpoint) stays.
+    """
+
+    def filtered(metrics: Mapping[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
+        if fresh:
+            sink(fresh, step)
+
+    return filtered

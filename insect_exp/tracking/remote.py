@@ -41,6 +41,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from insect_exp.tracking.basics import MetricSink, unlogged_steps_only
+
 log = logging.getLogger(__name__)
 
 ORPHANED = (
@@ -179,16 +181,9 @@ class RemoteRun:
     def metric_history(self, keys: Iterable[str]) -> dict[str, list[float]]:
         return self._call("metric_history", list(keys))
 
-    def resumed_sink(self, keys: Iterable[str]) -> Callable[[Mapping[str, float], int], None]:
+    def resumed_sink(self, keys: Iterable[str]) -> MetricSink:
         """As run.Run.resumed_sink: no step of `keys` that the run already holds is sent again."""
-        last = self._call("last_steps", list(keys))
-
-        def sink(metrics: Mapping[str, float], step: int) -> None:
-            fresh = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
-            if fresh:
-                self.sink(fresh, step)
-
-        return sink
+        return unlogged_steps_only(self.sink, self._call("last_steps", list(keys)))
 
     def log_tf_model(self, *args: Any, **kwargs: Any) -> str:
         """As run.Run.log_tf_model; the model's files must live until it returns."""

@@ -20,7 +20,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
-from insect_exp.tracking.basics import ending, flatten, param_value, run_name, to_tsv
+from insect_exp.tracking.basics import (
+    MetricSink,
+    ending,
+    flatten,
+    param_value,
+    run_name,
+    to_tsv,
+    unlogged_steps_only,
+)
 from insect_exp.tracking.lineage import SplitRecord
 from insect_exp.tracking.store import (
     ensure_experiment,
@@ -35,7 +43,6 @@ log = logging.getLogger(__name__)
 
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _MAX_PARAMS = 100  # ... and of params
-MetricSink = Callable[[Mapping[str, float], int], None]
 __all__ = [
     "MetricSink", "Run", "ending", "environment_tags", "flatten", "param_value", "reopen_run",
     "run_name", "start_new_run", "start_run", "to_tsv",
@@ -128,19 +135,8 @@ class Run:
             self.flush(raise_errors=False)
 
     def resumed_sink(self, keys: Iterable[str]) -> MetricSink:
-        """A sink for a resumed run that sends no step of `keys` the run already holds.
-
-        A resume redoes the epoch that was cut short; what the first attempt logged of it (its
-        first batches, or the whole epoch when the process died before its checkpoint) stays.
-        """
-        last = self.last_steps(keys)
-
-        def sink(metrics: Mapping[str, float], step: int) -> None:
-            fresh = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
-            if fresh:
-                self.sink(fresh, step)
-
-        return sink
+        """A sink for a resumed run that sends no step of `keys` the run already holds."""
+        return unlogged_steps_only(self.sink, self.last_steps(keys))
 
     def last_steps(self, keys: Iterable[str]) -> dict[str, int]:
         """The last step the run holds of each metric (-1: none)."""
