@@ -35,6 +35,7 @@ warnings.filterwarnings(
 def _hydra_main(dict_cfg: DictConfig) -> float:
     from insect_exp.distribute import WorkerLost
     from insect_exp.resilience import Interrupted, TrainingDiverged, interrupts
+    from insect_exp.tracking.remote import LoggingProcessDied
 
     multirun = OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None
     try:
@@ -60,6 +61,14 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
         # At once: the aborted collectives leave TensorFlow's runtime half torn down, and the
         # interpreter's own exit would print its finalizers' tracebacks (the run is ended).
         _exit(f"error: {err}; the chief's run is FAILED", 1, at_once=True)
+    except LoggingProcessDied as err:
+        if multirun or err.run_id is None:
+            raise
+        _exit(
+            f"error: {err}: run {err.run_id} is FAILED with what it logged. Resume it with: "
+            f"python -m insect_exp resume={err.run_id}",
+            1,
+        )
     except Interrupted as err:
         if multirun:
             raise

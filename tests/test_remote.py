@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from insect_exp.tracking import StoreError
-from insect_exp.tracking.remote import ORPHANED, Opening, RemoteRun
+from insect_exp.tracking.remote import LOGGER_DIED, ORPHANED, Opening, RemoteError, RemoteRun
 from tests.conftest import artifact_paths, make_image_folder
 
 
@@ -98,6 +99,29 @@ def test_a_run_its_training_side_let_go_of_without_ending_ends_failed_with_what_
     found = _only_run(tracking_uri)
     assert found.info.status == "FAILED" and found.data.tags["error"] == ORPHANED
     assert found.data.metrics == {"loss": 0.5, "batch_loss": 0.4}
+
+
+def test_a_logging_process_that_dies_leaves_its_run_failed_not_running(tracking_uri, tmp_path):
+    # Given an open run with a metric in the store
+    run = RemoteRun(Opening(tracking_uri, str(tmp_path)))
+    run.log_metrics({"loss": 0.5}, step=0)
+    run.flush()
+
+    # When its logging process dies (killed, out of memory) while the training goes on
+    run._process.kill()
+    run._process.wait(timeout=60)
+    with pytest.raises(RemoteError, match="ended unexpectedly"):
+        for step in range(1000):  # the next call fails, once the socket's end is read
+            run.sink({"batch_loss": 0.1}, step)
+            time.sleep(0.01)
+    with pytest.raises(RemoteError):
+        run.end("FINISHED")
+
+    # Then the training process ended the run FAILED with the reason; what was sent is kept
+    found = _only_run(tracking_uri)
+    assert found.info.status == "FAILED", found.info.status
+    assert found.data.tags["error"] == LOGGER_DIED.format(code=-9)
+    assert found.data.metrics["loss"] == 0.5
 
 
 def test_the_training_process_never_imports_mlflow_matplotlib_or_pandas(tmp_path):

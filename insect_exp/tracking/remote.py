@@ -49,6 +49,10 @@ ORPHANED = (
     "the training process ended without ending its run (killed: SIGKILL, or out of memory); "
     "what it logged is kept"
 )
+LOGGER_DIED = (
+    "the MLflow logging process died (exit code {code}); what it had not sent to the store yet "
+    "is lost"
+)
 # argv: the socket's descriptor, and the folder this package was imported from (a checkout that
 # is not installed), added to sys.path where it is not there already.
 _ENTRY = (
@@ -97,6 +101,17 @@ class RemoteError(RuntimeError):
     """The logging process failed, or an error of it could not travel as itself."""
 
 
+class LoggingProcessDied(RemoteError):
+    """The logging process died before it was closed; `run_id`: the run it left (None: none).
+
+    The training process ends that run FAILED itself (RemoteRun._lost).
+    """
+
+    def __init__(self, message: str, run_id: str | None):
+        super().__init__(message)
+        self.run_id = run_id
+
+
 class RemoteRun:
     """A `run.Run` in a logging process of its own, driven from the training process.
 
@@ -130,6 +145,7 @@ class RemoteRun:
         self._opened: Future = Future()
         self._gone: RemoteError | None = None
         self._closed = False
+        self._ending_here: threading.Thread | None = None  # see _lost
         self._post("open", opening, future=self._opened)
         self._reader = threading.Thread(target=self._read, name="insect_exp-mlflow", daemon=True)
         self._reader.start()
@@ -211,6 +227,8 @@ class RemoteRun:
             self._process.kill()
             self._process.wait()
         self._reader.join(timeout_s)
+        if self._ending_here is not None:
+            self._ending_here.join()
         self._conn.close()
         self._socket.close()
 
@@ -269,18 +287,64 @@ class RemoteRun:
                 future.set_exception(value)
 
     def _lost(self, err: BaseException) -> RemoteError:
-        """Fail every call still waiting: the logging process is gone."""
+        """Fail every call still waiting: the logging process is gone.
+
+        Gone before `close` (killed, out of memory, a crash in MLflow), it leaves its run open:
+        this process ends it FAILED with the reason, in a thread that `close` and the
+        interpreter's exit wait for, while the training fails on its next call. MLflow is
+        imported here then, in this fault only.
+        """
+        code = _exit_code(self._process)
         with self._send:
-            if self._gone is None:
-                self._gone = RemoteError(
-                    "the MLflow logging process ended unexpectedly "
-                    f"(exit code {self._process.poll()}; {type(err).__name__})"
+            first = self._gone is None
+            unexpected = first and not self._closed
+            opened = None
+            if unexpected and self._opened.done() and self._opened.exception() is None:
+                opened = self._opened.result()
+            if unexpected:
+                self._gone = LoggingProcessDied(
+                    f"the MLflow logging process ended unexpectedly (exit code {code}; "
+                    f"{type(err).__name__})",
+                    opened.run_id if opened else None,
                 )
+            elif first:
+                self._gone = RemoteError("the run's logging process is closed")
             waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if future is not None and not future.done():
                 future.set_exception(self._gone)
+        if opened is not None:
+            self._ending_here = threading.Thread(
+                target=_end_left_open, args=(opened, LOGGER_DIED.format(code=code)),
+                name="insect_exp-mlflow-ending",
+            )  # fmt: skip
+            self._ending_here.start()
         return self._gone
+
+
+def _exit_code(process: subprocess.Popen, wait_s: float = 5.0) -> int | None:
+    """The process's exit code, once it has exited (its socket can close a moment before)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return process.wait(wait_s)
+    return None
+
+
+def _end_left_open(opened: Opened, reason: str) -> None:
+    """End a run that its dead logging process left RUNNING: FAILED, with the reason."""
+    from insect_exp.tracking import store
+
+    try:
+        client = store.open_client(opened.tracking_uri)
+        if client.get_run(opened.run_id).info.status != "RUNNING":
+            return  # it ended the run before it died
+        client.set_tag(opened.run_id, "error", reason)
+        client.set_terminated(opened.run_id, "FAILED")
+        log.error("run %s ended FAILED: %s", opened.run_id, reason)
+    except Exception as err:
+        log.error(
+            "%s; run %s could not be ended (%s): it shows RUNNING",
+            reason, opened.run_id, store.first_line(err),
+        )  # fmt: skip
 
 
 def _start(command: list[str], **kwargs: Any) -> subprocess.Popen:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from insect_exp.tracking.remote import LOGGER_DIED
 from tests.faults.conftest import (
     epochs_logged,
     finish,
@@ -81,6 +85,49 @@ def test_a_run_killed_outright_resumes_the_same_way(tmp_path, folder, store):
     assert code == 0, stderr[-2000:]
     assert MlflowClient(store).get_run(found.info.run_id).info.status == "FINISHED"
     assert steps(store, found.info.run_id, "loss") == list(range(done + 1))
+
+
+def _logging_process(parent: int) -> int:
+    """The pid of the MLflow logging process that `parent` started (tracking/remote.py)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == parent and b"serve_from_argv" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+    raise AssertionError(f"process {parent} has no logging process")
+
+
+def test_a_logging_process_killed_alone_leaves_the_run_failed_and_resumable(
+    tmp_path, folder, store
+):
+    # Given a run in its second epoch or later
+    process = start(f"dataset.root={folder}", "epochs=40", cwd=tmp_path)
+    wait_until(lambda: epochs_logged(store) >= 1)
+
+    # When its MLflow logging process is killed (the OOM killer's choice), not the training
+    os.kill(_logging_process(process.pid), signal.SIGKILL)
+    exit_code, stderr = finish(process, timeout=120)
+
+    # Then the training stops at its next log call with one line that names the resume
+    # command, and the run is FAILED, saying why, with the epochs it had sent
+    assert exit_code == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    found = only_run(store)
+    run_id = found.info.run_id
+    last = stderr.strip().splitlines()[-1]
+    assert "logging process ended unexpectedly" in last
+    assert f"python -m insect_exp resume={run_id}" in last
+    assert found.info.status == "FAILED"
+    assert found.data.tags["error"] == LOGGER_DIED.format(code=-signal.SIGKILL)
+    done = len(steps(store, run_id, "loss"))
+    assert done >= 1 and steps(store, run_id, "loss") == list(range(done))
+
+    # When it is resumed to one more epoch, it finishes with each epoch logged once
+    code, stderr, _ = run(f"resume={run_id}", f"epochs={done + 1}", cwd=tmp_path)
+    assert code == 0, stderr[-2000:]
+    assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"
+    assert steps(store, run_id, "loss") == list(range(done + 1))
 
 
 def test_resuming_a_deterministic_run_gives_the_uninterrupted_result(tmp_path, folder, store):
