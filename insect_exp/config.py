@@ -128,7 +128,7 @@ class DatasetConfig:
     val_split: float = 0.0
     # Cap on images per class and split, for smoke runs on big folders.
     max_per_class: int | None = None
-    # Images decoded in parallel; 0 lets tf.data choose (every core).
+    # Images decoded in parallel; 0: two per core.
     decode_workers: int = 0
     # Shuffle buffer in images; null shuffles the whole (in-memory) train split.
     shuffle_buffer: int | None = None

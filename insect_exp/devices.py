@@ -79,6 +79,14 @@ def is_startup_noise(line: bytes, level: int) -> bool:
     return bool(match) and _LEVELS[match.group(1)] < level
 
 
+def cpus() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset/cgroup CPU limits
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def describe_devices() -> str:
     """One line naming the device TensorFlow trains on, e.g. for the run's start-up log.
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from insect_exp import devices
 from insect_exp.config import CacheMode
 from insect_exp.data.cache import (
     CachePolicy,
@@ -247,7 +248,12 @@ class Decoding:
             # Each image travels with its index: any finishing order will do.
             .map(
                 lambda i, p: (i, *decode(p)),
-                num_parallel_calls=workers or tf.data.AUTOTUNE,
+                # Two calls per core by default: a call waits on its file's read, and the
+                # reader of the batches (the disk cache's writer) holds the GIL. One per core
+                # (tf.data's AUTOTUNE without autotuning) left cores idle: on 2 cores, first
+                # ingest of 10,000 JPEGs into the disk cache took 6.5-7.3 s, now 5.9-6.2 s
+                # (memory mode: the same within noise).
+                num_parallel_calls=workers or 2 * devices.cpus(),
                 deterministic=False,
             )
             .ignore_errors()  # dropped elements are the failures: their indices never arrive

@@ -35,12 +35,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from insect_exp.config import RuntimeConfig
+from insect_exp.devices import cpus
 from insect_exp.sweep.context import (
     SWEEP_FILE,
     JobContext,
     SweepInfo,
     SweepPlan,
-    cpus,
     current_job,
     read_sweep_file,
     short,

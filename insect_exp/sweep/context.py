@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,10 +163,3 @@ def short(override: str) -> str:
         return f"{key}={float(value):.4g}"
     except ValueError:
         return override
-
-
-def cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset/cgroup CPU limits
-    except AttributeError:
-        return os.cpu_count() or 1
