@@ -155,12 +155,12 @@ def run_phase(name: str, args: argparse.Namespace, root: Path, cache_dir: Path) 
 def first_touch_s_per_gb() -> tuple[float, float]:
     """Seconds a fresh process takes to fill 1 GB of new memory: as a NumPy array, and mapped.
 
-    NumPy advises the kernel to back large arrays with transparent huge pages; where the kernel
-    compacts memory to find them as the pages are first written (THP defrag "madvise"), that
-    costs 1.3-2.9 s per GB on this sandbox's VM, against about 0.56 s for plain pages (an
-    anonymous mapping, which is what memory mode decodes into: data/pipeline.py). A loader that
-    keeps its images pays this per GB held; one that streams and forgets (the reference) barely
-    does.
+    NumPy advises the kernel to back large arrays with transparent huge pages: 0.3 s per GB on
+    this sandbox's VM when free huge pages are at hand, 1.3-2.9 s when the kernel compacts memory
+    to find them (THP defrag "madvise"), as it does after a folder of images has filled the
+    page cache. Plain pages (an anonymous mapping, which memory mode decodes into:
+    data/pipeline.py) take 0.56-0.9 s either way. A loader that keeps its images pays this per
+    GB held; one that streams and forgets (the reference) barely does.
     """
     code = (
         "import mmap, time, numpy as np; t = time.perf_counter(); a = np.ones(2**30, np.uint8); "
