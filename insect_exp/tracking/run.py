@@ -23,9 +23,7 @@ from insect_exp import UserError
 from insect_exp.tracking.basics import (
     MetricSink,
     ending,
-    flatten,
     param_value,
-    run_name,
     to_tsv,
     unlogged_steps_only,
 )
@@ -43,10 +41,7 @@ log = logging.getLogger(__name__)
 
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _MAX_PARAMS = 100  # ... and of params
-__all__ = [
-    "MetricSink", "Run", "ending", "environment_tags", "flatten", "param_value", "reopen_run",
-    "run_name", "start_new_run", "start_run", "to_tsv",
-]  # fmt: skip
+__all__ = ["Run", "environment_tags", "reopen_run", "start_new_run", "start_run"]
 _VERSIONED = ("tensorflow", "tf-keras", "tensorflow-hub", "mlflow", "hydra-core", "insect_exp")
 
 
