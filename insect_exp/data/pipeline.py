@@ -235,36 +235,43 @@ class Decoding:
         workers: int = 0,
         into: tuple[np.ndarray, np.ndarray] | None = None,
         ahead: bool = False,
+        rows: np.ndarray | None = None,
     ):
+        """Args:
+        rows: decode only these files (indices into `files`), each dropped alone if it fails;
+            by default every file, a whole batch dropped when one of its files fails.
+        """
         self.into = into
         self._first = None
-        if not files.paths:
+        index = np.arange(len(files), dtype=np.int64) if rows is None else np.asarray(rows)
+        if not len(index):
             self.batches: Iterator = iter(())
             return
         decode = _decode_and_fingerprint_fn(image_size)
-        ds = (
-            tf.data.Dataset.from_tensor_slices(files.paths)
-            .enumerate()
+        paths = [files.paths[i] for i in index.tolist()]
+        ds = tf.data.Dataset.from_tensor_slices((index, paths)).map(
             # Each image travels with its index: any finishing order will do.
-            .map(
-                lambda i, p: (i, *decode(p)),
-                # Two calls per core by default: a call waits on its file's read, and the
-                # reader of the batches (the disk cache's writer) holds the GIL. One per core
-                # (tf.data's AUTOTUNE without autotuning) left cores idle: on 2 cores, first
-                # ingest of 10,000 JPEGs into the disk cache took 6.5-7.3 s, now 5.9-6.2 s
-                # (memory mode: the same within noise).
-                num_parallel_calls=workers or 2 * devices.cpus(),
-                deterministic=False,
-            )
-            .ignore_errors()  # dropped elements are the failures: their indices never arrive
-            .batch(_DECODE_BATCH)
+            lambda i, p: (i, *decode(p)),
+            # Two calls per core by default: a call waits on its file's read, and the reader of
+            # the batches (the disk cache's writer) holds the GIL. One per core (tf.data's
+            # AUTOTUNE without autotuning) left cores idle: on 2 cores, first ingest of 10,000
+            # JPEGs into the disk cache took 6.5-7.3 s, now 5.9-6.2 s (memory: the same).
+            num_parallel_calls=workers or 2 * devices.cpus(),
+            deterministic=False,
         )
+        # Failures are dropped, so their indices never arrive (`decode_files` then retries them).
+        # Dropping whole batches is the fast way: ignore_errors on each image, a stage every image
+        # passes through alone, cost 0.9 s of 10 for 60,000 small PNGs on 2 cores.
+        if rows is None:
+            ds = ds.batch(_DECODE_BATCH).ignore_errors()
+        else:
+            ds = ds.ignore_errors().batch(_DECODE_BATCH)
         buffered = 2  # decoding goes on while the reader stores a batch
         if into is not None:
             store = weakref.WeakMethod(self._store)  # as in read_images
             ds = ds.map(lambda *batch: tf.numpy_function(lambda *a: store()(*a), batch, tf.int64))
             if ahead:  # only indices wait: let the whole split run ahead
-                buffered = -(-len(files) // _DECODE_BATCH)
+                buffered = -(-len(index) // _DECODE_BATCH)
         self.batches = without_autotuning(ds.prefetch(buffered)).as_numpy_iterator()
         if ahead:  # the first request starts TensorFlow's threads; they go on alone
             self._first = next(self.batches, None)
@@ -305,12 +312,22 @@ def _fresh_array(shape: tuple[int, ...]) -> np.ndarray:
     when free huge pages were at hand but 1.3-2.4 s when the kernel had to compact first, as
     after a folder of images has filled the page cache; plain pages took 0.56-0.9 s either way.
     First ingest in memory mode, 10,000 JPEGs, alternating runs: 7.9-8.6 s with NumPy's array,
-    6.7-7.3 s with this one. The mapping goes with the array.
+    6.7-7.3 s with a plain mapping.
+
+    The mapping is private and populated when made: a fresh GB then took 0.32-0.37 s, against
+    0.54-0.56 s private and 0.76-0.78 s shared (a plain `mmap(-1, n)`) when each page faults in as
+    an image lands in it, beside the decoding threads. Decoding 60,000 small PNGs into it, 3
+    alternating runs: 10.3-11.5 s, against 11.6-12.5 s. The mapping goes with the array.
     """
     size = int(np.prod(shape))
     if size == 0:
         return np.empty(shape, dtype=np.uint8)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8).reshape(shape)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_POPULATE)
+    return np.frombuffer(mapping, dtype=np.uint8).reshape(shape)
+
+
+# Linux: fill the page tables in one call instead of one fault per page as the images land.
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _decode_into(
@@ -337,14 +354,21 @@ def _decode_into(
     if put is None:
         put = decoding.put
     with Progress(len(files), what) as progress:
-        for item in decoding:
-            if decoding.into is None:
-                index, batch, fingerprints = item
-                put(index, batch, fingerprints)
-            else:
-                index = item  # stored already
-            ok[index] = True
-            progress.update(len(index))
+
+        def take(decoding: Decoding) -> None:
+            for item in decoding:
+                if decoding.into is None:
+                    index, batch, fingerprints = item
+                    put(index, batch, fingerprints)
+                else:
+                    index = item  # stored already
+                ok[index] = True
+                progress.update(len(index))
+
+        take(decoding)
+        missing = np.flatnonzero(~ok)
+        if len(missing):  # the batches a failure dropped: their other images, one by one
+            take(Decoding(files, image_size, workers, decoding.into, rows=missing))
     failures: list[tuple[int, str]] = []
     single = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
     for i in np.flatnonzero(~ok):

@@ -112,12 +112,12 @@ def _os_reason(err: OSError) -> str:
     return f"cannot read ({(err.strerror or type(err).__name__).lower()})"
 
 
-def stat_entry(path: Path) -> os.stat_result | str:
+def stat_entry(path: str | Path) -> os.stat_result | str:
     """The stat of what PATH points to, or why there is none."""
     try:
-        return path.stat()
+        return os.stat(path)
     except FileNotFoundError:
-        return "dangling symlink" if path.is_symlink() else "file not found"
+        return "dangling symlink" if os.path.islink(path) else "file not found"
     except OSError as err:
         return _os_reason(err)
 
@@ -141,9 +141,9 @@ def list_split(split_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
     return classes
 
 
-def file_reason(path: Path, st: os.stat_result) -> str | None:
+def file_reason(path: str | Path, st: os.stat_result) -> str | None:
     """Why a regular file will not be used, from its name and size; None if it will be tried."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix not in IMAGE_EXTENSIONS:
         fmt = UNSUPPORTED_IMAGE_EXTENSIONS.get(suffix)
         return f"unsupported format ({fmt})" if fmt else "not an image file"
@@ -152,14 +152,16 @@ def file_reason(path: Path, st: os.stat_result) -> str | None:
     return None
 
 
-def class_files(folder: Path) -> list[tuple[Path, str | None]]:
+def class_files(folder: str | Path) -> list[tuple[str, str | None]]:
     """Every visible file under FOLDER, at any depth, with why it cannot be used (None if it may).
 
-    Sorted by path. Symlinked folders are followed, except back into a folder being walked.
+    Sorted by path, component by component as pathlib orders paths. Symlinked folders are
+    followed, except back into a folder being walked. Paths stay strings: a pathlib.Path per
+    file (made, sorted, turned back into text) cost half the scan of 60,000 files.
     """
-    found: list[tuple[Path, str | None]] = []
+    found: list[tuple[str, str | None]] = []
 
-    def walk(directory: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+    def walk(directory: str, ancestors: frozenset[tuple[int, int]]) -> None:
         try:
             names = os.listdir(directory)
         except OSError as err:
@@ -168,7 +170,7 @@ def class_files(folder: Path) -> list[tuple[Path, str | None]]:
         for name in names:
             if name.startswith("."):
                 continue
-            path = directory / name
+            path = os.path.join(directory, name)
             st = stat_entry(path)
             if isinstance(st, str):
                 found.append((path, st))
@@ -183,11 +185,12 @@ def class_files(folder: Path) -> list[tuple[Path, str | None]]:
             else:
                 found.append((path, file_reason(path, st)))
 
+    folder = str(folder)
     st = stat_entry(folder)
     if isinstance(st, str):  # gone since it was listed
         return [(folder, st)]
     walk(folder, frozenset({(st.st_dev, st.st_ino)}))
-    return sorted(found, key=lambda item: item[0])
+    return sorted(found, key=lambda item: item[0].split(os.sep))
 
 
 def scan_split(
@@ -201,11 +204,11 @@ def scan_split(
         kept = 0
         for path, reason in class_files(split_dir / name):
             if reason is not None:
-                skipped.append((str(path), reason))
+                skipped.append((path, reason))
                 continue
             if max_per_class is not None and kept >= max_per_class:
                 continue
-            files.paths.append(str(path))
+            files.paths.append(path)
             files.labels.append(label)
             kept += 1
     return files

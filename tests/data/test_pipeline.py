@@ -230,6 +230,26 @@ def test_a_split_decoded_ahead_lands_row_for_row_as_one_decoded_at_once(tmp_path
     np.testing.assert_array_equal(ahead.fingerprints, at_once.fingerprints)
 
 
+def test_a_failure_drops_its_batch_and_the_retry_drops_only_the_failure(tmp_path):
+    from insect_exp.data.pipeline import Decoding
+
+    # Given a split with a broken file among good ones
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    (root / "train" / "beetles" / "b_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    files = scan(root).train
+    broken = files.paths.index(str(root / "train" / "beetles" / "b_corrupt.jpg"))
+
+    # When every file is decoded in batches, then the rows that did not arrive one by one
+    first = {int(i) for index, _, _ in Decoding(files, (8, 8)) for i in index}
+    missing = sorted(set(range(len(files))) - first)
+    retried = {int(i) for index, _, _ in Decoding(files, (8, 8), rows=missing) for i in index}
+
+    # Then the broken file's batch (here all 13 files) is dropped whole, and the retry keeps all
+    # but the broken file
+    assert first == set()
+    assert retried == set(range(len(files))) - {broken}
+
+
 def test_a_splits_images_are_freed_with_it_after_training_and_prediction_batches_read_them(
     tmp_path,
 ):
