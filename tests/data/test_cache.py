@@ -151,6 +151,30 @@ def test_an_interrupted_write_leaves_nothing_to_read_and_is_redone(tmp_path):
     assert entry.fingerprints.tolist() == [1, 2, 3, 4]
 
 
+def test_each_written_run_of_records_is_sent_on_to_the_disk_as_it_is_written(tmp_path, monkeypatch):
+    # Given a writer on Linux, whose writeback calls are recorded
+    if sys.platform.startswith("linux"):
+        assert cache_module._sync_file_range is not None
+    started = []
+    monkeypatch.setattr(
+        cache_module,
+        "_sync_file_range",
+        lambda fd, offset, length, flags: started.append((offset, length, flags)),
+    )
+    fd = os.open(tmp_path / "entry", os.O_RDWR | os.O_CREAT)
+    writer = cache_module.RecordWriter(fd, 6, (2, 2, 3))
+
+    # When a batch of records arrives out of order (two runs: 4-5, then 1)
+    images = np.arange(3 * 12, dtype=np.uint8).reshape(3, 2, 2, 3)
+    writer.put(np.array([4, 5, 1]), images, np.array([1, 2, 3], np.uint64))
+    os.close(fd)
+
+    # Then each run is written and its bytes handed to writeback at once (no waiting for them)
+    assert started == [(4 * 12, 2 * 12, 2), (1 * 12, 12, 2)]
+    data = (tmp_path / "entry").read_bytes()
+    assert data[48:72] == images[:2].tobytes() and data[12:24] == images[2].tobytes()
+
+
 def test_a_process_killed_mid_write_leaves_only_a_temporary_file(tmp_path):
     # Given a process that dies (no cleanup at all) while writing an entry
     script = f"""
