@@ -256,6 +256,7 @@ def main() -> None:
           " target <= 1.10)")  # fmt: skip
     print(f"peak RSS after the epochs: memory {memory['rss_mb']:.0f} MB, disk {disk['rss_mb']:.0f}"
           " MB")  # fmt: skip
+    shutil.rmtree(cache_dir)  # a GB or more: kept, every run would fill the disk
 
 
 if __name__ == "__main__":

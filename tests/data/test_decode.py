@@ -78,3 +78,25 @@ def test_a_reduced_jpeg_is_nearer_an_area_average_than_a_bilinear_resize_of_ever
 
     # Then the reduced one aliases less: it is nearer the area average
     assert np.abs(ours - area).mean() < np.abs(bilinear - area).mean()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_an_image_already_the_target_size_keeps_its_exact_pixels(mode):
+    import tensorflow as tf
+
+    from insect_exp.data.decode import decode_image
+
+    # Given a PNG of exactly the target size (its resize is skipped)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).convert(mode)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    contents = tf.constant(out.getvalue())
+
+    # When it is decoded
+    ours = decode_image(contents, (96, 80)).numpy()
+
+    # Then it is its own pixels as RGB, which is also what the resize would have given
+    whole = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    np.testing.assert_array_equal(ours, whole.numpy())
+    np.testing.assert_array_equal(ours, _resized(whole, (96, 80)))
