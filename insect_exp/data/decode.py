@@ -11,6 +11,9 @@ photo-size JPEGs (500x375) to 180x180 decoded 16% faster on 2 cores. The image i
 for it: the reduction averages each block, where a bilinear resize from the full size (not
 antialiased, as tf.image.resize and Keras's loaders do) samples a few pixels and aliases.
 Smaller JPEGs, and every other format, decode at full size.
+
+Whatever changes the pixels this gives changes what the disk cache holds: bump FORMAT_VERSION in
+data/cache.py with it, so that entries decoded the old way are not reused.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-# Whatever changes the pixels this gives changes what the disk cache holds: bump FORMAT_VERSION in
-# data/cache.py with it, so that entries decoded the old way are not reused.
-_JPEG_SCALES = (1, 2, 4, 8)
+_JPEG_SCALES = (1, 2, 4, 8)  # the reductions libjpeg's DCT scaling offers for these
 
 
 # Its branches are tf.cond and tf.switch_case already: AutoGraph converting it (as tf.data does to

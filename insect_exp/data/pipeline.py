@@ -323,12 +323,10 @@ def _fresh_array(shape: tuple[int, ...]) -> np.ndarray:
     size = int(np.prod(shape))
     if size == 0:
         return np.empty(shape, dtype=np.uint8)
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_POPULATE)
+    # MAP_POPULATE (Linux): every page in one call, not one fault per page as the images land.
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | populate)
     return np.frombuffer(mapping, dtype=np.uint8).reshape(shape)
-
-
-# Linux: fill the page tables in one call instead of one fault per page as the images land.
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _decode_into(
