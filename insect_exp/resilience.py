@@ -127,6 +127,10 @@ class CheckpointState:
     value: float | None = None
     # Counters of callbacks that outlive an epoch (early stopping, plateau decay), by name.
     callbacks: dict = field(default_factory=dict)
+    # Every epoch's metrics up to this one, by step (a string: JSON's keys), as the sink got them.
+    # The checkpoint is written while the logging process may still be storing them; a resume
+    # logs what the store lacks from here (`replay`).
+    metrics: dict = field(default_factory=dict)
 
 
 def read_state(directory: str | Path, which: str = "latest") -> CheckpointState | None:
@@ -169,6 +173,23 @@ def _link(source: Path, target: Path) -> None:
         target.rename(old)
     fresh.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replay(metrics: dict[str, dict], sink: Callable[[dict, int], None]) -> None:
+    """Send a checkpoint's epochs (`CheckpointState.metrics`), in order, to a resumed run's sink,
+    which skips the steps the store holds.
+
+    The checkpoint of epoch N is written while the logging process may still be storing epoch
+    N's metrics (or earlier ones, behind a slow store). If that process died meanwhile, the store
+    lacks them, and the resume, starting after epoch N, would never log them.
+    """
+    for step in sorted(metrics, key=int):
+        sink(metrics[step], int(step))
+
+
+def keys_of(metrics: dict[str, dict]) -> set[str]:
+    """The metric names in a checkpoint's epochs."""
+    return {key for epoch in metrics.values() for key in epoch}
 
 
 def restore(model, optimizer, state: CheckpointState) -> None:
@@ -218,6 +239,9 @@ class Checkpointer:
         self.monitor = monitor
         self.sign = -1.0 if mode == "max" else 1.0
         self.state_of = state_of
+        # The metrics of every epoch before this stage's, from the checkpoint it goes on from.
+        latest = read_state(self.directory)
+        self.metrics = {} if latest is None else dict(latest.metrics)
         best = read_state(self.directory, "best")
         self.best = float("inf")
         if best is not None and best.monitor == monitor and best.value is not None:
@@ -231,8 +255,12 @@ class Checkpointer:
         logs = logs or {}
         value = logs.get(self.monitor)
         value = None if value is None else float(value)
+        step = self.first_epoch + epoch
+        # A checkpoint holds no step after its own.
+        self.metrics = {s: m for s, m in self.metrics.items() if int(s) < step}
+        self.metrics[str(step)] = {k: float(v) for k, v in logs.items()}
         state = CheckpointState(
-            self.first_epoch + epoch,
+            step,
             self.stage,
             self.first_epoch,
             "",
@@ -240,6 +268,7 @@ class Checkpointer:
             self.monitor,
             value,
             self.state_of() if self.state_of else {},
+            self.metrics,
         )
         _write(self.directory / "latest", checkpoint, asdict(state))
         if value is not None and self.sign * value < self.best:

@@ -102,7 +102,11 @@ def run(cfg: Config) -> float:
                 replicas = model.distribute_strategy.num_replicas_in_sync
                 run.set_tags({"replicas": replicas, "devices": dist.describe()})
                 settings = FitSettings.from_config(cfg, checkpoints, resume_from)
-                sink = run.resumed_sink(RESUMED_KEYS) if cfg.resume else run.sink
+                sink = run.sink
+                if cfg.resume:
+                    replayed = resume_from.metrics if resume_from is not None else {}
+                    sink = run.resumed_sink({*RESUMED_KEYS, *resilience.keys_of(replayed)})
+                    resilience.replay(replayed, sink)  # the epochs the store may have lost
                 # The command turned the collector off for start-up (__main__); what start-up
                 # made lives on, so later collections skip it.
                 if not gc.isenabled():  # the process's first run (a sweep's next job finds it on)

@@ -12,6 +12,7 @@ import tf_keras as keras
 from insect_exp import UserError, fit, resilience
 from insect_exp.config import AdamConfig
 from insect_exp.data.pipeline import ImageSplit
+from insect_exp.tracking.basics import unlogged_steps_only
 
 
 def _split(n: int = 24, seed: int = 0) -> ImageSplit:
@@ -78,6 +79,36 @@ def test_resuming_from_a_checkpoint_trains_as_if_never_interrupted(tmp_path):
     )
     for a, b in zip(whole.get_weights(), resumed_model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_each_checkpoint_holds_every_epochs_metrics_and_a_resume_sends_what_the_store_lacks(
+    tmp_path,
+):
+    # Given a model trained 2 epochs, then resumed to 3 from its checkpoint
+    train, val = _split(), _split(9, seed=1)
+    sent: dict[int, dict] = {}
+
+    def sink(metrics, step):
+        if not any(k.startswith("batch_") for k in metrics):
+            sent[step] = dict(metrics)
+
+    fit.fit(_model(), train, val, _settings(2, tmp_path), sink, verbose=0)
+    state = resilience.read_state(tmp_path)
+    fit.fit(_model(), train, val, _settings(3, tmp_path, state), sink, verbose=0)
+
+    # Then the last checkpoint holds each epoch's metrics as the sink got them, resumed or not
+    final = resilience.read_state(tmp_path)
+    assert {int(step): m for step, m in final.metrics.items()} == sent
+    assert {"loss", "val_loss", "lr"} <= resilience.keys_of(final.metrics)
+
+    # When a resumed run whose store holds epoch 0 only (its logging process died before it
+    # stored epochs 1 and 2) replays the checkpoint
+    stored = []
+    last = {key: 0 for key in resilience.keys_of(final.metrics)}
+    resilience.replay(final.metrics, unlogged_steps_only(lambda m, s: stored.append(s), last))
+
+    # Then epochs 1 and 2 go to the store, in order, and epoch 0 not again
+    assert stored == [1, 2]
 
 
 def test_each_epoch_has_its_own_batch_order_fixed_by_seed_and_epoch():

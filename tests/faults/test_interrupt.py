@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,39 @@ def test_resuming_a_deterministic_run_gives_the_uninterrupted_result(tmp_path, f
                                        key=lambda m: m.step)]  # fmt: skip
     assert len(whole) == len(resumed) == 4
     assert resumed == pytest.approx(whole, abs=1e-4)
+
+
+def test_a_resume_logs_the_epochs_whose_checkpoint_was_written_but_not_their_metrics(
+    tmp_path, folder, store
+):
+    # Given a 2-epoch run whose logging process died after epoch 1's checkpoint was written but
+    # before it stored epoch 1's metrics (made here by taking them out of the store)
+    code, stderr, _ = run(f"dataset.root={folder}", "epochs=2", cwd=tmp_path)
+    assert code == 0, stderr[-2000:]
+    run_id = only_run(store).info.run_id
+    client = MlflowClient(store)
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+    before = {key: _values(client, run_id, key) for key in keys}
+    database = store.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 1", (run_id,))
+        db.execute("DELETE FROM latest_metrics WHERE run_uuid = ? AND step = 1", (run_id,))
+    client.set_terminated(run_id, "FAILED")
+    assert steps(store, run_id, "loss") == [0]
+
+    # When it is resumed to the same 2 epochs: none is left to train
+    code, stderr, _ = run(f"resume={run_id}", "epochs=2", cwd=tmp_path)
+
+    # Then epoch 1's metrics are back, from the checkpoint, each epoch logged once
+    assert code == 0, stderr[-2000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in keys:
+        assert steps(store, run_id, key) == [0, 1], key
+        assert _values(client, run_id, key) == pytest.approx(before[key]), key
+
+
+def _values(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def test_resume_refuses_to_change_anything_but_epochs(tmp_path, folder, store):
