@@ -4,8 +4,9 @@
         dataset.root=/path [split=test]
 
 The folder is a dataset root with `train/` and `test/` (`split` picks one), or a bare folder of
-`<class>/*` folders. Its files are found, decoded and resized exactly as training does them
-(insect_exp/data), and the model runs on them as its logged SavedModel.
+`<class>/*` folders. Its files are found as training finds them (insect_exp/data), decoded and
+resized by the model's own decoder (in its SavedModel: as its training images were, whichever
+version of insect_exp logged it), and the model runs on them as its logged SavedModel.
 
 The new run (in the source run's experiment unless `mlflow.experiment_name` says otherwise) is
 tagged with the source run and model, and the source run gets a tag `evaluation.<run id>` pointing
@@ -225,7 +226,7 @@ def _dataset_params(dataset: DatasetConfig) -> dict[str, object]:
 
 
 def _evaluate(cfg: EvaluateConfig, ref: ModelRef, files: FileList, skipped: list):
-    """Decode as training does, run the model, score."""
+    """Decode as the model's training did (with its own decoder), run the model, score."""
     import numpy as np
 
     from insect_exp.callbacks import scores
@@ -233,13 +234,15 @@ def _evaluate(cfg: EvaluateConfig, ref: ModelRef, files: FileList, skipped: list
     from insect_exp.serving import softmax
 
     started = time.monotonic()
-    split, failed = decode_files(files, ref.image_size, cfg.dataset.decode_workers)
+    classifier = load_classifier(ref)
+    split, failed = decode_files(
+        files, ref.image_size, cfg.dataset.decode_workers, decoder=classifier.decode
+    )
     skipped = sorted(skipped + failed)
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
     if not len(split):
         raise UserError(f"none of the {len(files)} files could be decoded")
-    classifier = load_classifier(ref)
     step = cfg.batch_size
     logits = np.concatenate(
         [classifier.logits(split.images[i : i + step]) for i in range(0, len(split), step)]

@@ -5,10 +5,11 @@
 
 `model_uri`: runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<model
 id>, or a model folder. One CSV row per image: path,label,probability, then label_2,probability_2
-... up to top_k; without `output`, the CSV goes to stdout. Files are found and decoded as in
-training (insect_exp/data): the same rules for what counts as an image (hidden names ignored), the
-same decoding and resizing; a file that cannot be used is reported on stderr with its reason and
-skipped. Images stream through tf.data in batches (decoding overlapped with the model), so the
+... up to top_k; without `output`, the CSV goes to stdout. Files are found as in training
+(insect_exp/data: the same rules for what counts as an image, hidden names ignored) and decoded
+and resized by the model's own decoder, in its SavedModel: as its training images were, whichever
+version of insect_exp logged it. A file that cannot be used is reported on stderr with its reason
+and skipped. Images stream through tf.data in batches (decoding overlapped with the model), so the
 number of files is bounded by the list of their paths only; progress goes to stderr on long
 inputs.
 
@@ -215,18 +216,21 @@ def stream_predictions(
 ) -> Iterator[Prediction]:
     """Probabilities for each path that decodes, in order; `on_skip(path, reason)` for the others.
 
-    Decoding (training's `_decode_fn`: same decoder, resize and rounding) runs in tf.data's
-    threads while the model runs on the batch before. A file tf.data fails on is tried once more
-    alone, as in training, and only if that fails too is it diagnosed (scan.diagnose) and skipped.
+    Decoding (the model's own, from its SavedModel: the decoder, resize and rounding its training
+    images had) runs in tf.data's threads while the model runs on the batch before. A file tf.data
+    fails on is tried once more alone, as in training, and only if that fails too is it diagnosed
+    (scan.diagnose) and skipped.
     """
     import numpy as np
     import tensorflow as tf
 
-    from insect_exp.data.pipeline import _decode_fn, without_autotuning
+    from insect_exp.data.pipeline import without_autotuning
     from insect_exp.data.scan import diagnose
     from insect_exp.serving import softmax
 
-    decode = _decode_fn(classifier.image_size)
+    def decode(path: tf.Tensor) -> tf.Tensor:
+        return classifier.decode(tf.io.read_file(path))
+
     ds = without_autotuning(
         tf.data.Dataset.from_tensor_slices(list(paths))
         .enumerate()

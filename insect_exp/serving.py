@@ -79,6 +79,12 @@ class ImageClassifier(PythonModel):
         _, height, width, _ = next(iter(spec.values())).shape
         self.image_size = (int(height), int(width))
 
+    def decode(self, contents: Any) -> Any:
+        """One encoded file (a scalar string tensor) -> uint8 (H, W, 3), as the model's training
+        images were decoded: the decoder is in its SavedModel, whichever version logged it. Usable
+        inside tf.data and tf.function."""
+        return self.module.decode(contents)
+
     # -- the two inputs ----------------------------------------------------------------------
 
     def logits(self, images: Any) -> np.ndarray:

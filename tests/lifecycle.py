@@ -84,3 +84,36 @@ def cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: fl
         env={**environ, **(env or {})},
         timeout=timeout,
     )
+
+
+def classifier_with_its_own_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An ImageClassifier (8x8, classes a, b, c) whose SavedModel decodes files otherwise than this
+    version does (inverted: 255 - decode_image), as a model of another version may; and its model.
+    """
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from insect_exp.data import decode as decoding
+    from insect_exp.models.common import ServingModule
+    from insect_exp.serving import ImageClassifier
+
+    current = decoding.decode_image
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            decoding, "decode_image", lambda contents, size: 255 - current(contents, size)
+        )
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((8, 8, 3)),
+                keras.layers.Rescaling(1 / 255),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3),
+            ]
+        )
+        module = ServingModule(model, (8, 8))
+        tf.saved_model.save(module, str(tmp_path / "saved"), signatures=module.signatures())
+    (tmp_path / "classes.json").write_text('["a", "b", "c"]')
+    classifier = ImageClassifier()
+    classifier.load(tmp_path / "saved", tmp_path / "classes.json")
+    return classifier, model

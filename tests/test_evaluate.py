@@ -11,8 +11,8 @@ import pytest
 from insect_exp import UserError, evaluate
 from insect_exp.config import FolderDatasetConfig
 from insect_exp.evaluate import EvaluateConfig, EvaluateMlflowConfig, per_class
-from tests.conftest import artifact_paths
-from tests.lifecycle import Trained, cli, train_run
+from tests.conftest import artifact_paths, make_image_folder
+from tests.lifecycle import Trained, classifier_with_its_own_decoder, cli, train_run
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,32 @@ def test_classes_that_differ_stop_it_before_any_decoding(trained, tmp_path, monk
     with pytest.raises(UserError, match=message):
         evaluate.run(_config(trained, f"models:/{trained.model_id}", root))
     assert len(trained.client.search_runs([experiment])) == before
+
+
+def test_files_are_decoded_by_the_models_own_decoder_not_this_versions(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from insect_exp.data.decode import decode_image
+    from insect_exp.data.scan import FileList
+    from insect_exp.predict import ModelRef
+
+    # Given a model whose SavedModel decodes files otherwise than this version does
+    classifier, _ = classifier_with_its_own_decoder(tmp_path, monkeypatch)
+    monkeypatch.setattr(evaluate, "load_classifier", lambda ref: classifier)
+    folder = make_image_folder(tmp_path / "images", train_per_class=2, test_per_class=0)
+    paths = sorted(str(p) for p in (folder / "train").glob("*/*"))
+    files = FileList(paths, [i % 3 for i in range(len(paths))])
+    ref = ModelRef("unused", ["a", "b", "c"], (8, 8), None, None)
+
+    # When it is evaluated on them
+    cfg = EvaluateConfig(model_uri="unused", dataset=FolderDatasetConfig(root=str(folder)))
+    _, split, *_ = evaluate._evaluate(cfg, ref, files, [])
+
+    # Then it saw each file as its own decoder gives it, not as this version's does
+    for path, image in zip(split.paths, split.images, strict=True):
+        contents = tf.io.read_file(path)
+        np.testing.assert_array_equal(image, classifier.decode(contents).numpy())
+        assert not np.array_equal(image, decode_image(contents, (8, 8)).numpy())
 
 
 def test_evaluate_cli(trained):

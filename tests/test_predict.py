@@ -21,7 +21,8 @@ from insect_exp.predict import (
     run,
     stream_predictions,
 )
-from tests.lifecycle import Trained, cli, train_run
+from tests.conftest import make_image_folder
+from tests.lifecycle import Trained, classifier_with_its_own_decoder, cli, train_run
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,30 @@ def test_streaming_keeps_the_order_across_batches_with_failures_inside_them(trai
     logits = classifier.logits(split.images)
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(np.stack([p.probabilities for p in found]), expected, atol=1e-5)
+
+
+def test_files_are_decoded_by_the_models_own_decoder_not_this_versions(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from insect_exp.data.decode import decode_image
+    from insect_exp.serving import softmax
+
+    # Given a model whose SavedModel decodes files otherwise than this version does
+    classifier, model = classifier_with_its_own_decoder(tmp_path, monkeypatch)
+    folder = make_image_folder(tmp_path / "images", train_per_class=2, test_per_class=0)
+    paths = sorted(str(p) for p in (folder / "train").glob("*/*"))
+
+    # When it labels files
+    got = np.stack([p.probabilities for p in stream_predictions(classifier, paths, 4)])
+
+    # Then each file was decoded as the model's decoder does it, not as this version does
+    def probabilities(decoded):
+        images = np.stack([decoded(tf.io.read_file(p)).numpy() for p in paths]).astype(np.float32)
+        return softmax(model(images).numpy())
+
+    np.testing.assert_allclose(got, probabilities(classifier.decode), atol=1e-5)
+    theirs = probabilities(lambda contents: decode_image(contents, (8, 8)))
+    assert not np.allclose(got, theirs, atol=1e-3)
 
 
 def test_bad_input_gives_one_line_errors_before_tensorflow_loads(trained, tmp_path):

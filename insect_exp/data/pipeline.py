@@ -182,13 +182,22 @@ def _decode_fn(image_size: Sequence[int]):
     return decode
 
 
-def _decode_and_fingerprint_fn(image_size: Sequence[int]):
-    """path -> (the decoded image, an 8-byte fingerprint of the file's bytes), from one read."""
+# A file's bytes (a scalar string) -> its uint8 image: a logged model's own decoder (its
+# SavedModel's `decode`), to give it its inputs as it was trained on them.
+Decoder = Callable[[tf.Tensor], tf.Tensor]
+
+
+def _decode_and_fingerprint_fn(image_size: Sequence[int], decoder: Decoder | None = None):
+    """path -> (the decoded image, an 8-byte fingerprint of the file's bytes), from one read.
+
+    decoder: the decoding to use instead of this version's (`decode_image` at image_size).
+    """
 
     def decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         contents = tf.io.read_file(path)
         fingerprint = tf.bitcast(tf.fingerprint(contents[tf.newaxis])[0], tf.uint64)
-        return decode_image(contents, image_size), fingerprint
+        image = decode_image(contents, image_size) if decoder is None else decoder(contents)
+        return image, fingerprint
 
     return decode
 
@@ -236,10 +245,12 @@ class Decoding:
         into: tuple[np.ndarray, np.ndarray] | None = None,
         ahead: bool = False,
         rows: np.ndarray | None = None,
+        decoder: Decoder | None = None,
     ):
         """Args:
         rows: decode only these files (indices into `files`), each dropped alone if it fails;
             by default every file, a whole batch dropped when one of its files fails.
+        decoder: a model's own decoding, instead of this version's.
         """
         self.into = into
         self._first = None
@@ -247,7 +258,7 @@ class Decoding:
         if not len(index):
             self.batches: Iterator = iter(())
             return
-        decode = _decode_and_fingerprint_fn(image_size)
+        decode = _decode_and_fingerprint_fn(image_size, decoder)
         paths = [files.paths[i] for i in index.tolist()]
         ds = tf.data.Dataset.from_tensor_slices((index, paths)).map(
             # Each image travels with its index: any finishing order will do. Plain TensorFlow
@@ -295,13 +306,17 @@ class Decoding:
 
 
 def in_memory(
-    files: FileList, image_size: Sequence[int], workers: int = 0, ahead: bool = False
+    files: FileList,
+    image_size: Sequence[int],
+    workers: int = 0,
+    ahead: bool = False,
+    decoder: Decoder | None = None,
 ) -> Decoding:
     """The decoding of a split kept in memory, into arrays made for it (`Decoding.into`)."""
     height, width = (int(v) for v in image_size)
     images = _fresh_array((len(files), height, width, 3))
     fingerprints = np.zeros(len(files), dtype=np.uint64)
-    return Decoding(files, image_size, workers, (images, fingerprints), ahead)
+    return Decoding(files, image_size, workers, (images, fingerprints), ahead, decoder=decoder)
 
 
 def _fresh_array(shape: tuple[int, ...]) -> np.ndarray:
@@ -336,20 +351,22 @@ def _decode_into(
     put: Put | None,
     what: str,
     decoding: Decoding | None = None,
+    decoder: Decoder | None = None,
 ) -> list[tuple[int, str]]:
     """Decode every file, handing each batch to put(indices, images, fingerprints).
 
     Args:
         put: None to store them as `decoding` does (into its arrays).
         decoding: these files' decoding, perhaps running already (default: a new one).
+        decoder: a model's own decoding, instead of this version's (that of `decoding` too).
 
     Returns:
         (index, reason) of each file that failed to decode.
     """
-    decode = _decode_and_fingerprint_fn(image_size)
+    decode = _decode_and_fingerprint_fn(image_size, decoder)
     ok = np.zeros(len(files), dtype=bool)
     if decoding is None:
-        decoding = Decoding(files, image_size, workers)
+        decoding = Decoding(files, image_size, workers, decoder=decoder)
     if put is None:
         put = decoding.put
     with Progress(len(files), what) as progress:
@@ -367,7 +384,7 @@ def _decode_into(
         take(decoding)
         missing = np.flatnonzero(~ok)
         if len(missing):  # the batches a failure dropped: their other images, one by one
-            take(Decoding(files, image_size, workers, decoding.into, rows=missing))
+            take(Decoding(files, image_size, workers, decoding.into, rows=missing, decoder=decoder))
     failures: list[tuple[int, str]] = []
     single = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
     for i in np.flatnonzero(~ok):
@@ -408,6 +425,7 @@ def decode_files(
     cache: ImageCache | None = None,
     what: str = "decoding",
     started: Decoding | None = None,
+    decoder: Decoder | None = None,
 ) -> tuple[ImageSplit, list[tuple[str, str]]]:
     """Decode and resize every file in parallel; files TensorFlow cannot decode are returned apart.
 
@@ -419,6 +437,9 @@ def decode_files(
         cache: keep the images in this on-disk cache (reusing its entry for these files if there
             is one) and stream them from there; None keeps them in memory.
         started: the files' decoding, already running (`start_decoding`; memory only).
+        decoder: a logged model's own decoding (its SavedModel's `decode`), instead of this
+            version's: a model then sees files as it was trained on them (memory only: the
+            cache's entries are this version's decoding).
 
     Returns:
         The decoded split, and (path, reason) for each file that failed to decode, the reason short
@@ -428,6 +449,8 @@ def decode_files(
         CacheUnavailable: the cache folder cannot be written.
     """
     height, width = (int(v) for v in image_size)
+    if cache is not None and decoder is not None:
+        raise ValueError("a model's own decoder decodes into memory only")
     if cache is not None:
         key = split_key(files.paths, image_size)
 
@@ -439,8 +462,8 @@ def decode_files(
             log.info("%s: %d images reused from %s", what, len(files), entry.images.path)
         return _kept(entry.images, entry.fingerprints, files, entry.failures)
     if started is None:
-        started = in_memory(files, image_size, workers)
-    failed = _decode_into(files, image_size, workers, None, what, started)
+        started = in_memory(files, image_size, workers, decoder=decoder)
+    failed = _decode_into(files, image_size, workers, None, what, started, decoder)
     return _kept(*started.into, files, failed)
 
 
