@@ -39,7 +39,7 @@ def test_the_models_decoding_is_trainings_bit_for_bit(tmp_path):
     import tensorflow as tf
 
     from insect_exp.data.decode import decode_image
-    from insect_exp.data.pipeline import _decode_fn
+    from insect_exp.data.pipeline import _decode_and_fingerprint_fn
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
@@ -57,11 +57,11 @@ def test_the_models_decoding_is_trainings_bit_for_bit(tmp_path):
         (tmp_path / name).write_bytes(data)
 
     for size in ((32, 32), (180, 180), (20, 64)):
-        training = _decode_fn(size)
+        training = _decode_and_fingerprint_fn(size)  # what the train split goes through
         for name, data in files.items():
             # When the logged model's decoder and training's read the same file
             ours = decode_image(tf.constant(data), size).numpy()
-            theirs = training(tf.constant(str(tmp_path / name))).numpy()
+            theirs = training(tf.constant(str(tmp_path / name)))[0].numpy()
             # Then the pixels are identical
             assert ours.dtype == np.uint8 and ours.shape == (*size, 3)
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{name} at {size}")

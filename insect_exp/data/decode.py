@@ -1,8 +1,9 @@
-"""Encoded image file -> the model's input: the one decode-and-resize that training, prediction and
-the logged model share (the logged model carries it in its SavedModel graph).
+"""Encoded image file -> the model's input: the one decode-and-resize that training and the logged
+model share. The logged model carries it in its SavedModel graph, and predict and evaluate use
+that copy, so a model keeps the decoding it was trained with.
 
-`decode_image(tf.io.read_file(path), size)` is exactly what `pipeline._decode_fn(size)(path)` does
-to a training image (tests/test_serve.py checks it bit for bit on every format).
+`decode_image(tf.io.read_file(path), size)` is exactly what a training image goes through
+(tests/test_serve.py checks it bit for bit on every format).
 
 A JPEG at least twice the target size on both sides is decoded at 1/2, 1/4 or 1/8 of its size
 (libjpeg's DCT scaling: the largest reduction that leaves both sides at least the target's), then

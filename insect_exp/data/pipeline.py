@@ -174,14 +174,6 @@ class Data:
         }
 
 
-def _decode_fn(image_size: Sequence[int]):
-    # The one decoder: the served model decodes uploaded files with it too (data/decode.py).
-    def decode(path: tf.Tensor) -> tf.Tensor:
-        return decode_image(tf.io.read_file(path), image_size)
-
-    return decode
-
-
 # A file's bytes (a scalar string) -> its uint8 image: a logged model's own decoder (its
 # SavedModel's `decode`), to give it its inputs as it was trained on them.
 Decoder = Callable[[tf.Tensor], tf.Tensor]

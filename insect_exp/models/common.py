@@ -47,7 +47,8 @@ class ServingModule(tf.Module):
     - `__call__` (the `serving_default` signature): float32 images (N, H, W, 3) in 0..255 -> logits;
     - `classify_encoded` (the `encoded_images` signature): encoded image files (N,) -> logits,
       each decoded and resized exactly as the training images were (`data.decode.decode_image`);
-    - `decode`: one encoded file -> uint8 (H, W, 3), to find which file of a batch is bad.
+    - `decode`: one encoded file -> uint8 (H, W, 3): what predict and evaluate decode files with,
+      and how the pyfunc finds which file of a batch is bad.
     """
 
     def __init__(self, model: keras.Model, image_size: Sequence[int]):
