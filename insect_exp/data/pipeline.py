@@ -245,6 +245,7 @@ class Decoding:
         decoder: a model's own decoding, instead of this version's.
         """
         self.into = into
+        self.decoder = decoder
         self._first = None
         index = np.arange(len(files), dtype=np.int64) if rows is None else np.asarray(rows)
         if not len(index):
@@ -343,22 +344,22 @@ def _decode_into(
     put: Put | None,
     what: str,
     decoding: Decoding | None = None,
-    decoder: Decoder | None = None,
 ) -> list[tuple[int, str]]:
     """Decode every file, handing each batch to put(indices, images, fingerprints).
 
     Args:
         put: None to store them as `decoding` does (into its arrays).
-        decoding: these files' decoding, perhaps running already (default: a new one).
-        decoder: a model's own decoding, instead of this version's (that of `decoding` too).
+        decoding: these files' decoding, perhaps running already (default: a new one); its
+            decoder also decodes the files it dropped.
 
     Returns:
         (index, reason) of each file that failed to decode.
     """
+    if decoding is None:
+        decoding = Decoding(files, image_size, workers)
+    decoder = decoding.decoder
     decode = _decode_and_fingerprint_fn(image_size, decoder)
     ok = np.zeros(len(files), dtype=bool)
-    if decoding is None:
-        decoding = Decoding(files, image_size, workers, decoder=decoder)
     if put is None:
         put = decoding.put
     with Progress(len(files), what) as progress:
@@ -430,8 +431,8 @@ def decode_files(
             is one) and stream them from there; None keeps them in memory.
         started: the files' decoding, already running (`start_decoding`; memory only).
         decoder: a logged model's own decoding (its SavedModel's `decode`), instead of this
-            version's: a model then sees files as it was trained on them (memory only: the
-            cache's entries are this version's decoding).
+            version's: a model then sees files as it was trained on them (into memory, not with
+            `cache` or `started`: those decode this version's way).
 
     Returns:
         The decoded split, and (path, reason) for each file that failed to decode, the reason short
@@ -441,8 +442,8 @@ def decode_files(
         CacheUnavailable: the cache folder cannot be written.
     """
     height, width = (int(v) for v in image_size)
-    if cache is not None and decoder is not None:
-        raise ValueError("a model's own decoder decodes into memory only")
+    if decoder is not None and (cache is not None or started is not None):
+        raise ValueError("a model's own decoder decodes into a new in-memory split only")
     if cache is not None:
         key = split_key(files.paths, image_size)
 
@@ -455,7 +456,7 @@ def decode_files(
         return _kept(entry.images, entry.fingerprints, files, entry.failures)
     if started is None:
         started = in_memory(files, image_size, workers, decoder=decoder)
-    failed = _decode_into(files, image_size, workers, None, what, started, decoder)
+    failed = _decode_into(files, image_size, workers, None, what, started)
     return _kept(*started.into, files, failed)
 
 
