@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -156,12 +158,94 @@ class _PredictProgress(keras.callbacks.Callback):
 
 def _predict(extractor: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
     with Progress(len(split), "backbone features") as progress:
-        features = extractor.predict(
-            make_dataset(split, batch_size),
-            verbose=0,
-            callbacks=[_PredictProgress(progress, batch_size)],
-        )
+        if isinstance(extractor, keras.Model) and _one_device(extractor):
+            features = _predict_in_streams(extractor, make_dataset(split, batch_size), progress)
+        else:
+            features = extractor.predict(
+                make_dataset(split, batch_size),
+                verbose=0,
+                callbacks=[_PredictProgress(progress, batch_size)],
+            )
     return features.astype(np.float32)
+
+
+def _one_device(model: keras.Model) -> bool:
+    """True when the model runs under TensorFlow's default strategy: no replicas, no workers."""
+    import tensorflow as tf
+
+    return (
+        not tf.distribute.has_strategy()
+        and model.distribute_strategy is tf.distribute.get_strategy()
+    )
+
+
+# One traced inference function per extractor, as Keras keeps one predict function per model.
+_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STREAMS = 3  # batches in flight at once (_predict_in_streams)
+
+
+def _inference_fn(model: keras.Model) -> Callable:
+    if model not in _INFERENCE:
+        import tensorflow as tf
+
+        shape = [None, *model.input_shape[1:]]
+        of = weakref.ref(model)  # a strong one would keep the key alive
+        _INFERENCE[model] = tf.function(
+            lambda images: of()(images, training=False),
+            input_signature=[tf.TensorSpec(shape, tf.float32)],
+        )
+    return _INFERENCE[model]
+
+
+def _predict_in_streams(extractor: keras.Model, dataset, progress: Progress) -> np.ndarray:
+    """The extractor's output for every batch of `dataset`, in order, `_STREAMS` batches at once.
+
+    One batch at a time leaves cores idle between a backbone's many small ops. On 2 cores, 1,020
+    MobileNetV2 images, 4 alternating runs: Keras's predict (one batch at a time) 7.1-8.6 s,
+    median 7.3; two streams 6.6-7.3 s, median 6.9; three 6.5-6.9 s, median 6.8; four the same as
+    three. The outputs are the same bit for bit. The calls release the GIL; the other streams are
+    threads that stop, like this one, at the first error or interrupt of any.
+    """
+    call = _inference_fn(extractor)
+    batches = enumerate(dataset)
+    lock = threading.Lock()
+    results: dict[int, np.ndarray] = {}
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    item = next(batches, None)
+                if item is None:
+                    return
+                index, (images, _) = item
+                features = call(images).numpy()
+                with lock:
+                    results[index] = features
+                    progress.update(len(features))
+        except BaseException as err:  # noqa: BLE001 (re-raised by the main thread)
+            failed.append(err)
+            stop.set()
+
+    helpers = [
+        threading.Thread(target=stream, name="insect_exp-features", daemon=True)
+        for _ in range(_STREAMS - 1)
+    ]
+    for helper in helpers:
+        helper.start()
+    try:
+        stream()
+    finally:
+        stop.set()
+        for helper in helpers:
+            helper.join()
+    if failed:
+        raise failed[0]
+    if not results:
+        return np.zeros((0, *extractor.output_shape[1:]), np.float32)
+    return np.concatenate([results[i] for i in range(len(results))])
 
 
 def cached_features(
