@@ -86,11 +86,13 @@ def _start_workers(
     """The same command once per worker (the first `start` of them), told apart only by
     TF_CONFIG; output in worker<i>.log."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(count)]}
+    # A killed worker leaves its scratch checkpoints in its temp dir: the test's, not /tmp.
+    (cwd / "tmp").mkdir(exist_ok=True)
     workers = []
     for index in range(count if start is None else start):
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config),
-               "INSECT_EXP_DATA_DIR": str(cwd / "data")}  # fmt: skip
+               "INSECT_EXP_DATA_DIR": str(cwd / "data"), "TMPDIR": str(cwd / "tmp")}  # fmt: skip
         with (cwd / f"worker{index}.log").open("w") as log:  # a file: a pipe could fill up
             workers.append(
                 subprocess.Popen(
