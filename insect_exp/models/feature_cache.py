@@ -158,8 +158,10 @@ class _PredictProgress(keras.callbacks.Callback):
 
 def _predict(extractor: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
     with Progress(len(split), "backbone features") as progress:
-        if isinstance(extractor, keras.Model) and _one_device(extractor):
-            features = _predict_in_streams(extractor, make_dataset(split, batch_size), progress)
+        if isinstance(extractor, keras.Model) and _on_the_cpu_alone(extractor):
+            # A batch's images split across the streams: as many in flight as in one batch.
+            per_stream = max(1, -(-batch_size // _STREAMS))
+            features = _predict_in_streams(extractor, make_dataset(split, per_stream), progress)
         else:
             features = extractor.predict(
                 make_dataset(split, batch_size),
@@ -169,19 +171,20 @@ def _predict(extractor: keras.Model, split: ImageSplit, batch_size: int) -> np.n
     return features.astype(np.float32)
 
 
-def _one_device(model: keras.Model) -> bool:
-    """True when the model runs under TensorFlow's default strategy: no replicas, no workers."""
+def _on_the_cpu_alone(model: keras.Model) -> bool:
+    """True without a GPU, under TensorFlow's default strategy (no replicas, no workers)."""
     import tensorflow as tf
 
     return (
-        not tf.distribute.has_strategy()
+        not tf.config.list_logical_devices("GPU")
+        and not tf.distribute.has_strategy()
         and model.distribute_strategy is tf.distribute.get_strategy()
     )
 
 
 # One traced inference function per extractor, as Keras keeps one predict function per model.
 _INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_STREAMS = 3  # batches in flight at once (_predict_in_streams)
+_STREAMS = 4  # batches in flight at once on the CPU (_predict_in_streams)
 
 
 def _inference_fn(model: keras.Model) -> Callable:
@@ -200,11 +203,15 @@ def _inference_fn(model: keras.Model) -> Callable:
 def _predict_in_streams(extractor: keras.Model, dataset, progress: Progress) -> np.ndarray:
     """The extractor's output for every batch of `dataset`, in order, `_STREAMS` batches at once.
 
-    One batch at a time leaves cores idle between a backbone's many small ops. On 2 cores, 1,020
-    MobileNetV2 images, 4 alternating runs: Keras's predict (one batch at a time) 7.1-8.6 s,
-    median 7.3; two streams 6.6-7.3 s, median 6.9; three 6.5-6.9 s, median 6.8; four the same as
-    three. The outputs are the same bit for bit. The calls release the GIL; the other streams are
-    threads that stop, like this one, at the first error or interrupt of any.
+    On the CPU one batch at a time leaves cores idle between a backbone's many small ops, and
+    smaller batches take less memory. On 2 cores, 1,020 MobileNetV2 images at 224 px, the second
+    and third of 3 runs, each in a fresh process; time, then peak memory above the start:
+    - Keras's predict, batches of 32 (what ran before): 7.4-7.8 s, 610 MB;
+    - batches of 32, 2 or 3 at once: 6.3-6.5 s, 1,075-1,135 MB;
+    - 32 images split into 2 x 16 or 3 x 11: 6.4-7.0 s, 444-564 MB;
+    - 32 split into 4 x 8 (this): 6.3 s, 382 MB; 2 x 8: 6.9 s, 315 MB.
+    The calls release the GIL. The other streams are threads that stop, like this one, at the
+    first error or interrupt of any.
     """
     call = _inference_fn(extractor)
     batches = enumerate(dataset)

@@ -1,4 +1,4 @@
-"""Frozen-backbone features computed several batches at a time (models/feature_cache.py)."""
+"""Frozen-backbone features, several batches at once on the CPU (models/feature_cache.py)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,16 @@ def test_streamed_features_are_keras_predicts_in_order_with_every_image_counted(
     assert _streams() == []
 
 
+def test_a_batch_is_split_across_the_streams_and_gives_keras_predicts_features():
+    model = _extractor()
+    split = _split(50)
+    expected = model.predict(make_dataset(split, 32), verbose=0)
+    np.testing.assert_allclose(feature_cache._predict(model, split, 32), expected, rtol=1e-5)
+
+
 def test_an_empty_split_has_no_feature_rows():
     model = _extractor(features=7)
-    split = _split(0)
-    got = feature_cache._predict(model, split, BATCH)
+    got = feature_cache._predict(model, _split(0), BATCH)
     assert got.shape == (0, 7) and got.dtype == np.float32
 
 
@@ -97,13 +103,13 @@ def test_an_interrupt_stops_every_stream_before_the_split_is_done():
 def test_a_model_built_under_a_distribution_strategy_goes_through_keras_predict(monkeypatch):
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
         model = _extractor()
-    assert not feature_cache._one_device(model)
-    assert feature_cache._one_device(_extractor())
+    assert not feature_cache._on_the_cpu_alone(model)
+    assert feature_cache._on_the_cpu_alone(_extractor())
 
     def no_streams(*args, **kwargs):
         raise AssertionError("streamed a distributed model")
 
     monkeypatch.setattr(feature_cache, "_predict_in_streams", no_streams)
-    split = _split(3 * BATCH)
+    split = _split(3 * BATCH + 1)
     got = feature_cache._predict(model, split, BATCH)
     np.testing.assert_allclose(got, model.predict(make_dataset(split, BATCH), verbose=0))
