@@ -227,8 +227,8 @@ class RecordWriter:
     covers whole pages, copied once into a page-aligned buffer; only the partial pages at either
     end of a run pass through the page cache. Buffered writes cost this VM's kernel 0.3-2.0
     CPU-seconds per GB (its copy into freshly allocated cache pages, which varies with the
-    state of free memory), direct ones 0.1-0.4 s with the copy: 1 GB in 6 MB batches, 6
-    alternating runs. Entries are then not in the page cache when the first epoch reads them.
+    state of free memory), direct ones 0.1-0.4 s with the copy: 1 GB in 6 MB batches, 6 runs
+    of each, alternating. Entries are then not in the page cache when the first epoch reads them.
     Where the file system refuses direct I/O (tmpfs, some network file systems), every byte
     goes through the page cache, as without a path.
     """
