@@ -313,7 +313,8 @@ def _open_direct(path: str | Path) -> int | None:
         return None
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite until every byte is written (a write may take fewer)."""
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)
@@ -492,10 +493,10 @@ class ImageCache:
                         "failures": [[int(i), r] for i, r in failures]}  # fmt: skip
                 trailer = json.dumps(meta).encode()
                 at = count * (record_bytes + 8)
-                os.pwrite(fd, writer.fingerprints.tobytes(), count * record_bytes)
-                os.pwrite(fd, trailer, at)
+                _pwrite_all(fd, writer.fingerprints.tobytes(), count * record_bytes)
+                _pwrite_all(fd, trailer, at)
                 footer = _FOOTER.pack(_MAGIC, FORMAT_VERSION, at, len(trailer))
-                os.pwrite(fd, footer, at + len(trailer))
+                _pwrite_all(fd, footer, at + len(trailer))
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -182,9 +182,10 @@ def _on_the_cpu_alone(model: keras.Model) -> bool:
     )
 
 
+_STREAMS = 4  # batches in flight at once on the CPU (_predict_in_streams)
+
 # One traced inference function per extractor, as Keras keeps one predict function per model.
 _INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_STREAMS = 4  # batches in flight at once on the CPU (_predict_in_streams)
 
 
 def _inference_fn(model: keras.Model) -> Callable:
