@@ -1,24 +1,29 @@
 """The on-disk image cache: each split decoded and resized once, kept as uint8 records on disk.
 
 An entry is one file, `<cache_dir>/images/<key>.imgs`: the records (N x H x W x 3 uint8, in file
-list order, zeros where a file failed to decode), one 8-byte content fingerprint per file, a JSON
-trailer (shape, count, failures and their reasons) and a fixed footer (magic, format version,
-trailer offset and length). Readers check the footer, the version and the file's size, so a
-truncated file or one of another format version is rebuilt, never misread.
+list order, zeros where a file failed to decode), one 8-byte content fingerprint per file, one
+CRC-32 per record, a JSON trailer (shape, count, failures and their reasons) and a fixed footer
+(magic, format version, trailer offset and length, and a CRC-32 of everything after the records).
+Readers check the footer, the version, the file's size and every checksum before they use an
+entry, so a truncated or damaged file, or one of another format version, is rebuilt, never misread:
+the lineage digest (tracking/lineage.py) never comes from damaged fingerprints, nor a model from
+damaged pixels. CRC-32 detects any burst of damage up to 32 bits and all but 2**-32 of the rest.
 
 The key is a digest of the format version, the image size and every file's absolute path, size,
 mtime and ctime (`stat` only: a hit reads no image file). Any write to a file changes its ctime,
 which no tool can set back, so changed pixels are never reused; a `chmod`/`touch` or a copy of
 the folder rebuilds an entry that would have been the same (a content digest would not, but would
 read every file on every run: 5-10 GB for IP102). The content fingerprints are still computed
-while decoding (for the lineage digest, tracking/lineage.py), at no extra read.
+while decoding (for the lineage digest), at no extra read.
 
 Entries are written to a temporary file in the same folder (each batch sent on to the disk as it
-is written), fsynced and renamed into place, so an interrupted write is never read. A lock file
-per key (`fcntl.flock`, which Linux maps to POSIX locks on NFS) makes a second run or sweep job
-wait for the first one's entry and reuse it. Using an entry touches its mtime; after each write
-the least recently used entries are deleted until the folder is under its cap (an entry another
-process has open stays readable until it closes).
+is written), fsynced and renamed into place, so an interrupted write is never read. The writer
+holds a lock on its temporary file (`fcntl.flock`) until the rename: a temporary file nobody
+holds belongs to a writer that died, and the next start deletes it; those still being written
+count toward the cap. A lock file per key (`flock` too, which Linux maps to POSIX locks on NFS)
+makes a second run or sweep job wait for the first one's entry and reuse it. Using an entry
+touches its mtime; after each write the least recently used entries are deleted until the folder
+is under its cap (an entry another process has open stays readable until it closes).
 """
 
 from __future__ import annotations
@@ -34,24 +39,30 @@ import mmap
 import os
 import shutil
 import struct
-import time
+import threading
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from insect_exp import devices
 from insect_exp.config import CacheMode, DatasetConfig
 
 log = logging.getLogger(__name__)
 
-# Bump when the layout or the meaning of an entry changes. 2: JPEGs reduced while decoding.
-FORMAT_VERSION = 2
+# Bump when the layout or the meaning of an entry changes. 2: JPEGs reduced while decoding;
+# 3: a CRC-32 per record, and one of the fingerprints, checksums and trailer in the footer.
+FORMAT_VERSION = 3
 _MAGIC = b"INSXIMGS"
-_FOOTER = struct.Struct("<8sIQQ")  # magic, format version, trailer offset, trailer length
+# CRC-32 of the bytes between the records and the footer, magic, format version, trailer offset
+# and length (the last four where format version 2 had them: it sees another version here)
+_FOOTER = struct.Struct("<I8sIQQ")
 _SUFFIX = ".imgs"
-_STALE_TMP_S = 3600  # a temporary file untouched this long belongs to a writer that died
+_META_BYTES = 8 + 4  # per record, after the records: its fingerprint and its checksum
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,49 @@ def evict_lru(groups: dict[str, list[Path]], max_bytes: int, keep: Iterable[str]
     return deleted
 
 
+def locked_temporary(directory: Path, stem: str) -> tuple[Path, int]:
+    """A new file DIRECTORY/.STEM.<random>.tmp, open for writing and locked (`flock`) while the
+    returned descriptor is open: `sweep_temporaries` then leaves it alone.
+
+    Rename it into place before closing the descriptor: once closed, it is a dead writer's.
+    """
+    while True:
+        path = directory / f".{stem}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return path, fd
+        os.close(fd)  # swept as a dead writer's between its creation and our lock: another name
+
+
+def sweep_temporaries(directory: Path, pattern: str = ".*.tmp") -> list[Path]:
+    """Delete the temporary files in DIRECTORY (matching PATTERN) that no writer holds.
+
+    Returns:
+        The ones still being written, whose sizes count toward a cache's cap.
+    """
+    live = []
+    for path in directory.glob(pattern):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # renamed into place or deleted since the listing
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            live.append(path)
+        except OSError:  # no locks here (ENOLCK): its writer may be alive
+            live.append(path)
+        else:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    path.unlink()
+                    log.info("deleted %s, left by a cache writer that died", path)
+        finally:
+            os.close(fd)
+    return live
+
+
 def _unavailable(directory: Path, err: OSError) -> CacheUnavailable:
     reason = {
         errno.ENOSPC: "disk full",
@@ -195,14 +249,53 @@ class DiskImages:
         # One read per run of consecutive records (a whole batch when reading in order).
         for start, end in _consecutive_runs(records):
             view = memoryview(flat[start:end]).cast("B")
-            offset = int(records[start]) * self._record_bytes
-            done = 0
-            while done < len(view):
-                n = os.preadv(self._file.fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise OSError(errno.EIO, f"image cache {self._file.path} ends early")
-                done += n
+            _pread_into(self._file.fd, view, int(records[start]) * self._record_bytes)
         return out
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill VIEW from the file's bytes at OFFSET (a read may return fewer)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "the image cache entry ends early")
+        done += n
+
+
+_VERIFY_BYTES = 8 * 2**20  # read and checked at a time by each thread
+
+
+def first_damaged_record(fd: int, record_bytes: int, checksums: np.ndarray) -> int | None:
+    """The first record of the open entry FD whose CRC-32 is not its checksum, or None.
+
+    Chunks of records are read and checked by one thread per core: zlib releases the GIL.
+    """
+    count = len(checksums)
+    per = max(1, _VERIFY_BYTES // record_bytes)
+    buffers = threading.local()
+
+    def check(start: int) -> int | None:
+        end = min(count, start + per)
+        buffer = getattr(buffers, "buffer", None)
+        if buffer is None:
+            buffer = buffers.buffer = bytearray(per * record_bytes)
+        view = memoryview(buffer)[: (end - start) * record_bytes]
+        _pread_into(fd, view, start * record_bytes)
+        for i in range(start, end):
+            at = (i - start) * record_bytes
+            if zlib.crc32(view[at : at + record_bytes]) != checksums[i]:
+                return i
+        return None
+
+    if count <= per:
+        return check(0)
+    with ThreadPoolExecutor(min(4, devices.cpus()), "insect_exp-verify") as pool:
+        for bad in pool.map(check, range(0, count, per)):
+            if bad is not None:
+                pool.shutdown(cancel_futures=True)
+                return bad
+    return None
 
 
 def _consecutive_runs(records: np.ndarray) -> list[tuple[int, int]]:
@@ -241,6 +334,7 @@ class RecordWriter:
         self.record_shape = tuple(int(v) for v in record_shape)
         self.record_bytes = int(np.prod(self.record_shape))
         self.fingerprints = np.zeros(count, dtype=np.uint64)
+        self.checksums = np.zeros(count, dtype=np.uint32)  # CRC-32 of each record
         self._direct = None if path is None else _open_direct(path)
         self._stage: mmap.mmap | None = None  # page-aligned (mmap's own alignment)
 
@@ -249,6 +343,7 @@ class RecordWriter:
         index = np.asarray(index)
         images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(index), -1)
         self.fingerprints[index] = fingerprints
+        self.checksums[index] = [zlib.crc32(image) for image in images]
         if len(index) > 1 and (np.diff(index) < 0).any():  # decoding finishes in any order
             order = np.argsort(index, kind="stable")
             index, images = index[order], images[order]
@@ -264,9 +359,7 @@ class RecordWriter:
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+        self._stage = None  # unmapped when its last view goes (_put_direct releases its own)
 
     def _put_direct(self, data: memoryview, offset: int) -> bool:
         """Write DATA's whole pages directly and its partial end pages buffered; False if it
@@ -279,17 +372,20 @@ class RecordWriter:
             return False
         size = last - first
         if self._stage is None or len(self._stage) < size:
-            if self._stage is not None:
-                self._stage.close()
             self._stage = mmap.mmap(-1, size)
         self._stage[:size] = data[first - offset : last - offset]
         refused = None
+        pages = memoryview(self._stage)[:size]
         try:
-            _pwrite_all(self._direct, memoryview(self._stage)[:size], first)
+            _pwrite_all(self._direct, pages, first)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
             refused = str(err)
+        finally:
+            # The traceback of an error (a full disk) holds this view: released, the mapping
+            # can go with the writer rather than with the error.
+            pages.release()
         if refused is not None:  # out of the handler: its traceback holds views of the buffer
             log.info("the image cache's file system refuses direct writes (%s): buffered", refused)
             self.close()
@@ -359,6 +455,14 @@ def split_key(paths: Sequence[str], image_size: Sequence[int]) -> str:
     return digest.hexdigest()
 
 
+class Unusable(ValueError):
+    """Why an entry cannot be used; `damaged` when its bytes are not the ones written."""
+
+    def __init__(self, reason: str, damaged: bool = True):
+        super().__init__(reason)
+        self.damaged = damaged
+
+
 class ImageCache:
     """The entries of one cache folder, capped at max_bytes (least recently used go first)."""
 
@@ -372,43 +476,75 @@ class ImageCache:
         return self.dir / f"{key}{_SUFFIX}"
 
     def open(self, key: str, count: int, record_shape: Sequence[int]) -> CachedSplit | None:
-        """The complete entry of KEY, or None if there is none (or it is of another version)."""
+        """The complete, intact entry of KEY, or None if there is none (or it is of another
+        version, or damaged: said in the log)."""
+        found, problem = self._load(key, count, record_shape)
+        if problem is not None:
+            self._report(key, problem)
+        return found
+
+    def _report(self, key: str, problem: Unusable) -> None:
+        name = self.entry_path(key)
+        if problem.damaged:
+            log.warning("image cache entry %s is damaged (%s): rebuilding it", name, problem)
+        else:
+            log.info("image cache entry %s cannot be used (%s): rebuilding it", name.name, problem)
+
+    def _load(
+        self, key: str, count: int, record_shape: Sequence[int], verify: bool = True
+    ) -> tuple[CachedSplit | None, Unusable | None]:
+        """KEY's entry if it is there and intact; else why not (None: there is none).
+
+        verify: check every record's checksum (not for an entry this process just wrote).
+        """
         path = self.entry_path(key)
         try:
             file = _RecordFile(path)
         except OSError:
-            return None
+            return None, None
         try:
-            meta, fingerprints = self._check(file.fd, key, count, record_shape)
-        except (OSError, ValueError) as err:
-            log.info("image cache entry %s cannot be used (%s): rebuilding it", path.name, err)
-            return None
+            meta, fingerprints = self._check(file.fd, key, count, record_shape, verify)
+        except Unusable as problem:
+            return None, problem
+        except (OSError, ValueError) as err:  # unreadable, or a trailer that is not JSON
+            return None, Unusable(str(err))
         touch(path)
         self._in_use.add(key)
         images = DiskImages(file, record_shape, np.arange(count))
         failures = [(int(i), str(reason)) for i, reason in meta["failures"]]
-        return CachedSplit(images, fingerprints, failures)
+        return CachedSplit(images, fingerprints, failures), None
 
     @staticmethod
     def _check(
-        fd: int, key: str, count: int, record_shape: Sequence[int]
+        fd: int, key: str, count: int, record_shape: Sequence[int], verify: bool
     ) -> tuple[dict, np.ndarray]:
+        """The entry's trailer and fingerprints, once every checksum matches (else Unusable)."""
         size = os.fstat(fd).st_size
         if size < _FOOTER.size:
-            raise ValueError("too short")
-        magic, version, at, length = _FOOTER.unpack(os.pread(fd, _FOOTER.size, size - _FOOTER.size))
+            raise Unusable("too short")
+        crc, magic, version, at, length = _FOOTER.unpack(
+            os.pread(fd, _FOOTER.size, size - _FOOTER.size)
+        )
         if magic != _MAGIC:
-            raise ValueError("not an image cache entry")
+            raise Unusable("not an image cache entry")
         if version != FORMAT_VERSION:
-            raise ValueError(f"format version {version}, this is {FORMAT_VERSION}")
+            raise Unusable(f"format version {version}, this is {FORMAT_VERSION}", damaged=False)
         record_bytes = int(np.prod(record_shape))
-        if at != count * (record_bytes + 8) or at + length + _FOOTER.size != size:
-            raise ValueError("incomplete")
-        meta = json.loads(os.pread(fd, length, at))
+        records = count * record_bytes
+        if at != records + count * _META_BYTES or at + length + _FOOTER.size != size:
+            raise Unusable("incomplete")
+        tail = os.pread(fd, at + length - records, records)
+        if zlib.crc32(tail) != crc:
+            raise Unusable("its fingerprints or trailer do not match their checksum")
+        meta = json.loads(tail[at - records :])
         if meta.get("key") != key or meta.get("shape") != list(record_shape):
-            raise ValueError("written for other files")
-        fingerprints = np.frombuffer(os.pread(fd, count * 8, count * record_bytes), np.uint64)
-        return meta, fingerprints.copy()
+            raise Unusable("written for other files", damaged=False)
+        fingerprints = np.frombuffer(tail, np.uint64, count).copy()
+        checksums = np.frombuffer(tail, np.uint32, count, count * 8)
+        bad = first_damaged_record(fd, record_bytes, checksums) if verify else None
+        if bad is not None:
+            raise Unusable(f"record {bad} does not match its checksum")
+        return meta, fingerprints
 
     @contextlib.contextmanager
     def _lock(self, key: str):
@@ -444,17 +580,21 @@ class ImageCache:
         Raises:
             CacheUnavailable: the folder cannot be written (and holds no entry for KEY).
         """
-        found = self.open(key, count, record_shape)
+        sweep_temporaries(self.dir)  # dead writers' files (none where the folder is not yet)
+        found, problem = self._load(key, count, record_shape)
         if found is not None:
             return found, False
+        if problem is not None:
+            self._report(key, problem)  # once: the look under the lock says nothing new
         with self._lock(key):
-            found = self.open(key, count, record_shape)  # written while we waited
+            found, _ = self._load(key, count, record_shape)  # written while we waited
             if found is not None:
                 return found, False
             self._write(key, count, record_shape, fill)
-        found = self.open(key, count, record_shape)
+        found, problem = self._load(key, count, record_shape, verify=False)
         if found is None:  # gone already: another process evicted it, or the disk lost it
-            raise CacheUnavailable(f"image cache entry {self.entry_path(key)} vanished")
+            why = "vanished" if problem is None else f"unusable once written ({problem})"
+            raise CacheUnavailable(f"image cache entry {self.entry_path(key)} {why}")
         self.evict()
         return found, True
 
@@ -466,7 +606,7 @@ class ImageCache:
         fill: Callable[[RecordWriter], list[tuple[int, str]]],
     ) -> None:
         record_bytes = int(np.prod(record_shape))
-        needed = count * (record_bytes + 8)
+        needed = count * (record_bytes + _META_BYTES)
         try:
             free = shutil.disk_usage(self.dir).free
         except OSError as err:
@@ -476,9 +616,8 @@ class ImageCache:
                 f"cannot write the image cache in {str(self.dir)!r}: disk full "
                 f"({needed / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free)"
             )
-        tmp = self.dir / f".{key}.{uuid.uuid4().hex}.tmp"
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            tmp, fd = locked_temporary(self.dir, key)
         except OSError as err:
             raise _unavailable(self.dir, err) from None
         try:
@@ -489,18 +628,12 @@ class ImageCache:
                     failures = fill(writer)
                 finally:
                     writer.close()
-                meta = {"key": key, "shape": list(record_shape), "count": count,
-                        "failures": [[int(i), r] for i, r in failures]}  # fmt: skip
-                trailer = json.dumps(meta).encode()
-                at = count * (record_bytes + 8)
-                _pwrite_all(fd, writer.fingerprints.tobytes(), count * record_bytes)
-                _pwrite_all(fd, trailer, at)
-                footer = _FOOTER.pack(_MAGIC, FORMAT_VERSION, at, len(trailer))
-                _pwrite_all(fd, footer, at + len(trailer))
+                _finish_entry(fd, key, writer, failures)
                 os.fsync(fd)
+                # Renamed while still locked: closed first, the next start could sweep it away.
+                os.replace(tmp, self.entry_path(key))
             finally:
                 os.close(fd)
-            os.replace(tmp, self.entry_path(key))
             _fsync_dir(self.dir)
         except OSError as err:
             raise _unavailable(self.dir, err) from None
@@ -509,14 +642,24 @@ class ImageCache:
                 tmp.unlink()
 
     def evict(self) -> list[str]:
-        """Delete least recently used entries (not those this process uses) down to the cap."""
-        now = time.time()
-        for tmp in self.dir.glob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                if now - tmp.stat().st_mtime > _STALE_TMP_S:
-                    tmp.unlink()
+        """Delete least recently used entries (not those this process uses) down to the cap.
+
+        Temporary files of writers still at work count toward it; dead writers' are deleted.
+        """
+        writing = {p.name: [p] for p in sweep_temporaries(self.dir)}
         groups = {p.name.removesuffix(_SUFFIX): [p] for p in self.dir.glob(f"*{_SUFFIX}")}
-        return evict_lru(groups, self.max_bytes, self._in_use)
+        return evict_lru({**groups, **writing}, self.max_bytes, self._in_use | set(writing))
+
+
+def _finish_entry(fd: int, key: str, writer: RecordWriter, failures: list[tuple[int, str]]) -> None:
+    """Write the fingerprints, checksums, trailer and footer after the writer's records."""
+    meta = {"key": key, "shape": list(writer.record_shape), "count": writer.count,
+            "failures": [[int(i), r] for i, r in failures]}  # fmt: skip
+    tail = writer.fingerprints.tobytes() + writer.checksums.tobytes() + json.dumps(meta).encode()
+    records = writer.count * writer.record_bytes
+    at = records + writer.count * _META_BYTES
+    footer = _FOOTER.pack(zlib.crc32(tail), _MAGIC, FORMAT_VERSION, at, records + len(tail) - at)
+    _pwrite_all(fd, tail + footer, records)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -290,8 +290,8 @@ def test_a_truncated_entry_or_one_of_another_format_version_is_rebuilt(tmp_path)
     # A cache written by another version of the format: same name, other version in its footer
     data = bytearray(path.read_bytes())
     footer = cache_module._FOOTER
-    magic, _, at, length = footer.unpack(data[-footer.size :])
-    data[-footer.size :] = footer.pack(magic, cache_module.FORMAT_VERSION + 1, at, length)
+    crc, magic, _, at, length = footer.unpack(data[-footer.size :])
+    data[-footer.size :] = footer.pack(crc, magic, cache_module.FORMAT_VERSION + 1, at, length)
     path.write_bytes(bytes(data))
     assert cache.open("k1", 3, (2, 2, 3)) is None
     _, written = cache.get_or_build("k1", 3, (2, 2, 3), _fill_with(images))
