@@ -634,7 +634,7 @@ class ImageCache:
                 os.replace(tmp, self.entry_path(key))
             finally:
                 os.close(fd)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except OSError as err:
             raise _unavailable(self.dir, err) from None
         finally:
@@ -662,7 +662,21 @@ def _finish_entry(fd: int, key: str, writer: RecordWriter, failures: list[tuple[
     _pwrite_all(fd, tail + footer, records)
 
 
-def _fsync_dir(directory: Path) -> None:
+def write_atomic(directory: Path, name: str, data: bytes | memoryview) -> None:
+    """DIRECTORY/NAME holds DATA whole and durably, or is as it was (via a locked temporary)."""
+    tmp, fd = locked_temporary(directory, name)
+    try:
+        _pwrite_all(fd, data, 0)
+        os.fsync(fd)
+        os.replace(tmp, directory / name)  # while locked: see locked_temporary
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
     """Make a rename in DIRECTORY durable (where the file system allows it)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)

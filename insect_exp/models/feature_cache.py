@@ -4,36 +4,50 @@ On disk, features live under a directory named by a digest of the backbone (its 
 or its architecture and weights), one row per image keyed by a digest of the decoded pixels
 (which covers the file's content, the image size and the decoder). A changed backbone, image size
 or file therefore never reuses stale features, and unchanged images are reused across runs,
-splits and sweeps. Reading a shard touches it; after each write the least recently used shards
-(of every backbone under the cache root) are deleted until they fit `max_bytes`
-(model.feature_cache_max_disk_gb), as the image cache does (data/cache.py).
+splits and sweeps. Each shard carries a CRC-32 of its features, checked before they are used: a
+damaged or truncated shard is deleted with one warning and its features computed again. Reading
+a shard touches it; after each write the least recently used shards (of every backbone under the
+cache root) are deleted until they fit `max_bytes` (model.feature_cache_max_disk_gb), as the
+image cache does (data/cache.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import os
 import threading
-import uuid
 import weakref
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import tf_keras as keras
 
-from insect_exp.data.cache import DiskImages, evict_lru, touch
+from insect_exp.data.cache import (
+    DiskImages,
+    evict_lru,
+    sweep_temporaries,
+    touch,
+    write_atomic,
+)
 from insect_exp.data.pipeline import ImageSplit, make_dataset
 from insect_exp.progress import Progress
 
 log = logging.getLogger(__name__)
 
-_VERSION = "features-v1"  # bump when the layout or the meaning of a stored row changes
+# Bump when the layout or the meaning of a stored row changes. 2: keys as JSON with the features'
+# CRC-32.
+_VERSION = "features-v2"
+_KEYS = ".keys.json"
+_FEATURES = ".features.npy"
 
 
 def default_cache_dir() -> Path:
-    """$INSECT_EXP_DATA_DIR/features-v1 if set, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp/..."""
+    """$INSECT_EXP_DATA_DIR/features-v2 if set, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp/..."""
     data_dir = os.environ.get("INSECT_EXP_DATA_DIR")
     if data_dir:
         return Path(data_dir).expanduser() / _VERSION
@@ -71,11 +85,26 @@ def image_digests(images: np.ndarray | DiskImages, chunk: int = 256) -> list[str
     return digests
 
 
+class DamagedShard(ValueError):
+    """A shard whose files are not the ones written (truncated, overwritten, not ours)."""
+
+
+def _file_crc32(path: Path) -> tuple[int, int]:
+    """(size, CRC-32) of a file, read a chunk at a time."""
+    crc, size = 0, 0
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
 class FeatureStore:
     """Feature rows on disk for one backbone, in shards written atomically.
 
-    Shards are (NAME.keys.npy, NAME.features.npy) pairs; the keys file is renamed into place last,
-    so concurrent runs (sweeps) only ever see complete shards.
+    Shards are (NAME.keys.json, NAME.features.npy) pairs. The keys file holds the features file's
+    size and CRC-32 and is renamed into place last, each fsynced first, so concurrent runs
+    (sweeps) only ever see complete shards, and a damaged one is known before it is read.
     """
 
     def __init__(self, root: str | Path, backbone_key: str, max_bytes: int | None = None):
@@ -86,64 +115,133 @@ class FeatureStore:
         self.max_bytes = max_bytes
         self._used: set[str] = set()  # shards this process read or wrote: never evicted by it
 
-    def _index(self) -> dict[str, tuple[str, int]]:
+    def _index(self) -> tuple[dict[str, tuple[str, int]], dict[str, dict]]:
+        """Each stored key's (shard, row), and each shard's keys file."""
         index: dict[str, tuple[str, int]] = {}
-        for keys_file in sorted(self.dir.glob("*.keys.npy")):
-            shard = keys_file.name.removesuffix(".keys.npy")
+        shards: dict[str, dict] = {}
+        for keys_file in sorted(self.dir.glob(f"*{_KEYS}")):
+            shard = keys_file.name.removesuffix(_KEYS)
             try:
-                stored_keys = np.load(keys_file).tolist()
+                stored = _read_keys(keys_file)
             except FileNotFoundError:  # evicted since the listing
                 continue
-            for row, key in enumerate(stored_keys):
+            except DamagedShard as err:
+                self._discard(shard, str(err))
+                continue
+            shards[shard] = stored
+            for row, key in enumerate(stored["keys"]):
                 index[key] = (shard, row)
-        return index
+        return index, shards
+
+    def _discard(self, shard: str, reason: str) -> None:
+        """Delete a damaged shard (keys file first), saying so once."""
+        log.warning(
+            "feature cache shard %s is damaged (%s): computing its features again",
+            self.dir / shard,
+            reason,
+        )
+        for suffix in (_KEYS, _FEATURES):
+            try:
+                (self.dir / f"{shard}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:  # a read-only cache: it stays, and is found damaged again
+                log.debug("cannot delete %s: %s", shard, err)
+
+    def _features(self, shard: str, stored: dict) -> np.ndarray:
+        """The shard's feature rows (mapped), once its size and checksum match the keys file's."""
+        path = self.dir / f"{shard}{_FEATURES}"
+        size, crc = _file_crc32(path)
+        if (size, crc) != (stored["bytes"], stored["crc32"]):
+            raise DamagedShard("its features do not match their checksum")
+        try:
+            features = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:  # a header that is not NumPy's, after all
+            raise DamagedShard(str(err)) from None
+        if features.ndim != 2 or len(features) != len(stored["keys"]):
+            raise DamagedShard(f"{features.shape} features for {len(stored['keys'])} keys")
+        return features
 
     def get(self, keys: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray]:
         """Stored features of `keys` (None if none is stored) and the mask of those found."""
-        index = self._index() if self.dir.is_dir() else {}
+        if self.dir.is_dir():
+            sweep_temporaries(self.dir)  # left by writers that died
+            index, shards = self._index()
+        else:
+            index, shards = {}, {}
         found = np.array([key in index for key in keys], dtype=bool)
-        if not found.any():
-            return None, found
         features = None
         by_shard: dict[str, list[int]] = {}
         for i in np.flatnonzero(found):
             by_shard.setdefault(index[keys[i]][0], []).append(i)
         for shard, positions in by_shard.items():
-            path = self.dir / f"{shard}.features.npy"
             try:
-                stored = np.load(path, mmap_mode="r")
+                stored = self._features(shard, shards[shard])
             except FileNotFoundError:  # evicted by another process since the index was read
                 found[positions] = False
                 continue
-            touch(path)
+            except DamagedShard as err:
+                self._discard(shard, str(err))
+                found[positions] = False
+                continue
+            touch(self.dir / f"{shard}{_FEATURES}")
             self._used.add(f"{self.dir.name}/{shard}")
             if features is None:
                 features = np.zeros((len(keys), stored.shape[1]), dtype=np.float32)
             features[positions] = stored[[index[keys[i]][1] for i in positions]]
-        return features, found
+        return (features if found.any() else None), found
 
     def put(self, keys: Sequence[str], features: np.ndarray) -> None:
-        """Store one feature row per key."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Store one feature row per key; where the disk refuses (full, read-only), say so once
+        and go on: the features are at hand."""
         name = hashlib.blake2b("".join(keys).encode(), digest_size=16).hexdigest()
-        for suffix, array in (("features", features.astype(np.float32)), ("keys", np.array(keys))):
-            tmp = self.dir / f".{name}.{suffix}.{uuid.uuid4().hex}.tmp"
-            with tmp.open("wb") as f:
-                np.save(f, array)
-            os.replace(tmp, self.dir / f"{name}.{suffix}.npy")
+        data = io.BytesIO()
+        np.save(data, features.astype(np.float32), allow_pickle=False)
+        crc = zlib.crc32(data.getbuffer())
+        listing = {"keys": list(keys), "bytes": data.getbuffer().nbytes, "crc32": crc}
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.dir, f"{name}{_FEATURES}", data.getbuffer())
+            write_atomic(self.dir, f"{name}{_KEYS}", json.dumps(listing).encode())
+        except OSError as err:
+            log.warning(
+                "cannot write the feature cache in %s (%s): these features are not kept",
+                self.dir,
+                err.strerror or err,
+            )
+            return
         self._used.add(f"{self.dir.name}/{name}")
         if self.max_bytes is not None:
             self.evict()
 
     def evict(self) -> list[str]:
         """Delete least recently used shards of every backbone down to the cap (keys file first,
-        so that no reader indexes rows whose features are gone)."""
+        so that no reader indexes rows whose features are gone). Temporary files of writers
+        still at work count toward it; dead writers' are deleted."""
         groups: dict[str, list[Path]] = {}
-        for keys_file in self.root.glob("*/*.keys.npy"):
-            shard = keys_file.name.removesuffix(".keys.npy")
-            features = keys_file.with_name(f"{shard}.features.npy")
+        for keys_file in self.root.glob(f"*/*{_KEYS}"):
+            shard = keys_file.name.removesuffix(_KEYS)
+            features = keys_file.with_name(f"{shard}{_FEATURES}")
             groups[f"{keys_file.parent.name}/{shard}"] = [keys_file, features]
-        return evict_lru(groups, self.max_bytes or 0, self._used)
+        writing = {
+            f"{tmp.parent.name}/{tmp.name}": [tmp]
+            for folder in self.root.iterdir()
+            if folder.is_dir()
+            for tmp in sweep_temporaries(folder)
+        }
+        return evict_lru({**groups, **writing}, self.max_bytes or 0, self._used | set(writing))
+
+
+def _read_keys(path: Path) -> dict:
+    """A shard's keys file: its keys, and its features file's size and CRC-32."""
+    try:
+        stored = json.loads(path.read_bytes())
+        keys, size, crc = stored["keys"], int(stored["bytes"]), int(stored["crc32"])
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, not UTF-8, not ours
+        raise DamagedShard(f"unreadable keys file: {err}") from None
+    if not all(isinstance(key, str) for key in keys):
+        raise DamagedShard("unreadable keys file")
+    return {"keys": keys, "bytes": size, "crc32": crc}
 
 
 class _PredictProgress(keras.callbacks.Callback):
