@@ -1,7 +1,7 @@
 """First ingest and steady epochs: the reference loader vs dataset.cache=memory vs disk.
 
 Usage: python benchmarks/ingest.py [--count 20000] [--png] [--image-size 180] [--repeats 2]
-                                  [--work DIR]
+                                  [--work DIR] [--verify-only]
 
 Generates --count photo-like JPEGs of about 500x375 in 3 classes (with --png: small 96x96 PNGs,
 60,000 by default), once per work dir. Then each side runs in a fresh process, measured whole:
@@ -12,6 +12,12 @@ time (best of epochs 2-3) of fit.train_batches over the decoded train split, mem
 (data only, the worst case for disk), the first disk epoch (which reads the entry from the disk),
 and the time of --train-steps training steps of the reference CNN on it.
 Targets (issue 12): ingest at least as fast as the reference; disk epochs within 10% of memory.
+
+Then (alone with --verify-only) the cost of checking an entry's checksums when it is reused: in
+fresh processes, alternating, the entry is opened with and without the check and read once
+(a data-only epoch of fit.train_batches), from the page cache and from the disk (the entry's
+pages dropped first with posix_fadvise, which touches no other file). Target (issue 24): the
+verified read within 5% of the unverified one.
 """
 
 from __future__ import annotations
@@ -157,6 +163,60 @@ def epochs(split, train_steps: int) -> dict:
     }
 
 
+def verified_read(root: Path, cache_dir: Path, image_size: int, verify: bool, cold: bool) -> dict:
+    """Open the train split's entry (checking its records' checksums or not) and read it once."""
+    import numpy as np
+
+    from insect_exp.data.cache import ImageCache, split_key
+    from insect_exp.data.pipeline import ImageSplit
+    from insect_exp.data.scan import scan
+    from insect_exp.fit import train_batches
+
+    files = scan(root).train
+    shape = (image_size, image_size, 3)
+    cache = ImageCache(cache_dir, 2**40)
+    key = split_key(files.paths, shape[:2])
+    batches = iter(
+        train_batches(ImageSplit(np.zeros(1, np.uint8), np.zeros(1, np.int32), []), 1, 0)
+    )
+    next(batches)  # TensorFlow's start-up, outside the timing
+    if cold:
+        fd = os.open(cache.entry_path(key), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    start = time.perf_counter()
+    entry, problem = cache._load(key, len(files), shape, verify=verify)
+    opened = time.perf_counter()
+    assert entry is not None, problem
+    split = ImageSplit(entry.images, np.asarray(files.labels, np.int32), list(files.paths))
+    steps = -(-len(split) // 32)
+    for _ in train_batches(split, 32, seed=0).take(steps):
+        pass
+    done = time.perf_counter()
+    return {"open_s": opened - start, "read_s": done - opened, "total_s": done - start}
+
+
+def verify_cost(args: argparse.Namespace, root: Path, work: Path) -> None:
+    """Print the time to open and read an entry, its checksums checked or not."""
+    cache_dir = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+    run_phase("disk", args, root, cache_dir)
+    for cold in (False, True):
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for verify in (False, True):
+                phase_name = f"read-{'verified' if verify else 'unverified'}-{int(cold)}"
+                runs[verify].append(run_phase(phase_name, args, root, cache_dir))
+        best = {v: min(r, key=lambda r: r["total_s"]) for v, r in runs.items()}
+        median = {v: statistics.median(r["total_s"] for r in rs) for v, rs in runs.items()}
+        where = "from the disk" if cold else "page cache"
+        print(f"reusing the entry, {where}: open + one data-only epoch:"
+              f" {best[False]['total_s']:.3f} s unverified (open {best[False]['open_s']:.3f}),"
+              f" {best[True]['total_s']:.3f} s verified (open {best[True]['open_s']:.3f}): "
+              f"{best[True]['total_s'] / best[False]['total_s']:.3f}x best, "
+              f"{median[True] / median[False]:.3f}x median (target <= 1.05)")  # fmt: skip
+    shutil.rmtree(cache_dir)
+
+
 def run_phase(name: str, args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
     cmd = [
         sys.executable, str(HERE), "--phase", name, "--root", str(root),
@@ -205,10 +265,20 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=100, help="CNN steps timed per mode")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     parser.add_argument("--work", type=Path, help="work dir (kept: generated images are reused)")
+    parser.add_argument(
+        "--verify-only", action="store_true", help="only the cost of checking a reused entry"
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase and args.phase.startswith("read-"):
+        _, kind, cold = args.phase.split("-")
+        result = verified_read(
+            args.root, args.cache_dir, args.image_size, kind == "verified", cold == "1"
+        )
+        print(json.dumps(result))
+        return
     if args.phase:
         result = phase(args.phase, args.root, args.cache_dir, args.image_size, args.train_steps)
         print(json.dumps(result))
@@ -221,6 +291,9 @@ def main() -> None:
     print(f"cpu: {cpu()}")
     print(f"data: {count} {kind} images in {root}; decoded at {args.image_size} px")
     print(f"best of {args.repeats} alternating runs of each side (the machine may be shared)")
+    if args.verify_only:
+        verify_cost(args, root, work)
+        return
     print(_touch_line())
     every: dict[str, list[dict]] = {"reference": [], "memory": [], "disk": []}
     for _ in range(args.repeats):
@@ -265,6 +338,7 @@ def main() -> None:
     print(f"peak RSS after the epochs: memory {memory['rss_mb']:.0f} MB, disk {disk['rss_mb']:.0f}"
           " MB")  # fmt: skip
     shutil.rmtree(cache_dir)  # a GB or more: kept, every run would fill the disk
+    verify_cost(args, root, work)
 
 
 if __name__ == "__main__":
