@@ -584,12 +584,15 @@ class ImageCache:
         found, problem = self._load(key, count, record_shape)
         if found is not None:
             return found, False
+        seen = None
         if problem is not None:
             self._report(key, problem)  # once: the look under the lock says nothing new
+            seen = _identity(self.entry_path(key))
         with self._lock(key):
-            found, _ = self._load(key, count, record_shape)  # written while we waited
-            if found is not None:
-                return found, False
+            if seen is None or _identity(self.entry_path(key)) != seen:  # written while we waited
+                found, _ = self._load(key, count, record_shape)
+                if found is not None:
+                    return found, False
             self._write(key, count, record_shape, fill)
         found, problem = self._load(key, count, record_shape, verify=False)
         if found is None:  # gone already: another process evicted it, or the disk lost it
@@ -649,6 +652,15 @@ class ImageCache:
         writing = {p.name: [p] for p in sweep_temporaries(self.dir)}
         groups = {p.name.removesuffix(_SUFFIX): [p] for p in self.dir.glob(f"*{_SUFFIX}")}
         return evict_lru({**groups, **writing}, self.max_bytes, self._in_use | set(writing))
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one file at PATH from the next one renamed there (None: there is none)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _finish_entry(fd: int, key: str, writer: RecordWriter, failures: list[tuple[int, str]]) -> None:
