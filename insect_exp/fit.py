@@ -354,8 +354,9 @@ def fit(
     if settings.checkpoint_dir:
         monitor, mode = (es.monitor.value, es.monitor.mode) if stopper else ("val_loss", "min")
         checkpoint = resilience.Checkpointer(
-            settings.checkpoint_dir, stage, first_epoch, monitor, mode, counters.snapshot
-        )
+            settings.checkpoint_dir, stage, first_epoch, monitor, mode, counters.snapshot,
+            epochs=first_epoch + epochs,
+        )  # fmt: skip
     callbacks.append(EpochEnd(sink, first_epoch, checkpoint))
     weights = class_weights(train_split.labels, num_classes, settings.class_weight)
     try:
