@@ -101,17 +101,18 @@ def check_resumable(found: Found, epochs: int) -> CheckpointState | None:
     done = epochs_done(state)
     run = f"run {found.run_id}"
     if found.status == "FINISHED":
+        trained = done if state is not None else found.logged_epochs
+        if epochs <= trained:
+            raise Refused(
+                f"{run} is FINISHED {progress(trained, trained)}: nothing to resume; to train "
+                f"it further give more epochs than {trained} (its checkpoints must have been "
+                f"kept: {KEEP_KEY}=true)"
+            )
         if state is None:
-            trained = found.logged_epochs
             raise Refused(
                 f"{run} is FINISHED {progress(trained, trained)} and its checkpoints are gone "
                 f"({directory or 'it kept none'}): it cannot train further; a run keeps them "
                 f"with {KEEP_KEY}=true. Start a new run instead"
-            )
-        if epochs <= done:
-            raise Refused(
-                f"{run} is FINISHED {progress(done, done)}: nothing to resume; to train it "
-                f"further give more epochs than {done}, e.g. epochs={done + max(1, done)}"
             )
         log.info(
             "%s is FINISHED %s: training it on to %d epochs; the model it logs next becomes "
