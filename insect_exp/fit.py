@@ -373,8 +373,10 @@ def fit(
         if "non-finite loss" not in str(err):
             raise
         stats.flush()  # the batches of this epoch before the NaN one
+        # Counted as Keras prints them (`Epoch 1/5`), as every message of a run counts epochs.
         raise TrainingDiverged(
-            f"loss became NaN or infinite at epoch {position.epoch}, batch {position.batch}"
+            f"loss became NaN or infinite at epoch {position.epoch + 1} of {first_epoch + epochs}, "
+            f"batch {position.batch + 1}"
         ) from None
     except KeyboardInterrupt:
         stats.flush()  # keep the batches seen in the interrupted epoch

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -293,9 +294,14 @@ class CheckpointFailed(Exception):
     """A checkpoint could not be written (a full disk): the run fails, the previous one kept."""
 
 
-def _first_line(err: BaseException) -> str:
-    text = getattr(err, "strerror", None) or getattr(err, "message", None) or str(err)
-    return (str(text).strip().splitlines() or [type(err).__name__])[0]
+def _reason(err: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason where there is one."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(getattr(err, "message", None) or err).strip()
+    line = (text.splitlines() or [type(err).__name__])[0]
+    # TensorFlow's: "{{function_node ...}} FILE; No space left on device [Op:SaveV2]".
+    return re.sub(r"\s*\[Op:\w+\]$", "", line).rsplit("; ", 1)[-1]
 
 
 class Checkpointer:
@@ -373,7 +379,7 @@ class Checkpointer:
         )
         return CheckpointFailed(
             f"cannot write the checkpoint of epoch {step + 1} of {total} in {self.directory} "
-            f"({_first_line(err)}); the run is FAILED, {keeps}"
+            f"({_reason(err)}); the run is FAILED, {keeps}"
         )
 
 

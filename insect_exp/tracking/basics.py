@@ -64,6 +64,8 @@ def ending(run: R) -> Iterator[R]:
     """
     try:
         yield run
+        # Inside: a signal while the last metrics go (the longest wait here) ends it KILLED.
+        run.flush()
     except PutBack:
         with contextlib.suppress(Exception):
             run.put_back()
@@ -79,7 +81,6 @@ def ending(run: R) -> Iterator[R]:
         with contextlib.suppress(Exception):
             run.end(status)
         raise
-    run.flush()
     run.end("FINISHED")
 
 

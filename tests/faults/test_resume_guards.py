@@ -48,7 +48,9 @@ def test_a_finished_run_is_resumed_only_to_more_epochs_and_says_which_model_is_c
 
     # When it is resumed to fewer, then to as many epochs as it trained
     for epochs in (1, 2):
-        code, stderr, _ = run(f"resume={run_id}", f"epochs={epochs}", cwd=tmp_path)
+        code, stderr, _ = run(
+            f"resume={run_id}", f"epochs={epochs}", "mlflow.log_model=true", cwd=tmp_path
+        )
 
         # Then each is refused in one line, and the run is untouched
         assert code == 2, stderr[-2000:]
@@ -60,7 +62,7 @@ def test_a_finished_run_is_resumed_only_to_more_epochs_and_says_which_model_is_c
     assert _models_of(store, run_id) == [first_model]
 
     # When it is resumed to 3 epochs
-    code, stderr, _ = run(f"resume={run_id}", "epochs=3", cwd=tmp_path)
+    code, stderr, _ = run(f"resume={run_id}", "epochs=3", "mlflow.log_model=true", cwd=tmp_path)
 
     # Then it trains epoch 3 only, is evaluated at that epoch's step, and names its new model
     assert code == 0, stderr[-2000:]
@@ -163,9 +165,10 @@ def test_a_resume_whose_checkpoint_folder_is_gone_is_refused_naming_it(tmp_path,
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_start(tmp_path, folder, store):
-    # Given a run interrupted before its first epoch ended (it wrote no checkpoint)
+    # Given a run interrupted before its first epoch ended (it wrote no checkpoint), once it
+    # had logged its config
     process = start(f"dataset.root={folder}", "epochs=40", cwd=tmp_path)
-    wait_until(lambda: MlflowClient(store).search_runs(["1"]) != [], process=process)
+    wait_until(lambda: _logged_config(store), process=process)
     interrupt(process)
     code, stderr = finish(process, timeout=120)
     assert code == 130, stderr[-2000:]
@@ -182,6 +185,17 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_start(tmp_pat
     assert f"resuming run {run_id} before its first epoch (of 1)" in stdout
     assert "epoch -1" not in stdout + stderr
     assert steps(store, run_id, "loss") == [0]
+
+
+def _logged_config(uri: str) -> bool:
+    """Whether the store's one run has logged its config (what a resume reads)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("insect_exp")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return bool(runs) and any(
+        a.path == "config/overrides.json"
+        for a in client.list_artifacts(runs[0].info.run_id, "config")
+    )
 
 
 @pytest.fixture
