@@ -47,10 +47,10 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
     multirun = OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None
     try:
         resume = OmegaConf.select(dict_cfg, "resume")
-        # The run's lease (resuming.lease) is held from before its checks to the job's end.
+        # A resumed run's lease (resuming.lease) is held from before its checks to the job's end.
         with contextlib.ExitStack() as held:
             # Typed from here on; ranges checked before TensorFlow loads.
-            cfg = _resumed_config(resume, dict_cfg, held) if resume else _new(dict_cfg, held)
+            cfg = _resumed_config(resume, dict_cfg, held) if resume else to_object(dict_cfg)
             # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
             from insect_exp import train
 
@@ -108,19 +108,6 @@ def _exit(message: str, code: int, at_once: bool = False) -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def _new(dict_cfg: DictConfig, held: contextlib.ExitStack) -> Config:
-    """The config of a new run; its lease is taken (a single process writes its checkpoints)."""
-    from insect_exp import resuming
-    from insect_exp.config import Strategy
-
-    cfg = to_object(dict_cfg)
-    directory = resuming.checkpoint_dir(cfg.runtime.output_dir)
-    # Workers of one multi_worker job may share an output dir; `resume=` never continues them.
-    if directory and cfg.train.strategy is not Strategy.multi_worker:
-        held.enter_context(resuming.lease(directory))
-    return cfg
 
 
 def _resumed_config(run_id: str, dict_cfg: DictConfig, held: contextlib.ExitStack) -> Config:

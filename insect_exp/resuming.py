@@ -2,7 +2,7 @@
 its checkpoints and its data say it stood.
 
 - `lease`: an exclusive lock file beside a run's checkpoints, held by the process that trains the
-  run (its first process, or a resume) until it ends: a second resume is refused at once.
+  run (its first process, or a resume) until the run has ended: a second resume is refused.
 - `check_resumable`: refuses a FINISHED run unless `epochs` rises above what it trained (and its
   checkpoints were kept), fewer epochs than it trained, and a checkpoint folder gone missing.
 - `check_same_data`: refuses a dataset whose content digest differs from the one the run logged.
@@ -42,9 +42,12 @@ class RefusedAfterOpening(Refused, PutBack):
     """A resume refused once its run was reopened: the run goes back to its former status."""
 
 
-def checkpoint_dir(output_dir: str | None) -> str | None:
-    """Where a new run keeps its checkpoints (None: no output dir to keep them in)."""
-    return str(Path(output_dir) / "checkpoints") if output_dir else None
+def checkpoint_dir(output_dir: str | None, run_id: str) -> str | None:
+    """Where a new run keeps its checkpoints (None: no output dir to keep them in).
+
+    Named by the run: runs started in the same second share a Hydra output dir.
+    """
+    return str(Path(output_dir) / "checkpoints" / run_id) if output_dir else None
 
 
 def lease_path(directory: str | Path) -> Path:
@@ -53,7 +56,7 @@ def lease_path(directory: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def lease(directory: str | Path, run_id: str | None = None) -> Iterator[None]:
+def lease(directory: str | Path, run_id: str) -> Iterator[None]:
     """Hold the run's lease (an exclusive flock of the file beside its checkpoints) in the block.
 
     The kernel lets it go when the process ends, however it ends: no stale lease is left.
@@ -70,14 +73,31 @@ def lease(directory: str | Path, run_id: str | None = None) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise Refused(
-                f"run {run_id or '?'} is being trained by another process (pid {holder}, which "
-                f"holds {path}): wait for it to end, or stop it, before resuming"
+                f"run {run_id} is being trained by another process (pid {holder}, which holds "
+                f"{path}): wait for it to end, or stop it, before resuming"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+class Lease:
+    """A slot for the run's lease: entered before the run opens, so that it is let go only after
+    the run has ended; `take` it once the checkpoint folder is known."""
+
+    def __init__(self) -> None:
+        self._held = contextlib.ExitStack()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._held.close()
+
+    def take(self, directory: str | Path, run_id: str) -> None:
+        self._held.enter_context(lease(directory, run_id))
 
 
 @dataclass(frozen=True)

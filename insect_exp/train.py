@@ -46,6 +46,7 @@ def run(cfg: Config) -> float:
     run = scratch = None
     try:
         with contextlib.ExitStack() as ending:
+            lease = ending.enter_context(resuming.Lease())  # let go once the run has ended
             if cfg.train.strategy is not Strategy.multi_worker:
                 # MLflow works in a process of its own (tracking/remote.py). Started before
                 # TensorFlow's import, it imports MLflow, opens the store and starts the run on
@@ -77,7 +78,7 @@ def run(cfg: Config) -> float:
                 chosen = _start_run(cfg, job) if dist.is_chief else distribute.WorkerRun()
                 run = ending.enter_context(tracking.ending(chosen))
             # Before the images are used: a store that cannot be used stops the run here.
-            checkpoints, resume_from = _checkpoints(cfg, run, dist)
+            checkpoints, resume_from = _checkpoints(cfg, run, dist, lease)
             scratch = None if dist.is_chief else checkpoints
             if not cfg.resume:
                 _log_config(run, cfg)
@@ -211,9 +212,10 @@ def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
     )
 
 
-def _checkpoints(cfg: Config, run, dist: distribute.Distribution):
+def _checkpoints(cfg: Config, run, dist: distribute.Distribution, lease: resuming.Lease):
     """Where the run's checkpoints go (None: no output dir to keep them in), and the checkpoint
-    state to resume from (None for a new run). Waits for the run to be open."""
+    state to resume from (None for a new run). Waits for the run to be open; a new run's lease
+    is taken (a resumed one's was, before it opened)."""
     from insect_exp import resilience
 
     if not dist.is_chief:
@@ -226,8 +228,9 @@ def _checkpoints(cfg: Config, run, dist: distribute.Distribution):
         done = resilience.epochs_done(state)
         log.info("resuming run %s %s", opened.run_id, resilience.progress(done, cfg.epochs))
         return directory, state
-    directory = resuming.checkpoint_dir(cfg.runtime.output_dir)
+    directory = resuming.checkpoint_dir(cfg.runtime.output_dir, opened.run_id)
     if directory:
+        lease.take(directory, opened.run_id)
         resume = f"python -m insect_exp resume={opened.run_id}"
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})
     log.info("MLflow run %s (%s) in %s", opened.run_id, opened.run_name, opened.tracking_uri)

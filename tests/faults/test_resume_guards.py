@@ -224,13 +224,14 @@ def test_a_full_checkpoint_disk_ends_the_run_failed_keeping_the_previous_one(
     # Then it fails with one line naming the folder and the checkpoint it kept
     assert code == 1, stderr[-2000:]
     assert "Traceback" not in stderr
-    folder_of = small_disk / "checkpoints"
+    found = only_run(store)
+    folder_of = Path(found.data.tags["checkpoint_dir"])
+    assert folder_of.parent.parent == small_disk
     assert _last_line(stderr) == (
         f"insect_exp: error: cannot write the checkpoint of epoch 2 of 3 in {folder_of} "
         "(No space left on device); the run is FAILED, keeping its checkpoint after epoch 1 of 3"
     )
     # And the run is FAILED with that reason, and its first checkpoint is whole
-    found = only_run(store)
     assert found.info.status == "FAILED"
     assert "cannot write the checkpoint of epoch 2 of 3" in found.data.tags["error"]
     assert steps(store, found.info.run_id, "loss") == [0, 1]
