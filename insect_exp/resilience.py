@@ -412,8 +412,8 @@ def resume_overrides(logged: list[str], given: list[str]) -> list[str]:
     ]
     if other:
         raise UserError(
-            "a resumed run keeps its own config; only epochs may change (and "
-            f"train.keep_checkpoints), not {', '.join(other)}"
+            f"a resumed run keeps its own config; only epochs may change, not {', '.join(other)} "
+            "(and train.keep_checkpoints)"
         )
     changed = {key(o) for o in given}
     return [o for o in logged if key(o) not in changed] + given
