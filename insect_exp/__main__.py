@@ -1,5 +1,6 @@
 """Command line: `python -m insect_exp [overrides]` or `insect-exp [overrides]`."""
 
+import contextlib
 import gc
 import sys
 import warnings
@@ -34,19 +35,27 @@ warnings.filterwarnings(
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dict_cfg: DictConfig) -> float:
     from insect_exp.distribute import WorkerLost
-    from insect_exp.resilience import Interrupted, TrainingDiverged, interrupts
+    from insect_exp.resilience import (
+        CheckpointFailed,
+        Interrupted,
+        TrainingDiverged,
+        finished_line,
+        interrupts,
+    )
     from insect_exp.tracking.remote import LoggingProcessDied
 
     multirun = OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None
     try:
         resume = OmegaConf.select(dict_cfg, "resume")
-        # Typed from here on; ranges checked before TensorFlow loads.
-        cfg = _resumed_config(resume, dict_cfg) if resume else to_object(dict_cfg)
-        # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
-        from insect_exp import train
+        # A resumed run's lease (resuming.lease) is held from before its checks to the job's end.
+        with contextlib.ExitStack() as held:
+            # Typed from here on; ranges checked before TensorFlow loads.
+            cfg = _resumed_config(resume, dict_cfg, held) if resume else to_object(dict_cfg)
+            # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
+            from insect_exp import train
 
-        with interrupts():
-            return train.run(cfg)
+            with interrupts(after_finish=not multirun):
+                return train.run(cfg)
     except UserError as err:
         if multirun:
             raise  # the sweep records the failed job and goes on
@@ -55,6 +64,10 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
         if multirun:
             raise
         _exit(f"error: {err}; the run is FAILED and no model was logged", 1)
+    except CheckpointFailed as err:
+        if multirun:
+            raise
+        _exit(f"error: {err}", 1)
     except WorkerLost as err:
         if multirun:
             raise
@@ -73,6 +86,8 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
         if multirun:
             raise
         print(file=sys.stderr)  # past Keras's progress bar
+        if err.run_id and err.ended == "FINISHED":  # the signal came after the run's end
+            _exit(finished_line(err.signum, err.run_id), err.exit_code)
         if err.run_id:
             _exit(
                 f"interrupted ({err}): run {err.run_id} is KILLED with what it logged. "
@@ -95,13 +110,16 @@ def _exit(message: str, code: int, at_once: bool = False) -> None:
     sys.exit(code)
 
 
-def _resumed_config(run_id: str, dict_cfg: DictConfig) -> Config:
-    """The config of the run to resume: its logged overrides composed again, epochs as given."""
+def _resumed_config(run_id: str, dict_cfg: DictConfig, held: contextlib.ExitStack) -> Config:
+    """The config of the run to resume: its logged overrides composed again, epochs as given.
+
+    Its lease is taken into `held`, then the run is checked (resuming.check_resumable).
+    """
     import json
 
     from hydra import compose
 
-    from insect_exp import resilience, tracking
+    from insect_exp import resilience, resuming, tracking
 
     configured = OmegaConf.select(dict_cfg, "mlflow.tracking_uri")
     uri = tracking.resolve_tracking_uri(configured, dict_cfg.runtime.launch_dir)
@@ -119,6 +137,13 @@ def _resumed_config(run_id: str, dict_cfg: DictConfig) -> Config:
     resilience.check_same_config(
         dict(run.data.params), {k: tracking.param_value(v) for k, v in params.items()}
     )
+    directory = run.data.tags.get(resuming.CHECKPOINT_TAG)
+    if directory:
+        held.enter_context(resuming.lease(directory, run_id))
+    run = client.get_run(run_id)  # as it is now that no other process may train it
+    logged = len(client.get_metric_history(run_id, "loss"))
+    found = resuming.Found(run_id, run.info.status, directory, logged)
+    resuming.check_resumable(found, resumed.epochs)
     return resumed
 
 

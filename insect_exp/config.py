@@ -495,6 +495,10 @@ class TrainConfig:
     # (a dead worker's peers fail after it at the latest); also how long the other workers wait
     # for the chief to extract the hub model's frozen features.
     worker_timeout_s: float = 600.0
+    # Keep a FINISHED run's checkpoints (its latest and best epochs, several times the model's
+    # size), so that `resume=<id> epochs=<more>` can train it further; KILLED and FAILED runs
+    # always keep theirs.
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         self.strategy = _enum("train.strategy", self.strategy, Strategy)

@@ -354,8 +354,9 @@ def fit(
     if settings.checkpoint_dir:
         monitor, mode = (es.monitor.value, es.monitor.mode) if stopper else ("val_loss", "min")
         checkpoint = resilience.Checkpointer(
-            settings.checkpoint_dir, stage, first_epoch, monitor, mode, counters.snapshot
-        )
+            settings.checkpoint_dir, stage, first_epoch, monitor, mode, counters.snapshot,
+            epochs=first_epoch + epochs,
+        )  # fmt: skip
     callbacks.append(EpochEnd(sink, first_epoch, checkpoint))
     weights = class_weights(train_split.labels, num_classes, settings.class_weight)
     try:
@@ -372,8 +373,10 @@ def fit(
         if "non-finite loss" not in str(err):
             raise
         stats.flush()  # the batches of this epoch before the NaN one
+        # Counted as Keras prints them (`Epoch 1/5`), as every message of a run counts epochs.
         raise TrainingDiverged(
-            f"loss became NaN or infinite at epoch {position.epoch}, batch {position.batch}"
+            f"loss became NaN or infinite at epoch {position.epoch + 1} of {first_epoch + epochs}, "
+            f"batch {position.batch + 1}"
         ) from None
     except KeyboardInterrupt:
         stats.flush()  # keep the batches seen in the interrupted epoch

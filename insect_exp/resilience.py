@@ -5,7 +5,9 @@
   absent: its `state.json` is written last and names the directory to read.
 - `interrupts()` makes SIGTERM (what SLURM preemption and `kill` send) behave like Ctrl-C, so
   both unwind the run, which ends KILLED with everything logged so far; a second signal exits at
-  once.
+  once. Once the run has ended FINISHED (`finished`), a signal only says so: nothing is left to
+  resume.
+- A checkpoint that cannot be written (a full disk) ends the run FAILED, the previous one kept.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,16 +32,33 @@ STATE_FILE = "state.json"
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training was stopped by SIGINT or SIGTERM; the run can be resumed."""
+    """Training was stopped by SIGINT or SIGTERM; the run can be resumed.
 
-    def __init__(self, signum: int = signal.SIGINT, run_id: str | None = None):
+    `ended`: the status the run already had in its store when the signal came ("FINISHED": the
+    signal came too late to stop anything; None: the run ends KILLED as it unwinds).
+    """
+
+    def __init__(
+        self, signum: int = signal.SIGINT, run_id: str | None = None, ended: str | None = None
+    ):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.run_id = run_id
+        self.ended = ended
 
     @property
     def exit_code(self) -> int:
+        if self.ended == "FINISHED":
+            return 0  # the run's work is complete and stored: a requeue on failure must not redo it
         return 128 + int(self.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def finished_line(signum: int, run_id: str) -> str:
+    """What a signal that came after its run ended FINISHED says: no resume is offered."""
+    return (
+        f"interrupted ({signal.Signals(signum).name}) after run {run_id} had already finished: "
+        "it is FINISHED in the store with everything it logged; nothing to resume (exit 0)"
+    )
 
 
 # Signals received and not yet acted on: a handler's exception can be swallowed when the signal
@@ -47,6 +69,8 @@ _delivered: list[bool] = [False]
 
 
 _deferring: list[bool] = [False]
+# Whether the `interrupts()` block open now lets `finished` take the signals over.
+_after_finish: list[bool] = [False]
 
 
 @contextlib.contextmanager
@@ -92,10 +116,35 @@ def acknowledge() -> None:
     _delivered[0] = True
 
 
+def finished(run_id: str) -> None:
+    """The run ended FINISHED: from now on SIGINT or SIGTERM prints `finished_line` and exits 0.
+
+    Only inside `interrupts(after_finish=True)` (a single run from the command line), whose
+    handlers it replaces for the rest of the process: what is left (the summary, the
+    interpreter's exit) has nothing to unwind or keep.
+    """
+    if not _after_finish[0] or threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, frame) -> None:
+        print(f"\ninsect_exp: {finished_line(signum, run_id)}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
+
+
 @contextlib.contextmanager
-def interrupts() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM raise Interrupted; a second one exits at once."""
+def interrupts(after_finish: bool = False) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise Interrupted; a second one exits at once.
+
+    Args:
+        after_finish: let `finished` take the signals over for good once the run ended FINISHED.
+    """
     _delivered[0] = False
+    _after_finish[0] = after_finish
     first = len(_received)
 
     def handle(signum: int, frame) -> None:
@@ -109,8 +158,10 @@ def interrupts() -> Iterator[None]:
     try:
         yield
     finally:
+        _after_finish[0] = False
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) is handle:  # not if `finished` took it over
+                signal.signal(signum, handler)
 
 
 @dataclass(frozen=True)
@@ -144,10 +195,26 @@ def read_state(directory: str | Path, which: str = "latest") -> CheckpointState 
 def _write(target: Path, checkpoint, state: dict) -> None:
     """Write variables then state.json into a fresh directory, then swap it in for `target`."""
     fresh = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
-    fresh.mkdir(parents=True)
-    prefix = checkpoint.write(str(fresh / "ckpt"))
-    final_prefix = target / Path(prefix).name
-    (fresh / STATE_FILE).write_text(json.dumps({**state, "path": str(final_prefix)}) + "\n")
+    with _removed_on_error(fresh):
+        fresh.mkdir(parents=True)
+        prefix = checkpoint.write(str(fresh / "ckpt"))
+        final_prefix = target / Path(prefix).name
+        (fresh / STATE_FILE).write_text(json.dumps({**state, "path": str(final_prefix)}) + "\n")
+    _swap_in(fresh, target)
+
+
+@contextlib.contextmanager
+def _removed_on_error(fresh: Path) -> Iterator[None]:
+    """A half-written checkpoint goes at once: on a full disk it holds the space others need."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+
+
+def _swap_in(fresh: Path, target: Path) -> None:
+    """Put the complete checkpoint `fresh` where `target` is (renames: nothing is written)."""
     old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
     if target.exists():
         target.rename(old)
@@ -159,20 +226,17 @@ def _link(source: Path, target: Path) -> None:
     """Make `target` a checkpoint with the same files as `source` (hard links: no copy)."""
     state = json.loads((source / STATE_FILE).read_text())
     fresh = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
-    fresh.mkdir(parents=True)
-    for file in source.iterdir():
-        if file.name != STATE_FILE:
-            try:
-                os.link(file, fresh / file.name)
-            except OSError:  # a filesystem without hard links
-                shutil.copy2(file, fresh / file.name)
-    state["path"] = str(target / Path(state["path"]).name)
-    (fresh / STATE_FILE).write_text(json.dumps(state) + "\n")
-    old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        target.rename(old)
-    fresh.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    with _removed_on_error(fresh):
+        fresh.mkdir(parents=True)
+        for file in source.iterdir():
+            if file.name != STATE_FILE:
+                try:
+                    os.link(file, fresh / file.name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(file, fresh / file.name)
+        state["path"] = str(target / Path(state["path"]).name)
+        (fresh / STATE_FILE).write_text(json.dumps(state) + "\n")
+    _swap_in(fresh, target)
 
 
 def replay(metrics: dict[str, dict], sink: Callable[[dict, int], None]) -> None:
@@ -216,12 +280,37 @@ def interrupt_callback():
     return InterruptCheck()
 
 
+def epochs_done(state: CheckpointState | None) -> int:
+    """How many epochs a checkpoint holds (0: none), as Keras counts them: `Epoch 3/5` done is 3."""
+    return 0 if state is None else state.epoch + 1
+
+
+def progress(done: int, epochs: int) -> str:
+    """Where training stands, the one way every message says it: "after epoch 2 of 5"."""
+    return f"after epoch {done} of {epochs}" if done else f"before its first epoch (of {epochs})"
+
+
+class CheckpointFailed(Exception):
+    """A checkpoint could not be written (a full disk): the run fails, the previous one kept."""
+
+
+def _reason(err: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason where there is one."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(getattr(err, "message", None) or err).strip()
+    line = (text.splitlines() or [type(err).__name__])[0]
+    # TensorFlow's: "{{function_node ...}} FILE; No space left on device [Op:SaveV2]".
+    return re.sub(r"\s*\[Op:\w+\]$", "", line).rsplit("; ", 1)[-1]
+
+
 class Checkpointer:
     """Latest and best checkpoint of a model being fit, after each epoch.
 
     Best is judged by `monitor` (lowest, or highest with mode "max"): early stopping's monitor,
     so that its best weights survive an interruption. `state_of` adds the counters of callbacks
-    that a resume must carry on (see fit.CallbackCounters).
+    that a resume must carry on (see fit.CallbackCounters); `epochs`, the epochs the run trains
+    in all, is for messages.
     """
 
     def __init__(
@@ -232,8 +321,10 @@ class Checkpointer:
         monitor: str = "val_loss",
         mode: str = "min",
         state_of: Callable[[], dict] | None = None,
+        epochs: int | None = None,
     ):
         self.directory = Path(directory)
+        self.epochs = epochs
         self.stage = stage
         self.first_epoch = first_epoch
         self.monitor = monitor
@@ -270,10 +361,26 @@ class Checkpointer:
             self.state_of() if self.state_of else {},
             self.metrics,
         )
-        _write(self.directory / "latest", checkpoint, asdict(state))
-        if value is not None and self.sign * value < self.best:
-            self.best = self.sign * value
-            _link(self.directory / "latest", self.directory / "best")
+        try:
+            _write(self.directory / "latest", checkpoint, asdict(state))
+            if value is not None and self.sign * value < self.best:
+                _link(self.directory / "latest", self.directory / "best")
+                self.best = self.sign * value
+        except (OSError, tf.errors.OpError) as err:  # ENOSPC, ResourceExhaustedError, ...
+            raise self._failed(step, err) from None
+
+    def _failed(self, step: int, err: BaseException) -> CheckpointFailed:
+        kept = epochs_done(read_state(self.directory))
+        total = self.epochs or step + 1
+        keeps = (
+            f"keeping its checkpoint {progress(kept, total)}"
+            if kept
+            else "with no checkpoint (none was written before)"
+        )
+        return CheckpointFailed(
+            f"cannot write the checkpoint of epoch {step + 1} of {total} in {self.directory} "
+            f"({_reason(err)}); the run is FAILED, {keeps}"
+        )
 
 
 class TrainingDiverged(Exception):
@@ -282,8 +389,9 @@ class TrainingDiverged(Exception):
 
 # Resume: the run's own config, recomposed from the overrides it logged.
 
-# Overrides a resume may give besides the logged ones: where the store is, and more epochs.
-_RESUME_KEYS = ("resume", "epochs", "mlflow.tracking_uri")
+# Overrides a resume may give besides the logged ones: where the store is, more epochs, and
+# whether the checkpoints outlive the run.
+_RESUME_KEYS = ("resume", "epochs", "mlflow.tracking_uri", "train.keep_checkpoints")
 
 
 def resume_overrides(logged: list[str], given: list[str]) -> list[str]:
@@ -304,7 +412,8 @@ def resume_overrides(logged: list[str], given: list[str]) -> list[str]:
     ]
     if other:
         raise UserError(
-            f"a resumed run keeps its own config; only epochs may change, not {', '.join(other)}"
+            f"a resumed run keeps its own config; only epochs may change, not {', '.join(other)} "
+            "(and train.keep_checkpoints)"
         )
     changed = {key(o) for o in given}
     return [o for o in logged if key(o) not in changed] + given
@@ -321,7 +430,7 @@ def check_same_config(logged: dict[str, str], current: dict[str, str]) -> None:
     differ = [
         f"{k} (was {logged[k]}, now {current.get(k)})"
         for k in sorted(logged)
-        if k != "epochs" and not k.startswith("data.") and logged[k] != current.get(k)
+        if k not in _RESUME_KEYS and not k.startswith("data.") and logged[k] != current.get(k)
     ]
     if differ:
         raise UserError(

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from insect_exp import devices, distribute, sweep
+from insect_exp import devices, distribute, preflight, resuming, sweep
 from insect_exp.config import Config, Precision, Strategy
 from insect_exp.upload import SPOOL_DIR
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_TAG = "checkpoint_dir"
+CHECKPOINT_TAG = resuming.CHECKPOINT_TAG
 # Metrics a resumed run may log again for the epoch it redoes: only their first values count.
 RESUMED_KEYS = (
     "loss", "accuracy", "val_loss", "val_accuracy", "lr", "batch_loss", "batch_accuracy",
@@ -37,6 +37,7 @@ def run(cfg: Config) -> float:
 
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
     """
+    preflight.check(cfg)  # a path that is not there fails before a run opens
     distribute.before_tensorflow(cfg.train)
     from insect_exp import resilience, tracking  # tracking's names load on use: no MLflow here
 
@@ -45,6 +46,7 @@ def run(cfg: Config) -> float:
     run = scratch = None
     try:
         with contextlib.ExitStack() as ending:
+            lease = ending.enter_context(resuming.Lease())  # let go once the run has ended
             if cfg.train.strategy is not Strategy.multi_worker:
                 # MLflow works in a process of its own (tracking/remote.py). Started before
                 # TensorFlow's import, it imports MLflow, opens the store and starts the run on
@@ -76,7 +78,7 @@ def run(cfg: Config) -> float:
                 chosen = _start_run(cfg, job) if dist.is_chief else distribute.WorkerRun()
                 run = ending.enter_context(tracking.ending(chosen))
             # Before the images are used: a store that cannot be used stops the run here.
-            checkpoints, resume_from = _checkpoints(cfg, run, dist)
+            checkpoints, resume_from = _checkpoints(cfg, run, dist, lease)
             scratch = None if dist.is_chief else checkpoints
             if not cfg.resume:
                 _log_config(run, cfg)
@@ -84,6 +86,7 @@ def run(cfg: Config) -> float:
             recipe.prepare()  # before waiting for the images: offline weights fail in seconds
             data = loading.result()
             resilience.check()  # a signal swallowed while decoding
+            _check_resumed(cfg, run, data, resume_from)
             # Reports are drawn and logged in the logging process while this one trains,
             # predicts and exports; the recipe's own artifacts (the hub preview runs a model)
             # are made in a thread here first.
@@ -120,7 +123,9 @@ def run(cfg: Config) -> float:
                 test = data.test if data.test is not None else data.val
                 logits = recipe.predict(model, test, cfg.batch_size)
                 test_scores = callbacks.scores(logits, test.labels)
-                run.log_metrics({f"test_{k}": v for k, v in test_scores.items()})
+                # At the last epoch's step: a run trained further is evaluated at a later one.
+                last = cfg.epochs - 1 if history.stopped_epoch is None else history.stopped_epoch
+                run.log_metrics({f"test_{k}": v for k, v in test_scores.items()}, last)
                 predictions = report.summarize_predictions(test, logits, data.class_names, cfg.seed)
                 logged.append(run.submit(report.log_prediction_summary, predictions))
 
@@ -145,25 +150,42 @@ def run(cfg: Config) -> float:
                     done.result()  # its error, if it failed, is the run's
             val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
             opened = run.opened() if dist.is_chief else None
+        _after_finish(cfg, opened, checkpoints)
+        log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
+        _print_summary(opened, dist.worker)
     except KeyboardInterrupt as err:
         resilience.acknowledge()
         signum = getattr(err, "signum", signal.SIGINT)
-        raise resilience.Interrupted(signum, _id_of(run)) from None
+        raise resilience.Interrupted(signum, _id_of(run), getattr(run, "ended", None)) from None
     finally:
         gc.enable()  # on already, unless start-up failed: the next job in this process
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
+    return val_accuracy
+
+
+def _after_finish(cfg: Config, opened, checkpoints: str | None) -> None:
+    """The run is FINISHED (None: a worker's): a signal now only says so; its checkpoints go."""
+    from insect_exp import resilience
+
     if opened is None:
-        print(f"worker {dist.worker} done; the chief (worker 0) logged the run")
-        return val_accuracy
+        return
+    resilience.finished(opened.run_id)
+    if not cfg.train.keep_checkpoints:
+        resuming.drop_checkpoints(checkpoints)
+
+
+def _print_summary(opened, worker: int) -> None:
+    """Where the run is and how to look at it (a worker: that the chief logged it)."""
+    if opened is None:
+        print(f"worker {worker} done; the chief (worker 0) logged the run")
+        return
     print(
         f"MLflow run id: {opened.run_id}\nOpen the UI: {opened.ui_command}\n"
         f"  then: {opened.ui_url}\n"
         f"For MLflow's commands and API: export MLFLOW_TRACKING_URI="
         f"{shlex.quote(opened.tracking_uri)}"
     )
-    return val_accuracy
 
 
 def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
@@ -190,9 +212,10 @@ def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
     )
 
 
-def _checkpoints(cfg: Config, run, dist: distribute.Distribution):
+def _checkpoints(cfg: Config, run, dist: distribute.Distribution, lease: resuming.Lease):
     """Where the run's checkpoints go (None: no output dir to keep them in), and the checkpoint
-    state to resume from (None for a new run). Waits for the run to be open."""
+    state to resume from (None for a new run). Waits for the run to be open; a new run's lease
+    is taken (a resumed one's was, before it opened)."""
     from insect_exp import resilience
 
     if not dist.is_chief:
@@ -202,17 +225,32 @@ def _checkpoints(cfg: Config, run, dist: distribute.Distribution):
         directory = opened.tags.get(CHECKPOINT_TAG)
         # None: it died before its first checkpoint, and starts over in the same run.
         state = resilience.read_state(directory) if directory else None
-        after = -1 if state is None else state.epoch
-        run.set_tags({"resumed_after_epoch": after, "epochs": cfg.epochs})
-        log.info("resuming run %s after epoch %d", opened.run_id, after)
+        done = resilience.epochs_done(state)
+        log.info("resuming run %s %s", opened.run_id, resilience.progress(done, cfg.epochs))
         return directory, state
-    directory = None
-    if cfg.runtime.output_dir:
-        directory = str(Path(cfg.runtime.output_dir) / "checkpoints")
+    directory = resuming.checkpoint_dir(cfg.runtime.output_dir, opened.run_id)
+    if directory:
+        lease.take(directory, opened.run_id)
         resume = f"python -m insect_exp resume={opened.run_id}"
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})
     log.info("MLflow run %s (%s) in %s", opened.run_id, opened.run_name, opened.tracking_uri)
     return directory, None
+
+
+def _check_resumed(cfg: Config, run, data, state) -> None:
+    """A resumed run goes on only with the data it trained on; then it says where it went on.
+
+    Raises:
+        resuming.RefusedAfterOpening: the data's digest differs (the run is put back as it was).
+    """
+    from insect_exp import report, resilience
+
+    if not cfg.resume or isinstance(run, distribute.WorkerRun):
+        return
+    opened = run.opened()
+    resuming.check_same_data(opened.run_id, opened.digests, report.lineage(data))
+    # Epochs completed before the resume, as Keras counts them (`Epoch 3/5` done: 3).
+    run.set_tags({"resumed_after_epoch": resilience.epochs_done(state), "epochs": cfg.epochs})
 
 
 def _log_extras(run, recipe, data, seed: int) -> None:

@@ -103,6 +103,23 @@ def _is_saved_model(path: Path) -> bool:
     return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
 
 
+def check_reachable(handle: str, timeout_s: float, setting: Setting = FEATURES_SETTING) -> None:
+    """Raise what `resolve_handle` would, short of downloading: a local path that is no
+    SavedModel, or a URL that is not cached and does not answer within timeout_s.
+
+    Without TensorFlow: made before a run opens, so a handle offline leaves no FAILED run.
+    """
+    if not is_remote(handle):
+        resolve_handle(handle, timeout_s, setting)  # a local handle: stats only
+        return
+    if _is_saved_model(hub_cache_dir() / hashlib.sha1(handle.encode("utf8")).hexdigest()):
+        return
+    probe_url = "https://storage.googleapis.com/" if handle.startswith("gs://") else handle
+    reason = probe(probe_url, timeout_s)
+    if reason is not None:
+        raise _offline_error("TF Hub model", handle, reason, setting)
+
+
 def resolve_handle(handle: str, timeout_s: float, setting: Setting = FEATURES_SETTING) -> Path:
     """The local SavedModel directory behind `handle`: a path, a TFHUB_CACHE_DIR module, a download.
 

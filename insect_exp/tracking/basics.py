@@ -52,11 +52,24 @@ def param_value(value: Any) -> str:
     return text[:6000]  # MLflow's limit on a param value
 
 
+class PutBack(Exception):
+    """Raised within `ending`: the run goes back to the status it had before it was reopened."""
+
+
 @contextlib.contextmanager
 def ending(run: R) -> Iterator[R]:
-    """End an open run FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C."""
+    """End an open run FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C.
+
+    A PutBack error (a resume refused before it trained) leaves it as it was found instead.
+    """
     try:
         yield run
+        # Inside: a signal while the last metrics go (the longest wait here) ends it KILLED.
+        run.flush()
+    except PutBack:
+        with contextlib.suppress(Exception):
+            run.put_back()
+        raise
     except BaseException as err:
         with contextlib.suppress(Exception):
             run.flush()
@@ -68,7 +81,6 @@ def ending(run: R) -> Iterator[R]:
         with contextlib.suppress(Exception):
             run.end(status)
         raise
-    run.flush()
     run.end("FINISHED")
 
 

@@ -95,6 +95,8 @@ class Opened:
     tags: dict[str, str]  # a reopened run's tags (its checkpoint dir); empty for a new run
     ui_command: str
     ui_url: str
+    # A reopened run's dataset digests by split (train, val, test): what it trained on.
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 class RemoteError(RuntimeError):
@@ -146,6 +148,7 @@ class RemoteRun:
         self._gone: RemoteError | None = None
         self._closed = False
         self._ending_here: threading.Thread | None = None  # see _lost
+        self.ended: str | None = None  # the status the store holds once `end` got through
         self._post("open", opening, future=self._opened)
         self._reader = threading.Thread(target=self._read, name="insect_exp-mlflow", daemon=True)
         self._reader.start()
@@ -206,11 +209,29 @@ class RemoteRun:
         return self._call("log_tf_model", *args, **kwargs)
 
     def end(self, status: str) -> None:
-        """End the run with `status` (after the submitted work) and stop the logging process."""
+        """End the run with `status` (after the submitted work) and stop the logging process.
+
+        `ended` says `status` once the store has it, even when a signal cut the wait short:
+        `close` waits for the reply.
+        """
+        future: Future = Future()
+        future.add_done_callback(lambda done: self._note_ended(done, status))
         try:
-            self._call("end", status)
+            self._post("end", status, future=future)
+            self._result(future)
         finally:
             self.close()
+
+    def put_back(self) -> None:
+        """End a reopened run as it was found (run.Run.put_back) and stop the logging process."""
+        try:
+            self._call("put_back")
+        finally:
+            self.close()
+
+    def _note_ended(self, done: Future, status: str) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.ended = status
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop the logging process; a run it holds that was not ended ends FAILED."""
@@ -254,6 +275,9 @@ class RemoteRun:
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         future: Future = Future()
         self._post(name, *args, future=future, **kwargs)
+        return self._result(future)
+
+    def _result(self, future: Future) -> Any:
         result = future.result()
         # Replies come in order: every call before this one has answered.
         with self._send:
@@ -426,7 +450,7 @@ def serve(conn: Connection) -> None:
             )  # fmt: skip
             submitted.append(job)
             continue
-        if name == "end":
+        if name in ("end", "put_back"):
             for job in submitted:  # what was drawn goes in before the run ends
                 job.exception()
             ended = True
@@ -452,10 +476,12 @@ def _open(opening: Opening) -> tuple[Any, Opened]:
     uri = store.resolve_tracking_uri(opening.tracking_uri, opening.launch_dir)
     if opening.check_store:
         store.prepare_store(uri)
+    digests = {}
     if opening.resume:
         run = runs.reopen_run(uri, opening.resume)
         found = run.client.get_run(run.run_id)
         name, tags = found.info.run_name, dict(found.data.tags)
+        digests = _digests(found)
     else:
         run = runs.start_new_run(
             uri,
@@ -469,7 +495,19 @@ def _open(opening: Opening) -> tuple[Any, Opened]:
             run.spool_to(opening.spool_dir, uri)
         name, tags = opening.run_name, {}
     ui = store.ui_command(uri), store.ui_url(uri, run.experiment_id)
-    return run, Opened(run.run_id, name, run.experiment_id, uri, tags, *ui)
+    return run, Opened(run.run_id, name, run.experiment_id, uri, tags, *ui, digests=digests)
+
+
+def _digests(found: Any) -> dict[str, str]:
+    """A run's dataset digests by split, as its inputs hold them (tracking/lineage.py)."""
+    from insect_exp.tracking.lineage import CONTEXT_TAG
+
+    digests = {}
+    for item in found.inputs.dataset_inputs if found.inputs else []:
+        context = {tag.key: tag.value for tag in item.tags}.get(CONTEXT_TAG)
+        if context:
+            digests[context] = item.dataset.digest
+    return digests
 
 
 def _end_orphaned(run: Any) -> None:

@@ -39,6 +39,7 @@ from insect_exp.upload import INPUTS_FILE, Spool
 
 log = logging.getLogger(__name__)
 
+CURRENT_MODEL_TAG = "current_model"  # the URI of the run's latest logged model
 _MAX_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _MAX_PARAMS = 100  # ... and of params
 __all__ = ["Run", "environment_tags", "reopen_run", "start_new_run", "start_run"]
@@ -86,6 +87,8 @@ class Run:
         self._logged: dict[str, dict[int, float]] = {}
         self.spool: Spool | None = None
         self.offline = False
+        # How a reopened run was found (status, error tag): where a refused resume leaves it.
+        self.found_as: tuple[str, str | None] = ("FAILED", None)
         # train.py logs from a background thread while training logs metrics: one thread at a
         # time sends the metric buffer,
         self._buffer = threading.RLock()
@@ -257,6 +260,16 @@ class Run:
                 file=sys.stderr,
             )
 
+    def put_back(self) -> None:
+        """End the run as it was found (a resume refused before it trained): status, error tag."""
+        status, error = self.found_as
+        if error is not None:
+            self.set_tags({"error": error})
+        self._write(
+            lambda: self.client.set_terminated(self.run_id, status),
+            lambda spool: spool.finish(status),
+        )
+
     def log_tf_model(
         self,
         artifacts: Mapping[str, str | Path],
@@ -381,6 +394,10 @@ class Run:
         if registered_model_name and version:
             log.info("model registered as %s version %s", registered_model_name, version[0])
             self.set_tags({"registered_model": f"{registered_model_name}/{version[0]}"})
+        if not self.offline:
+            # A run trained further (resume=<id> epochs=<more>) logs a model each time: the tag
+            # says which one its final metrics belong to.
+            self.set_tags({CURRENT_MODEL_TAG: uri[0]})
         return uri[0]
 
 
@@ -461,10 +478,13 @@ def reopen_run(tracking_uri: str, run_id: str) -> Run:
         found = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
         raise UserError(f"no run {run_id!r} in the MLflow store {tracking_uri}") from err
-    if "error" in found.data.tags:  # what stopped it last time is history now
+    error = found.data.tags.get("error")
+    if error is not None:  # what stopped it last time is history now
         client.delete_tag(run_id, "error")
     client.update_run(run_id, status="RUNNING")
-    return Run(client, run_id)
+    run = Run(client, run_id)
+    run.found_as = (found.info.status, error)
+    return run
 
 
 def _step(metric: Metric) -> tuple[int, int]:

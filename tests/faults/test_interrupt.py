@@ -132,8 +132,14 @@ def test_a_logging_process_killed_alone_leaves_the_run_failed_and_resumable(
 
 
 def test_resuming_a_deterministic_run_gives_the_uninterrupted_result(tmp_path, folder, store):
-    # Given the same deterministic CNN run for 4 epochs, and for 2 epochs then resumed to 4
-    common = (f"dataset.root={folder}", "deterministic=true", "seed=7")
+    # Given the same deterministic CNN run for 4 epochs, and for 2 epochs (its checkpoints kept)
+    # then resumed to 4
+    common = (
+        f"dataset.root={folder}",
+        "deterministic=true",
+        "seed=7",
+        "train.keep_checkpoints=true",
+    )
     code, stderr, _ = run(*common, "epochs=4", "mlflow.run_name=whole", cwd=tmp_path)
     assert code == 0, stderr[-2000:]
     code, stderr, _ = run(*common, "epochs=2", "mlflow.run_name=halves", cwd=tmp_path)
@@ -162,7 +168,9 @@ def test_a_resume_logs_the_epochs_whose_checkpoint_was_written_but_not_their_met
 ):
     # Given a 2-epoch run whose logging process died after epoch 1's checkpoint was written but
     # before it stored epoch 1's metrics (made here by taking them out of the store)
-    code, stderr, _ = run(f"dataset.root={folder}", "epochs=2", cwd=tmp_path)
+    code, stderr, _ = run(
+        f"dataset.root={folder}", "epochs=2", "train.keep_checkpoints=true", cwd=tmp_path
+    )
     assert code == 0, stderr[-2000:]
     run_id = only_run(store).info.run_id
     client = MlflowClient(store)

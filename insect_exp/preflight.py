@@ -1,0 +1,43 @@
+"""Checks made before a run opens: a path that is not there fails without leaving a FAILED run.
+
+Only what is cheap: a stat of the dataset's folder or CSV file, and of a TF Hub handle (a local
+SavedModel, or one in TF Hub's cache). A handle to download is probed here too (one HTTP HEAD,
+only until it is cached), so that offline it fails before the store holds a run that never started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from insect_exp.config import Config, CsvDatasetConfig, DemoDatasetConfig, HubModelConfig
+
+
+def check(cfg: Config) -> None:
+    """Raise a UserError (one line) if the run's data or weights are plainly not there."""
+    _check_dataset(cfg)
+    if isinstance(cfg.model, HubModelConfig):
+        _check_hub(cfg.model)
+
+
+def _check_dataset(cfg: Config) -> None:
+    from insect_exp.data import DatasetError
+
+    dataset = cfg.dataset
+    if isinstance(dataset, DemoDatasetConfig):
+        return  # made on first use
+    if isinstance(dataset, CsvDatasetConfig):
+        if not Path(dataset.path).expanduser().is_file():
+            raise DatasetError(f"dataset.path {dataset.path!r} is not a file (a CSV of path,label)")
+        return
+    if dataset.root is None or not Path(dataset.root).expanduser().is_dir():
+        raise DatasetError(
+            f"dataset root {dataset.root!r} is not a directory (set dataset.root=PATH)"
+        )
+
+
+def _check_hub(model: HubModelConfig) -> None:
+    from insect_exp.models.handles import CLASSIFIER_SETTING, check_reachable
+
+    check_reachable(model.handle, model.load_timeout_s)
+    if model.preview.enabled:
+        check_reachable(model.preview.handle, model.load_timeout_s, CLASSIFIER_SETTING)
