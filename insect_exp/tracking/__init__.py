@@ -22,7 +22,8 @@ _EXPORTS = {
     "remote": ("Opening", "RemoteError", "RemoteRun"),
     "store": (
         "STORE_DIR", "StoreError", "default_tracking_uri", "ensure_experiment", "open_client",
-        "prepare_store", "resolve_tracking_uri", "retry_if_raced", "ui_command", "ui_url",
+        "prepare_store", "refusals_named", "refused_access", "resolve_tracking_uri",
+        "retry_if_raced", "ui_command", "ui_url",
     ),
     "sweeps": ("RunRecord", "child_runs", "create_run", "end_run"),
 }  # fmt: skip
@@ -63,6 +64,8 @@ if TYPE_CHECKING:
         ensure_experiment,
         open_client,
         prepare_store,
+        refusals_named,
+        refused_access,
         resolve_tracking_uri,
         retry_if_raced,
         ui_command,

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
     try:
         open_client(tracking_uri).search_experiments(max_results=1)
     except Exception as err:
-        raise StoreError(
+        raise refused_access(tracking_uri, err) or StoreError(
             f"cannot reach the MLflow store {tracking_uri} ({first_line(err)}); start the "
             "server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a reachable one"
         ) from err
@@ -129,6 +130,63 @@ def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def refused_access(tracking_uri: str, err: BaseException, what: str = "") -> StoreError | None:
+    """The one-line error for a server that refused our login (401) or a write (403), else None.
+
+    A refusal is not a lost server: retrying, or spooling the run to upload later, cannot help;
+    the user's credentials or permissions must change. The message names the server and the user
+    MLflow sent (from MLFLOW_TRACKING_USERNAME or ~/.mlflow/credentials), never the password.
+
+    Args:
+        what: what was refused, for a 403 ("write to experiment 'x'"); default: use the store.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    if not isinstance(err, MlflowException):
+        return None
+    status = err.get_http_status_code()
+    if status not in (401, 403):
+        return None
+    server = _without_password(tracking_uri)
+    user = read_mlflow_creds().username
+    if status == 403:
+        return StoreError(
+            f"the MLflow server {server} does not let user {user!r} {what or 'use this store'} "
+            "(HTTP 403, permission denied): ask the server's admin for EDIT permission on it"
+        )
+    if user is None:
+        return StoreError(
+            f"the MLflow server {server} asks who you are and no user was given (HTTP 401): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it"
+        )
+    return StoreError(
+        f"the MLflow server {server} refused user {user!r}: wrong password, or no such user "
+        "(HTTP 401); check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
+
+
+@contextlib.contextmanager
+def refusals_named(tracking_uri: str, what: str) -> Iterator[None]:
+    """Raise a server's refusal (401, 403) inside as one StoreError; other errors as they are."""
+    try:
+        yield
+    except Exception as err:
+        refused = refused_access(tracking_uri, err, what)
+        if refused is None:
+            raise
+        raise refused from err
+
+
+def _without_password(uri: str) -> str:
+    """The URI with any password in it (http://user:secret@host) left out."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
 
 
 def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
