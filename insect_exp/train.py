@@ -7,7 +7,6 @@ import gc
 import io
 import logging
 import os
-import shlex
 import shutil
 import signal
 import tempfile
@@ -159,12 +158,9 @@ def run(cfg: Config) -> float:
     if opened is None:
         print(f"worker {dist.worker} done; the chief (worker 0) logged the run")
         return val_accuracy
-    print(
-        f"MLflow run id: {opened.run_id}\nOpen the UI: {opened.ui_command}\n"
-        f"  then: {opened.ui_url}\n"
-        f"For MLflow's commands and API: export MLFLOW_TRACKING_URI="
-        f"{shlex.quote(opened.tracking_uri)}"
-    )
+    print(f"MLflow run id: {opened.run_id}")
+    if job.parent_run_id is None:  # a sweep prints where its runs are once, at its end
+        print(tracking.ui_footer(opened.ui_command, opened.ui_url, opened.tracking_uri))
     return val_accuracy
 
 

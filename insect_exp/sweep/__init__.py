@@ -226,11 +226,10 @@ class MlflowSweepCallback(Callback):
                 summary.failed,
                 best_text,
             )
-            log.info(
-                "compare the runs: %s, then %s",
-                tracking.ui_command(self.sweep.tracking_uri),
-                tracking.ui_url(self.sweep.tracking_uri, self.sweep.experiment_id),
-            )
+            uri = self.sweep.tracking_uri
+            ui = tracking.ui_command(uri), tracking.ui_url(uri, self.sweep.experiment_id)
+            print(f"MLflow sweep run id: {self.sweep.parent_run_id}")
+            print(tracking.ui_footer(*ui, uri))
             return summary.failed
         finally:
             tracking.end_run(self.sweep.tracking_uri, self.sweep.parent_run_id, status)

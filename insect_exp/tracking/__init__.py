@@ -17,7 +17,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "basics": ("MetricSink", "ending", "flatten", "param_value", "run_name", "to_tsv"),
+    "basics": (
+        "MetricSink", "ending", "flatten", "param_value", "run_name", "to_tsv", "ui_footer",
+    ),
     "run": ("Run", "environment_tags", "reopen_run", "start_new_run", "start_run"),
     "remote": ("Opening", "RemoteError", "RemoteRun"),
     "store": (
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
         param_value,
         run_name,
         to_tsv,
+        ui_footer,
     )
     from insect_exp.tracking.remote import Opening, RemoteError, RemoteRun
     from insect_exp.tracking.run import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -295,9 +296,10 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 
 def ui_command(tracking_uri: str) -> str:
     """The shell command that opens the MLflow UI on this store."""
+    quoted = shlex.quote(tracking_uri)  # a launch directory's path may hold spaces
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        return f"open {quoted}"
+    return f"mlflow ui --backend-store-uri {quoted} --host 127.0.0.1 --port 5000"
 
 
 def ui_url(tracking_uri: str, experiment_id: str) -> str:
