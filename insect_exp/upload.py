@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from insect_exp import UserError
+
 SPOOL_DIR = "mlflow-spool"  # in a run's output dir
 INPUTS_FILE = "dataset/inputs.json"  # a spooled run's dataset inputs, replayed as MLflow inputs
 
@@ -188,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("spool", help="the spool directory the run printed")
     parser.add_argument("--tracking-uri", help="upload to this store instead of the run's own")
     args = parser.parse_args(argv)
-    from insect_exp import UserError
-
     try:
         run_id = upload(args.spool, args.tracking_uri)
     except Exception as err:  # the store is still gone or refuses us, or the spool is not one
