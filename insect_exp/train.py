@@ -66,8 +66,6 @@ def run(cfg: Config) -> float:
             # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
             dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
             log.info(dist.describe())
-            if run is not None:
-                run.opened()  # a store that refuses us stops the run before any image is decoded
             # The train split decodes in TensorFlow's threads from here on.
             loading = Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
             if run is None:  # a multi-worker run knows its chief now
