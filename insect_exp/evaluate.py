@@ -174,7 +174,8 @@ def run(cfg: EvaluateConfig) -> float:
         "mlflow.note.content": _note(ref, source, folder),
         **cfg.mlflow.tags,
     }
-    with tracking.start_run(uri, experiment, name, tags) as run:
+    refused = tracking.refusals_named(uri, f"write to experiment {experiment!r}")
+    with refused, tracking.start_run(uri, experiment, name, tags) as run:
         run.log_params(
             {
                 "model_uri": ref.uri,

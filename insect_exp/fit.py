@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp import resilience
+from insect_exp import progress, resilience
 from insect_exp.callbacks import (
     BatchStats,
     EpochEnd,
@@ -295,6 +295,7 @@ def fit(
         seed: the shuffle seed (default settings.seed; a later stage takes another).
         schedule: apply the configured learning-rate schedule and early stopping (first stage).
         stage: names this stage in its checkpoints; a checkpoint of the same stage is resumed.
+        verbose: Keras's; auto: its bar on a terminal, one line per epoch in a file or pipe.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (training stops in that batch).
@@ -367,7 +368,7 @@ def fit(
             steps_per_epoch=steps,
             callbacks=callbacks,
             class_weight=weights or None,
-            verbose=verbose,
+            verbose=progress.keras_verbosity() if verbose == "auto" else verbose,
         )
     except tf.errors.InvalidArgumentError as err:
         if "non-finite loss" not in str(err):

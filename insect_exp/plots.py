@@ -34,6 +34,9 @@ CORRECT_COLOR = "green"
 WRONG_COLOR = "red"
 # Above this many runs an in-plot legend covers the curves it is meant to explain.
 _LEGEND_OUTSIDE_AFTER = 6
+# Marker shapes and dash patterns that tell the runs of a sweep overlay apart.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("-", "--", ":", "-.")
 # Past this size per-cell count labels overlap and become unreadable.
 _MAX_ANNOTATED_CLASSES = 40
 
@@ -169,18 +172,30 @@ def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
             if values is None or len(values) == 0:
                 continue
             epochs = np.arange(1, len(values) + 1)
-            ax.plot(epochs, values, marker="o", markersize=3, label=f"{label_prefix} {name}")
+            ax.plot(epochs, values, marker="o", markersize=5, label=f"{label_prefix} {name}")
         ax.set_title(f"Training and Validation {name}")
         ax.set_xlabel("Epoch")
         ax.set_ylabel(name)
         if ax.lines:
             ax.legend(loc=legend_loc)
-            # Fractional epoch ticks are meaningless.
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            _epoch_axis(ax)
     # Fixed margins, not tight_layout: its extra drawing pass was 0.2 s of the run's tail, and
     # these labels are fixed. Room for tick labels of up to 6 characters (tests/test_plots.py).
     fig.subplots_adjust(left=0.065, right=0.985, bottom=0.13, top=0.92, wspace=0.17)
     return fig
+
+
+def _epoch_axis(ax) -> None:
+    """Whole epochs on the x axis, with room around the first and last (one epoch: a tick at 1).
+
+    Left to itself, matplotlib spans a single point with fractional ticks (0.96 ... 1.04).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    last = max((len(line.get_xdata()) for line in ax.lines), default=1)
+    ax.set_xlim(0.5, max(last, 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xticks([t for t in ax.get_xticks() if 1 <= t <= last])
 
 
 def batch_curve(
@@ -301,15 +316,21 @@ def overlay_curves(
     many = len(curves) > _LEGEND_OUTSIDE_AFTER
     fig = Figure(figsize=(10 if many else 7, 4.5))
     ax = fig.add_subplot()
-    for name, values in curves.items():
+    for i, (name, values) in enumerate(curves.items()):
         values = np.asarray(values, dtype=float).reshape(-1)
-        ax.plot(np.arange(1, values.size + 1), values, marker="o", markersize=2, label=str(name))
+        # Runs of equal values (a sweep of seeds, one epoch) draw on top of each other: each
+        # run's own marker and dashes, hollow and a little transparent, keep every one visible.
+        ax.plot(
+            np.arange(1, values.size + 1), values, label=str(name),
+            marker=_MARKERS[i % len(_MARKERS)], markersize=7, fillstyle="none",
+            linestyle=_DASHES[i % len(_DASHES)], alpha=0.8,
+        )  # fmt: skip
     ax.set_xlabel("Epoch")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
     if ax.lines:
+        _epoch_axis(ax)
         if many:
             ax.legend(
                 loc="upper left",

@@ -84,3 +84,13 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def keras_verbosity(stream: TextIO | None = None) -> int:
+    """Keras's `verbose` for fit: its bar on a terminal (1), else one line per epoch (2).
+
+    Keras draws its bar on standard output; in a file or a pipe (a SLURM .out, `> run.log`) each
+    batch's redraw would stay there as text.
+    """
+    stream = stream if stream is not None else sys.stdout
+    return 1 if getattr(stream, "isatty", lambda: False)() else 2

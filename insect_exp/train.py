@@ -7,7 +7,6 @@ import gc
 import io
 import logging
 import os
-import shlex
 import shutil
 import signal
 import tempfile
@@ -152,7 +151,7 @@ def run(cfg: Config) -> float:
             opened = run.opened() if dist.is_chief else None
         _after_finish(cfg, opened, checkpoints)
         log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
-        _print_summary(opened, dist.worker)
+        _print_summary(opened, dist.worker, in_sweep=job.parent_run_id is not None)
     except KeyboardInterrupt as err:
         resilience.acknowledge()
         signum = getattr(err, "signum", signal.SIGINT)
@@ -175,17 +174,16 @@ def _after_finish(cfg: Config, opened, checkpoints: str | None) -> None:
         resuming.drop_checkpoints(checkpoints)
 
 
-def _print_summary(opened, worker: int) -> None:
+def _print_summary(opened, worker: int, in_sweep: bool) -> None:
     """Where the run is and how to look at it (a worker: that the chief logged it)."""
+    from insect_exp import tracking
+
     if opened is None:
         print(f"worker {worker} done; the chief (worker 0) logged the run")
         return
-    print(
-        f"MLflow run id: {opened.run_id}\nOpen the UI: {opened.ui_command}\n"
-        f"  then: {opened.ui_url}\n"
-        f"For MLflow's commands and API: export MLFLOW_TRACKING_URI="
-        f"{shlex.quote(opened.tracking_uri)}"
-    )
+    print(f"MLflow run id: {opened.run_id}")
+    if not in_sweep:  # a sweep prints where its runs are once, at its end
+        print(tracking.ui_footer(opened.ui_command, opened.ui_url, opened.tracking_uri))
 
 
 def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from insect_exp import UserError
+
 SPOOL_DIR = "mlflow-spool"  # in a run's output dir
 INPUTS_FILE = "dataset/inputs.json"  # a spooled run's dataset inputs, replayed as MLflow inputs
 
@@ -103,16 +105,28 @@ def spools_under(directory: str | Path) -> dict[str, Path]:
 
 
 def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
-    """Replay a spool into its run; return the run id. The spool is left in place."""
+    """Replay a spool into its run; return the run id. The spool is left in place.
+
+    Raises:
+        StoreError: the store's server refused the user's login or the write (one line).
+    """
+    from insect_exp import tracking
+
+    spool = Path(directory)
+    info = json.loads((spool / "run.json").read_text())
+    uri = tracking_uri or info["tracking_uri"]
+    with tracking.refusals_named(uri, f"write to run {info['run_id']}"):
+        _replay(spool, info, tracking.open_client(uri))
+    return info["run_id"]
+
+
+def _replay(spool: Path, info: dict[str, Any], client: Any) -> None:
+    """Send what the spool holds to its run, and end the run with the spool's status."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 
     from insect_exp import tracking
     from insect_exp.tracking.lineage import SplitRecord
 
-    spool = Path(directory)
-    info = json.loads((spool / "run.json").read_text())
-    uri = tracking_uri or info["tracking_uri"]
-    client = tracking.open_client(uri)
     run_id = info["run_id"]
     # fails here, before anything is sent, if the store is still gone
     if client.get_run(run_id).data.tags.get("error", "").startswith(_OFFLINE):
@@ -146,7 +160,6 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
             _register(client, info["registered_model_name"], model.model_id, run_id)
     status = (spool / "status").read_text().strip() if (spool / "status").is_file() else "KILLED"
     client.set_terminated(run_id, status)
-    return run_id
 
 
 def _register(client: Any, name: str, model_id: str, run_id: str) -> None:
@@ -179,10 +192,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run_id = upload(args.spool, args.tracking_uri)
-    except Exception as err:  # the store is still gone, or the spool is not one
+    except Exception as err:  # the store is still gone or refuses us, or the spool is not one
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"insect_exp.upload: error: {text}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(err, UserError) else 1)
     print(f"uploaded run {run_id}")
 
 

@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,18 @@ class MlflowServer:
         artifacts_destination: where artifacts uploaded through the server (mlflow-artifacts:/)
             go. Experiments whose artifact location is a file URI are served from there instead.
         log_path: the server's stdout and stderr.
+        app_name: an MLflow server app, e.g. basic-auth (users, passwords and permissions).
+        env: environment variables for the server (the auth app's settings).
     """
 
-    def __init__(self, backend_store_uri: str, artifacts_destination: Path, log_path: Path):
+    def __init__(
+        self,
+        backend_store_uri: str,
+        artifacts_destination: Path,
+        log_path: Path,
+        app_name: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -82,6 +91,7 @@ class MlflowServer:
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **(env or {}),
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         command = [
@@ -91,6 +101,7 @@ class MlflowServer:
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--workers", "1",
+            *(["--app-name", app_name] if app_name else []),
         ]  # fmt: skip
         with open(log_path, "wb") as log:
             # Own session and process group: the uvicorn worker can be found (and killed) by pgid.

@@ -327,3 +327,37 @@ def test_cjk_class_names_fall_back_to_a_cjk_font_or_say_once_that_none_is_instal
         warnings = [r for r in caplog.records if "CJK" in r.getMessage()]
         assert len(warnings) == 1 and "fonts-noto-cjk" in warnings[0].getMessage()
     assert _tile_titles(fig)[1].get_fontfamily() == ["DejaVu Sans"]
+
+
+def test_a_one_epoch_training_curve_shows_its_points_over_a_whole_epoch() -> None:
+    # Given the history of a run of one epoch
+    history = {"accuracy": [0.61], "val_accuracy": [0.67], "loss": [0.98], "val_loss": [0.67]}
+
+    # When its curves are drawn
+    fig = plots.training_curves(history)
+
+    for ax in fig.axes:
+        # Then the x axis has one tick, epoch 1, inside the view, not 0.96 ... 1.04
+        assert list(ax.get_xticks()) == [1]
+        low, high = ax.get_xlim()
+        assert low < 1 < high
+        # And each single point is a marker big enough to see
+        for line in ax.lines:
+            assert line.get_marker() not in ("", " ", "None", None) and line.get_markersize() >= 5
+
+
+def test_a_sweep_overlay_keeps_runs_of_equal_values_apart() -> None:
+    # Given a sweep whose runs reached the same values (same data, different seeds)
+    curves = {f"seed={i}": [0.5, 0.6, 0.7] for i in range(5)}
+
+    # When their curves are overlaid
+    ax = plots.overlay_curves(curves).axes[0]
+
+    # Then each run's line looks different, so none hides another under it
+    styles = {(line.get_marker(), line.get_linestyle()) for line in ax.lines}
+    assert len(styles) == len(curves), styles
+    # And hollow markers, a little transparent, leave the ones beneath visible
+    assert all(line.get_fillstyle() == "none" for line in ax.lines)
+    assert all(line.get_alpha() is not None and line.get_alpha() < 1 for line in ax.lines)
+    # And whole epochs on the x axis
+    assert list(ax.get_xticks()) == [1, 2, 3]

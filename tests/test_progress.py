@@ -7,6 +7,8 @@ import logging
 
 from insect_exp import progress
 from insect_exp.progress import Progress
+from tests.conftest import make_image_folder, run_cli
+from tests.sweeps import TINY
 
 
 class _Clock:
@@ -59,3 +61,24 @@ def test_quick_work_logs_nothing(caplog):
     with Progress(10, "decoding test", stream=io.StringIO()) as bar:
         bar.update(10)
     assert caplog.records == []
+
+
+def test_training_into_a_file_or_pipe_writes_one_line_per_epoch_not_a_bar(tmp_path):
+    # Given a run whose standard output is a pipe, as a SLURM .out file or `> run.log` is
+    folder = make_image_folder(tmp_path / "insects")
+
+    # When it trains for two epochs
+    out = run_cli(*TINY, "epochs=2", f"dataset.root={folder}", cwd=tmp_path)
+
+    # Then the output holds one header and one summary line per epoch, as Keras's verbose=2 writes
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert [line for line in lines if line.startswith("Epoch ")] == ["Epoch 1/2", "Epoch 2/2"]
+    assert len([line for line in lines if " - loss: " in line]) == 2, out.stdout
+    # And none of the progress bar's per-batch redraws
+    assert "\r" not in out.stdout and "ETA" not in out.stdout and "[=" not in out.stdout
+
+
+def test_keras_draws_its_bar_only_on_a_terminal():
+    assert progress.keras_verbosity(_Terminal()) == 1
+    assert progress.keras_verbosity(io.StringIO()) == 2

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pickle
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -435,3 +436,26 @@ def test_a_failed_jobs_error_is_made_safe_to_send_back_to_the_launching_process(
         returned.return_value  # noqa: B018  (Hydra's getter raises a failed job's error)
     error = pickle.loads(pickle.dumps(raised.value))
     assert "_NeedsTwoArgs: out of memory" in str(error)
+
+
+def test_a_sweep_prints_where_its_runs_are_once_shell_quoted(tmp_path):
+    # Given a launch directory whose path holds a space
+    root = tmp_path / "my sweeps"
+
+    # When a sweep of two jobs runs there
+    result = run_sweep(root, "seed=1,2")
+
+    # Then it prints the UI footer once, not once per job
+    assert result.returncode == 0, result.output
+    out = result.process.stdout
+    opens = [line for line in out.splitlines() if line.startswith("Open the UI: ")]
+    exports = [line for line in out.splitlines() if "export MLFLOW_TRACKING_URI=" in line]
+    assert len(opens) == 1 and len(exports) == 1, out
+    # And both commands paste into a shell as they are: the store's URI stays one word
+    ui = shlex.split(opens[0].removeprefix("Open the UI: "))
+    assert ui[:4] == ["mlflow", "ui", "--backend-store-uri", result.tracking_uri], ui
+    export = shlex.split(exports[0].split(": ", 1)[1])
+    assert export == ["export", f"MLFLOW_TRACKING_URI={result.tracking_uri}"]
+    # And it names the parent run, whose children are the two jobs
+    assert f"MLflow sweep run id: {result.parent.info.run_id}" in out
+    assert len(result.children) == 2

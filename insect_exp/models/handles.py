@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from insect_exp import UserError
 
@@ -181,3 +181,33 @@ def read_labels(source: str, timeout_s: float) -> list[str]:
         except (OSError, ValueError) as err:
             reason = str(getattr(err, "reason", err))
     raise _offline_error("labels", source, reason, LABELS_SETTING)
+
+
+def resolve_preview(handle: str, labels: str, timeout_s: float) -> tuple[Path, list[str]]:
+    """The ImageNet preview's classifier (a local SavedModel) and its class names.
+
+    Both are checked before either fails: offline, each needs a setting of its own, and one
+    message names both rather than the labels only once the classifier is fixed.
+
+    Raises:
+        HubHandleError: one line naming every setting that must change.
+    """
+    found: list[Any] = []
+    problems = []
+    for load in (
+        lambda: resolve_handle(handle, timeout_s, CLASSIFIER_SETTING),
+        lambda: read_labels(labels, timeout_s),
+    ):
+        try:
+            found.append(load())
+        except HubHandleError as err:
+            problems.append(str(err).rstrip("."))
+    if len(problems) == 2:
+        raise HubHandleError(
+            "the ImageNet preview (model.preview.enabled=true) can load neither its classifier "
+            f"nor its labels. Classifier: {problems[0]}. Labels: {problems[1]}. Or turn the "
+            "preview off: model.preview.enabled=false"
+        )
+    if problems:
+        raise HubHandleError(problems[0])
+    return found[0], found[1]

@@ -20,7 +20,7 @@ from insect_exp.config import HubModelConfig
 from insect_exp.data.pipeline import Data
 from insect_exp.models.backbone import BackboneRecipe, backbone_of
 from insect_exp.models.feature_cache import saved_model_digest
-from insect_exp.models.handles import CLASSIFIER_SETTING, read_labels, resolve_handle
+from insect_exp.models.handles import read_labels, resolve_handle, resolve_preview
 
 
 class HubBackbone(hub.KerasLayer):
@@ -66,9 +66,9 @@ class HubRecipe(BackboneRecipe):
         # A download lands in TF Hub's cache, so building the model later finds it at once.
         timeout = self.cfg.load_timeout_s
         resolve_handle(self.cfg.handle, timeout)
-        if self.cfg.preview.enabled:
-            resolve_handle(self.cfg.preview.handle, timeout, CLASSIFIER_SETTING)
-            self._labels = read_labels(self.cfg.preview.labels, timeout)
+        preview = self.cfg.preview
+        if preview.enabled:
+            _, self._labels = resolve_preview(preview.handle, preview.labels, timeout)
 
     def backbone(self) -> tuple[list[keras.layers.Layer], keras.layers.Layer]:
         source = resolve_handle(self.cfg.handle, self.cfg.load_timeout_s)

@@ -10,8 +10,8 @@ from insect_exp.models.handles import (
     CLASSIFIER_SETTING,
     LABELS_SETTING,
     HubHandleError,
-    read_labels,
     resolve_handle,
+    resolve_preview,
 )
 
 
@@ -27,8 +27,11 @@ def imagenet_preview(
     Args:
         labels: the class names, or where to read them (a labels file path or URL).
     """
-    names = read_labels(labels, timeout_s) if isinstance(labels, str) else labels
-    classifier = hub.KerasLayer(str(resolve_handle(handle, timeout_s, CLASSIFIER_SETTING)))
+    if isinstance(labels, str):
+        source, names = resolve_preview(handle, labels, timeout_s)
+    else:
+        source, names = resolve_handle(handle, timeout_s, CLASSIFIER_SETTING), labels
+    classifier = hub.KerasLayer(str(source))
     logits = np.concatenate(
         [
             classifier(tf.constant(images[i : i + batch_size], tf.float32) / 255.0).numpy()

@@ -23,10 +23,11 @@ applied here to sweepers that tolerate failures too, such as Optuna's), 0 otherw
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import pickle
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +113,12 @@ class MlflowSweepCallback(Callback):
         # Never let this sweep's jobs find a parent left by an earlier sweep in the same dir.
         (sweep_dir / SWEEP_FILE).unlink(missing_ok=True)
         uri = tracking.resolve_tracking_uri(config.mlflow.tracking_uri, launch_dir)
-        try:
+        experiment = config.mlflow.experiment_name
+        with _store_errors_exit(uri, experiment):
             tracking.prepare_store(uri)
-        except tracking.StoreError as err:
-            # Hydra logs and swallows a callback's exceptions; the sweep must not start.
-            print(f"insect_exp: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from err
-        # Once, before any job: jobs creating a new experiment at the same moment can file their
-        # runs under Default (MLflow 3.17); they get this id instead.
-        experiment_id = tracking.ensure_experiment(uri, config.mlflow.experiment_name)
+            # Once, before any job: jobs creating a new experiment at the same moment can file
+            # their runs under Default (MLflow 3.17); they get this id instead.
+            experiment_id = tracking.ensure_experiment(uri, experiment)
 
         task = list(hydra.overrides.task)
         plan = sweep_plan(task, OmegaConf.to_container(hydra.sweeper, resolve=True))
@@ -134,7 +132,8 @@ class MlflowSweepCallback(Callback):
             "sweep.sweeper": str(choices.get("hydra/sweeper")),
         }
         name = " ".join(["sweep", *(o for o in task if not o.startswith("mlflow."))])[:250]
-        parent = tracking.create_run(uri, experiment_id, name, tags)
+        with _store_errors_exit(uri, experiment):  # the first write: a read-only user stops here
+            parent = tracking.create_run(uri, experiment_id, name, tags)
         self.sweep = SweepInfo(
             tracking_uri=uri,
             experiment_id=experiment_id,
@@ -227,14 +226,27 @@ class MlflowSweepCallback(Callback):
                 summary.failed,
                 best_text,
             )
-            log.info(
-                "compare the runs: %s, then %s",
-                tracking.ui_command(self.sweep.tracking_uri),
-                tracking.ui_url(self.sweep.tracking_uri, self.sweep.experiment_id),
-            )
+            uri = self.sweep.tracking_uri
+            ui = tracking.ui_command(uri), tracking.ui_url(uri, self.sweep.experiment_id)
+            print(f"MLflow sweep run id: {self.sweep.parent_run_id}")
+            print(tracking.ui_footer(*ui, uri))
             return summary.failed
         finally:
             tracking.end_run(self.sweep.tracking_uri, self.sweep.parent_run_id, status)
+
+
+@contextlib.contextmanager
+def _store_errors_exit(uri: str, experiment: str) -> Iterator[None]:
+    """A store that cannot be used, or refuses us, stops the sweep with one line and exit 2."""
+    from insect_exp import tracking
+
+    try:
+        with tracking.refusals_named(uri, f"write to experiment {experiment!r}"):
+            yield
+    except tracking.StoreError as err:
+        # Hydra logs and swallows a callback's exceptions; the sweep must not start.
+        print(f"insect_exp: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 def _portable(error: Any) -> Any:

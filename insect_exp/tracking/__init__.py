@@ -17,12 +17,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "basics": ("MetricSink", "ending", "flatten", "param_value", "run_name", "to_tsv"),
+    "basics": (
+        "MetricSink", "ending", "flatten", "param_value", "run_name", "to_tsv", "ui_footer",
+    ),
     "run": ("Run", "environment_tags", "reopen_run", "start_new_run", "start_run"),
     "remote": ("Opening", "RemoteError", "RemoteRun"),
     "store": (
         "STORE_DIR", "StoreError", "default_tracking_uri", "ensure_experiment", "open_client",
-        "prepare_store", "resolve_tracking_uri", "retry_if_raced", "ui_command", "ui_url",
+        "prepare_store", "refusals_named", "refused_access", "resolve_tracking_uri",
+        "retry_if_raced", "ui_command", "ui_url",
     ),
     "sweeps": ("RunRecord", "child_runs", "create_run", "end_run"),
 }  # fmt: skip
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
         param_value,
         run_name,
         to_tsv,
+        ui_footer,
     )
     from insect_exp.tracking.remote import Opening, RemoteError, RemoteRun
     from insect_exp.tracking.run import (
@@ -63,6 +67,8 @@ if TYPE_CHECKING:
         ensure_experiment,
         open_client,
         prepare_store,
+        refusals_named,
+        refused_access,
         resolve_tracking_uri,
         retry_if_raced,
         ui_command,

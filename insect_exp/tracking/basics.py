@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import shlex
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -23,6 +24,17 @@ def run_name(model: str, optimizer: str, overrides: Sequence[str] = ()) -> str:
     """A readable run name: model, optimizer, then the other command-line overrides."""
     extra = [o for o in overrides if not o.startswith(("model=", "optimizer=", "hydra"))]
     return " ".join([f"{model}-{optimizer}", *extra])[:250]
+
+
+def ui_footer(ui_command: str, ui_url: str, tracking_uri: str) -> str:
+    """What a run or a sweep prints last: how to open its runs, and the store for MLflow's tools.
+
+    The URI is shell-quoted: a launch directory's path may hold spaces or quotes.
+    """
+    return (
+        f"Open the UI: {ui_command}\n  then: {ui_url}\n"
+        f"For MLflow's commands and API: export MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)}"
+    )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

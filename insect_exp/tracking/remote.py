@@ -476,24 +476,29 @@ def _open(opening: Opening) -> tuple[Any, Opened]:
     uri = store.resolve_tracking_uri(opening.tracking_uri, opening.launch_dir)
     if opening.check_store:
         store.prepare_store(uri)
+    # A server that lets a user read but not write refuses the first write: opening the run.
+    what = (
+        "reopen that run" if opening.resume else f"write to experiment {opening.experiment_name!r}"
+    )
     digests = {}
-    if opening.resume:
-        run = runs.reopen_run(uri, opening.resume)
-        found = run.client.get_run(run.run_id)
-        name, tags = found.info.run_name, dict(found.data.tags)
-        digests = _digests(found)
-    else:
-        run = runs.start_new_run(
-            uri,
-            opening.experiment_name,
-            opening.run_name,
-            {**runs.environment_tags(), **opening.tags},
-            opening.parent_run_id,
-            opening.experiment_id,
-        )
-        if opening.spool_dir:
-            run.spool_to(opening.spool_dir, uri)
-        name, tags = opening.run_name, {}
+    with store.refusals_named(uri, what):
+        if opening.resume:
+            run = runs.reopen_run(uri, opening.resume)
+            found = run.client.get_run(run.run_id)
+            name, tags = found.info.run_name, dict(found.data.tags)
+            digests = _digests(found)
+        else:
+            run = runs.start_new_run(
+                uri,
+                opening.experiment_name,
+                opening.run_name,
+                {**runs.environment_tags(), **opening.tags},
+                opening.parent_run_id,
+                opening.experiment_id,
+            )
+            if opening.spool_dir:
+                run.spool_to(opening.spool_dir, uri)
+            name, tags = opening.run_name, {}
     ui = store.ui_command(uri), store.ui_url(uri, run.experiment_id)
     return run, Opened(run.run_id, name, run.experiment_id, uri, tags, *ui, digests=digests)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,7 @@ def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
     try:
         open_client(tracking_uri).search_experiments(max_results=1)
     except Exception as err:
-        raise StoreError(
+        raise refused_access(tracking_uri, err) or StoreError(
             f"cannot reach the MLflow store {tracking_uri} ({first_line(err)}); start the "
             "server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a reachable one"
         ) from err
@@ -129,6 +131,63 @@ def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def refused_access(tracking_uri: str, err: BaseException, what: str = "") -> StoreError | None:
+    """The one-line error for a server that refused our login (401) or a write (403), else None.
+
+    A refusal is not a lost server: retrying, or spooling the run to upload later, cannot help;
+    the user's credentials or permissions must change. The message names the server and the user
+    MLflow sent (from MLFLOW_TRACKING_USERNAME or ~/.mlflow/credentials), never the password.
+
+    Args:
+        what: what was refused, for a 403 ("write to experiment 'x'"); default: use the store.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    if not isinstance(err, MlflowException):
+        return None
+    status = err.get_http_status_code()
+    if status not in (401, 403):
+        return None
+    server = _without_password(tracking_uri)
+    user = read_mlflow_creds().username
+    if status == 403:
+        return StoreError(
+            f"the MLflow server {server} does not let user {user!r} {what or 'use this store'} "
+            "(HTTP 403, permission denied): ask the server's admin for EDIT permission on it"
+        )
+    if user is None:
+        return StoreError(
+            f"the MLflow server {server} asks who you are and no user was given (HTTP 401): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it"
+        )
+    return StoreError(
+        f"the MLflow server {server} refused user {user!r}: wrong password, or no such user "
+        "(HTTP 401); check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
+
+
+@contextlib.contextmanager
+def refusals_named(tracking_uri: str, what: str) -> Iterator[None]:
+    """Raise a server's refusal (401, 403) inside as one StoreError; other errors as they are."""
+    try:
+        yield
+    except Exception as err:
+        refused = refused_access(tracking_uri, err, what)
+        if refused is None:
+            raise
+        raise refused from err
+
+
+def _without_password(uri: str) -> str:
+    """The URI with any password in it (http://user:secret@host) left out."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
 
 
 def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
@@ -237,9 +296,10 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 
 def ui_command(tracking_uri: str) -> str:
     """The shell command that opens the MLflow UI on this store."""
+    quoted = shlex.quote(tracking_uri)  # a launch directory's path may hold spaces
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        return f"open {quoted}"
+    return f"mlflow ui --backend-store-uri {quoted} --host 127.0.0.1 --port 5000"
 
 
 def ui_url(tracking_uri: str, experiment_id: str) -> str:

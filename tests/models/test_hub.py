@@ -260,6 +260,32 @@ def test_prepare_checks_the_preview_labels_before_any_image_is_decoded(
         recipe.prepare()
 
 
+def test_prepare_names_the_preview_classifier_and_labels_settings_in_one_message(
+    tiny_backbone, tmp_path, monkeypatch
+):
+    # Given a reachable backbone, but neither the preview's classifier nor its labels (offline)
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty_cache"))
+    preview = PreviewConfig(
+        enabled=True,
+        handle=OFFLINE_CLASSIFIER_URL,
+        labels="https://labels.invalid/ImageNetLabels.txt",
+    )
+    recipe = HubRecipe(_hub(tiny_backbone, preview=preview, load_timeout_s=5.0))
+
+    # When the recipe prepares
+    with pytest.raises(HubHandleError) as err:
+        recipe.prepare()
+
+    # Then one line names both settings, so that one fix makes the preview work
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in (
+        "model.preview.handle=", "INSECT_EXP_HUB_CLASSIFIER_HANDLE",
+        "model.preview.labels=", "INSECT_EXP_IMAGENET_LABELS",
+    ):  # fmt: skip
+        assert needle in message, message
+
+
 def test_server_that_never_answers_fails_within_the_load_timeout(tmp_path, monkeypatch):
     # Given a server that accepts connections but never answers (a stalled network)
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty_cache"))
