@@ -21,6 +21,7 @@ from insect_exp.upload import SPOOL_DIR
 
 if TYPE_CHECKING:
     from insect_exp import tracking
+    from insect_exp.fit import History
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def run(cfg: Config) -> float:
                             input_example=export.input_example(test.images[0]),
                             metadata=export.metadata(data.class_names, cfg.model.image_size),
                             registered_model_name=cfg.mlflow.registered_model_name,
+                            step=_weights_epoch(cfg, history),
                         )
                     log.info("model logged: %s", uri_model)
                 for done in logged:
@@ -164,6 +166,12 @@ def run(cfg: Config) -> float:
         f"{shlex.quote(opened.tracking_uri)}"
     )
     return val_accuracy
+
+
+def _weights_epoch(cfg: Config, history: History) -> int | None:
+    """The epoch whose weights the model ends with: early stopping's best, or (None) the last."""
+    es = cfg.train.early_stopping
+    return history.best_epoch if es.enabled and es.restore_best else None
 
 
 def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
