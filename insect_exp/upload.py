@@ -124,6 +124,7 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
     Raises:
         UserError: the spool holds a link, which is not followed out of it; nothing is sent.
     """
+    import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
     from insect_exp import tracking
@@ -134,6 +135,8 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
     info = json.loads((spool / "run.json").read_text())
     uri = tracking_uri or info["tracking_uri"]
     client = tracking.open_client(uri)
+    # MLflow's registry looks a models:/ source up in the process's store: this one.
+    mlflow.set_tracking_uri(tracking.with_busy_timeout(uri))
     run_id = info["run_id"]
     # fails here, before anything is sent, if the store is still gone
     if client.get_run(run_id).data.tags.get("error", "").startswith(_OFFLINE):
