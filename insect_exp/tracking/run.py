@@ -433,7 +433,7 @@ def start_new_run(
     """A new RUNNING run (end it with `ending`); arguments as for `start_run`."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    # Only for mlflow.tensorflow.log_model, which has no tracking-URI argument.
+    # For MLflow's registry, which looks a models:/ source up in the process's store.
     mlflow.set_tracking_uri(with_busy_timeout(tracking_uri))
     client = open_client(tracking_uri)
     experiment_id = experiment_id or ensure_experiment(tracking_uri, experiment_name)

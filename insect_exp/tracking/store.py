@@ -252,9 +252,11 @@ def _wait_until_created(db: Path, timeout_s: float) -> set[str]:
 
 def _quiet(db: Path) -> bool:
     """Whether nothing has written the database, or its journal, for _QUIET_S."""
-    written = [p.stat().st_mtime for p in (db, Path(f"{db}-journal"), Path(f"{db}-wal"))
-               if p.exists()]  # fmt: skip
-    return max(written, default=0.0) < time.time() - _QUIET_S
+    written = [0.0]
+    for path in (db, Path(f"{db}-journal"), Path(f"{db}-wal")):
+        with contextlib.suppress(FileNotFoundError):  # a journal comes and goes
+            written.append(path.stat().st_mtime)
+    return max(written) < time.time() - _QUIET_S
 
 
 def _schema_head() -> str | None:
