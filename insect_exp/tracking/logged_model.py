@@ -93,7 +93,8 @@ def register(client: MlflowClient, name: str, model_id: str, run_id: str) -> int
     except MlflowException as err:
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-    mine = client.search_model_versions(f"name = '{_quoted(name)}' AND run_id = '{run_id}'")
+    # By run only: a name in a filter string would need quoting rules of its own.
+    mine = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
     if mine:
         version: Any = min(mine, key=lambda v: int(v.version))
     else:
@@ -102,7 +103,3 @@ def register(client: MlflowClient, name: str, model_id: str, run_id: str) -> int
         )
     client.set_tag(run_id, REGISTERED_TAG, f"{name}/{version.version}")
     return int(version.version)
-
-
-def _quoted(text: str) -> str:
-    return text.replace("'", "\\'")
