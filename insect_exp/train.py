@@ -20,6 +20,7 @@ from insect_exp.upload import SPOOL_DIR
 
 if TYPE_CHECKING:
     from insect_exp import tracking
+    from insect_exp.fit import History
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def run(cfg: Config) -> float:
                             input_example=export.input_example(test.images[0]),
                             metadata=export.metadata(data.class_names, cfg.model.image_size),
                             registered_model_name=cfg.mlflow.registered_model_name,
+                            step=_weights_epoch(cfg, history),
                         )
                     log.info("model logged: %s", uri_model)
                 for done in logged:
@@ -184,6 +186,12 @@ def _print_summary(opened, worker: int, in_sweep: bool) -> None:
     print(f"MLflow run id: {opened.run_id}")
     if not in_sweep:  # a sweep prints where its runs are once, at its end
         print(tracking.ui_footer(opened.ui_command, opened.ui_url, opened.tracking_uri))
+
+
+def _weights_epoch(cfg: Config, history: History) -> int | None:
+    """The epoch whose weights the model ends with: early stopping's best, or (None) the last."""
+    es = cfg.train.early_stopping
+    return history.best_epoch if es.enabled and es.restore_best else None
 
 
 def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:

@@ -5,16 +5,19 @@
 When the store stops answering in the middle of a run, training goes on and everything the run
 still logs (metrics, params, tags, artifacts, the model, its final status) lands in a spool
 directory under the run's output dir instead. Uploading replays it into the same run by id, once
-the store is back.
+the store is back. An upload can be repeated (after a fault, or by mistake): the run keeps one
+logged model and at most one registered version. A spool holding a link is refused whole.
 
-Layout: run.json (ids, URI, the registered model name if any), metrics.jsonl, params.json,
-tags.json, artifacts/, model/ (an MLflow model directory), status (written last).
+Layout: run.json (ids, URI, the registered model name and the model's epoch if any),
+metrics.jsonl, params.json, tags.json, artifacts/, model/ (an MLflow model directory), status
+(written last).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -73,9 +76,16 @@ class Spool:
 
     def register_as(self, name: str) -> None:
         """Register the spooled model under `name` when it is uploaded."""
+        self._note({"registered_model_name": name})
+
+    def model_step(self, step: int | None) -> None:
+        """The epoch whose weights the spooled model holds (None: the last)."""
+        self._note({"model_step": step})
+
+    def _note(self, values: Mapping[str, Any]) -> None:
         path = self.dir / "run.json"
         info = json.loads(path.read_text())
-        path.write_text(json.dumps({**info, "registered_model_name": name}, indent=2) + "\n")
+        path.write_text(json.dumps({**info, **values}, indent=2) + "\n")
 
     @property
     def model_dir(self) -> Path:
@@ -107,14 +117,24 @@ def spools_under(directory: str | Path) -> dict[str, Path]:
 def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
     """Replay a spool into its run; return the run id. The spool is left in place.
 
+    Safe to repeat: what the store holds already is not sent twice (metrics, params and tags are
+    the same rows again; the model, and its registered version, are made once per run), and a
+    model that an interrupted upload or the run itself left unfinished is replaced.
+
     Raises:
+        UserError: the spool holds a link, which is not followed out of it; nothing is sent.
         StoreError: the store's server refused the user's login or the write (one line).
     """
+    import mlflow
+
     from insect_exp import tracking
 
     spool = Path(directory)
+    _refuse_links(spool)
     info = json.loads((spool / "run.json").read_text())
     uri = tracking_uri or info["tracking_uri"]
+    # MLflow's registry looks a models:/ source up in the process's store: this one.
+    mlflow.set_tracking_uri(tracking.with_busy_timeout(uri))
     with tracking.refusals_named(uri, f"write to run {info['run_id']}"):
         _replay(spool, info, tracking.open_client(uri))
     return info["run_id"]
@@ -122,7 +142,7 @@ def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
 
 def _replay(spool: Path, info: dict[str, Any], client: Any) -> None:
     """Send what the spool holds to its run, and end the run with the spool's status."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
+    from mlflow.entities import Metric, Param, RunTag
 
     from insect_exp import tracking
     from insect_exp.tracking.lineage import SplitRecord
@@ -152,30 +172,41 @@ def _replay(spool: Path, info: dict[str, Any], client: Any) -> None:
         datasets = [r.to_input() for r in records]
         tracking.retry_if_raced(lambda: client.log_inputs(run_id, datasets=datasets))
     if (spool / "model" / "MLmodel").is_file():
-        model = client.create_logged_model(info["experiment_id"], "model", source_run_id=run_id)
-        client.log_model_artifacts(model.model_id, str(spool / "model"))
-        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-        if info.get("registered_model_name"):
-            _register(client, info["registered_model_name"], model.model_id, run_id)
+        _upload_model(client, spool, info)
     status = (spool / "status").read_text().strip() if (spool / "status").is_file() else "KILLED"
     client.set_terminated(run_id, status)
 
 
-def _register(client: Any, name: str, model_id: str, run_id: str) -> None:
-    """A new version of registered model `name` for the uploaded model (as log_model does)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+def _upload_model(client: Any, spool: Path, info: Mapping[str, Any]) -> None:
+    """The spooled model as the run's logged model, unless the run has a finished one already."""
+    from insect_exp.tracking import logged_model
 
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    version = client.create_model_version(
-        name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
-    )
-    client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
+    run_id, name = info["run_id"], "model"
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = logged_model.finished_model(client, experiment_id, run_id, name)
+    if found is None:
+        model_id = client.create_logged_model(experiment_id, name, source_run_id=run_id).model_id
+        model_dir: Path | None = spool / "model"
+    else:  # sent by an earlier upload, or by the run before its store failed
+        model_id, model_dir = found.model_id, None
+    logged_model.complete(
+        client, run_id, model_id, model_dir, info.get("model_step"),
+        info.get("registered_model_name"),
+    )  # fmt: skip
+
+
+def _refuse_links(spool: Path) -> None:
+    """A spool holds plain files only: a link in it could send any file of this machine."""
+    links = []
+    for folder, dirs, files in os.walk(spool):
+        links += [Path(folder, n) for n in [*dirs, *files] if Path(folder, n).is_symlink()]
+    if links:
+        named = ", ".join(str(p.relative_to(spool)) for p in sorted(links)[:5])
+        more = f" and {len(links) - 5} more" if len(links) > 5 else ""
+        raise UserError(
+            f"{spool} holds links ({named}{more}), which an upload does not follow out of the "
+            "spool: nothing was sent; replace them with the files themselves, or remove them"
+        )
 
 
 def _read_json(path: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 store.py   where runs are stored: URI, checks, safe creation, the experiment, the UI command
 run.py     one run: logging by run id, metric buffer, offline spool, how it ends
+logged_model.py  a run's logged model: finished, linked to its metrics, registered, repeatably
 remote.py  a run logged from a process of its own: what the training process holds
 basics.py  names, params, tables and a run's ending, shared by both processes (no MLflow)
 sweeps.py  a sweep's parent run and its children
@@ -25,7 +26,7 @@ _EXPORTS = {
     "store": (
         "STORE_DIR", "StoreError", "default_tracking_uri", "ensure_experiment", "open_client",
         "prepare_store", "refusals_named", "refused_access", "resolve_tracking_uri",
-        "retry_if_raced", "ui_command", "ui_url",
+        "retry_if_raced", "ui_command", "ui_url", "with_busy_timeout",
     ),
     "sweeps": ("RunRecord", "child_runs", "create_run", "end_run"),
 }  # fmt: skip
@@ -73,5 +74,6 @@ if TYPE_CHECKING:
         retry_if_raced,
         ui_command,
         ui_url,
+        with_busy_timeout,
     )
     from insect_exp.tracking.sweeps import RunRecord, child_runs, create_run, end_run

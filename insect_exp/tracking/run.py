@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -279,6 +280,7 @@ class Run:
         input_example: Any = None,
         metadata: Mapping[str, Any] | None = None,
         registered_model_name: str | None = None,
+        step: int | None = None,
     ) -> str:
         """Log a trained SavedModel as an MLflow pyfunc model (insect_exp/serving.py); its URI.
 
@@ -287,7 +289,10 @@ class Run:
         is logged as code, not pickled: it reloads in any process with MLflow and TensorFlow
         only, no Keras flag, no custom objects. The signature (outputs only: inputs are either
         encoded files or float images) and the requirements are given, which skips MLflow's slow
-        inference of both; the input example is stored, not run (see UncheckedPyfunc).
+        inference of both; the input example is stored, not run.
+
+        The model is saved here and sent as the upload of a spooled one is
+        (tracking/logged_model.py): the same files, the same links to the run's metrics.
 
         Args:
             requirements: pip requirements beyond MLflow, NumPy and pandas (TensorFlow's),
@@ -295,6 +300,8 @@ class Run:
                 packages is skipped (see _pinned_requirements_unchecked).
             registered_model_name: also register the model as a new version of this registered
                 model (offline: when the spooled run is uploaded).
+            step: the epoch whose weights the model holds (early stopping's best one); None: the
+                last. The model's page shows the run's metrics at that epoch, and its test scores.
         """
         import os
         from importlib import metadata as package_metadata
@@ -304,6 +311,7 @@ class Run:
         from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
         from insect_exp import serving
+        from insect_exp.tracking import logged_model
 
         if isinstance(input_example, Mapping):  # columns (export.input_example)
             import pandas as pd
@@ -330,50 +338,37 @@ class Run:
             "pip_requirements": [*pinned, *requirements],
             "metadata": dict(metadata or {}),
         }
-
-        class UncheckedPyfunc:
-            """mlflow.pyfunc as a flavor for Model.log, without its check of the input example.
-
-            That check loads the model just saved and predicts on the example through the
-            scoring code: 2 s a run for the reference CNN, more for hub models.
-            tests/test_serve.py checks the same through a real `mlflow models serve`.
-            """
-
-            __name__ = "mlflow.pyfunc"
-
-            @staticmethod
-            def save_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
-                kwargs.pop("validate_serving_input", None)
-                mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
-
         uri: list[str] = []
         version: list[int | None] = []
 
         def online() -> None:
-            # log_model takes no client: it writes to the process's tracking URI (set by
-            # start_run), and without an active run it would file the model under the Default
-            # experiment. The model is therefore created here, in this run's experiment and
-            # linked to it by id.
+            # In this run's experiment, linked to the run by id (the fluent log_model would file
+            # it under the process's active run, and there is none).
             logged = self.client.create_logged_model(
                 self.experiment_id, name=name, source_run_id=self.run_id
             )
-            # Model.log is what mlflow.pyfunc.log_model calls, but it takes the run by id.
-            info = Model.log(
-                artifact_path=None,
-                name=name,
-                flavor=UncheckedPyfunc,
-                model_id=logged.model_id,
+            description = Model(
+                artifact_path=logged.artifact_location,
                 run_id=self.run_id,
-                registered_model_name=registered_model_name,
-                validate_serving_input=False,
-                **settings,
+                model_uuid=logged.model_id,
+                model_id=logged.model_id,
             )
-            uri.append(info.model_uri)
-            version.append(info.registered_model_version)
+            with tempfile.TemporaryDirectory(prefix="insect_exp-mlmodel-") as tmp:
+                local = Path(tmp) / name
+                mlflow.pyfunc.save_model(str(local), mlflow_model=description, **settings)
+                version.append(
+                    logged_model.complete(
+                        self.client, self.run_id, logged.model_id, local, step,
+                        registered_model_name,
+                    )
+                )  # fmt: skip
+            uri.append(f"models:/{logged.model_id}")
 
         def offline(spool: Spool) -> None:
-            mlflow.pyfunc.save_model(str(spool.model_dir), **settings)
+            description = Model(run_id=self.run_id)
+            mlflow.pyfunc.save_model(str(spool.model_dir), mlflow_model=description, **settings)
             uri.append(str(spool.model_dir))
+            spool.model_step(step)
             if registered_model_name:
                 spool.register_as(registered_model_name)
                 log.warning(
@@ -381,6 +376,7 @@ class Run:
                     registered_model_name,
                 )
 
+        self.flush(raise_errors=False)  # the metrics the model is linked to are in the run
         # Copying the artifacts into the model would draw progress bars in the training log.
         quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
         before = os.environ.get(quiet)
@@ -391,9 +387,8 @@ class Run:
         finally:
             if before is None:
                 os.environ.pop(quiet, None)
-        if registered_model_name and version:
+        if registered_model_name and version and version[0] is not None:
             log.info("model registered as %s version %s", registered_model_name, version[0])
-            self.set_tags({"registered_model": f"{registered_model_name}/{version[0]}"})
         if not self.offline:
             # A run trained further (resume=<id> epochs=<more>) logs a model each time: the tag
             # says which one its final metrics belong to.
@@ -455,7 +450,7 @@ def start_new_run(
     """A new RUNNING run (end it with `ending`); arguments as for `start_run`."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    # Only for mlflow.tensorflow.log_model, which has no tracking-URI argument.
+    # For MLflow's registry, which looks a models:/ source up in the process's store.
     mlflow.set_tracking_uri(with_busy_timeout(tracking_uri))
     client = open_client(tracking_uri)
     experiment_id = experiment_id or ensure_experiment(tracking_uri, experiment_name)

@@ -13,21 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
 
 log = logging.getLogger(__name__)
 
-# MLflow's HTTP client retries a failing request for about 4 minutes by default (7 retries,
-# backoff factor 2). A training job would stall that long on every call while a server is down;
-# 3 retries with a backoff factor of 1 give up after about 7 s, and the metric buffer tries again
-# at the next epoch. Set the variables to keep MLflow's own defaults.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
+# MLflow's HTTP client waits 120 s for each answer and retries for minutes (7 retries, backoff
+# factor 2): a server that is down, or that accepts connections but never answers (stopped,
+# hung), would stall a run that long on every call. 7 s a try and 2 retries (backoff 0 then 2 s)
+# give up within about 25 s, and the run goes on offline (run.py). Where the user set one of
+# these, it is kept.
+_HTTP_BOUNDS = {
+    MLFLOW_HTTP_REQUEST_TIMEOUT: "7",
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES: "2",
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR: "1",
+}
 STORE_DIR = "mlruns"
 _SQLITE_BUSY_TIMEOUT_S = 60
+_QUIET_S = 15.0  # a new store that nothing has written for this long is not being created
 # How MLflow's UI (3.x) tells a model-training experiment from a GenAI one: with it, the
 # experiment opens on its runs rather than on traces and an assistant panel.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -59,8 +68,23 @@ def with_busy_timeout(tracking_uri: str) -> str:
 
 
 def open_client(tracking_uri: str) -> MlflowClient:
-    """An MLflow client on the store; SQLite writers wait for each other instead of failing."""
+    """An MLflow client on the store; SQLite writers wait for each other instead of failing, and
+    a server's calls give up in seconds (_HTTP_BOUNDS)."""
+    bound_http_requests(tracking_uri)
     return MlflowClient(with_busy_timeout(tracking_uri))
+
+
+def bound_http_requests(tracking_uri: str) -> None:
+    """Where the store is a server, bound MLflow's HTTP waits and retries in this process.
+
+    MLflow reads the variables at each request, so they hold for every client and artifact
+    upload of the process from here on.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    for variable, value in _HTTP_BOUNDS.items():
+        if not variable.defined:
+            os.environ[variable.name] = value
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -112,9 +136,10 @@ def prepare_store(tracking_uri: str, timeout_s: float = 10.0) -> None:
     if db is not None:
         _prepare_sqlite(tracking_uri, db)
         return
-    bounded = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{timeout_s:g}",
+    bound_http_requests(tracking_uri)
+    bounded = {  # one try, of at most timeout_s
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT.name: f"{min(timeout_s, MLFLOW_HTTP_REQUEST_TIMEOUT.get()):g}",
     }
     saved = {key: os.environ.get(key) for key in bounded}
     os.environ.update(bounded)
@@ -198,12 +223,20 @@ def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
     if db.exists():
         try:
             with contextlib.closing(sqlite3.connect(db, timeout=_SQLITE_BUSY_TIMEOUT_S)) as conn:
-                names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+                conn.execute("SELECT name FROM sqlite_master").fetchall()
                 # A write transaction: fails at once on a read-only file or folder.
                 conn.execute("BEGIN IMMEDIATE")
                 conn.rollback()
         except sqlite3.DatabaseError as err:
             raise StoreError(_sqlite_problem(db, err)) from err
+    # SQLite writes a journal beside the database: both must be writable. (A check that root
+    # passes; root's writes then simply work.)
+    if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        raise StoreError(f"cannot write the MLflow store {db}: it or its folder is read-only")
+    with _file_lock(db.with_name(db.name + ".lock"), timeout_s=120):
+        if not db.exists():
+            _create_sqlite(db)
+        names = _wait_until_created(db, timeout_s=120)
         leftovers = sorted(n for n in names if n.startswith("_alembic_tmp_"))
         if leftovers:
             raise StoreError(
@@ -212,27 +245,90 @@ def _prepare_sqlite(tracking_uri: str, db: Path) -> None:
                 f"(sqlite3 {db} 'DROP TABLE {leftovers[0]}'), then run "
                 f"`mlflow db upgrade sqlite:///{db}`; or move it away to start a new store"
             )
-    # SQLite writes a journal beside the database: both must be writable. (A check that root
-    # passes; root's writes then simply work.)
-    if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
-        raise StoreError(f"cannot write the MLflow store {db}: it or its folder is read-only")
-    with _file_lock(db.with_name(db.name + ".lock"), timeout_s=120):
-        if not db.exists():
-            # Build the schema in a file of its own and move it into place: a store whose
-            # creation was interrupted (Ctrl-C, a kill) is never left half made.
-            fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
-            fresh.unlink(missing_ok=True)
-            try:
-                open_client(f"sqlite:///{fresh}").search_experiments(max_results=1)
-                os.replace(fresh, db)
-            except Exception as err:
-                raise StoreError(_sqlite_problem(db, err)) from err
-            finally:
-                fresh.unlink(missing_ok=True)
         try:
             open_client(tracking_uri).search_experiments(max_results=1)  # migrates an old one
         except Exception as err:
             raise StoreError(_sqlite_problem(db, err)) from err
+
+
+def _create_sqlite(db: Path) -> None:
+    """Build the schema in a file of its own, then put it in place if the path is still free.
+
+    A store whose creation was interrupted (Ctrl-C, a kill) is never left half made. And the file
+    never replaces one at the path: a program that does not take our lock (`mlflow ui`, a
+    notebook) may have opened the path meanwhile, and be creating the store in it. Moved over,
+    its file would live on unlinked under its writes, and its journal would be rolled into ours.
+    """
+    fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
+    fresh.unlink(missing_ok=True)
+    try:
+        open_client(f"sqlite:///{fresh}").search_experiments(max_results=1)
+        try:
+            os.link(fresh, db)  # fails if the path exists: unlike a rename, never replaces it
+        except FileExistsError:
+            pass  # that program's store: _wait_until_created waits for it
+        except OSError:  # a file system without hard links
+            if not db.exists():
+                os.replace(fresh, db)
+    except Exception as err:
+        raise StoreError(_sqlite_problem(db, err)) from err
+    finally:
+        fresh.unlink(missing_ok=True)
+
+
+def _wait_until_created(db: Path, timeout_s: float) -> set[str]:
+    """The store's table names, once no other program is creating it.
+
+    A program outside our lock (`mlflow ui`, a notebook) that found no store at the path creates
+    one there: MLflow runs its migrations one by one, committing each. Until its schema is at
+    MLflow's latest version, or nothing has written the store for _QUIET_S (an old store, which
+    MLflow then upgrades or refuses; an empty file), opening it would run the same migrations
+    again beside that program's and corrupt it.
+    """
+    import sqlite3
+
+    head = _schema_head()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=_SQLITE_BUSY_TIMEOUT_S)) as conn:
+                names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+                versions = []
+                if "alembic_version" in names:
+                    versions = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(_sqlite_problem(db, err)) from err
+        current = versions[0][0] if versions else None
+        if (current is not None and current == (head or current)) or _quiet(db):
+            return names
+        if time.monotonic() > deadline:
+            raise StoreError(
+                f"the MLflow store {db} is incomplete: another program (mlflow ui, a notebook?) "
+                f"has been creating it for over {timeout_s:g} s; if none is running, move it away"
+            )
+        time.sleep(0.2)
+
+
+def _quiet(db: Path) -> bool:
+    """Whether nothing has written the database, or its journal, for _QUIET_S."""
+    written = [0.0]
+    for path in (db, Path(f"{db}-journal"), Path(f"{db}-wal")):
+        with contextlib.suppress(FileNotFoundError):  # a journal comes and goes
+            written.append(path.stat().st_mtime)
+    return max(written) < time.time() - _QUIET_S
+
+
+def _schema_head() -> str | None:
+    """The schema version of a store that MLflow creates: the last of the migrations that
+    `mlflow db upgrade` runs (None: not found where MLflow ships them)."""
+    import mlflow.store
+    from alembic.script import ScriptDirectory
+
+    try:
+        migrations = Path(mlflow.store.__file__).parent / "db_migrations"
+        return ScriptDirectory(str(migrations)).get_current_head()
+    except Exception:
+        return None  # then a stamped store counts as complete
 
 
 def _sqlite_problem(db: Path, err: BaseException) -> str:
