@@ -117,6 +117,13 @@ class ClassWeight(Enum):
 
 # Datasets
 
+# The most pixels (width x height, from the file's header) an image may have to be decoded:
+# Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS), so a file Pillow opens
+# without warning is decoded here too. It admits the largest camera sensors in common use (61 MP)
+# and a 9,459 px square scan, yet holds one decoded RGB image to 268 MB, where a 1 MB PNG can
+# claim 20000x20000 pixels (1.2 GB).
+MAX_IMAGE_PIXELS = 89_478_485
+
 
 @dataclass
 class DatasetConfig:
@@ -141,6 +148,9 @@ class DatasetConfig:
     cache_max_memory_mb: int = 2048
     # Disk cache cap; the least recently used entries go first (the ones in use never do).
     cache_max_disk_gb: float = 50.0
+    # Images whose header gives more pixels are skipped (`too many pixels (WxH)`), never decoded;
+    # the logged model refuses them in serving and predict too.
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         self.class_weight = _enum("dataset.class_weight", self.class_weight, ClassWeight)
@@ -155,6 +165,8 @@ class DatasetConfig:
         _require(self.decode_workers >= 0, "dataset.decode_workers", self.decode_workers, ">= 0")
         b = self.shuffle_buffer
         _require(b is None or b >= 1, "dataset.shuffle_buffer", b, ">= 1 (or null for all)")
+        p = self.max_image_pixels
+        _require(p >= 1, "dataset.max_image_pixels", p, ">= 1")
 
     def resolve_root(self) -> str:
         """The folder to scan (a subclass may have to create it first)."""
@@ -164,7 +176,7 @@ class DatasetConfig:
         """The dataset's files, classes and skipped files (data/scan.py)."""
         from insect_exp.data.scan import scan
 
-        return scan(self.resolve_root(), self.max_per_class)
+        return scan(self.resolve_root(), self.max_per_class, self.max_image_pixels)
 
 
 @dataclass
@@ -213,7 +225,7 @@ class CsvDatasetConfig(DatasetConfig):
     def manifest(self) -> Manifest:
         from insect_exp.data.csv_list import scan_csv
 
-        return scan_csv(self.path, self.max_per_class)
+        return scan_csv(self.path, self.max_per_class, self.max_image_pixels)
 
 
 # Models
