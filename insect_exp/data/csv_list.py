@@ -59,10 +59,8 @@ def _read_rows(csv_path: Path) -> list[tuple[int, list[str] | None]]:
                 "path,label[,split])"
             )
         order, width = [header.index(c) if c in header else -1 for c in _COLUMNS], len(header)
-    return [
-        (n, None if len(row) > width else [row[i].strip() if 0 <= i < len(row) else "" for i in order])
-        for n, row in rows
-    ]
+    fields = [[row[i].strip() if 0 <= i < len(row) else "" for i in order] for _, row in rows]
+    return [(n, None if len(row) > width else f) for (n, row), f in zip(rows, fields, strict=True)]
 
 
 def _file_problem(path: Path) -> str | None:
@@ -154,23 +152,25 @@ def scan_csv(
         raise DatasetError(f"dataset.path {str(csv_path)!r} is not a file (a CSV of path,label)")
     skipped: list[tuple[str, str]] = []
     good = _usable_rows(csv_path, skipped)
-    _once_per_file(good, skipped)
     class_names = _check_labels(csv_path, good)
+    listed_test = bool(good["test"])  # a test split, even if none of its rows can be used
+    known = [row for row in good["test"] if row[2] in class_names]
+    skipped += [(path, f"label not in train ({label})") for _, path, label in good["test"]
+                if label not in class_names]  # fmt: skip
+    good["test"] = known
+    _once_per_file(good, skipped)
     index = {name: i for i, name in enumerate(class_names)}
     lists: dict[str, FileList] = {}
     for split, rows in good.items():
         files, kept = FileList(max_pixels=max_pixels), dict.fromkeys(class_names, 0)
         for _, path, label in rows:
-            if label not in index:
-                skipped.append((path, f"label not in train ({label})"))
-                continue
             if max_per_class is not None and kept[label] >= max_per_class:
                 continue
             kept[label] += 1
             files.paths.append(path)
             files.labels.append(index[label])
         lists[split] = files
-    test = lists["test"] if good["test"] else None
+    test = lists["test"] if listed_test else None
     base = csv_path.parent
     check_usable(base, class_names, lists["train"].labels, None if test is None else test.labels)
     return Manifest(base, class_names, lists["train"], test, skipped, source=csv_path)

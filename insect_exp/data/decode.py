@@ -106,7 +106,9 @@ def _header_shape(contents: tf.Tensor) -> tf.Tensor:
     def signed(value: tf.Tensor) -> tf.Tensor:  # a 32-bit two's complement field's magnitude
         return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
 
-    webp = tf.logical_and(tf.equal(start, b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
+    webp = tf.logical_and(
+        tf.equal(start, b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")
+    )
     chunk = tf.strings.substr(head, 12, 4)
     bits = le(21, 4)  # VP8L: 14 bits of width - 1, then 14 of height - 1
     shapes = [  # (is this format, (height, width))
