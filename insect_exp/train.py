@@ -37,6 +37,9 @@ def run(cfg: Config) -> float:
 
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
     """
+    from insect_exp.models import check_memory
+
+    check_memory(cfg.model, cfg.batch_size)  # before a run is opened or a byte allocated
     distribute.before_tensorflow(cfg.train)
     from insect_exp import resilience, tracking  # tracking's names load on use: no MLflow here
 
