@@ -43,7 +43,7 @@ CLASS_NAMES = "class_names"
 _BATCH = 64  # encoded images decoded and classified per call of the SavedModel
 # How the SavedModel's decoder says it refused a file (insect_exp/data/decode.py; not imported:
 # see above).
-_REFUSAL = re.compile(r"too many pixels \(\d+x\d+\)")
+_REFUSAL = re.compile(r"too many pixels\W{1,6}(\d+)\W{1,3}(\d+)")
 
 
 class BadInput(MlflowException):
@@ -135,7 +135,8 @@ class ImageClassifier(PythonModel):
             return f"cannot decode the image ({decode_error(err)})"
         limit = getattr(self.module, "max_image_pixels", None)
         most = f"{int(limit.numpy())} pixels" if limit is not None else "its limit"
-        return f"{refused.group(0)}: the model decodes images of at most {most}"
+        size = f"{refused.group(1)}x{refused.group(2)}"
+        return f"too many pixels ({size}): the model decodes images of at most {most}"
 
     def table(self, logits: np.ndarray) -> pd.DataFrame:
         """One row per image: label, probability, and every class's probability."""

@@ -14,10 +14,11 @@ antialiased, as tf.image.resize and Keras's loaders do) samples a few pixels and
 Smaller JPEGs, and every other format, decode at full size.
 
 A file whose header gives more pixels than `max_pixels` is refused before any pixel is allocated:
-an InvalidArgumentError whose message holds `too many pixels (<width>x<height>)` (`refusal` finds
-it). Its width and height come from the header: libjpeg's for JPEG, and the fixed fields of the
-PNG IHDR chunk, the GIF screen descriptor, the BMP info header and the WebP VP8/VP8L/VP8X chunk,
-read as the decoders read them.
+an InvalidArgumentError that `refusal` reads as `too many pixels (<width>x<height>)`. The width
+and height come from the header: libjpeg's for JPEG, and the fixed fields of the PNG IHDR chunk,
+the GIF screen descriptor, the BMP info header and the WebP VP8/VP8L/VP8X chunk, read as the
+decoders read them. The check costs every image a few dozen small ops (tens of microseconds):
+negligible beside a photo's decoding, noticeable only for tiny images.
 
 Whatever changes the pixels this gives changes what the disk cache holds: bump FORMAT_VERSION in
 data/cache.py with it, so that entries decoded the old way are not reused.
@@ -28,13 +29,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from insect_exp.config import MAX_IMAGE_PIXELS
 
 _JPEG_SCALES = (1, 2, 4, 8)  # the reductions libjpeg's DCT scaling offers for these
 _HEAD = 32  # the first bytes of a file: every header field read below lies within them
-_REFUSAL = re.compile(r"too many pixels \(\d+x\d+\)")
+# How a refusal reads in TensorFlow's error: the Assert op's data, its text, then the width and
+# height (`[too many pixels] [20000 20000]` in a graph, `'too many pixels'\n20000, 20000` eagerly).
+_REFUSAL = re.compile(r"too many pixels\W{1,6}(\d+)\W{1,3}(\d+)")
 
 
 # Its branches are tf.cond and tf.switch_case already: AutoGraph converting it (as tf.data does to
@@ -50,19 +54,10 @@ def decode_image(
     A file of more than `max_pixels` pixels is refused unread (module docstring).
     """
     height, width = (int(v) for v in image_size)
-    jpeg = tf.io.is_jpeg(contents)
-    shape = tf.cond(
-        jpeg,
-        lambda: tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64),
-        lambda: _header_shape(contents),
-    )
-    image = tf.case(
-        [
-            (shape[0] * shape[1] > max_pixels, lambda: _refused(shape)),
-            (jpeg, lambda: _decode_jpeg(contents, shape, height, width)),
-        ],
-        default=lambda: tf.io.decode_image(contents, channels=3, expand_animations=False),
-        exclusive=False,
+    image = tf.cond(
+        tf.io.is_jpeg(contents),
+        lambda: _decode_jpeg(contents, height, width, max_pixels),
+        lambda: _decode_other(contents, max_pixels),
     )
     # Already the target size: a bilinear resize to the same size gives back the same pixels (every
     # sample lands on a pixel centre), so it is skipped: 3% of decoding small PNGs.
@@ -78,57 +73,90 @@ def _resized(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
 def refusal(err: Exception) -> str | None:
     """`too many pixels (<width>x<height>)` if ERR is decode_image refusing a file, else None."""
     found = _REFUSAL.search(getattr(err, "message", None) or str(err))
-    return found.group(0) if found else None
+    return f"too many pixels ({found.group(1)}x{found.group(2)})" if found else None
 
 
-def _refused(shape: tf.Tensor) -> tf.Tensor:
-    """Fail with the refusal's message, allocating nothing (an empty image, never returned)."""
-    message = tf.strings.format("too many pixels ({}x{})", (shape[1], shape[0]))
-    with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
-        return tf.zeros([0, 0, 3], tf.uint8)
+def _within(size: tf.Tensor, max_pixels: int) -> tf.Operation:
+    """An op that fails, naming SIZE, where SIZE (width, height) has more than max_pixels."""
+    pixels = tf.reduce_prod(tf.cast(size, tf.float64))
+    # int32 and text: data Assert takes as they are, without a cond around it (faster).
+    return tf.debugging.Assert(pixels <= max_pixels, ["too many pixels", tf.cast(size, tf.int32)])
 
 
-def _header_shape(contents: tf.Tensor) -> tf.Tensor:
-    """(height, width) int64 from a PNG, GIF, BMP or WebP header; (0, 0) for any other content
-    (which tf.io.decode_image refuses by itself)."""
-    # Zeros past a short file's end: every field below can be read, and no format matches.
-    padded = tf.strings.join([tf.strings.substr(contents, 0, _HEAD), tf.constant(b"\0" * _HEAD)])
-    head = tf.strings.substr(padded, 0, _HEAD)
-    start = tf.strings.substr(head, 0, 4)
-    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+def _decode_other(contents: tf.Tensor, max_pixels: int) -> tf.Tensor:
+    # The decoder runs only once the header's size has passed.
+    with tf.control_dependencies([_within(_header_size(contents), max_pixels)]):
+        return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
-    def le(at: int, size: int) -> tf.Tensor:
-        return sum(b[at + i] * 256**i for i in range(size))
 
-    def be(at: int, size: int) -> tf.Tensor:
-        return sum(b[at + i] * 256 ** (size - 1 - i) for i in range(size))
-
-    def signed(value: tf.Tensor) -> tf.Tensor:  # a 32-bit two's complement field's magnitude
-        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
-
-    webp = tf.logical_and(
-        tf.equal(start, b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")
-    )
-    chunk = tf.strings.substr(head, 12, 4)
-    bits = le(21, 4)  # VP8L: 14 bits of width - 1, then 14 of height - 1
-    shapes = [  # (is this format, (height, width))
-        (tf.equal(tf.strings.substr(head, 0, 8), b"\x89PNG\r\n\x1a\n"), (be(20, 4), be(16, 4))),
-        (tf.equal(start, b"GIF8"), (le(8, 2), le(6, 2))),  # the logical screen, as TF allocates
-        (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), (signed(le(22, 4)), signed(le(18, 4)))),
-        (webp & tf.equal(chunk, b"VP8 "), (le(28, 2) % 2**14, le(26, 2) % 2**14)),
-        (webp & tf.equal(chunk, b"VP8L"), (bits // 2**14 % 2**14 + 1, bits % 2**14 + 1)),
-        (webp & tf.equal(chunk, b"VP8X"), (le(27, 3) + 1, le(24, 3) + 1)),
+def _header_table() -> dict[str, np.ndarray]:
+    """The constants `_header_size` reads a header with: one matrix product gives every
+    signature and every (height, width) field at once; per-format rules finish the fields."""
+    be, le = True, False
+    signatures = [  # (offset, size, big-endian, expected bytes)
+        (0, 4, be, b"\x89PNG"), (4, 4, be, b"\r\n\x1a\n"), (0, 4, be, b"GIF8"), (0, 2, be, b"BM"),
+        (0, 4, be, b"RIFF"), (8, 4, be, b"WEBP"), (12, 4, be, b"VP8 "), (12, 4, be, b"VP8L"),
+        (12, 4, be, b"VP8X"),
+    ]  # fmt: skip
+    # format: (signatures required, width and height as (offset, size, big-endian, divisor,
+    # modulus, plus)); BMP's fields are signed, its height negative for top-down rows.
+    formats = [
+        ((0, 1), (16, 4, be, 1, 2**40, 0), (20, 4, be, 1, 2**40, 0)),  # PNG: IHDR
+        ((2,), (6, 2, le, 1, 2**40, 0), (8, 2, le, 1, 2**40, 0)),  # GIF: the logical screen
+        ((3,), (18, 4, le, 1, 2**40, 0), (22, 4, le, 1, 2**40, 0)),  # BMP: info header
+        ((4, 5, 6), (26, 2, le, 1, 2**14, 0), (28, 2, le, 1, 2**14, 0)),  # WebP lossy
+        ((4, 5, 7), (21, 4, le, 1, 2**14, 1), (21, 4, le, 2**14, 2**14, 1)),  # lossless
+        ((4, 5, 8), (24, 3, le, 1, 2**40, 1), (27, 3, le, 1, 2**40, 1)),  # extended: canvas
     ]
-    shape = tf.zeros([2], tf.int64)
-    for is_format, (h, w) in shapes:
-        shape = tf.where(is_format, tf.stack([h, w]), shape)
-    return shape
+    fields = [(at, size, big) for at, size, big, _ in signatures]
+    fields += [field[:3] for _, *sides in formats for field in sides]
+    weights = np.zeros((len(fields), _HEAD))
+    for row, (at, size, big) in enumerate(fields):
+        for i in range(size):
+            weights[row, at + i] = 256 ** (size - 1 - i if big else i)
+    rules = np.array([field[3:] for _, *sides in formats for field in sides], np.float64)
+    return {
+        "weights": weights,
+        "expected": np.array([int.from_bytes(e, "big") for *_, e in signatures], np.float64),
+        "unneeded": np.array(
+            [[i not in need for i in range(len(signatures))] for need, *_ in formats]
+        ),
+        # A 32-bit field's wrap-around: BMP's are signed, the others never wrap.
+        "wrap": np.array([[2.0**32 if fmt == 2 else 2.0**60] * 2 for fmt in range(len(formats))]),
+        "divisor": rules[:, 0].reshape(-1, 2),
+        "modulus": rules[:, 1].reshape(-1, 2),
+        "plus": rules[:, 2].reshape(-1, 2),
+    }
 
 
-def _decode_jpeg(contents: tf.Tensor, shape: tf.Tensor, height: int, width: int) -> tf.Tensor:
-    """A JPEG of SHAPE (its header's) decoded at the smallest of 1, 1/2, 1/4, 1/8 of its size
-    that still covers HxW."""
-    shape = tf.cast(shape, tf.int32)
+_TABLE = _header_table()
+
+
+def _header_size(contents: tf.Tensor) -> tf.Tensor:
+    """(width, height) from a PNG, GIF, BMP or WebP header, as their decoders read it; (0, 0) for
+    any other content (which tf.io.decode_image refuses by itself)."""
+    # Each op here costs every image a few microseconds: they are as few as they can be.
+    t = _TABLE
+    # The first bytes, zeros past a short file's end: every field can be read, and no signature
+    # matches.
+    head = tf.cast(tf.io.decode_raw(contents, tf.uint8, fixed_length=_HEAD), tf.float64)
+    found, sides = tf.split(tf.linalg.matvec(t["weights"], head), [len(t["expected"]), -1])
+    is_format = tf.reduce_all(tf.equal(found, t["expected"]) | t["unneeded"], axis=1)
+    sides = tf.reshape(sides, [-1, 2])
+    sides = tf.minimum(sides, t["wrap"] - sides)  # a signed field (BMP's) by its magnitude
+    sides = tf.math.floormod(tf.math.floordiv(sides, t["divisor"]), t["modulus"]) + t["plus"]
+    return tf.linalg.matvec(sides, tf.cast(is_format, tf.float64), transpose_a=True)
+
+
+def _decode_jpeg(contents: tf.Tensor, height: int, width: int, max_pixels: int) -> tf.Tensor:
+    """A JPEG decoded at the smallest of 1, 1/2, 1/4, 1/8 of its size that still covers HxW."""
+    shape = tf.image.extract_jpeg_shape(contents)  # reads the header only
+    size = tf.reverse(shape[:2], [0])
+    with tf.control_dependencies([_within(size, max_pixels)]):  # no decoding before it passes
+        return _decode_jpeg_at(contents, shape, height, width)
+
+
+def _decode_jpeg_at(contents: tf.Tensor, shape: tf.Tensor, height: int, width: int) -> tf.Tensor:
     # libjpeg rounds a reduced side up; a reduction that fits implies every smaller one fits.
     fits = [
         tf.logical_and((shape[0] + r - 1) // r >= height, (shape[1] + r - 1) // r >= width)
