@@ -17,8 +17,8 @@ A file whose header gives more pixels than `max_pixels` is refused before any pi
 an InvalidArgumentError that `refusal` reads as `too many pixels (<width>x<height>)`. The width
 and height come from the header: libjpeg's for JPEG, and the fixed fields of the PNG IHDR chunk,
 the GIF screen descriptor, the BMP info header and the WebP VP8/VP8L/VP8X chunk, read as the
-decoders read them. The check costs every image a few dozen small ops (tens of microseconds):
-negligible beside a photo's decoding, noticeable only for tiny images.
+decoders read them. The check costs every image a few dozen small ops: negligible beside a
+photo's decoding, noticeable only for tiny images.
 
 Whatever changes the pixels this gives changes what the disk cache holds: bump FORMAT_VERSION in
 data/cache.py with it, so that entries decoded the old way are not reused.
