@@ -288,20 +288,8 @@ def _log(run, ref, metrics: Metrics, split, predicted, probability, skipped, pre
         run.run_id,
         metrics=[Metric(k, float(v), now, 0, model_id=ref.model_id) for k, v in summary.items()],
     )
-    keys = class_keys(names)
-    classes = {}
-    for i, part in enumerate(keys):
-        for key in ("precision", "recall", "f1"):
-            classes[f"{key}_{part}"] = float(getattr(metrics, key)[i])
-    run.log_metrics({**classes, "skipped_files": len(skipped), "images": len(split)})
-    # The key column says which metrics are whose where names were changed to make keys.
-    rows = [
-        (name, keys[i], metrics.precision[i], metrics.recall[i], metrics.f1[i],
-         int(metrics.support[i]))
-        for i, name in enumerate(names)
-    ]  # fmt: skip
-    header = ["class", "metric_key", "precision", "recall", "f1", "support"]
-    run.log_table(header, rows, "per_class.tsv")
+    _log_per_class(run, names, metrics)
+    run.log_metrics({"skipped_files": len(skipped), "images": len(split)})
     run.log_table(
         ["path", "true", "predicted", "probability"],
         (
@@ -330,6 +318,24 @@ def _log(run, ref, metrics: Metrics, split, predicted, probability, skipped, pre
             rows=rows_needed,
         )
         run.log_figure(figure, "plots/misclassified.png")
+
+
+def _log_per_class(run, names: list[str], metrics: Metrics) -> None:
+    """precision_, recall_ and f1_<key> of every class, and per_class.tsv saying whose key is whose
+    (names were changed to make keys)."""
+    keys = class_keys(names)
+    classes = {}
+    for i, part in enumerate(keys):
+        for key in ("precision", "recall", "f1"):
+            classes[f"{key}_{part}"] = float(getattr(metrics, key)[i])
+    run.log_metrics(classes)
+    rows = [
+        (name, keys[i], metrics.precision[i], metrics.recall[i], metrics.f1[i],
+         int(metrics.support[i]))
+        for i, name in enumerate(names)
+    ]  # fmt: skip
+    header = ["class", "metric_key", "precision", "recall", "f1", "support"]
+    run.log_table(header, rows, "per_class.tsv")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
