@@ -91,7 +91,7 @@ def _decode_other(contents: tf.Tensor, max_pixels: int) -> tf.Tensor:
 
 def _header_table() -> dict[str, np.ndarray]:
     """The constants `_header_size` reads a header with: one matrix product gives every
-    signature and every (height, width) field at once; per-format rules finish the fields."""
+    signature and every (width, height) field at once; per-format rules finish the fields."""
     be, le = True, False
     signatures = [  # (offset, size, big-endian, expected bytes)
         (0, 4, be, b"\x89PNG"), (4, 4, be, b"\r\n\x1a\n"), (0, 4, be, b"GIF8"), (0, 2, be, b"BM"),
