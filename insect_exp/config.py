@@ -117,6 +117,13 @@ class ClassWeight(Enum):
 
 # Datasets
 
+# The most pixels (width x height, from the file's header) an image may have to be decoded:
+# Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS), so a file Pillow opens
+# without warning is decoded here too. It admits the largest camera sensors in common use (61 MP)
+# and a 9,459 px square scan, yet holds one decoded RGB image to 268 MB, where a 1 MB PNG can
+# claim 20000x20000 pixels (1.2 GB).
+MAX_IMAGE_PIXELS = 89_478_485
+
 
 @dataclass
 class DatasetConfig:
@@ -141,6 +148,9 @@ class DatasetConfig:
     cache_max_memory_mb: int = 2048
     # Disk cache cap; the least recently used entries go first (the ones in use never do).
     cache_max_disk_gb: float = 50.0
+    # Images whose header gives more pixels are skipped (`too many pixels (WxH)`), never decoded;
+    # the logged model refuses them in serving and predict too.
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         self.class_weight = _enum("dataset.class_weight", self.class_weight, ClassWeight)
@@ -155,6 +165,8 @@ class DatasetConfig:
         _require(self.decode_workers >= 0, "dataset.decode_workers", self.decode_workers, ">= 0")
         b = self.shuffle_buffer
         _require(b is None or b >= 1, "dataset.shuffle_buffer", b, ">= 1 (or null for all)")
+        p = self.max_image_pixels
+        _require(p >= 1, "dataset.max_image_pixels", p, ">= 1")
 
     def resolve_root(self) -> str:
         """The folder to scan (a subclass may have to create it first)."""
@@ -164,7 +176,7 @@ class DatasetConfig:
         """The dataset's files, classes and skipped files (data/scan.py)."""
         from insect_exp.data.scan import scan
 
-        return scan(self.resolve_root(), self.max_per_class)
+        return scan(self.resolve_root(), self.max_per_class, self.max_image_pixels)
 
 
 @dataclass
@@ -213,7 +225,7 @@ class CsvDatasetConfig(DatasetConfig):
     def manifest(self) -> Manifest:
         from insect_exp.data.csv_list import scan_csv
 
-        return scan_csv(self.path, self.max_per_class)
+        return scan_csv(self.path, self.max_per_class, self.max_image_pixels)
 
 
 # Models
@@ -278,6 +290,11 @@ class ModelConfig:
         _positive_size("model.image_size", self.image_size)
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
 
+    def training_bytes(self, batch_size: int, num_classes: int) -> tuple[int, int] | None:
+        """(parameters, bytes) that training this model at least takes, from the config alone
+        (nothing is built); None where the model gives no estimate."""
+        return None
+
 
 @dataclass
 class CNNConfig(ModelConfig):
@@ -293,6 +310,23 @@ class CNNConfig(ModelConfig):
         ok = len(self.filters) >= 1 and all(f >= 1 for f in self.filters)
         _require(ok, "model.filters", list(self.filters), "one or more positive integers")
         _require(self.dense_units >= 1, "model.dense_units", self.dense_units, ">= 1")
+
+    def training_bytes(self, batch_size: int, num_classes: int) -> tuple[int, int]:
+        """float32 weights with their gradient and two optimizer slots (Adam's), and each batch's
+        activations kept for the backward pass, with their gradients (models/cnn.py's layers)."""
+        height, width = self.image_size
+        params, channels = 0, 3
+        activations = 2 * height * width * channels  # the input, and rescaled
+        for n in self.filters:  # 3x3 conv (same padding) + 2x2 max pooling
+            params += 9 * channels * n + n
+            activations += height * width * n
+            height, width, channels = height // 2, width // 2, n
+            activations += height * width * n
+        flat = height * width * channels
+        params += flat * self.dense_units + self.dense_units
+        params += self.dense_units * num_classes + num_classes
+        activations += flat + self.dense_units + num_classes
+        return params, 4 * (4 * params + 2 * batch_size * activations)
 
 
 @dataclass

@@ -87,6 +87,16 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
+def memory_bytes() -> int:
+    """The memory this process may use: the machine's RAM, or its cgroup's limit if lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # cgroup v2, then v1 (which reports "no limit" as a huge number, above the RAM anyway).
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            total = min(total, int(Path(limit).read_text().strip()))
+    return total
+
+
 def describe_devices() -> str:
     """One line naming the device TensorFlow trains on, e.g. for the run's start-up log.
 

@@ -11,7 +11,9 @@ version of insect_exp logged it), and the model runs on them as its logged Saved
 The new run (in the source run's experiment unless `mlflow.experiment_name` says otherwise) is
 tagged with the source run and model, and the source run gets a tag `evaluation.<run id>` pointing
 back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `macro_f1`, and
-`precision_<class>`, `recall_<class>`, `f1_<class>` (also as `per_class.tsv`), `predictions.tsv`,
+`precision_<class>`, `recall_<class>`, `f1_<class>` (also as `per_class.tsv`, whose `metric_key`
+column names each class's `<class>` part: characters MLflow refuses become `_`, and a name made
+alike another's that way gets `_2`), `predictions.tsv`,
 `confusion_matrix.json`, `plots/confusion_matrix.png`, `plots/misclassified.png`, and the files
 skipped (`dataset/skipped.tsv`). Loss, accuracy and macro F1 are also linked to the logged model
 (MLflow 3's model page lists them).
@@ -111,9 +113,20 @@ def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict
     return {"precision": precision, "recall": recall, "f1": f1, "support": true_n, "matrix": matrix}
 
 
-def metric_key(prefix: str, class_name: str) -> str:
-    """An MLflow metric key for a class: characters MLflow refuses become '_'."""
-    return f"{prefix}_{_NOT_IN_KEYS.sub('_', class_name)}"
+def class_keys(class_names: list[str]) -> list[str]:
+    """Each class's part of its metric keys (`f1_<part>`), unique whatever the names.
+
+    Characters MLflow refuses in a key become '_'; where that makes two names alike (`x,y` and
+    `x;y`), the later class gets `_2` (`_3`, ...), so no class's metrics overwrite another's.
+    """
+    keys: list[str] = []
+    for name in class_names:
+        base = key = _NOT_IN_KEYS.sub("_", name)
+        n = 2
+        while key in keys:
+            key, n = f"{base}_{n}", n + 1
+        keys.append(key)
+    return keys
 
 
 def labelled_files(
@@ -276,16 +289,8 @@ def _log(run, ref, metrics: Metrics, split, predicted, probability, skipped, pre
         run.run_id,
         metrics=[Metric(k, float(v), now, 0, model_id=ref.model_id) for k, v in summary.items()],
     )
-    classes = {}
-    for i, name in enumerate(names):
-        for key in ("precision", "recall", "f1"):
-            classes[metric_key(key, name)] = float(getattr(metrics, key)[i])
-    run.log_metrics({**classes, "skipped_files": len(skipped), "images": len(split)})
-    rows = [
-        (name, metrics.precision[i], metrics.recall[i], metrics.f1[i], int(metrics.support[i]))
-        for i, name in enumerate(names)
-    ]
-    run.log_table(["class", "precision", "recall", "f1", "support"], rows, "per_class.tsv")
+    _log_per_class(run, names, metrics)
+    run.log_metrics({"skipped_files": len(skipped), "images": len(split)})
     run.log_table(
         ["path", "true", "predicted", "probability"],
         (
@@ -314,6 +319,24 @@ def _log(run, ref, metrics: Metrics, split, predicted, probability, skipped, pre
             rows=rows_needed,
         )
         run.log_figure(figure, "plots/misclassified.png")
+
+
+def _log_per_class(run, names: list[str], metrics: Metrics) -> None:
+    """precision_, recall_ and f1_<key> of every class, and per_class.tsv saying whose key is whose
+    (names were changed to make keys)."""
+    keys = class_keys(names)
+    classes = {}
+    for i, part in enumerate(keys):
+        for key in ("precision", "recall", "f1"):
+            classes[f"{key}_{part}"] = float(getattr(metrics, key)[i])
+    run.log_metrics(classes)
+    rows = [
+        (name, keys[i], metrics.precision[i], metrics.recall[i], metrics.f1[i],
+         int(metrics.support[i]))
+        for i, name in enumerate(names)
+    ]  # fmt: skip
+    header = ["class", "metric_key", "precision", "recall", "f1", "support"]
+    run.log_table(header, rows, "per_class.tsv")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

@@ -92,10 +92,14 @@ def input_example(image: np.ndarray) -> dict[str, list[bytes]]:
     return {IMAGE_COLUMN: [jpeg]}
 
 
-def metadata(class_names: list[str], image_size: list[int] | tuple[int, int]) -> dict[str, object]:
+def metadata(
+    class_names: list[str], image_size: list[int] | tuple[int, int], max_image_pixels: int
+) -> dict[str, object]:
     """What the logged model's MLmodel file records about it: read without loading TensorFlow."""
     return {
         "class_names": list(class_names),
         "image_size": [int(v) for v in image_size],
+        # Encoded files of more pixels are refused (HTTP 400), never decoded.
+        "max_image_pixels": int(max_image_pixels),
         "inputs": "DataFrame column 'image' of encoded files, or float32 images (N, H, W, 3)",
     }

@@ -9,9 +9,10 @@ id>, or a model folder. One CSV row per image: path,label,probability, then labe
 (insect_exp/data: the same rules for what counts as an image, hidden names ignored) and decoded
 and resized by the model's own decoder, in its SavedModel: as its training images were, whichever
 version of insect_exp logged it. A file that cannot be used is reported on stderr with its reason
-and skipped. Images stream through tf.data in batches (decoding overlapped with the model), so the
-number of files is bounded by the list of their paths only; progress goes to stderr on long
-inputs.
+and skipped; so is one whose header gives more pixels than the model's limit (`too many pixels
+(<width>x<height>)`), before it is decoded. Images stream through tf.data in batches (decoding
+overlapped with the model), so the number of files is bounded by the list of their paths only;
+progress goes to stderr on long inputs.
 
 Config errors, a bad model URI, an empty or missing `inputs` stop it with one line and exit code 2
 before TensorFlow is loaded.
@@ -224,6 +225,7 @@ def stream_predictions(
     import numpy as np
     import tensorflow as tf
 
+    from insect_exp.data.decode import refusal
     from insect_exp.data.pipeline import without_autotuning
     from insect_exp.data.scan import diagnose
     from insect_exp.serving import softmax
@@ -246,9 +248,9 @@ def stream_predictions(
         for i in range(start, upto):
             try:
                 image = single(tf.constant(paths[i])).numpy()[None].astype(np.float32)
-            except tf.errors.OpError:
+            except tf.errors.OpError as err:  # refused for its size, or cannot be decoded
                 if on_skip is not None:
-                    on_skip(paths[i], diagnose(paths[i]))
+                    on_skip(paths[i], refusal(err) or diagnose(paths[i]))
                 continue
             yield Prediction(paths[i], softmax(classifier.logits(image))[0])
 

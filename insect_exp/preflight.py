@@ -1,8 +1,9 @@
 """Checks made before a run opens: a path that is not there fails without leaving a FAILED run.
 
-Only what is cheap: a stat of the dataset's folder or CSV file, and of a TF Hub handle (a local
-SavedModel, or one in TF Hub's cache). A handle to download is probed here too (one HTTP HEAD,
-only until it is cached), so that offline it fails before the store holds a run that never started.
+Only what is cheap: an estimate of the model's memory from its config, a stat of the dataset's
+folder or CSV file, and of a TF Hub handle (a local SavedModel, or one in TF Hub's cache). A handle
+to download is probed here too (one HTTP HEAD, only until it is cached), so that offline it fails
+before the store holds a run that never started.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from insect_exp.config import Config, CsvDatasetConfig, DemoDatasetConfig, HubMo
 
 
 def check(cfg: Config) -> None:
-    """Raise a UserError (one line) if the run's data or weights are plainly not there."""
+    """Raise a UserError (one line) if the run's data or weights are plainly not there, or its
+    model cannot fit the machine's memory."""
+    from insect_exp.models import check_memory
+
+    check_memory(cfg.model, cfg.batch_size)  # before a byte is allocated
     _check_dataset(cfg)
     if isinstance(cfg.model, HubModelConfig):
         _check_hub(cfg.model)

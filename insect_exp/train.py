@@ -134,7 +134,9 @@ def run(cfg: Config) -> float:
 
                     # A pyfunc over the SavedModel: encoded files or float images in; class names,
                     # probabilities (or logits for float images) out. See insect_exp/serving.py.
-                    module = ServingModule(model, cfg.model.image_size)
+                    module = ServingModule(
+                        model, cfg.model.image_size, cfg.dataset.max_image_pixels
+                    )
                     requirements = [f"tensorflow=={tf.__version__}"]
                     with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
                         files = export.write_model(module, data.class_names, tmp, cfg.export)
@@ -142,7 +144,9 @@ def run(cfg: Config) -> float:
                             {key: str(path) for key, path in files.items()},
                             requirements,
                             input_example=export.input_example(test.images[0]),
-                            metadata=export.metadata(data.class_names, cfg.model.image_size),
+                            metadata=export.metadata(
+                                data.class_names, cfg.model.image_size, cfg.dataset.max_image_pixels
+                            ),
                             registered_model_name=cfg.mlflow.registered_model_name,
                             step=_weights_epoch(cfg, history),
                         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -176,3 +177,11 @@ def compose_cfg(
         return compose_config(*overrides, shrink=defaults if shrink else None, launch_dir=tmp_path)
 
     return _compose
+
+
+def pixel_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A PNG of WIDTH x HEIGHT black pixels in a few tens of KB (1 bit a pixel, compressed): decoded
+    as RGB it takes width x height x 3 bytes (1.2 GB at 20000x20000)."""
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, "PNG")
+    return out.getvalue()

@@ -100,7 +100,7 @@ def classifier_with_its_own_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     current = decoding.decode_image
     with monkeypatch.context() as patched:
         patched.setattr(
-            decoding, "decode_image", lambda contents, size: 255 - current(contents, size)
+            decoding, "decode_image", lambda contents, *args: 255 - current(contents, *args)
         )
         keras.utils.set_random_seed(0)
         model = keras.Sequential(

@@ -142,6 +142,7 @@ def test_console_script_composes_the_same_config(tmp_path):
         ("dataset.val_split=1.5", "dataset.val_split", "in [0, 1)"),
         ("loss.label_smoothing=1", "loss.label_smoothing", "in [0, 1)"),
         ("model.augment.rotation=2", "model.augment.rotation", "in [0, 1)"),
+        ("dataset.max_image_pixels=0", "dataset.max_image_pixels", ">= 1"),
     ],
 )
 def test_out_of_range_value_fails_at_startup_naming_the_key_and_range(

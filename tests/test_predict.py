@@ -21,7 +21,7 @@ from insect_exp.predict import (
     run,
     stream_predictions,
 )
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, pixel_bomb
 from tests.lifecycle import Trained, classifier_with_its_own_decoder, cli, train_run
 
 
@@ -71,6 +71,27 @@ def test_predict_cli_labels_a_folder_like_the_runs_predictions_and_skips_bad_fil
     assert ".DS_Store" not in done.stderr
     assert "labelled 9 images, skipped 2" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_predict_skips_an_image_over_the_models_pixel_limit_without_decoding_it(trained, tmp_path):
+    # Given a good image and a 48 KB PNG of 20000x20000 pixels (1.2 GB decoded)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = inputs / "good.jpg"
+    shutil.copy(next((trained.folder / "test").rglob("*.jpg")), good)
+    (inputs / "bomb.png").write_bytes(pixel_bomb())
+
+    # When predict labels the folder
+    done = cli(
+        "insect_exp.predict", f"model_uri=runs:/{trained.run_id}/model", f"inputs={inputs}",
+        cwd=trained.root,
+    )  # fmt: skip
+
+    # Then the good image is labelled and the bomb is skipped with its size as the reason
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["path"] for r in _rows(done.stdout)] == [str(good)]
+    assert f"skipped {inputs / 'bomb.png'}: too many pixels (20000x20000)" in done.stderr
+    assert "labelled 1 images, skipped 1" in done.stderr
 
 
 def test_predict_writes_the_csv_file_for_a_registered_model_and_one_file(trained, tmp_path):

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tests.conftest import pixel_bomb
 from tests.lifecycle import Trained, train_run
 from tests.mlflow_server import _OPENER, _group_members, free_port, wait_until_answers
 
@@ -240,6 +241,46 @@ def test_mlflow_models_serve_labels_jpeg_and_png_files_and_survives_a_corrupt_on
     finally:
         server.stop()
     assert not _group_members(server.process.pid)
+
+
+def _rss_bytes(pgid: int) -> int:
+    """The resident memory of every live process in a process group, together."""
+    total = 0
+    for pid in _group_members(pgid):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        kb = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        total += int(kb) * 1024
+    return total
+
+
+def test_a_pixel_bomb_is_a_400_naming_its_row_and_size_and_the_server_stays_flat(trained, tmp_path):
+    # Given the served model, warmed up with a real image
+    server = ModelServer(f"models:/{trained.model_id}", trained.tracking_uri, tmp_path / "s.log")
+    try:
+        server.wait_ready()
+        good = next((trained.folder / "test").rglob("*.jpg")).read_bytes()
+        assert server.post(_request(good))[0] == 200
+        before = _rss_bytes(server.process.pid)
+
+        # When clients post a 48 KB PNG of 20000x20000 pixels (1.2 GB decoded), again and again
+        for _ in range(3):
+            status, body = server.post(_request(good, pixel_bomb()))
+
+            # Then each request is a 400 naming the row and the size, the limit beside it
+            assert status == 400, body
+            assert "row 1: too many pixels (20000x20000)" in body["message"]
+            assert "at most 89478485 pixels" in body["message"]
+
+        # And the server has not grown (generous: one decoded bomb alone would be 1.2 GB)
+        grown = _rss_bytes(server.process.pid) - before
+        assert grown < 200 * 2**20, f"the server grew by {grown / 2**20:.0f} MB"
+        status, body = server.post(_request(good))
+        assert status == 200 and body["predictions"][0]["label"] in trained.class_names
+    finally:
+        server.stop()
 
 
 def test_each_run_registers_a_new_version_that_latest_follows(tmp_path):

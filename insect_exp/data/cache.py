@@ -9,7 +9,8 @@ entry, so a truncated or damaged file, or one of another format version, is rebu
 the lineage digest (tracking/lineage.py) never comes from damaged fingerprints, nor a model from
 damaged pixels. CRC-32 detects any burst of damage up to 32 bits and all but 2**-32 of the rest.
 
-The key is a digest of the format version, the image size and every file's absolute path, size,
+The key is a digest of the format version, the image size, the pixel limit
+(`dataset.max_image_pixels`) and every file's absolute path, size,
 mtime and ctime (`stat` only: a hit reads no image file). Any write to a file changes its ctime,
 which no tool can set back, so changed pixels are never reused; a `chmod`/`touch` or a copy of
 the folder rebuilds an entry that would have been the same (a content digest would not, but would
@@ -50,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from insect_exp import devices
-from insect_exp.config import CacheMode, DatasetConfig
+from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode, DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -441,10 +442,15 @@ _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range = _load_sync_file_range()
 
 
-def split_key(paths: Sequence[str], image_size: Sequence[int]) -> str:
-    """The entry key of a file list at an image size: names and `stat`s only (module docstring)."""
+def split_key(
+    paths: Sequence[str], image_size: Sequence[int], max_pixels: int = MAX_IMAGE_PIXELS
+) -> str:
+    """The entry key of a file list at an image size and pixel limit: names and `stat`s only
+    (module docstring)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"v{FORMAT_VERSION} {int(image_size[0])}x{int(image_size[1])}\n".encode())
+    size = f"{int(image_size[0])}x{int(image_size[1])}"
+    # The limit decides which files fail: an entry made under another one is not reused.
+    digest.update(f"v{FORMAT_VERSION} {size} max {int(max_pixels)} pixels\n".encode())
     for path in paths:
         try:
             st = os.stat(path)

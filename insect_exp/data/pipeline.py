@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from insect_exp import devices
-from insect_exp.config import CacheMode
+from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode
 from insect_exp.data.cache import (
     CachePolicy,
     CacheUnavailable,
@@ -24,7 +24,7 @@ from insect_exp.data.cache import (
     RecordWriter,
     split_key,
 )
-from insect_exp.data.decode import decode_image
+from insect_exp.data.decode import decode_image, refusal
 from insect_exp.data.scan import (
     DatasetError,
     FileList,
@@ -179,16 +179,22 @@ class Data:
 Decoder = Callable[[tf.Tensor], tf.Tensor]
 
 
-def _decode_and_fingerprint_fn(image_size: Sequence[int], decoder: Decoder | None = None):
+def _decode_and_fingerprint_fn(
+    image_size: Sequence[int], decoder: Decoder | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+):
     """path -> (the decoded image, an 8-byte fingerprint of the file's bytes), from one read.
 
-    decoder: the decoding to use instead of this version's (`decode_image` at image_size).
+    decoder: the decoding to use instead of this version's (`decode_image` at image_size,
+        refusing files of more than max_pixels).
     """
 
     def decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         contents = tf.io.read_file(path)
         fingerprint = tf.bitcast(tf.fingerprint(contents[tf.newaxis])[0], tf.uint64)
-        image = decode_image(contents, image_size) if decoder is None else decoder(contents)
+        if decoder is None:
+            image = decode_image(contents, image_size, max_pixels)
+        else:
+            image = decoder(contents)
         return image, fingerprint
 
     return decode
@@ -251,7 +257,7 @@ class Decoding:
         if not len(index):
             self.batches: Iterator = iter(())
             return
-        decode = _decode_and_fingerprint_fn(image_size, decoder)
+        decode = _decode_and_fingerprint_fn(image_size, decoder, files.max_pixels)
         paths = [files.paths[i] for i in index.tolist()]
         ds = tf.data.Dataset.from_tensor_slices((index, paths)).map(
             # Each image travels with its index: any finishing order will do. Plain TensorFlow
@@ -358,7 +364,7 @@ def _decode_into(
     if decoding is None:
         decoding = Decoding(files, image_size, workers)
     decoder = decoding.decoder
-    decode = _decode_and_fingerprint_fn(image_size, decoder)
+    decode = _decode_and_fingerprint_fn(image_size, decoder, files.max_pixels)
     ok = np.zeros(len(files), dtype=bool)
     if put is None:
         put = decoding.put
@@ -386,7 +392,7 @@ def _decode_into(
             put(np.array([i]), image.numpy()[np.newaxis], fingerprint.numpy()[np.newaxis])
         except tf.errors.OpError as err:  # corrupt, truncated, not an image, gone since the scan
             log.debug("TensorFlow cannot decode %s: %s", files.paths[i], err.message)
-            failures.append((int(i), diagnose(files.paths[i])))
+            failures.append((int(i), refusal(err) or diagnose(files.paths[i])))
     return failures
 
 
@@ -445,7 +451,7 @@ def decode_files(
     if decoder is not None and (cache is not None or started is not None):
         raise ValueError("a model's own decoder decodes into a new in-memory split only")
     if cache is not None:
-        key = split_key(files.paths, image_size)
+        key = split_key(files.paths, image_size, files.max_pixels)
 
         def fill(writer: RecordWriter) -> list[tuple[int, str]]:
             return _decode_into(files, image_size, workers, writer.put, f"{what} into the cache")

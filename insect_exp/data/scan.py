@@ -16,7 +16,9 @@ short, stable reason:
   does not), `unsupported format (tiff)` (the content is an image format TensorFlow does not read:
   tiff, heic, heif, avif, jp2, jxl, svg, or any Pillow recognises), `not an image`, `empty file`,
   `permission denied`, `dangling symlink`, `file not found` (gone since the scan), `not a file`,
-  `image too large` and `cannot read (<system error>)`.
+  `image too large` and `cannot read (<system error>)`;
+- by the decoder itself, before it allocates any pixel: `too many pixels (<width>x<height>)`, for
+  a file whose header gives more than `dataset.max_image_pixels` (data/decode.py).
 
 TensorFlow decodes by content: a PNG or a WebP image named .jpg is used. Files beyond
 `max_per_class` in a class are left out without being reported.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from insect_exp import UserError
+from insect_exp.config import MAX_IMAGE_PIXELS
 
 # The extensions scanned as images; anything else is reported, not read.
 # TensorFlow's decode_image reads WebP too (checked on TF 2.21).
@@ -80,6 +84,8 @@ class FileList:
 
     paths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    # A file whose header gives more pixels is refused by this version's decoding, never decoded.
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -110,6 +116,21 @@ def _os_reason(err: OSError) -> str:
     if err.errno == errno.ELOOP:
         return "symlink loop"
     return f"cannot read ({(err.strerror or type(err).__name__).lower()})"
+
+
+def check_class_names(names: Sequence[str], where: str) -> None:
+    """Raise DatasetError for a class name with a control character (newline, tab, NUL, ...).
+
+    Such a name breaks every one-name-a-line file a model is shipped with (labels.txt for TFLite
+    maps outputs to names by line), so it is refused, not repaired.
+    """
+    for name in names:
+        bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise DatasetError(
+                f"class name {name!r} in {where} has a control character (U+{ord(bad):04X}): "
+                "rename it"
+            )
 
 
 def stat_entry(path: str | Path) -> os.stat_result | str:
@@ -198,8 +219,9 @@ def scan_split(
     class_names: list[str],
     max_per_class: int | None,
     skipped: list[tuple[str, str]],
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> FileList:
-    files = FileList()
+    files = FileList(max_pixels=max_pixels)
     for label, name in enumerate(class_names):
         kept = 0
         for path, reason in class_files(split_dir / name):
@@ -214,8 +236,12 @@ def scan_split(
     return files
 
 
-def scan(root: str | Path, max_per_class: int | None = None) -> Manifest:
+def scan(
+    root: str | Path, max_per_class: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Manifest:
     """List ROOT/train/<class>/** and ROOT/test/<class>/**; raise DatasetError if unusable.
+
+    max_pixels: the most pixels a file may have to be decoded (FileList.max_pixels).
 
     Files are checked here by name, type and size only (see the module docstring for the rules and
     reasons); files that then fail to decode are added to the skipped list by the decoder.
@@ -228,11 +254,12 @@ def scan(root: str | Path, max_per_class: int | None = None) -> Manifest:
         raise DatasetError(f"{str(root)!r} has no train/ folder (expected ROOT/train/<class>/*)")
     skipped: list[tuple[str, str]] = []
     class_names = list_split(train_dir, skipped)
+    check_class_names(class_names, repr(str(train_dir)))
     if len(class_names) < 2:
         raise DatasetError(
             f"{str(train_dir)!r} needs at least 2 class folders, found {len(class_names)}"
         )
-    train = scan_split(train_dir, class_names, max_per_class, skipped)
+    train = scan_split(train_dir, class_names, max_per_class, skipped, max_pixels)
     test = None
     if test_dir.is_dir():
         test_skipped: list[tuple[str, str]] = []
@@ -242,7 +269,7 @@ def scan(root: str | Path, max_per_class: int | None = None) -> Manifest:
                 f"test classes {test_classes} differ from train classes {class_names}"
             )
         skipped += test_skipped
-        test = scan_split(test_dir, class_names, max_per_class, skipped)
+        test = scan_split(test_dir, class_names, max_per_class, skipped, max_pixels)
     check_usable(root, class_names, train.labels, None if test is None else test.labels)
     return Manifest(root, class_names, train, test, skipped)
 

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp.config import AugmentConfig
+from insect_exp.config import MAX_IMAGE_PIXELS, AugmentConfig
 
 
 def augmentation_layers(augment: AugmentConfig) -> list[keras.layers.Layer]:
@@ -49,9 +49,14 @@ class ServingModule(tf.Module):
       each decoded and resized exactly as the training images were (`data.decode.decode_image`);
     - `decode`: one encoded file -> uint8 (H, W, 3): what predict and evaluate decode files with,
       and how the pyfunc finds which file of a batch is bad.
+
+    Both decoders refuse a file of more than `max_pixels` pixels before decoding it (the limit
+    travels with the SavedModel, also as its variable `max_image_pixels`).
     """
 
-    def __init__(self, model: keras.Model, image_size: Sequence[int]):
+    def __init__(
+        self, model: keras.Model, image_size: Sequence[int], max_pixels: int = MAX_IMAGE_PIXELS
+    ):
         from insect_exp.data.decode import decode_image
 
         super().__init__(name="classifier")
@@ -60,6 +65,7 @@ class ServingModule(tf.Module):
         self.model_variables = list(model.variables)
         height, width = (int(v) for v in image_size)
         self.image_size = (height, width)
+        self.max_image_pixels = tf.Variable(max_pixels, dtype=tf.int64, trainable=False)
         spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="images")
         image_spec = tf.TensorSpec([height, width, 3], tf.uint8)
 
@@ -67,7 +73,7 @@ class ServingModule(tf.Module):
             return model(images, training=False)
 
         def decode(contents: tf.Tensor) -> tf.Tensor:
-            return decode_image(contents, (height, width))
+            return decode_image(contents, (height, width), max_pixels)
 
         def classify_encoded(encoded: tf.Tensor) -> tf.Tensor:
             images = tf.map_fn(decode, encoded, fn_output_signature=image_spec)

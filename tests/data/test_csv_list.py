@@ -85,3 +85,35 @@ def test_an_unusable_csv_fails_with_one_line(tmp_path, content, message):
     with pytest.raises(DatasetError, match=message) as err:
         scan_csv(csv_file)
     assert "\n" not in str(err.value)
+
+
+def test_each_file_is_used_once_per_split_and_test_wins_over_train(tmp_path):
+    # Given a CSV without a header that lists a file twice in train, a test file in train too,
+    # and a row of four fields
+    images = _flat_images(tmp_path)
+    rows = [f"{p},{p.name.split('-', 1)[1].rsplit('_', 1)[0]},{p.name.split('-')[0]}"
+            for p in images]  # fmt: skip
+    first = next(r for r in rows if r.endswith(",train"))
+    line, train = rows.index(first) + 1, first.split(",")
+    test = next(r for r in rows if r.endswith(",test")).split(",")
+    rows += [
+        ",".join(train),  # again, the same label
+        f"{train[0]},dragonflies,train",  # again, another label
+        f"{test[0]},{test[1]},train",  # a test file listed for training
+        f"{train[0]},{train[1]},train,extra",
+    ]
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+
+    # When it is scanned
+    manifest = scan_csv(csv_file)
+
+    # Then each file is in one split once, and every other row is reported with its reason
+    assert sorted(manifest.train.paths) == sorted(set(manifest.train.paths))
+    assert test[0] not in manifest.train.paths and test[0] in manifest.test.paths
+    assert set(manifest.skipped) == {
+        (train[0], f"duplicate of line {line}"),
+        (train[0], f"labelled {train[1]} at line {line}"),
+        (test[0], "also in test"),
+        (f"{csv_file}:{len(rows)}", "malformed row"),
+    }

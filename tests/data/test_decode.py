@@ -100,3 +100,36 @@ def test_an_image_already_the_target_size_keeps_its_exact_pixels(mode):
     whole = tf.io.decode_image(contents, channels=3, expand_animations=False)
     np.testing.assert_array_equal(ours, whole.numpy())
     np.testing.assert_array_equal(ours, _resized(whole, (96, 80)))
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "options"),
+    [
+        ("PNG", "RGB", {}), ("PNG", "1", {}), ("JPEG", "RGB", {}), ("GIF", "P", {}),
+        ("BMP", "RGB", {}), ("WEBP", "RGB", {}), ("WEBP", "RGB", {"lossless": True}),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("size", [(53, 37), (300, 7)])
+def test_an_image_over_the_pixel_limit_is_refused_with_its_size_and_one_at_it_decodes(
+    fmt, mode, options, size
+):
+    import tensorflow as tf
+
+    from insect_exp.data.decode import decode_image, refusal
+
+    # Given a file of each format TensorFlow reads, width x height pixels
+    data = tf.constant(_encoded(Image.new(mode, size), fmt, **options))
+    pixels = size[0] * size[1]
+
+    # Then at a limit of exactly its pixels it decodes, and one pixel fewer refuses it by its size
+    assert decode_image(data, (8, 8), max_pixels=pixels).shape == (8, 8, 3)
+    decode = tf.function(lambda c: decode_image(c, (8, 8), max_pixels=pixels - 1))
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        decode(data)
+    assert refusal(err.value) == f"too many pixels ({size[0]}x{size[1]})"
