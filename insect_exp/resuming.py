@@ -138,11 +138,13 @@ def check_resumable(found: Found, epochs: int) -> CheckpointState | None:
             "%s is FINISHED %s: training it on to %d epochs; the model it logs next becomes "
             "its current one (tag current_model)", run, progress(done, done), epochs,
         )  # fmt: skip
-    elif directory and found.logged_epochs and state is None:
+    elif directory and not Path(directory).is_dir():
+        # The folder is made as the run opens (train._checkpoints): gone, it was removed. An
+        # empty one is a run killed before its first checkpoint, which starts over.
         raise Refused(
-            f"{run} has no checkpoint in {directory} (the folder or its files are gone), though "
-            f"it logged {found.logged_epochs} epochs: it cannot go on "
-            f"{progress(found.logged_epochs, epochs)}; put the folder back or start a new run"
+            f"{run}'s checkpoint folder {directory} is gone (it logged {found.logged_epochs} "
+            f"epochs): it cannot go on {progress(found.logged_epochs, epochs)}; put the folder "
+            "back or start a new run"
         )
     if epochs < done:
         raise Refused(

@@ -241,6 +241,8 @@ def _checkpoints(cfg: Config, run, dist: distribute.Distribution, lease: resumin
     directory = resuming.checkpoint_dir(cfg.runtime.output_dir, opened.run_id)
     if directory:
         lease.take(directory, opened.run_id)
+        # Made now, empty until the first checkpoint: a resume tells "none yet" from "removed".
+        Path(directory).mkdir(parents=True, exist_ok=True)
         resume = f"python -m insect_exp resume={opened.run_id}"
         run.set_tags({CHECKPOINT_TAG: directory, "resume_command": resume})
     log.info("MLflow run %s (%s) in %s", opened.run_id, opened.run_name, opened.tracking_uri)

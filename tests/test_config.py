@@ -99,7 +99,7 @@ def test_insects_dataset_without_root_is_a_clear_error(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_missing_folder_exits_non_zero_with_one_line_and_a_failed_run(tmp_path):
+def test_missing_folder_exits_non_zero_with_one_line_and_no_run(tmp_path):
     # Given a dataset root that does not exist
     out = run_cli("dataset=insects", f"dataset.root={tmp_path / 'nowhere'}", cwd=tmp_path)
 
@@ -108,13 +108,33 @@ def test_missing_folder_exits_non_zero_with_one_line_and_a_failed_run(tmp_path):
     assert f"dataset root '{tmp_path / 'nowhere'}' is not a directory" in out.stderr
     assert "Traceback" not in out.stderr
 
-    # And the run it opened is recorded FAILED with the error
+    # And it stopped before opening a run: the store holds no run that never started
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlruns" / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(f"sqlite:///{db}")
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_an_unusable_folder_ends_its_run_failed_with_one_line(tmp_path):
+    # Given a dataset root that exists but holds no class folders
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    out = run_cli("dataset=insects", f"dataset.root={tmp_path / 'empty'}", cwd=tmp_path)
+
+    # Then the command fails with one line, and no traceback
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("insect_exp: error:")
+
+    # And the run it opened is recorded FAILED with the same error
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
     assert run.info.status == "FAILED"
-    assert "is not a directory" in run.data.tags["error"]
+    assert run.data.tags["error"] in last
 
 
 def test_console_script_composes_the_same_config(tmp_path):
