@@ -87,7 +87,7 @@ class Run:
         self.client = client
         self.run_id = run_id
         # The store as the user named it (the client's own may carry a busy timeout).
-        self.tracking_uri = tracking_uri or client.tracking_uri
+        self._tracking_uri = tracking_uri
         self.experiment_id = client.get_run(run_id).info.experiment_id
         self._pending: list[Metric] = []
         # Every metric this process logged, by key and step: the curves when the store is gone.
@@ -107,7 +107,7 @@ class Run:
     def opened(self) -> Opened:
         """The run as the store holds it: name, tags, dataset digests, and how to look at it."""
         found = self.client.get_run(self.run_id)
-        uri = self.tracking_uri
+        uri = self._tracking_uri or self.client.tracking_uri
         return Opened(
             self.run_id,
             found.info.run_name,
