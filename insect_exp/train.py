@@ -264,8 +264,9 @@ def _check_resumed(
         resuming.RefusedAfterOpening: the data's digest differs (the run is put back as it was).
     """
     from insect_exp import report, resilience
+    from insect_exp.tracking.worker import WorkerRun
 
-    if not cfg.resume or isinstance(run, tracking.WorkerRun):
+    if not cfg.resume or isinstance(run, WorkerRun):
         return
     opened = run.opened()
     resuming.check_same_data(opened.run_id, opened.digests, report.lineage(data))
