@@ -5,6 +5,7 @@ import gc
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 # Start-up (Hydra, TensorFlow, MLflow, the model) makes a few hundred thousand objects that live
 # as long as the process; the collector's passes over them while they are made are wasted work,
@@ -97,7 +98,7 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
         _exit(f"interrupted ({err})", err.exit_code)
 
 
-def _exit(message: str, code: int, at_once: bool = False) -> None:
+def _exit(message: str, code: int, at_once: bool = False) -> NoReturn:
     print(f"insect_exp: {message}", file=sys.stderr)
     if at_once:
         import logging

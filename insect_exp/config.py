@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, overload
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -37,7 +37,11 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: must be {allowed}")
 
 
-def _enum(key: str, value: Any, kind: type[Enum]) -> Enum:
+E = TypeVar("E", bound=Enum)
+S = TypeVar("S")
+
+
+def _enum(key: str, value: Any, kind: type[E]) -> E:
     """The enum member for value (a member or its name), as Hydra converts it from YAML."""
     if isinstance(value, kind):
         return value
@@ -630,7 +634,10 @@ class Config:
 
     def params(self) -> dict[str, Any]:
         """The config as a run's params: what it trains, not where it ran or what it resumes."""
-        tree = OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
+        # A structured config's container is a dict (OmegaConf's return type covers lists too).
+        tree = cast(
+            dict[str, Any], OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
+        )
         tree.pop("runtime")
         tree.pop("resume")
         return tree
@@ -643,8 +650,17 @@ class Config:
         _require(self.threads >= 0, "threads", self.threads, ">= 0 (0: every core)")
 
 
-def to_object(cfg: DictConfig) -> Config:
-    """The composed config as typed objects, every range checked.
+@overload
+def to_object(cfg: DictConfig) -> Config: ...
+
+
+@overload
+def to_object(cfg: DictConfig, schema: type[S]) -> S: ...
+
+
+def to_object(cfg: DictConfig, schema: type[Any] = Config) -> Any:
+    """The composed config as typed objects (of `schema`: the train job's, or a command's), every
+    range checked.
 
     Raises:
         UserError: a missing value or a value out of range, in one line naming the key.

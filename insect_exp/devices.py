@@ -76,7 +76,7 @@ def is_startup_noise(line: bytes, level: int) -> bool:
     if level >= 1 and line.startswith(_PRE_INIT_NOTICE):
         return True
     match = _LOG_LINE.match(line)
-    return bool(match) and _LEVELS[match.group(1)] < level
+    return match is not None and _LEVELS[match.group(1)] < level
 
 
 def cpus() -> int:

@@ -9,7 +9,8 @@
 `batch_size` is the global batch: each step, N replicas get batch_size / N images each and their
 gradients are summed, so steps per epoch and the learning rate are those of one device with the
 same batch_size. Only the chief (worker 0) logs to MLflow; the other workers run the same code
-with a `WorkerRun` that logs nothing, because every collective op must run on every worker.
+with a `tracking.worker.WorkerRun` that logs nothing, because every collective op must run on
+every worker.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -360,41 +360,3 @@ class LocalPredictor:
 def _first_line(err: BaseException) -> str:
     text = str(getattr(err, "message", "") or err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-class WorkerRun:
-    """What a non-chief worker logs to: nothing. It keeps the metrics it is given, so that the
-    job returns its final metric like the chief does; any log_*/set_* call does nothing."""
-
-    run_id = None
-    experiment_id = None
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, dict[int, float]] = {}
-
-    def sink(self, metrics: Mapping[str, float], step: int) -> None:
-        for key, value in metrics.items():
-            self._metrics.setdefault(key, {})[step] = float(value)
-
-    def resumed_sink(self, keys):
-        return self.sink
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.sink(metrics, step or 0)
-
-    def metric_history(self, keys) -> dict[str, list[float]]:
-        return {k: [v for _, v in sorted(self._metrics.get(k, {}).items())] for k in keys}
-
-    def log_tf_model(self, *args: Any, **kwargs: Any) -> str:
-        return "(not logged: only the chief logs)"
-
-    def submit(self, fn: Any, *args: Any) -> Future:
-        """What the chief's run draws and logs in its logging process: nothing here."""
-        done: Future = Future()
-        done.set_result(None)
-        return done
-
-    def __getattr__(self, name: str):
-        if name.startswith(("log_", "set_", "flush", "end")):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)

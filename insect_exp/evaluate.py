@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -200,7 +200,7 @@ def run(cfg: EvaluateConfig) -> float:
         )
         metrics, split, predicted, probability, skipped = _evaluate(cfg, ref, files, skipped)
         _log(run, ref, metrics, split, predicted, probability, skipped, prefix, cfg.seed)
-        if source:
+        if source and ref.run_id:  # the run that logged the model (source says it has one)
             summary = f"{prefix} of {folder}: accuracy {metrics.accuracy:.4f}"
             client.set_tag(ref.run_id, f"evaluation.{run.run_id}", summary)
     print(
@@ -236,7 +236,10 @@ def _note(ref: ModelRef, source: tuple[str, str, str] | None, folder: Path) -> s
 def _dataset_params(dataset: DatasetConfig) -> dict[str, object]:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(dataset), enum_to_str=True)
+    # A structured config's container is a dict (OmegaConf's return type covers lists too).
+    return cast(
+        dict[str, object], OmegaConf.to_container(OmegaConf.structured(dataset), enum_to_str=True)
+    )
 
 
 def _evaluate(cfg: EvaluateConfig, ref: ModelRef, files: FileList, skipped: list):
@@ -342,7 +345,7 @@ def _log_per_class(run, names: list[str], metrics: Metrics) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def _hydra_main(dict_cfg: DictConfig) -> float | None:
     try:
-        cfg = to_object(dict_cfg)  # typed, ranges checked: before TensorFlow loads
+        cfg = to_object(dict_cfg, EvaluateConfig)  # typed, ranges checked: before TensorFlow loads
         return run(cfg)
     except UserError as err:
         _exit(f"error: {err}", 2)

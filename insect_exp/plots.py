@@ -316,8 +316,8 @@ def overlay_curves(
     many = len(curves) > _LEGEND_OUTSIDE_AFTER
     fig = Figure(figsize=(10 if many else 7, 4.5))
     ax = fig.add_subplot()
-    for i, (name, values) in enumerate(curves.items()):
-        values = np.asarray(values, dtype=float).reshape(-1)
+    for i, (name, curve) in enumerate(curves.items()):
+        values = np.asarray(curve, dtype=float).reshape(-1)
         # Runs of equal values (a sweep of seeds, one epoch) draw on top of each other: each
         # run's own marker and dashes, hollow and a little transparent, keep every one visible.
         ax.plot(

@@ -350,7 +350,7 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def _hydra_main(dict_cfg: DictConfig) -> None:
     try:
-        cfg = to_object(dict_cfg)  # typed, ranges checked: before TensorFlow loads
+        cfg = to_object(dict_cfg, PredictConfig)  # typed, ranges checked: before TensorFlow loads
         run(cfg)
     except UserError as err:
         _exit(f"error: {err}", 2)

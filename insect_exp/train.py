@@ -20,7 +20,10 @@ from insect_exp.upload import SPOOL_DIR
 
 if TYPE_CHECKING:
     from insect_exp import tracking
+    from insect_exp.data.pipeline import Data
     from insect_exp.fit import History
+    from insect_exp.models import Recipe
+    from insect_exp.resilience import CheckpointState
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,8 @@ def run(cfg: Config) -> float:
 
     rt = cfg.runtime
     job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
-    run = scratch = None
+    run: tracking.TrackedRun | None = None
+    scratch: str | None = None
     try:
         with contextlib.ExitStack() as ending:
             lease = ending.enter_context(resuming.Lease())  # let go once the run has ended
@@ -75,7 +79,9 @@ def run(cfg: Config) -> float:
                 # Other workers run the same ops (collectives need every worker) and log
                 # nothing; their checkpoints go to a scratch dir, as Keras's multi-worker guide
                 # does.
-                chosen = _start_run(cfg, job) if dist.is_chief else distribute.WorkerRun()
+                chosen: tracking.TrackedRun = (
+                    _start_run(cfg, job) if dist.is_chief else tracking.WorkerRun()
+                )
                 run = ending.enter_context(tracking.ending(chosen))
             # Before the images are used: a store that cannot be used stops the run here.
             checkpoints, resume_from = _checkpoints(cfg, run, dist, lease)
@@ -105,7 +111,7 @@ def run(cfg: Config) -> float:
                 replicas = model.distribute_strategy.num_replicas_in_sync
                 run.set_tags({"replicas": replicas, "devices": dist.describe()})
                 settings = FitSettings.from_config(cfg, checkpoints, resume_from)
-                sink = run.sink
+                sink: tracking.MetricSink = run.sink
                 if cfg.resume:
                     replayed = resume_from.metrics if resume_from is not None else {}
                     sink = run.resumed_sink({*RESUMED_KEYS, *resilience.keys_of(replayed)})
@@ -169,7 +175,7 @@ def run(cfg: Config) -> float:
     return val_accuracy
 
 
-def _after_finish(cfg: Config, opened, checkpoints: str | None) -> None:
+def _after_finish(cfg: Config, opened: tracking.Opened | None, checkpoints: str | None) -> None:
     """The run is FINISHED (None: a worker's): a signal now only says so; its checkpoints go."""
     from insect_exp import resilience
 
@@ -180,7 +186,7 @@ def _after_finish(cfg: Config, opened, checkpoints: str | None) -> None:
         resuming.drop_checkpoints(checkpoints)
 
 
-def _print_summary(opened, worker: int, in_sweep: bool) -> None:
+def _print_summary(opened: tracking.Opened | None, worker: int, in_sweep: bool) -> None:
     """Where the run is and how to look at it (a worker: that the chief logged it)."""
     from insect_exp import tracking
 
@@ -222,7 +228,9 @@ def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
     )
 
 
-def _checkpoints(cfg: Config, run, dist: distribute.Distribution, lease: resuming.Lease):
+def _checkpoints(
+    cfg: Config, run: tracking.TrackedRun, dist: distribute.Distribution, lease: resuming.Lease
+) -> tuple[str | None, CheckpointState | None]:
     """Where the run's checkpoints go (None: no output dir to keep them in), and the checkpoint
     state to resume from (None for a new run). Waits for the run to be open; a new run's lease
     is taken (a resumed one's was, before it opened)."""
@@ -249,15 +257,18 @@ def _checkpoints(cfg: Config, run, dist: distribute.Distribution, lease: resumin
     return directory, None
 
 
-def _check_resumed(cfg: Config, run, data, state) -> None:
+def _check_resumed(
+    cfg: Config, run: tracking.TrackedRun, data: Data, state: CheckpointState | None
+) -> None:
     """A resumed run goes on only with the data it trained on; then it says where it went on.
 
     Raises:
         resuming.RefusedAfterOpening: the data's digest differs (the run is put back as it was).
     """
     from insect_exp import report, resilience
+    from insect_exp.tracking.worker import WorkerRun
 
-    if not cfg.resume or isinstance(run, distribute.WorkerRun):
+    if not cfg.resume or isinstance(run, WorkerRun):
         return
     opened = run.opened()
     resuming.check_same_data(opened.run_id, opened.digests, report.lineage(data))
@@ -265,7 +276,7 @@ def _check_resumed(cfg: Config, run, data, state) -> None:
     run.set_tags({"resumed_after_epoch": resilience.epochs_done(state), "epochs": cfg.epochs})
 
 
-def _log_extras(run, recipe, data, seed: int) -> None:
+def _log_extras(run: tracking.TrackedRun, recipe: Recipe, data: Data, seed: int) -> None:
     """A recipe's own artifacts (made here: they may run a model), logged by the logging process."""
     from insect_exp import report
 
@@ -274,14 +285,16 @@ def _log_extras(run, recipe, data, seed: int) -> None:
         run.submit(report.log_artifacts, artifacts).result()
 
 
-def _id_of(run) -> str | None:
+def _id_of(run: tracking.TrackedRun | None) -> str | None:
     """The run's id, or None where there is none (no run yet, a worker's, or it never opened)."""
-    with contextlib.suppress(Exception):
+    if run is None:
+        return None
+    with contextlib.suppress(Exception):  # a run that never opened raises what kept it closed
         return run.run_id
     return None
 
 
-def _log_config(run: tracking.RemoteRun, cfg: Config) -> None:
+def _log_config(run: tracking.TrackedRun, cfg: Config) -> None:
     """The resolved config as params and YAML, the overrides, and Hydra's own snapshot."""
     from omegaconf import OmegaConf
 

@@ -54,6 +54,33 @@ def test_two_runs_in_one_process_write_only_to_their_own_run(tracking_uri):
     assert [f.path for f in client.list_artifacts(second.run_id)] == ["note.txt"]
 
 
+def test_an_in_process_run_runs_submitted_work_on_itself_and_says_what_it_reopened(tracking_uri):
+    # Given a run reopened by id, as a resume reopens it
+    first = _open(tracking_uri, "reopened")
+    first.set_tags({"checkpoint_dir": "/checkpoints/x"})
+    run = tracking.reopen_run(tracking_uri, first.run_id)
+
+    def note(on: tracking.Run, text: str) -> str:
+        on.log_text(text, "note.txt")
+        return on.run_id
+
+    # When work is submitted to it, as training submits report.py's to its logging process
+    done = run.submit(note, "hello")
+    failed = run.submit(lambda on: 1 / 0)
+
+    # Then the work ran on this run, and an error comes back in its Future
+    assert done.result() == first.run_id
+    assert [f.path for f in MlflowClient(tracking_uri).list_artifacts(first.run_id)] == ["note.txt"]
+    with pytest.raises(ZeroDivisionError):
+        failed.result()
+    # And the run says what it is, as the store holds it
+    opened = run.opened()
+    assert (opened.run_id, opened.run_name, opened.tracking_uri) == (
+        first.run_id, "reopened", tracking_uri,
+    )  # fmt: skip
+    assert opened.tags["checkpoint_dir"] == "/checkpoints/x"
+
+
 def test_more_params_than_one_mlflow_batch_holds_are_all_logged(tracking_uri):
     run = _open(tracking_uri, "many")
     run.log_params({f"p{i}": i for i in range(250)})

@@ -240,7 +240,7 @@ class DiskImages:
 
     def __getitem__(self, index) -> np.ndarray:
         if isinstance(index, (int, np.integer)):
-            return self._read(self._rows[[index]])[0]
+            return self._read(np.atleast_1d(self._rows[index]))[0]
         return self._read(self._rows[index])
 
     def _read(self, records: np.ndarray) -> np.ndarray:
@@ -249,7 +249,7 @@ class DiskImages:
         flat = out.reshape(len(records), -1)
         # One read per run of consecutive records (a whole batch when reading in order).
         for start, end in _consecutive_runs(records):
-            view = memoryview(flat[start:end]).cast("B")
+            view = flat[start:end].data.cast("B")
             _pread_into(self._file.fd, view, int(records[start]) * self._record_bytes)
         return out
 
@@ -344,12 +344,12 @@ class RecordWriter:
         index = np.asarray(index)
         images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(index), -1)
         self.fingerprints[index] = fingerprints
-        self.checksums[index] = [zlib.crc32(image) for image in images]
+        self.checksums[index] = [zlib.crc32(image.data) for image in images]
         if len(index) > 1 and (np.diff(index) < 0).any():  # decoding finishes in any order
             order = np.argsort(index, kind="stable")
             index, images = index[order], images[order]
         for start, end in _consecutive_runs(index):
-            data = memoryview(images[start:end]).cast("B")
+            data = images[start:end].data.cast("B")
             offset = int(index[start]) * self.record_bytes
             if not self._put_direct(data, offset):
                 _pwrite_all(self.fd, data, offset)

@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat
@@ -89,7 +90,7 @@ def ensure_demo_dataset(
     return root
 
 
-def _params(train_per_class: int, test_per_class: int, seed: int) -> dict[str, object]:
+def _params(train_per_class: int, test_per_class: int, seed: int) -> dict[str, Any]:
     """Parameters that fully determine the generated files, as stored in the marker."""
     return {
         "format_version": FORMAT_VERSION,
@@ -100,7 +101,7 @@ def _params(train_per_class: int, test_per_class: int, seed: int) -> dict[str, o
     }
 
 
-def _is_complete(root: pathlib.Path, params: dict[str, object]) -> bool:
+def _is_complete(root: pathlib.Path, params: dict[str, Any]) -> bool:
     """Whether root holds a finished generation made with exactly these params."""
     try:
         stored = json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
@@ -109,7 +110,7 @@ def _is_complete(root: pathlib.Path, params: dict[str, object]) -> bool:
     return stored == params and all((root / split).is_dir() for split in SPLITS)
 
 
-def _generate(out: pathlib.Path, params: dict[str, object]) -> None:
+def _generate(out: pathlib.Path, params: dict[str, Any]) -> None:
     """Write every image of the set under out, then the completion marker."""
     counts = {"train": int(params["train_per_class"]), "test": int(params["test_per_class"])}
     seed = int(params["seed"])

@@ -10,6 +10,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -36,6 +37,7 @@ from insect_exp.data.scan import (
 from insect_exp.progress import Progress
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -150,7 +152,7 @@ class Data:
     def val_is_test(self) -> bool:
         return self.test is not None and self.val is self.test
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
         """Images per class per split, and the skipped files, for logging."""
         splits = {"train": self.train, "val": self.val, "test": self.test}
         per_class = {
@@ -280,7 +282,9 @@ class Decoding:
         buffered = 2  # decoding goes on while the reader stores a batch
         if into is not None:
             store = weakref.WeakMethod(self._store)  # as in read_images
-            ds = ds.map(lambda *batch: tf.numpy_function(lambda *a: store()(*a), batch, tf.int64))
+            ds = ds.map(
+                lambda *batch: tf.numpy_function(lambda *a: _alive(store)(*a), batch, tf.int64)
+            )
             if ahead:  # only indices wait: let the whole split run ahead
                 buffered = -(-len(index) // _DECODE_BATCH)
         self.batches = without_autotuning(ds.prefetch(buffered)).as_numpy_iterator()
@@ -293,6 +297,7 @@ class Decoding:
 
     def put(self, index: np.ndarray, batch: np.ndarray, prints: np.ndarray) -> None:
         """Store decoded images at their rows of `into`."""
+        assert self.into is not None  # only a decoding into arrays stores its batches here
         images, fingerprints = self.into
         images[index] = batch
         fingerprints[index] = prints
@@ -302,6 +307,14 @@ class Decoding:
             first, self._first = self._first, None
             yield first
         yield from self.batches
+
+
+def _alive(ref: weakref.ref[T]) -> T:
+    """What a weak reference holds: it lives while the pipeline that reads it runs."""
+    held = ref()
+    if held is None:
+        raise ReferenceError("the arrays or decoding of this pipeline are gone")
+    return held
 
 
 def in_memory(
@@ -463,7 +476,9 @@ def decode_files(
     if started is None:
         started = in_memory(files, image_size, workers, decoder=decoder)
     failed = _decode_into(files, image_size, workers, None, what, started)
-    return _kept(*started.into, files, failed)
+    assert started.into is not None  # a decoding in memory (in_memory's) decodes into arrays
+    images, fingerprints = started.into
+    return _kept(images, fingerprints, files, failed)
 
 
 def choose_storage(policy: CachePolicy | None, num_images: int, image_size: Sequence[int]) -> str:
@@ -594,7 +609,7 @@ def read_images(images: np.ndarray | DiskImages, index: tf.Tensor) -> tf.Tensor:
     # By weak reference: TensorFlow keeps a numpy_function's Python function for the process's
     # life (in its global graph), and with it the images, run after run of an in-process sweep.
     held = weakref.ref(images)
-    batch = tf.numpy_function(lambda i: held()[i], [index], tf.as_dtype(images.dtype))
+    batch = tf.numpy_function(lambda i: _alive(held)[i], [index], tf.as_dtype(images.dtype))
     batch = tf.ensure_shape(batch, (None, *images.shape[1:]))
     return tf.cast(batch, tf.float32)
 

@@ -277,8 +277,8 @@ def scan(
 def check_usable(
     root: Path,
     class_names: Sequence[str],
-    train_labels: Sequence[int],
-    test_labels: Sequence[int] | None,
+    train_labels: Sequence[int] | np.ndarray,
+    test_labels: Sequence[int] | np.ndarray | None,
 ) -> None:
     """Raise DatasetError if a split or a train class has no images left."""
     for split, labels in {"train": train_labels, "test": test_labels}.items():

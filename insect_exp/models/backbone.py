@@ -20,6 +20,7 @@ from insect_exp import UserError, distribute, fit
 from insect_exp.callbacks import MetricSink
 from insect_exp.config import BackboneConfig, FeatureCache
 from insect_exp.data.pipeline import Data, ImageSplit
+from insect_exp.fit import FitSettings, History
 from insect_exp.models import Recipe
 from insect_exp.models.common import augmentation_layers, classification_head
 from insect_exp.models.feature_cache import (
@@ -113,8 +114,8 @@ class BackboneRecipe(Recipe):
         return not backbone_of(model).trainable and not self.cfg.augment.enabled
 
     def fit(
-        self, model: keras.Model, data: Data, settings: fit.FitSettings, sink: MetricSink | None
-    ) -> fit.History:
+        self, model: keras.Model, data: Data, settings: FitSettings, sink: MetricSink | None
+    ) -> History:
         """Train the head (on cached backbone features when possible), then optionally fine-tune."""
         c = self.cfg
         resume = settings.resume_from
@@ -149,10 +150,10 @@ class BackboneRecipe(Recipe):
         self,
         model: keras.Model,
         data: Data,
-        settings: fit.FitSettings,
+        settings: FitSettings,
         store: FeatureStore | None,
         sink: MetricSink | None,
-    ) -> fit.History:
+    ) -> History:
         """Compute each image's backbone features once (or reuse stored ones); train the head."""
         extractor = feature_extractor(model)
         batch_size = settings.batch_size
@@ -180,10 +181,10 @@ class BackboneRecipe(Recipe):
         self,
         model: keras.Model,
         data: Data,
-        settings: fit.FitSettings,
+        settings: FitSettings,
         first_epoch: int,
         sink: MetricSink | None,
-    ) -> fit.History:
+    ) -> History:
         """Second stage: the backbone (or its top layers) unfrozen, at its own learning rate."""
         ft = self.cfg.fine_tune
         trainable = self.unfreeze(model, ft.top_layers)

@@ -13,6 +13,7 @@ image cache does (data/cache.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tf_keras as keras
@@ -62,7 +64,7 @@ def saved_model_digest(path: str | Path) -> str:
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(root)).encode() + b"\0")
         with file.open("rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+            for chunk in iter(functools.partial(f.read, 1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
 
@@ -172,7 +174,7 @@ class FeatureStore:
         found = np.array([key in index for key in keys], dtype=bool)
         features = None
         by_shard: dict[str, list[int]] = {}
-        for i in np.flatnonzero(found):
+        for i in np.flatnonzero(found).tolist():
             by_shard.setdefault(index[keys[i]][0], []).append(i)
         for shard, positions in by_shard.items():
             try:
@@ -292,10 +294,13 @@ def _inference_fn(model: keras.Model) -> Callable:
 
         shape = [None, *model.input_shape[1:]]
         of = weakref.ref(model)  # a strong one would keep the key alive
-        _INFERENCE[model] = tf.function(
-            lambda images: of()(images, training=False),
-            input_signature=[tf.TensorSpec(shape, tf.float32)],
-        )
+
+        def infer(images: Any) -> Any:
+            extractor = of()
+            assert extractor is not None  # the key of its entry: alive while it is looked up
+            return extractor(images, training=False)
+
+        _INFERENCE[model] = tf.function(infer, input_signature=[tf.TensorSpec(shape, tf.float32)])
     return _INFERENCE[model]
 
 
@@ -367,8 +372,8 @@ def cached_features(
         many images went through the backbone.
     """
     if store is None:
-        features = _predict(extractor, split, batch_size)
-        return ImageSplit(features, split.labels, split.paths), len(split)
+        computed = _predict(extractor, split, batch_size)
+        return ImageSplit(computed, split.labels, split.paths), len(split)
     keys = image_digests(split.images)
     features, found = store.get(keys)
     missing = np.flatnonzero(~found)
@@ -381,4 +386,5 @@ def cached_features(
             features = np.zeros((len(split), new.shape[1]), dtype=np.float32)
         features[missing] = new
     log.info("feature cache %s: %d of %d images computed", store.dir, missing.size, len(split))
+    assert features is not None  # every image's features were stored or computed above
     return ImageSplit(features, split.labels, split.paths), int(missing.size)

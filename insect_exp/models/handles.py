@@ -136,7 +136,7 @@ def resolve_handle(handle: str, timeout_s: float, setting: Setting = FEATURES_SE
             inner = sorted(p.name for p in path.iterdir() if _is_saved_model(p))
             # An export_untrained output dir holds several models: suggest the one this key wants.
             wanted = Path(setting.export_path).name
-            guess = wanted if wanted in inner else (inner or [None])[0]
+            guess = wanted if wanted in inner else (inner[0] if inner else None)
             hint = f"; did you mean {path / guess}?" if guess else ""
             raise HubHandleError(f"{setting.key}={handle!r} is not a SavedModel directory{hint}")
         raise HubHandleError(

@@ -29,7 +29,7 @@ import pickle
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -121,8 +121,10 @@ class MlflowSweepCallback(Callback):
             experiment_id = tracking.ensure_experiment(uri, experiment)
 
         task = list(hydra.overrides.task)
-        plan = sweep_plan(task, OmegaConf.to_container(hydra.sweeper, resolve=True))
-        launcher = OmegaConf.to_container(hydra.launcher, resolve=True)
+        # Config nodes, so dicts (OmegaConf's return type covers lists too).
+        sweeper = cast(dict[str, Any], OmegaConf.to_container(hydra.sweeper, resolve=True))
+        launcher = cast(dict[str, Any], OmegaConf.to_container(hydra.launcher, resolve=True))
+        plan = sweep_plan(task, sweeper)
         choices = hydra.runtime.choices
         tags = {
             **tracking.environment_tags(),
@@ -179,9 +181,10 @@ class MlflowSweepCallback(Callback):
         from insect_exp import tracking
 
         job = current_job(_job_runtime(config, overrides))
-        if job.parent_run_id is None:
+        uri, experiment_id, parent = job.tracking_uri, job.experiment_id, job.parent_run_id
+        if uri is None or experiment_id is None or parent is None:  # not nested in a sweep
             return
-        children = tracking.child_runs(job.tracking_uri, job.experiment_id, job.parent_run_id)
+        children = tracking.child_runs(uri, experiment_id, parent)
         num = job.tags["sweep.job_num"]
         mine = [c for c in children if c.tags.get("sweep.job_num") == num]
         if mine:
@@ -189,19 +192,15 @@ class MlflowSweepCallback(Callback):
             # reports the job (see hydra_plugins/insect_exp_launcher) and its run is still open.
             for child in mine:
                 if child.status == "RUNNING":
-                    tracking.open_client(job.tracking_uri).set_tag(
-                        child.run_id, "error", str(error)[:5000]
-                    )
-                    tracking.end_run(job.tracking_uri, child.run_id, "FAILED")
+                    tracking.open_client(uri).set_tag(child.run_id, "error", str(error)[:5000])
+                    tracking.end_run(uri, child.run_id, "FAILED")
             return
         model = OmegaConf.select(config, "model.name", default="model")
         optimizer = OmegaConf.select(config, "optimizer.name", default="optimizer")
         name = tracking.run_name(model, optimizer, job.overrides)
         tags = {**job.tags, "error": f"{type(error).__name__}: {error}"[:5000]}
-        run_id = tracking.create_run(
-            job.tracking_uri, job.experiment_id, name, tags, job.parent_run_id
-        )
-        tracking.end_run(job.tracking_uri, run_id, "FAILED")
+        run_id = tracking.create_run(uri, experiment_id, name, tags, parent)
+        tracking.end_run(uri, run_id, "FAILED")
 
     def _close(self) -> int:
         """Write the summary to the parent and end it; return how many children failed."""

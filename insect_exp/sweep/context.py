@@ -9,9 +9,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from insect_exp.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +111,9 @@ def sweep_plan(task_overrides: Sequence[str], sweeper: Mapping[str, Any]) -> Swe
 
     from_config = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides([*from_config, *task_overrides])
-    params = {o.get_key_element(): o.input_line.split("=", 1)[1] for o in parsed}
+    params = {o.get_key_element(): _value_as_written(o) for o in parsed}
     constant = [o.get_key_element() for o in parsed if not o.is_sweep_override()]
+    batch: int | None
     if "n_trials" in sweeper:  # Optuna: trials go out in batches of n_jobs
         batch = min(int(sweeper["n_trials"]), int(sweeper.get("n_jobs") or 1))
     else:
@@ -117,6 +121,11 @@ def sweep_plan(task_overrides: Sequence[str], sweeper: Mapping[str, Any]) -> Swe
         if batch is not None and sweeper.get("max_batch_size"):
             batch = min(batch, int(sweeper["max_batch_size"]))
     return SweepPlan(params, constant, batch)
+
+
+def _value_as_written(override: Override) -> str:
+    """An override's value as the user wrote it (the parser keeps the line it parsed)."""
+    return (override.input_line or "").split("=", 1)[1]
 
 
 def _grid_size(parsed: Sequence[Any]) -> int | None:

@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import OmegaConf
 
@@ -38,7 +38,10 @@ class Summary:
 def summarise(children: Sequence[RunRecord], metric: str = CURVE_METRIC) -> Summary:
     """Table rows, curves, best child and counts from a sweep's child runs."""
     ordered = sorted(children, key=lambda r: (_job_num(r) is None, _job_num(r) or 0, r.name))
-    rows, override_keys, metric_keys, curves = [], [], set(), {}
+    rows: list[dict[str, Any]] = []
+    override_keys: list[str] = []
+    metric_keys: set[str] = set()
+    curves: dict[str, list[float]] = {}
     for child in ordered:
         overrides = json.loads(child.tags.get("sweep.overrides", "[]"))
         values = dict(o.split("=", 1) for o in overrides)
@@ -89,7 +92,8 @@ def optuna_best(sweep_dir: Path) -> tuple[dict[str, Any], float | None]:
     path = Path(sweep_dir) / "optimization_results.yaml"
     if not path.is_file():
         return {}, None
-    results = OmegaConf.to_container(OmegaConf.load(path))
+    # The sweeper writes a mapping (OmegaConf's return type covers lists too).
+    results = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
     return dict(results.get("best_params") or {}), results.get("best_value")
 
 
@@ -132,7 +136,7 @@ def log_summary(info: SweepInfo) -> Summary:
     parent = tracking.Run(tracking.open_client(info.tracking_uri), info.parent_run_id)
     parent.log_text(to_csv(summary.columns, summary.rows), f"{SUMMARY_DIR}/children.csv")
     parent.log_text(to_markdown(summary.columns, summary.rows), f"{SUMMARY_DIR}/children.md")
-    metrics = {
+    metrics: dict[str, float] = {
         "jobs_finished": summary.finished,
         "jobs_failed": summary.failed,
         "jobs_killed": summary.killed,

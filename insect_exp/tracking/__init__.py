@@ -4,6 +4,8 @@ store.py   where runs are stored: URI, checks, safe creation, the experiment, th
 run.py     one run: logging by run id, metric buffer, offline spool, how it ends
 logged_model.py  a run's logged model: finished, linked to its metrics, registered, repeatably
 remote.py  a run logged from a process of its own: what the training process holds
+worker.py  a non-chief worker's run, which logs nothing
+interface.py  the interface all three runs implement (TrackedRun), and an open run (Opened)
 basics.py  names, params, tables and a run's ending, shared by both processes (no MLflow)
 sweeps.py  a sweep's parent run and its children
 
@@ -23,6 +25,8 @@ _EXPORTS = {
     ),
     "run": ("Run", "environment_tags", "reopen_run", "start_new_run", "start_run"),
     "remote": ("Opening", "RemoteError", "RemoteRun"),
+    "worker": ("WorkerRun",),
+    "interface": ("Opened", "TrackedRun"),
     "store": (
         "STORE_DIR", "StoreError", "default_tracking_uri", "ensure_experiment", "open_client",
         "prepare_store", "refusals_named", "refused_access", "resolve_tracking_uri",
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
         to_tsv,
         ui_footer,
     )
+    from insect_exp.tracking.interface import Opened, TrackedRun
     from insect_exp.tracking.remote import Opening, RemoteError, RemoteRun
     from insect_exp.tracking.run import (
         Run,
@@ -77,3 +82,4 @@ if TYPE_CHECKING:
         with_busy_timeout,
     )
     from insect_exp.tracking.sweeps import RunRecord, child_runs, create_run, end_run
+    from insect_exp.tracking.worker import WorkerRun

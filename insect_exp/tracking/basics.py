@@ -12,12 +12,12 @@ import io
 import json
 import shlex
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-R = TypeVar("R")
-# Where training sends its metrics: (metrics by name, step). A run's `sink`, or a filter of it.
-MetricSink = Callable[[Mapping[str, float], int], None]
+from insect_exp.tracking.interface import MetricSink, TrackedRun
+
+R = TypeVar("R", bound=TrackedRun)
 
 
 def run_name(model: str, optimizer: str, overrides: Sequence[str] = ()) -> str:

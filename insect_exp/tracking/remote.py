@@ -39,9 +39,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from insect_exp.tracking.basics import MetricSink, unlogged_steps_only
+from insect_exp.tracking.basics import unlogged_steps_only
+from insect_exp.tracking.interface import MetricSink, Opened
+
+if TYPE_CHECKING:
+    from insect_exp.tracking.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +86,6 @@ class Opening:
     check_store: bool = True
     spool_dir: str | None = None
     resume: str | None = None
-
-
-@dataclass(frozen=True)
-class Opened:
-    """The open run, as the logging process reports it."""
-
-    run_id: str
-    run_name: str
-    experiment_id: str
-    tracking_uri: str
-    tags: dict[str, str]  # a reopened run's tags (its checkpoint dir); empty for a new run
-    ui_command: str
-    ui_url: str
-    # A reopened run's dataset digests by split (train, val, test): what it trained on.
-    digests: dict[str, str] = field(default_factory=dict)
 
 
 class RemoteError(RuntimeError):
@@ -325,25 +314,28 @@ class RemoteRun:
             opened = None
             if unexpected and self._opened.done() and self._opened.exception() is None:
                 opened = self._opened.result()
-            if unexpected:
-                self._gone = LoggingProcessDied(
-                    f"the MLflow logging process ended unexpectedly (exit code {code}; "
-                    f"{type(err).__name__})",
-                    opened.run_id if opened else None,
+            if self._gone is None:  # first
+                self._gone = (
+                    LoggingProcessDied(
+                        f"the MLflow logging process ended unexpectedly (exit code {code}; "
+                        f"{type(err).__name__})",
+                        opened.run_id if opened else None,
+                    )
+                    if unexpected
+                    else RemoteError("the run's logging process is closed")
                 )
-            elif first:
-                self._gone = RemoteError("the run's logging process is closed")
+            gone = self._gone
             waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if future is not None and not future.done():
-                future.set_exception(self._gone)
+                future.set_exception(gone)
         if opened is not None:
             self._ending_here = threading.Thread(
                 target=_end_left_open, args=(opened, LOGGER_DIED.format(code=code)),
                 name="insect_exp-mlflow-ending",
             )  # fmt: skip
             self._ending_here.start()
-        return self._gone
+        return gone
 
 
 def _exit_code(process: subprocess.Popen, wait_s: float = 5.0) -> int | None:
@@ -444,10 +436,11 @@ def serve(conn: Connection) -> None:
         if name == "submit":
             fn, *rest = args
             job = background.submit(fn, run, *rest)
-            job.add_done_callback(
-                lambda done, call_id=call_id: reply(call_id, done.exception() is None,
-                                                    done.exception() or done.result())
-            )  # fmt: skip
+
+            def answer(done: Future, call_id: int = call_id) -> None:
+                reply(call_id, done.exception() is None, done.exception() or done.result())
+
+            job.add_done_callback(answer)
             submitted.append(job)
             continue
         if name in ("end", "put_back"):
@@ -464,7 +457,7 @@ def serve(conn: Connection) -> None:
     conn.close()
 
 
-def _open(opening: Opening) -> tuple[Any, Opened]:
+def _open(opening: Opening) -> tuple[Run, Opened]:
     from insect_exp import devices
 
     # MLflow's import brings pandas, and pandas brings pyarrow, which nothing here uses (this
@@ -480,39 +473,22 @@ def _open(opening: Opening) -> tuple[Any, Opened]:
     what = (
         "reopen that run" if opening.resume else f"write to experiment {opening.experiment_name!r}"
     )
-    digests = {}
     with store.refusals_named(uri, what):
         if opening.resume:
-            run = runs.reopen_run(uri, opening.resume)
-            found = run.client.get_run(run.run_id)
-            name, tags = found.info.run_name, dict(found.data.tags)
-            digests = _digests(found)
-        else:
-            run = runs.start_new_run(
-                uri,
-                opening.experiment_name,
-                opening.run_name,
-                {**runs.environment_tags(), **opening.tags},
-                opening.parent_run_id,
-                opening.experiment_id,
-            )
-            if opening.spool_dir:
-                run.spool_to(opening.spool_dir, uri)
-            name, tags = opening.run_name, {}
+            reopened = runs.reopen_run(uri, opening.resume)
+            return reopened, reopened.opened()  # its name, tags and digests, as the store has them
+        run = runs.start_new_run(
+            uri,
+            opening.experiment_name,
+            opening.run_name,
+            {**runs.environment_tags(), **opening.tags},
+            opening.parent_run_id,
+            opening.experiment_id,
+        )
+        if opening.spool_dir:
+            run.spool_to(opening.spool_dir, uri)
     ui = store.ui_command(uri), store.ui_url(uri, run.experiment_id)
-    return run, Opened(run.run_id, name, run.experiment_id, uri, tags, *ui, digests=digests)
-
-
-def _digests(found: Any) -> dict[str, str]:
-    """A run's dataset digests by split, as its inputs hold them (tracking/lineage.py)."""
-    from insect_exp.tracking.lineage import CONTEXT_TAG
-
-    digests = {}
-    for item in found.inputs.dataset_inputs if found.inputs else []:
-        context = {tag.key: tag.value for tag in item.tags}.get(CONTEXT_TAG)
-        if context:
-            digests[context] = item.dataset.digest
-    return digests
+    return run, Opened(run.run_id, opening.run_name, run.experiment_id, uri, {}, *ui)
 
 
 def _end_orphaned(run: Any) -> None:

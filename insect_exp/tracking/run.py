@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import subprocess
@@ -11,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -22,18 +24,20 @@ from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
 from insect_exp.tracking.basics import (
-    MetricSink,
     ending,
     param_value,
     to_tsv,
     unlogged_steps_only,
 )
-from insect_exp.tracking.lineage import SplitRecord
+from insect_exp.tracking.interface import MetricSink, Opened
+from insect_exp.tracking.lineage import CONTEXT_TAG, SplitRecord
 from insect_exp.tracking.store import (
     ensure_experiment,
     first_line,
     open_client,
     retry_if_raced,
+    ui_command,
+    ui_url,
     with_busy_timeout,
 )
 from insect_exp.upload import INPUTS_FILE, Spool
@@ -79,9 +83,11 @@ class Run:
     whatever it logs from then on is saved there, to upload later (insect_exp/upload.py).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, tracking_uri: str | None = None):
         self.client = client
         self.run_id = run_id
+        # The store as the user named it (the client's own may carry a busy timeout).
+        self._tracking_uri = tracking_uri
         self.experiment_id = client.get_run(run_id).info.experiment_id
         self._pending: list[Metric] = []
         # Every metric this process logged, by key and step: the curves when the store is gone.
@@ -97,6 +103,30 @@ class Run:
         # writers of one process on an SQLite store wait on each other's locks (up to the busy
         # timeout) instead of taking turns.
         self._io = threading.Lock()
+
+    def opened(self) -> Opened:
+        """The run as the store holds it: name, tags, dataset digests, and how to look at it."""
+        found = self.client.get_run(self.run_id)
+        uri = self._tracking_uri or self.client.tracking_uri
+        return Opened(
+            self.run_id,
+            found.info.run_name,
+            self.experiment_id,
+            uri,
+            dict(found.data.tags),
+            ui_command(uri),
+            ui_url(uri, self.experiment_id),
+            digests=_digests(found),
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn(self, *args) now, in this thread; its result or its error as a Future."""
+        done: Future = Future()
+        try:
+            done.set_result(fn(self, *args))
+        except Exception as err:
+            done.set_exception(err)
+        return done
 
     def spool_to(self, directory: str | Path, tracking_uri: str) -> None:
         self.spool = Spool(directory, self.run_id, tracking_uri, self.experiment_id)
@@ -119,6 +149,7 @@ class Run:
                         self.run_id,
                         self.spool.dir,
                     )
+            assert self.spool is not None  # offline: a spool took over
             offline(self.spool)  # the spool's JSON files are read, merged and written back
 
     def sink(self, metrics: Mapping[str, float], step: int) -> None:
@@ -151,8 +182,8 @@ class Run:
                 chunk = self._pending[:_MAX_BATCH]
                 try:
                     self._write(
-                        lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk),
-                        lambda spool, chunk=chunk: spool.metrics(chunk),
+                        functools.partial(self.client.log_batch, self.run_id, metrics=chunk),
+                        functools.partial(Spool.metrics, metrics=chunk),
                     )
                 except Exception as err:
                     if raise_errors:
@@ -253,7 +284,7 @@ class Run:
             lambda: self.client.set_terminated(self.run_id, status),
             lambda spool: spool.finish(status),
         )
-        if self.offline:
+        if self.offline and self.spool is not None:
             print(
                 f"insect_exp: the MLflow store was unreachable: run {self.run_id} ({status}) is "
                 f"saved in {self.spool.dir}; upload it with: "
@@ -412,7 +443,7 @@ def _pinned_requirements_unchecked() -> Iterator[None]:
     if check is None:
         yield
         return
-    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    environment.warn_dependency_requirement_mismatches = lambda model_requirements: None
     try:
         yield
     finally:
@@ -477,9 +508,19 @@ def reopen_run(tracking_uri: str, run_id: str) -> Run:
     if error is not None:  # what stopped it last time is history now
         client.delete_tag(run_id, "error")
     client.update_run(run_id, status="RUNNING")
-    run = Run(client, run_id)
+    run = Run(client, run_id, tracking_uri)
     run.found_as = (found.info.status, error)
     return run
+
+
+def _digests(found: mlflow.entities.Run) -> dict[str, str]:
+    """A run's dataset digests by split, as its inputs hold them (tracking/lineage.py)."""
+    digests = {}
+    for item in found.inputs.dataset_inputs if found.inputs else []:
+        context = {tag.key: tag.value for tag in item.tags}.get(CONTEXT_TAG)
+        if context:
+            digests[context] = item.dataset.digest
+    return digests
 
 
 def _step(metric: Metric) -> tuple[int, int]:

@@ -387,7 +387,10 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         )
     except mlflow.exceptions.MlflowException:
         # Another job created it between our lookup and create.
-        return client.get_experiment_by_name(name).experiment_id
+        raced = client.get_experiment_by_name(name)
+        if raced is None:  # it was not that: the creation's own error
+            raise
+        return raced.experiment_id
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 
 from insect_exp.tracking.store import open_client
 
@@ -56,7 +56,8 @@ def child_runs(
     """Every run nested under a parent, with the metric histories asked for."""
     client = open_client(tracking_uri)
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    found, token = [], None
+    found: list[Run] = []
+    token: str | None = None
     while True:
         page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
         found.extend(page)
