@@ -4,8 +4,8 @@ Each strategy trains the reference CNN (Adam, global batch 32) on the same gener
 process of its own (logical devices exist only if set before TensorFlow starts): one warm-up epoch
 (tracing), then --epochs timed epochs through insect_exp.fit, the code path of a run. The
 processes alternate over --repeats and the best images/s of each is printed. `default (oneDNN
-off)` is the fair baseline: a run with several CPU replicas turns oneDNN off (README, "Several
-devices and machines"). On one CPU, mirrored cannot be faster: the point of it there is
+off)` is the fair baseline: a run with several CPU replicas turns oneDNN off (docs/devices.md).
+On one CPU, mirrored cannot be faster: the point of it there is
 correctness, not speed.
 
     python benchmarks/distribute_throughput.py --images 1020 --epochs 3 --repeats 2

@@ -524,7 +524,7 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    # default, mirrored or multi_worker (README: "Several devices"); batch_size is the global batch.
+    # default, mirrored or multi_worker (docs/devices.md); batch_size is the global batch.
     strategy: Strategy = Strategy.default
     # Split the CPU into N logical devices before TensorFlow starts (0: one CPU device), so that
     # strategy=mirrored runs on machines without GPUs (tests, trying it out).

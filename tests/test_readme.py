@@ -1,6 +1,6 @@
-"""README's snippets run as written, from the directory a user trained in.
+"""The snippets of README.md and of the docs/ site run as written, from where a user trained.
 
-The snippets are read from README.md's fenced code blocks, not copied here: the quick start's
+The snippets are read from the pages' fenced code blocks, not copied here: README's quick start
 training command (shrunk with overrides appended), the model-loading Python, the scoring server,
 the own-config-dir example, and every documented `python -m insect_exp` command's overrides.
 Placeholders are filled in: `<run id>`, `<model id>` and `<image file>` (a demo image); `images`
@@ -29,7 +29,9 @@ from hydra import compose, initialize_config_dir
 from insect_exp.config import register_configs
 from tests.conftest import CONF_DIR
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"  # the mkdocs site's pages (mkdocs.yml)
 # Appended to the quick start's command: the demo at its smallest, with a model to load.
 SHRINK = (
     "experiment=debug",
@@ -41,16 +43,41 @@ SHRINK = (
 IMAGE_SIZE = (32, 32)
 
 
+def _pages() -> list[Path]:
+    """README.md and every Markdown page of the docs site."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
 def _text() -> str:
-    return README.read_text()
+    return "\n".join(page.read_text() for page in _pages())
+
+
+def _headings(text: str) -> list[tuple[int, int, str]]:
+    """(offset, level, title) of each Markdown heading outside fenced code blocks."""
+    found, offset, fenced = [], 0, False
+    for line in text.splitlines(keepends=True):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        match = re.match(r"(#{1,6}) (.+)$", line.rstrip("\n"))
+        if match and not fenced:
+            found.append((offset, len(match.group(1)), match.group(2).strip()))
+        offset += len(line)
+    return found
 
 
 def _section(title: str) -> str:
-    """The README section under `## title`, up to the next `## ` heading."""
-    text = _text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end > 0 else len(text)]
+    """The one section of README or a docs page headed `title`, up to the next heading of its
+    level or above (a page's `# title` is the whole page)."""
+    sections = []
+    for page in _pages():
+        text = page.read_text()
+        headings = _headings(text)
+        for i, (start, level, name) in enumerate(headings):
+            if name == title:
+                ends = [o for o, lv, _ in headings[i + 1 :] if lv <= level]
+                sections.append(text[start : ends[0] if ends else len(text)])
+    assert len(sections) == 1, f"{len(sections)} sections headed {title!r}"
+    return sections[0]
 
 
 def _blocks(text: str, language: str) -> list[str]:
@@ -102,6 +129,19 @@ def _fill(snippet: str, trained: dict) -> str:
         snippet = snippet.replace(placeholder, trained[placeholder])
     assert "<" not in re.sub(r"#.*", "", snippet), f"a placeholder left: {snippet}"
     return snippet
+
+
+def test_readme_is_a_front_door_whose_links_lead_somewhere():
+    # Given README, the page a visitor sees first (the details live in docs/)
+    text = README.read_text()
+
+    # Then it stays about a screenful, and each relative link it gives names a file of the repo
+    assert len(text.encode()) <= 12 * 1024
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert any(link.startswith("docs/") for link in local), links
+    missing = [link for link in local if not (ROOT / link).is_file()]
+    assert not missing, missing
 
 
 def test_quick_start_trains_from_where_the_user_is_and_says_where_things_went(trained):
@@ -258,7 +298,7 @@ def test_own_config_dir_example_composes(tmp_path):
 
 
 def _documented_commands() -> list[str]:
-    """Every `python -m insect_exp ...` line of README's bash blocks, continuations joined."""
+    """Every `python -m insect_exp ...` line of the pages' bash blocks, continuations joined."""
     commands = []
     for block in _blocks(_text(), "bash"):
         for line in block.replace("\\\n", " ").splitlines():
