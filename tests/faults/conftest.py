@@ -121,6 +121,14 @@ def epochs_logged(uri: str) -> int:
     return len(client.get_metric_history(runs[0].info.run_id, "loss"))
 
 
+def server_epochs(url: str) -> int:
+    """`epochs_logged` on a server that may be down or hung (0 then)."""
+    try:
+        return epochs_logged(url)
+    except Exception:
+        return 0
+
+
 def steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.faults.conftest import TINY, environment, finish, run, start, wait_until
+from tests.faults.conftest import TINY, environment, finish, run, server_epochs, start, wait_until
 from tests.mlflow_server import MlflowServer
 
 
@@ -195,16 +195,6 @@ def test_a_foreign_client_opening_a_new_store_while_a_run_creates_it_breaks_neit
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
-def _epochs(url: str) -> int:
-    try:
-        client = MlflowClient(url)
-        experiment = client.get_experiment_by_name("insect_exp")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        return len(client.get_metric_history(runs[0].info.run_id, "loss")) if runs else 0
-    except Exception:
-        return 0
-
-
 @pytest.mark.slow
 def test_a_server_that_hangs_mid_run_is_left_within_seconds_and_the_run_saved_offline(
     tmp_path, folder, template_store
@@ -218,7 +208,7 @@ def test_a_server_that_hangs_mid_run_is_left_within_seconds_and_the_run_saved_of
         server.wait_ready()
         env = environment(MLFLOW_TRACKING_URI=server.url)
         process = start(f"dataset.root={folder}", "epochs=4", cwd=tmp_path, env=env)
-        wait_until(lambda: _epochs(server.url) >= 1, timeout=240, process=process)
+        wait_until(lambda: server_epochs(server.url) >= 1, timeout=240, process=process)
 
         # When the server hangs: it still accepts connections, and never answers (stopped)
         os.killpg(server.pid, signal.SIGSTOP)

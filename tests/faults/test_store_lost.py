@@ -8,18 +8,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.faults.conftest import environment, finish, start, wait_until
+from tests.faults.conftest import environment, finish, server_epochs, start, wait_until
 from tests.mlflow_server import MlflowServer
-
-
-def _epochs(url: str) -> int:
-    try:
-        client = MlflowClient(url)
-        experiment = client.get_experiment_by_name("insect_exp")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        return len(client.get_metric_history(runs[0].info.run_id, "loss")) if runs else 0
-    except Exception:
-        return 0
 
 
 @pytest.mark.slow
@@ -44,7 +34,7 @@ def test_a_run_whose_server_stops_finishes_offline_and_uploads_when_it_is_back(
         "mlflow.registered_model_name=insects", cwd=tmp_path, env=env,
     )  # fmt: skip
     try:
-        wait_until(lambda: _epochs(url) >= 1, timeout=180)
+        wait_until(lambda: server_epochs(url) >= 1, timeout=180)
 
         # When the server stops in the middle of training
         server.stop()
