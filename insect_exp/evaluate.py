@@ -134,10 +134,9 @@ def labelled_files(
 ) -> tuple[Path, FileList, list[tuple[str, str]]]:
     """The folder to evaluate (root/split, or root itself when it is a bare <class>/* folder),
     its files with labels, and the files skipped; the classes must be the model's."""
-    from insect_exp.data.scan import DatasetError, list_split, scan_split
+    from insect_exp.data.scan import DatasetError, existing_root, list_split, scan_split
 
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {str(root)!r} is not a directory (set dataset.root=PATH)")
+    root = existing_root(root)
     splits = [name for name in ("train", "test") if (root / name).is_dir()]
     if (root / split).is_dir():
         folder = root / split

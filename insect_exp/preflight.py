@@ -8,8 +8,6 @@ before the store holds a run that never started.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from insect_exp.config import Config, CsvDatasetConfig, DemoDatasetConfig, HubModelConfig
 
 
@@ -25,19 +23,17 @@ def check(cfg: Config) -> None:
 
 
 def _check_dataset(cfg: Config) -> None:
-    from insect_exp.data import DatasetError
+    """The checks the scan starts with (data/scan.py, data/csv_list.py), made before a run opens."""
+    from insect_exp.data.csv_list import existing_csv
+    from insect_exp.data.scan import existing_root
 
     dataset = cfg.dataset
     if isinstance(dataset, DemoDatasetConfig):
         return  # made on first use
     if isinstance(dataset, CsvDatasetConfig):
-        if not Path(dataset.path).expanduser().is_file():
-            raise DatasetError(f"dataset.path {dataset.path!r} is not a file (a CSV of path,label)")
-        return
-    if dataset.root is None or not Path(dataset.root).expanduser().is_dir():
-        raise DatasetError(
-            f"dataset root {dataset.root!r} is not a directory (set dataset.root=PATH)"
-        )
+        existing_csv(dataset.path)
+    else:
+        existing_root(dataset.root)
 
 
 def _check_hub(model: HubModelConfig) -> None:

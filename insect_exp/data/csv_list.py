@@ -138,6 +138,14 @@ def _check_labels(csv_path: Path, good: dict[str, Rows]) -> list[str]:
     return class_names
 
 
+def existing_csv(csv_path: str | Path) -> Path:
+    """The CSV's absolute path; a DatasetError if it is not a file."""
+    path = Path(csv_path).expanduser().resolve()
+    if not path.is_file():
+        raise DatasetError(f"dataset.path {str(path)!r} is not a file (a CSV of path,label)")
+    return path
+
+
 def scan_csv(
     csv_path: str | Path, max_per_class: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> Manifest:
@@ -147,9 +155,7 @@ def scan_csv(
         DatasetError: the CSV cannot be read, has labels that cannot be class names (see the
             module docstring), or leaves a split or a class without images.
     """
-    csv_path = Path(csv_path).expanduser().resolve()
-    if not csv_path.is_file():
-        raise DatasetError(f"dataset.path {str(csv_path)!r} is not a file (a CSV of path,label)")
+    csv_path = existing_csv(csv_path)
     skipped: list[tuple[str, str]] = []
     good = _usable_rows(csv_path, skipped)
     class_names = _check_labels(csv_path, good)

@@ -246,9 +246,7 @@ def scan(
     Files are checked here by name, type and size only (see the module docstring for the rules and
     reasons); files that then fail to decode are added to the skipped list by the decoder.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {str(root)!r} is not a directory (set dataset.root=PATH)")
+    root = existing_root(root)
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir():
         raise DatasetError(f"{str(root)!r} has no train/ folder (expected ROOT/train/<class>/*)")
@@ -272,6 +270,15 @@ def scan(
         test = scan_split(test_dir, class_names, max_per_class, skipped, max_pixels)
     check_usable(root, class_names, train.labels, None if test is None else test.labels)
     return Manifest(root, class_names, train, test, skipped)
+
+
+def existing_root(root: str | Path | None) -> Path:
+    """ROOT as a folder path (`~` expanded); a DatasetError if it is not a folder."""
+    path = Path(root).expanduser() if root is not None else None
+    if path is None or not path.is_dir():
+        shown = str(path) if path is not None else None
+        raise DatasetError(f"dataset root {shown!r} is not a directory (set dataset.root=PATH)")
+    return path
 
 
 def check_usable(
