@@ -62,6 +62,18 @@ def make_image_folder(
     return root
 
 
+def make_flat_images(tmp_path: Path, test_per_class: int) -> list[Path]:
+    """make_image_folder's images (4 train a class) moved into one folder without class folders,
+    tmp_path/data/images, each named <split>-<class>_<n>.jpg (for CSV file lists)."""
+    root = make_image_folder(tmp_path / "layout", train_per_class=4, test_per_class=test_per_class)
+    flat = tmp_path / "data" / "images"
+    flat.mkdir(parents=True)
+    return [
+        path.rename(flat / f"{path.parent.parent.name}-{path.name}")
+        for path in sorted(root.rglob("*.jpg"))
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _keep_tracking_uri_env() -> Iterator[None]:
     """Restore $MLFLOW_TRACKING_URI after each test."""

@@ -9,20 +9,12 @@ import pytest
 from insect_exp.data import load_data
 from insect_exp.data.csv_list import scan_csv
 from insect_exp.data.scan import DatasetError
-from tests.conftest import make_image_folder
+from tests.conftest import make_flat_images
 
 
 def _flat_images(tmp_path: Path) -> list[Path]:
-    """The tiny folder's images, moved into one flat folder (no class folders)."""
-    root = make_image_folder(tmp_path / "layout", train_per_class=4, test_per_class=1)
-    flat = tmp_path / "data" / "images"
-    flat.mkdir(parents=True)
-    moved = []
-    for path in sorted(root.rglob("*.jpg")):
-        target = flat / f"{path.parent.parent.name}-{path.name}"
-        path.rename(target)
-        moved.append(target)
-    return moved
+    """The tiny folder's images (1 test a class), moved into one flat folder."""
+    return make_flat_images(tmp_path, test_per_class=1)
 
 
 def test_a_csv_file_list_gives_classes_splits_and_reports_bad_rows(tmp_path, compose_cfg):

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import make_image_folder, pixel_bomb
+from tests.conftest import make_flat_images, make_image_folder, pixel_bomb
 from tests.faults.conftest import only_run, run
 from tests.lifecycle import cli
 
@@ -131,14 +131,8 @@ def test_a_class_name_with_a_control_character_is_refused_at_the_scan(tmp_path, 
 
 
 def _flat_images(tmp_path: Path) -> list[Path]:
-    """make_image_folder's images in one folder, named <split>-<class>_<n>.jpg."""
-    root = make_image_folder(tmp_path / "layout", train_per_class=4, test_per_class=2)
-    flat = tmp_path / "data" / "images"
-    flat.mkdir(parents=True)
-    moved = []
-    for path in sorted(root.rglob("*.jpg")):
-        moved.append(path.rename(flat / f"{path.parent.parent.name}-{path.name}"))
-    return moved
+    """The tiny folder's images (2 test a class), moved into one flat folder."""
+    return make_flat_images(tmp_path, test_per_class=2)
 
 
 def _csv_rows(images: list[Path]) -> list[str]:
