@@ -71,12 +71,18 @@ class FeatureCache(Enum):
     off = "off"
 
 
-class CacheMode(Enum):
-    """Where decoded images are kept: auto picks memory or disk by their decoded size."""
+class CacheMode(str, Enum):
+    """Where decoded images are kept: auto picks memory or disk by their decoded size.
+
+    Also the storage a run chose (memory or disk), which its params and logs give by name.
+    """
 
     auto = "auto"
     memory = "memory"
     disk = "disk"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Schedule(Enum):
@@ -264,11 +270,6 @@ class ModelConfig:
         _positive_size("model.image_size", self.image_size)
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
 
-    def training_bytes(self, batch_size: int, num_classes: int) -> tuple[int, int] | None:
-        """(parameters, bytes) that training this model at least takes, from the config alone
-        (nothing is built); None where the model gives no estimate."""
-        return None
-
 
 @dataclass
 class CNNConfig(ModelConfig):
@@ -284,23 +285,6 @@ class CNNConfig(ModelConfig):
         ok = len(self.filters) >= 1 and all(f >= 1 for f in self.filters)
         _require(ok, "model.filters", list(self.filters), "one or more positive integers")
         _require(self.dense_units >= 1, "model.dense_units", self.dense_units, ">= 1")
-
-    def training_bytes(self, batch_size: int, num_classes: int) -> tuple[int, int]:
-        """float32 weights with their gradient and two optimizer slots (Adam's), and each batch's
-        activations kept for the backward pass, with their gradients (models/cnn.py's layers)."""
-        height, width = self.image_size
-        params, channels = 0, 3
-        activations = 2 * height * width * channels  # the input, and rescaled
-        for n in self.filters:  # 3x3 conv (same padding) + 2x2 max pooling
-            params += 9 * channels * n + n
-            activations += height * width * n
-            height, width, channels = height // 2, width // 2, n
-            activations += height * width * n
-        flat = height * width * channels
-        params += flat * self.dense_units + self.dense_units
-        params += self.dense_units * num_classes + num_classes
-        activations += flat + self.dense_units + num_classes
-        return params, 4 * (4 * params + 2 * batch_size * activations)
 
 
 @dataclass
