@@ -178,8 +178,8 @@ def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
         if ax.lines:
             ax.legend(loc=legend_loc)
             _epoch_axis(ax)
-    # Fixed margins, not tight_layout: its extra drawing pass was 0.2 s of the run's tail, and
-    # these labels are fixed. Room for tick labels of up to 6 characters (tests/test_plots.py).
+    # Fixed margins, not a layout pass: benchmarks/hub_vs_reference.py (three curves a run).
+    # Room for tick labels of up to 6 characters (tests/test_plots.py).
     fig.subplots_adjust(left=0.065, right=0.985, bottom=0.13, top=0.92, wspace=0.17)
     return fig
 
