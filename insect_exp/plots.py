@@ -159,7 +159,7 @@ def sample_grid(
 
 def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     """Side-by-side accuracy and loss curves per epoch, training vs validation."""
-    fig = Figure(figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), layout="tight")
     acc_ax, loss_ax = fig.subplots(1, 2)
     panels = (
         (acc_ax, "accuracy", "Accuracy", "lower right"),
@@ -178,9 +178,6 @@ def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
         if ax.lines:
             ax.legend(loc=legend_loc)
             _epoch_axis(ax)
-    # Fixed margins, not a layout pass: benchmarks/hub_vs_reference.py (three curves a run).
-    # Room for tick labels of up to 6 characters (tests/test_plots.py).
-    fig.subplots_adjust(left=0.065, right=0.985, bottom=0.13, top=0.92, wspace=0.17)
     return fig
 
 
@@ -205,7 +202,7 @@ def batch_curve(
 ) -> Figure:
     """Per-training-step curve of a metric such as batch loss or batch accuracy."""
     values = np.asarray(values, dtype=float).reshape(-1)
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="tight")
     ax = fig.add_subplot()
     ax.plot(np.arange(1, values.size + 1), values)
     ax.set_xlabel("Training Steps")
@@ -214,7 +211,6 @@ def batch_curve(
         ax.set_ylim(*ylim)
     if title:
         ax.set_title(title)
-    fig.subplots_adjust(left=0.115, right=0.975, bottom=0.13, top=0.92)  # as training_curves
     return fig
 
 

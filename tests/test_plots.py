@@ -232,8 +232,7 @@ def test_batch_curve_labels_limits_and_data() -> None:
 
 @pytest.mark.parametrize("loss_scale", [1.0, 12345.6])
 def test_curves_keep_every_label_inside_the_figure_and_off_the_other_panel(loss_scale) -> None:
-    # Given curves whose loss ticks are short (1.0) or long (a diverging 12345.6): the figures
-    # have fixed margins, not a layout pass
+    # Given curves whose loss ticks are short (1.0) or long (a diverging 12345.6)
     loss = [loss_scale * v for v in (1.2, 0.8, 0.5)]
     history = {"accuracy": [0.5, 0.7, 0.8], "val_accuracy": [0.4, 0.6, 0.65], "loss": loss}
     figures = [
