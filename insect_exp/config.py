@@ -11,15 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, overload
+from typing import Any, ClassVar, TypeVar, cast, overload
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from insect_exp import UserError
-
-if TYPE_CHECKING:
-    from insect_exp.data.scan import Manifest
 
 # Published TF Hub handles used by the reference post; an environment variable can point them at a
 # local SavedModel, which also works in sweeps that mix in models without these keys.
@@ -74,12 +71,18 @@ class FeatureCache(Enum):
     off = "off"
 
 
-class CacheMode(Enum):
-    """Where decoded images are kept: auto picks memory or disk by their decoded size."""
+class CacheMode(str, Enum):
+    """Where decoded images are kept: auto picks memory or disk by their decoded size.
+
+    Also the storage a run chose (memory or disk), which its params and logs give by name.
+    """
 
     auto = "auto"
     memory = "memory"
     disk = "disk"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Schedule(Enum):
@@ -172,16 +175,6 @@ class DatasetConfig:
         p = self.max_image_pixels
         _require(p >= 1, "dataset.max_image_pixels", p, ">= 1")
 
-    def resolve_root(self) -> str:
-        """The folder to scan (a subclass may have to create it first)."""
-        return str(self.root)
-
-    def manifest(self) -> Manifest:
-        """The dataset's files, classes and skipped files (data/scan.py)."""
-        from insect_exp.data.scan import scan
-
-        return scan(self.resolve_root(), self.max_per_class, self.max_image_pixels)
-
 
 @dataclass
 class DemoDatasetConfig(DatasetConfig):
@@ -199,18 +192,6 @@ class DemoDatasetConfig(DatasetConfig):
             value = getattr(self, key)
             _require(value >= 1, f"dataset.{key}", value, ">= 1")
 
-    def resolve_root(self) -> str:
-        from insect_exp.data.demo import ensure_demo_dataset
-
-        return str(
-            ensure_demo_dataset(
-                self.root,
-                train_per_class=self.train_per_class,
-                test_per_class=self.test_per_class,
-                seed=self.generator_seed,
-            )
-        )
-
 
 @dataclass
 class FolderDatasetConfig(DatasetConfig):
@@ -225,11 +206,6 @@ class CsvDatasetConfig(DatasetConfig):
     name: str = "csv"
     root: str | None = None  # unused: the CSV names the files
     path: str = MISSING
-
-    def manifest(self) -> Manifest:
-        from insect_exp.data.csv_list import scan_csv
-
-        return scan_csv(self.path, self.max_per_class, self.max_image_pixels)
 
 
 # Models
@@ -294,11 +270,6 @@ class ModelConfig:
         _positive_size("model.image_size", self.image_size)
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
 
-    def training_bytes(self, batch_size: int, num_classes: int) -> tuple[int, int] | None:
-        """(parameters, bytes) that training this model at least takes, from the config alone
-        (nothing is built); None where the model gives no estimate."""
-        return None
-
 
 @dataclass
 class CNNConfig(ModelConfig):
@@ -314,23 +285,6 @@ class CNNConfig(ModelConfig):
         ok = len(self.filters) >= 1 and all(f >= 1 for f in self.filters)
         _require(ok, "model.filters", list(self.filters), "one or more positive integers")
         _require(self.dense_units >= 1, "model.dense_units", self.dense_units, ">= 1")
-
-    def training_bytes(self, batch_size: int, num_classes: int) -> tuple[int, int]:
-        """float32 weights with their gradient and two optimizer slots (Adam's), and each batch's
-        activations kept for the backward pass, with their gradients (models/cnn.py's layers)."""
-        height, width = self.image_size
-        params, channels = 0, 3
-        activations = 2 * height * width * channels  # the input, and rescaled
-        for n in self.filters:  # 3x3 conv (same padding) + 2x2 max pooling
-            params += 9 * channels * n + n
-            activations += height * width * n
-            height, width, channels = height // 2, width // 2, n
-            activations += height * width * n
-        flat = height * width * channels
-        params += flat * self.dense_units + self.dense_units
-        params += self.dense_units * num_classes + num_classes
-        activations += flat + self.dense_units + num_classes
-        return params, 4 * (4 * params + 2 * batch_size * activations)
 
 
 @dataclass
@@ -648,6 +602,71 @@ class Config:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.seed >= 0, "seed", self.seed, ">= 0")
         _require(self.threads >= 0, "threads", self.threads, ">= 0 (0: every core)")
+
+
+# The other commands: predict and evaluate
+
+
+@dataclass
+class StoreConfig:
+    # null: $MLFLOW_TRACKING_URI if set, else SQLite under mlruns/ in the current directory.
+    tracking_uri: str | None = None
+
+
+@dataclass
+class PredictConfig:
+    """`python -m insect_exp.predict` (conf/predict.yaml): label image files with a logged model."""
+
+    # runs:/<run id>/model, models:/<name>/<version|latest>, models:/<model id>, or a model folder.
+    model_uri: str = MISSING
+    # An image file or a folder (searched at every depth).
+    inputs: str = MISSING
+    # The CSV file to write; null prints it.
+    output: str | None = None
+    top_k: int = 3
+    batch_size: int = 64
+    # Images decoded in parallel; 0 lets tf.data choose.
+    decode_workers: int = 0
+    # Progress on stderr: null shows it for long inputs (1000 images or more) and on a terminal.
+    progress: bool | None = None
+    mlflow: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.top_k >= 1, "top_k", self.top_k, ">= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _require(self.decode_workers >= 0, "decode_workers", self.decode_workers, ">= 0")
+
+
+@dataclass
+class EvaluateMlflowConfig:
+    # null: $MLFLOW_TRACKING_URI if set, else SQLite under mlruns/ in the launch directory.
+    tracking_uri: str | None = None
+    # null: the source run's experiment (insect_exp for a model that is not from a run).
+    experiment_name: str | None = None
+    # null: "evaluate <source run name> on <dataset>/<split>".
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluateConfig:
+    """`python -m insect_exp.evaluate` (conf/evaluate.yaml): a logged model on a labelled folder."""
+
+    # runs:/<run id>/model, models:/<name>/<version|latest>, models:/<model id>, or a model folder.
+    model_uri: str = MISSING
+    dataset: DatasetConfig = MISSING
+    # The subfolder of the dataset root to evaluate on (ignored for a bare <class>/* folder).
+    split: str = "test"
+    batch_size: int = 32
+    # Picks the images of the misclassified grid when there are more than it shows.
+    seed: int = 123
+    mlflow: EvaluateMlflowConfig = field(default_factory=EvaluateMlflowConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        if not self.split or "/" in self.split or self.split.startswith("."):
+            raise ConfigError(f"split={self.split!r} must be a folder name such as test or train")
 
 
 @overload

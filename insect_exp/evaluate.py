@@ -27,16 +27,16 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from insect_exp import UserError
-from insect_exp.config import ConfigError, DatasetConfig, RuntimeConfig, register_configs, to_object
+from insect_exp.config import DatasetConfig, EvaluateConfig, register_configs, to_object
 from insect_exp.predict import CONFIG_DIR, ModelRef, find_model, load_classifier, store_uri
 
 if TYPE_CHECKING:
@@ -46,36 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _NOT_IN_KEYS = re.compile(r"[^\w.\- /]")  # what MLflow refuses in a metric key
-
-
-@dataclass
-class EvaluateMlflowConfig:
-    # null: $MLFLOW_TRACKING_URI if set, else SQLite under mlruns/ in the launch directory.
-    tracking_uri: str | None = None
-    # null: the source run's experiment (insect_exp for a model that is not from a run).
-    experiment_name: str | None = None
-    # null: "evaluate <source run name> on <dataset>/<split>".
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluateConfig:
-    model_uri: str = MISSING
-    dataset: DatasetConfig = MISSING
-    # The subfolder of the dataset root to evaluate on (ignored for a bare <class>/* folder).
-    split: str = "test"
-    batch_size: int = 32
-    # Picks the images of the misclassified grid when there are more than it shows.
-    seed: int = 123
-    mlflow: EvaluateMlflowConfig = field(default_factory=EvaluateMlflowConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r} is out of range: must be >= 1")
-        if not self.split or "/" in self.split or self.split.startswith("."):
-            raise ConfigError(f"split={self.split!r} must be a folder name such as test or train")
 
 
 register_configs()  # the dataset schemas the dataset/*.yaml files extend
@@ -161,13 +131,14 @@ def labelled_files(
 def run(cfg: EvaluateConfig) -> float:
     """Evaluate, log the evaluation run, and return the accuracy."""
     from insect_exp import tracking
+    from insect_exp.data import resolve_root
 
     uri = store_uri(cfg.mlflow.tracking_uri, cfg.model_uri)
     if not cfg.model_uri.startswith(("runs:", "models:")):
         uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.runtime.launch_dir)
     tracking.prepare_store(uri)
     ref = find_model(cfg.model_uri, uri)
-    root = Path(cfg.dataset.resolve_root()).expanduser().resolve()
+    root = Path(resolve_root(cfg.dataset)).expanduser().resolve()
     folder, files, skipped = labelled_files(
         root, cfg.split, ref.class_names, cfg.dataset.max_per_class
     )

@@ -27,16 +27,16 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from insect_exp import UserError
-from insect_exp.config import ConfigError, to_object
+from insect_exp.config import PredictConfig, to_object
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,37 +57,6 @@ _URI_FORMS = (
 )
 # Quiet MLflow's per-file download progress bars on stderr (set the variable to see them).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-@dataclass
-class StoreConfig:
-    # null: $MLFLOW_TRACKING_URI if set, else SQLite under mlruns/ in the current directory.
-    tracking_uri: str | None = None
-
-
-@dataclass
-class PredictConfig:
-    model_uri: str = MISSING
-    # An image file or a folder (searched at every depth).
-    inputs: str = MISSING
-    # The CSV file to write; null prints it.
-    output: str | None = None
-    top_k: int = 3
-    batch_size: int = 64
-    # Images decoded in parallel; 0 lets tf.data choose.
-    decode_workers: int = 0
-    # Progress on stderr: null shows it for long inputs (1000 images or more) and on a terminal.
-    progress: bool | None = None
-    mlflow: StoreConfig = field(default_factory=StoreConfig)
-
-    def __post_init__(self) -> None:
-        for key in ("top_k", "batch_size"):
-            value = getattr(self, key)
-            if value < 1:
-                raise ConfigError(f"{key}={value!r} is out of range: must be >= 1")
-        if self.decode_workers < 0:
-            raise ConfigError(f"decode_workers={self.decode_workers!r} must be >= 0")
-
 
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
 

@@ -14,7 +14,7 @@ from insect_exp.config import Config, CsvDatasetConfig, DemoDatasetConfig, HubMo
 def check(cfg: Config) -> None:
     """Raise a UserError (one line) if the run's data or weights are plainly not there, or its
     model cannot fit the machine's memory."""
-    from insect_exp.models import check_memory
+    from insect_exp.models.memory import check_memory
 
     check_memory(cfg.model, cfg.batch_size)  # before a byte is allocated
     _check_dataset(cfg)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from insect_exp import UserError, evaluate
-from insect_exp.config import FolderDatasetConfig
-from insect_exp.evaluate import EvaluateConfig, EvaluateMlflowConfig, per_class
+from insect_exp.config import EvaluateConfig, EvaluateMlflowConfig, FolderDatasetConfig
+from insect_exp.evaluate import per_class
 from tests.conftest import artifact_paths, make_image_folder
 from tests.lifecycle import Trained, classifier_with_its_own_decoder, cli, train_run
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import pathlib
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -45,6 +48,25 @@ def _visible_titles(fig: Figure) -> list[str]:
     return [t.get_text() for t in _tile_titles(fig)]
 
 
+def _runs(present: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in a 1-D mask."""
+    edges = np.diff(np.concatenate([[0], present.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
+
+
+def _tiles(pixels: np.ndarray, rgb: tuple[int, int, int]) -> tuple[list, list, int]:
+    """The column and row spans that pixels of this colour fill, and the side of their square
+    tiles; asserts that every tile is that square, solid (placed pixel for pixel)."""
+    mask = np.all(pixels == rgb, axis=-1)
+    columns, rows = _runs(mask.any(axis=0)), _runs(mask.any(axis=1))
+    sides = {int(stop - start) for start, stop in columns + rows}
+    assert len(sides) == 1, (columns, rows)
+    side = sides.pop()
+    tiles = sum(bool(mask[r0, c0]) for r0, _ in rows for c0, _ in columns)
+    assert int(mask.sum()) == tiles * side * side
+    return columns, rows, side
+
+
 def test_module_has_no_heavy_or_global_state_imports() -> None:
     source = pathlib.Path(plots.__file__).read_text()
     imported: set[str] = set()
@@ -65,20 +87,26 @@ def test_sample_grid_titles_tiles_with_class_names() -> None:
     assert _visible_titles(fig) == ["ant", "beetle", "bee", "beetle"]
     assert fig.get_suptitle() == "train"
     # 3x3 tiles, no axes frames; the tiles without an image stay blank (white): 4 tiles of the
-    # images' colour, enlarged to at least 160 px a side, placed pixel for pixel
+    # images' colour (3 in the first row, 1 in the second), enlarged by whole-pixel repeats to at
+    # least 160 px a side, placed pixel for pixel
     assert fig.axes == [] and len(fig.images) == 4
     pixels = _render(fig)
-    tile = plots._MIN_TILE * plots._MIN_TILE
-    assert int(np.all(pixels == (10, 20, 30), axis=-1).sum()) == 4 * tile
-    assert pixels.shape[1] == 3 * plots._MIN_TILE + 4 * plots._GAP
-    top = plots._TOP + 6 + plots._LINE  # the first row's title band
-    second = plots._GAP + plots._MIN_TILE + plots._GAP  # the second column's left edge
-    assert tuple(pixels[top, second]) == (10, 20, 30)
-    assert tuple(pixels[top - 1, second]) == tuple(pixels[top, second - 1]) == (255, 255, 255)
-    corner = top + plots._MIN_TILE - 1, second + plots._MIN_TILE - 1
-    assert tuple(pixels[corner]) == (10, 20, 30)
-    assert tuple(pixels[corner[0] + 1, corner[1]]) == tuple(pixels[corner[0], corner[1] + 1])
-    assert tuple(pixels[corner[0] + 1, corner[1]]) == (255, 255, 255)
+    columns, rows, side = _tiles(pixels, (10, 20, 30))
+    assert (len(columns), len(rows)) == (3, 2)
+    assert side >= 160 and side % 16 == 0
+    assert int(np.all(pixels == (10, 20, 30), axis=-1).sum()) == 4 * side * side
+    assert np.all(pixels[rows[1][0] : rows[1][1], columns[1][0] : columns[2][1]] == 255)
+    # Equal white gaps between the tiles and at both edges
+    edges = [0, *(x for span in columns for x in span), pixels.shape[1]]
+    gaps = {int(b - a) for a, b in zip(edges[::2], edges[1::2], strict=True)}
+    assert len(gaps) == 1 and gaps.pop() > 0
+    # Each tile's title over its tile, under the figure's title
+    renderer = fig.canvas.get_renderer()
+    height = pixels.shape[0]
+    (suptitle,) = [t.get_window_extent(renderer) for t in fig.texts if t.get_text() == "train"]
+    for text in _tile_titles(fig)[:3]:
+        box = text.get_window_extent(renderer)
+        assert height - rows[0][0] <= box.y0 and box.y1 <= suptitle.y0
 
 
 def test_a_prediction_grid_saves_without_a_full_size_float_copy() -> None:
@@ -109,8 +137,8 @@ def test_sample_grid_accepts_int32_labels_and_custom_shape() -> None:
 def test_sample_grid_shows_only_first_tiles_when_given_more_images() -> None:
     fig = plots.sample_grid(_solid(12, (1, 2, 3)), [0] * 12, CLASSES, rows=2, cols=2)
     assert len(_visible_titles(fig)) == 4
-    tile = plots._MIN_TILE * plots._MIN_TILE
-    assert int(np.all(_render(fig) == (1, 2, 3), axis=-1).sum()) == 4 * tile
+    columns, rows, side = _tiles(_render(fig), (1, 2, 3))
+    assert (len(columns), len(rows)) == (2, 2)
 
 
 @pytest.mark.parametrize(
@@ -204,8 +232,7 @@ def test_batch_curve_labels_limits_and_data() -> None:
 
 @pytest.mark.parametrize("loss_scale", [1.0, 12345.6])
 def test_curves_keep_every_label_inside_the_figure_and_off_the_other_panel(loss_scale) -> None:
-    # Given curves whose loss ticks are short (1.0) or long (a diverging 12345.6): the figures
-    # have fixed margins, not a layout pass
+    # Given curves whose loss ticks are short (1.0) or long (a diverging 12345.6)
     loss = [loss_scale * v for v in (1.2, 0.8, 0.5)]
     history = {"accuracy": [0.5, 0.7, 0.8], "val_accuracy": [0.4, 0.6, 0.65], "loss": loss}
     figures = [
@@ -307,26 +334,43 @@ def test_overlay_curves_many_runs_puts_small_legend_outside() -> None:
     assert legend.get_texts()[0].get_fontsize() < fig.axes[0].xaxis.label.get_fontsize()
 
 
-def test_cjk_class_names_fall_back_to_a_cjk_font_or_say_once_that_none_is_installed(caplog):
-    from matplotlib import font_manager
+# Draws a grid with a Japanese class name twice in a fresh process ("once" is per process) and
+# prints the fonts its tiles ask for, the installed fonts and the warnings logged.
+_CJK_SCRIPT = """
+import json, logging
+import numpy as np
+from matplotlib import font_manager
+from insect_exp import plots
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger().addHandler(handler)
+names = ["\\u30ab\\u30d6\\u30c8\\u30e0\\u30b7", "beetle"]
+for _ in range(2):
+    fig = plots.sample_grid(np.zeros((2, 16, 16, 3), np.uint8), [0, 1], names)
+families = [t.get_fontfamily() for t in fig.texts if t.get_gid() == "tile"]
+installed = sorted({f.name for f in font_manager.fontManager.ttflist})
+print(json.dumps({"families": families, "installed": installed, "warnings": warnings}))
+"""
 
-    # When a grid is drawn with a Japanese class name (twice)
-    names = ["カブトムシ", "beetle"]
-    plots._warned_missing_glyphs.clear()  # "once" is per process: start this test afresh
-    with caplog.at_level("WARNING"):
-        for _ in range(2):
-            fig = plots.sample_grid(_solid(2, (9, 9, 9)), [0, 1], names, rows=1, cols=2)
-            fig.canvas.draw()
 
-    # Then its tile asks for a CJK font when one is installed, else one warning says which to add
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    family = _tile_titles(fig)[0].get_fontfamily()
-    if any(f in installed for f in plots._CJK_FONTS):
-        assert len(family) > 1
+def test_cjk_class_names_fall_back_to_a_cjk_font_or_say_once_that_none_is_installed():
+    # When a grid is drawn with a Japanese class name (twice, in a fresh process)
+    done = subprocess.run(
+        [sys.executable, "-c", _CJK_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+
+    # Then its tile asks for an installed CJK font after the default one, or else one warning
+    # says which package to add
+    cjk, latin = seen["families"]
+    cjk_warnings = [w for w in seen["warnings"] if "CJK" in w]
+    if len(cjk) > 1:
+        assert set(cjk[1:]) <= set(seen["installed"]) and cjk_warnings == []
     else:
-        warnings = [r for r in caplog.records if "CJK" in r.getMessage()]
-        assert len(warnings) == 1 and "fonts-noto-cjk" in warnings[0].getMessage()
-    assert _tile_titles(fig)[1].get_fontfamily() == ["DejaVu Sans"]
+        assert len(cjk_warnings) == 1 and "fonts-noto-cjk" in cjk_warnings[0]
+    assert cjk[0] == latin[0] and latin == ["DejaVu Sans"]
 
 
 def test_a_one_epoch_training_curve_shows_its_points_over_a_whole_epoch() -> None:

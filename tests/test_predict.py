@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from insect_exp import UserError
+from insect_exp.config import PredictConfig, StoreConfig
 from insect_exp.predict import (
-    PredictConfig,
     Progress,
-    StoreConfig,
     find_model,
     list_inputs,
     load_classifier,

@@ -69,7 +69,7 @@ def test_optuna_search_maximises_val_accuracy_over_lr_batch_size_and_dropout():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", ["hparams_search=optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.runtime.choices["hydra/sweeper"] == "optuna"
     assert str(sweeper.direction).endswith("maximize")
     assert sweeper.storage is None  # in memory: optuna 2.10's RDB storage fails on SQLAlchemy 2
     assert set(sweeper.params) == {"optimizer.learning_rate", "batch_size", "model.dropout"}
@@ -96,8 +96,9 @@ def test_slurm_preset_exposes_the_fields_a_cluster_user_sets(tmp_path):
 
     # Then it is the submitit SLURM launcher with partition, time, cpus, gpus and memory
     assert out.returncode == 0, out.stderr
-    launcher = yaml.safe_load(out.stdout)["hydra"]["launcher"]
-    assert launcher["_target_"].endswith("SlurmLauncher")
+    hydra = yaml.safe_load(out.stdout)["hydra"]
+    assert hydra["runtime"]["choices"]["hydra/launcher"] == "slurm"
+    launcher = hydra["launcher"]
     assert launcher["partition"] == "gpu"
     for key in ("timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb"):
         assert isinstance(launcher[key], int), key

@@ -303,7 +303,8 @@ def test_each_run_registers_a_new_version_that_latest_follows(tmp_path):
 
 
 def test_registering_through_a_tracking_server_and_predicting_by_name(tmp_path, monkeypatch):
-    from insect_exp.predict import PredictConfig, StoreConfig, run
+    from insect_exp.config import PredictConfig, StoreConfig
+    from insect_exp.predict import run
     from tests.mlflow_server import MlflowServer
 
     # Given a team server on a SQLite store, and a run that logs and registers through it

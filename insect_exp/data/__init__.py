@@ -5,13 +5,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from insect_exp.data.scan import DatasetError
+from insect_exp.config import CsvDatasetConfig, DatasetConfig, DemoDatasetConfig
+from insect_exp.data.csv_list import scan_csv
+from insect_exp.data.demo import ensure_demo_dataset
+from insect_exp.data.scan import DatasetError, Manifest, scan
 
 if TYPE_CHECKING:
-    from insect_exp.config import DatasetConfig
     from insect_exp.data.pipeline import Data
 
-__all__ = ["DatasetError", "Loading", "load_data"]
+__all__ = ["DatasetError", "Loading", "load_data", "manifest", "resolve_root"]
+
+
+def resolve_root(cfg: DatasetConfig) -> str:
+    """The dataset's folder; the demo set is generated there first, unless it was before."""
+    if isinstance(cfg, DemoDatasetConfig):
+        root = ensure_demo_dataset(
+            cfg.root,
+            train_per_class=cfg.train_per_class,
+            test_per_class=cfg.test_per_class,
+            seed=cfg.generator_seed,
+        )
+        return str(root)
+    return str(cfg.root)
+
+
+def manifest(cfg: DatasetConfig) -> Manifest:
+    """The dataset's files, classes and skipped files (data/scan.py, data/csv_list.py)."""
+    if isinstance(cfg, CsvDatasetConfig):
+        return scan_csv(cfg.path, cfg.max_per_class, cfg.max_image_pixels)
+    return scan(resolve_root(cfg), cfg.max_per_class, cfg.max_image_pixels)
 
 
 def load_data(cfg: DatasetConfig, image_size: Sequence[int], seed: int) -> Data:
@@ -36,7 +58,7 @@ class Loading:
         self._error: Exception | None = None
         self._started = None
         try:
-            self._manifest = cfg.manifest()
+            self._manifest = manifest(cfg)
             self._policy = CachePolicy.from_config(cfg)
             self._started = start_decoding(
                 self._manifest, image_size, cfg.decode_workers, self._policy

@@ -145,8 +145,8 @@ class Data:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Where the files come from (the folder, or the CSV file listing them), for lineage.
     source: str = ""
-    # Where the decoded images are kept: "memory" or "disk" (dataset.cache).
-    storage: str = "memory"
+    # Where the decoded images are kept: memory or disk (dataset.cache).
+    storage: CacheMode = CacheMode.memory
 
     @property
     def val_is_test(self) -> bool:
@@ -481,14 +481,16 @@ def decode_files(
     return _kept(images, fingerprints, files, failed)
 
 
-def choose_storage(policy: CachePolicy | None, num_images: int, image_size: Sequence[int]) -> str:
+def choose_storage(
+    policy: CachePolicy | None, num_images: int, image_size: Sequence[int]
+) -> CacheMode:
     """memory or disk for NUM_IMAGES decoded images: auto picks memory while they fit the cap."""
-    if policy is None or policy.mode is CacheMode.memory:
-        return "memory"
-    if policy.mode is CacheMode.disk:
-        return "disk"
+    if policy is None:
+        return CacheMode.memory
+    if policy.mode is not CacheMode.auto:
+        return policy.mode
     size = num_images * int(image_size[0]) * int(image_size[1]) * 3
-    return "memory" if size <= policy.max_memory_bytes else "disk"
+    return CacheMode.memory if size <= policy.max_memory_bytes else CacheMode.disk
 
 
 def _decode_split(
@@ -518,7 +520,7 @@ def _decode_split(
         return (*decode_files(files, image_size, workers, None, what), None)
 
 
-def _storage(manifest: Manifest, image_size: Sequence[int], cache: CachePolicy | None) -> str:
+def _storage(manifest: Manifest, image_size: Sequence[int], cache: CachePolicy | None) -> CacheMode:
     count = len(manifest.train) + (0 if manifest.test is None else len(manifest.test))
     return choose_storage(cache, count, image_size)
 
@@ -534,7 +536,7 @@ def start_decoding(
     `load(..., started=)` takes it from there. A split going to the disk cache is not started: its
     cache entry may exist already, and building one is done under the cache's lock.
     """
-    if _storage(manifest, image_size, cache) != "memory":
+    if _storage(manifest, image_size, cache) is not CacheMode.memory:
         return None
     return in_memory(manifest.train, image_size, workers, ahead=True)
 
@@ -555,7 +557,7 @@ def load(
         started: the train split's decoding, already running (`start_decoding`).
     """
     store = None
-    if _storage(manifest, image_size, cache) == "disk":
+    if _storage(manifest, image_size, cache) is CacheMode.disk:
         assert cache is not None
         store = ImageCache(cache.directory, cache.max_disk_bytes)
         log.info("decoded images go to the disk cache in %s", store.dir)
@@ -569,7 +571,7 @@ def load(
             manifest.test, image_size, workers, store, cache, "decoding test"
         )
         skipped += failed
-    storage = "disk" if isinstance(train.images, DiskImages) else "memory"
+    storage = CacheMode.disk if isinstance(train.images, DiskImages) else CacheMode.memory
     # Undecodable files may have emptied a split or a class: say so before training starts.
     check_usable(
         manifest.root,

@@ -65,31 +65,6 @@ class Recipe:
         self._val = None if logits is None else (split, logits)
 
 
-def check_memory(cfg: ModelConfig, batch_size: int) -> None:
-    """Refuse a model whose training cannot fit this machine's memory, before anything is built.
-
-    The estimate (`ModelConfig.training_bytes`) is taken with the fewest classes there can be, so
-    it is a lower bound known before the data is scanned.
-
-    Raises:
-        UserError: the estimate exceeds the memory (devices.memory_bytes), in one line naming the
-            size and model.image_size.
-    """
-    from insect_exp import UserError, devices
-
-    estimate = cfg.training_bytes(batch_size, num_classes=2)
-    if estimate is None:
-        return
-    params, needed = estimate
-    total = devices.memory_bytes()
-    if needed > total:
-        raise UserError(
-            f"model {cfg.name} at model.image_size={list(cfg.image_size)} needs at least "
-            f"{needed / 1e9:.1f} GB to train ({params:,} parameters, batches of {batch_size}), "
-            f"more than this machine's {total / 1e9:.1f} GB: lower model.image_size (or batch_size)"
-        )
-
-
 def recipe_for(cfg: ModelConfig) -> Recipe:
     """The recipe that the model config's `_target_` names, made from that config."""
     from hydra.utils import get_class

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -138,22 +139,39 @@ def test_incomplete_or_corrupt_cache_is_regenerated(tmp_path: pathlib.Path) -> N
     assert _files(root) == expected
 
 
-def test_loser_of_a_race_accepts_the_winner(tmp_path: pathlib.Path, monkeypatch) -> None:
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the install lock is POSIX flock")
+def test_loser_of_a_race_accepts_the_winner(tmp_path: pathlib.Path) -> None:
+    import fcntl
+
+    # Given two generations of one folder that both finish while the install lock is held, so
+    # that one installs its copy and the other finds a finished folder when it gets the lock
     root = tmp_path / "demo"
-    real_generate = demo._generate
-    raced = []
+    errors: list[BaseException] = []
 
-    def generate_then_lose(out: pathlib.Path, params: dict) -> None:
-        real_generate(out, params)
-        if not raced:  # another process finishes first while this one is still generating
-            raced.append(True)
+    def generate() -> None:
+        try:
             demo.ensure_demo_dataset(root, **TINY)
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
 
-    monkeypatch.setattr(demo, "_generate", generate_then_lose)
-    demo.ensure_demo_dataset(root, **TINY)
+    threads = [threading.Thread(target=generate) for _ in range(2)]
+    with open(tmp_path / f".{root.name}.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        for thread in threads:
+            thread.start()
+        # Both copies are complete (marker written) and wait on the lock
+        deadline = time.monotonic() + 120  # generous: against a hang only
+        while len(list(tmp_path.glob(f".{root.name}.tmp-*/{demo.MARKER_NAME}"))) < 2:
+            assert all(t.is_alive() for t in threads) and errors == [], errors
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    for thread in threads:
+        thread.join(timeout=120)
+
+    # Then the loser leaves the winner's folder as it is, and no temporary copy behind
+    assert errors == [] and _leftovers(tmp_path) == []
     winner = _mtimes(root)
-    monkeypatch.setattr(demo, "_generate", real_generate)
-    assert raced and _leftovers(tmp_path) == []
     assert demo.ensure_demo_dataset(root, **TINY) == root
     assert _mtimes(root) == winner
     assert _files(root) == _files(demo.ensure_demo_dataset(tmp_path / "fresh", **TINY))

@@ -83,9 +83,10 @@ def test_a_model_too_big_for_the_memory_is_refused_before_anything_is_allocated(
 def test_the_memory_estimate_counts_the_parameters_keras_builds(size, filters, dense):
     from insect_exp.config import CNNConfig
     from insect_exp.models.cnn import build_cnn
+    from insect_exp.models.memory import training_bytes
 
     cfg = CNNConfig(image_size=list(size), filters=list(filters), dense_units=dense)
-    params, _ = cfg.training_bytes(batch_size=8, num_classes=5)
+    params, _ = training_bytes(cfg, batch_size=8, num_classes=5)
     assert params == build_cnn(size, 5, filters, dense).count_params()
 
 
