@@ -72,7 +72,7 @@ class Opening:
     Attributes:
         tracking_uri: the store; None: $MLFLOW_TRACKING_URI, else mlruns/ under launch_dir.
         check_store: check (and create) the store first: store.prepare_store.
-        spool_dir: where the run goes on offline if its store stops answering (upload.py).
+        spool_dir: where the run goes on offline if its store stops answering (spool.py).
         resume: the id of the run to reopen; the other fields but the store's are ignored.
     """
 

@@ -31,6 +31,7 @@ from insect_exp.tracking.basics import (
 )
 from insect_exp.tracking.interface import MetricSink, Opened
 from insect_exp.tracking.lineage import CONTEXT_TAG, SplitRecord
+from insect_exp.tracking.spool import INPUTS_FILE, Spool
 from insect_exp.tracking.store import (
     ensure_experiment,
     first_line,
@@ -40,7 +41,6 @@ from insect_exp.tracking.store import (
     ui_url,
     with_busy_timeout,
 )
-from insect_exp.upload import INPUTS_FILE, Spool
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Run:
     """One MLflow run, written by its id: two runs in one process never cross.
 
     Given a spool directory (`spool_to`), a run whose store stops answering goes on offline:
-    whatever it logs from then on is saved there, to upload later (insect_exp/upload.py).
+    whatever it logs from then on is saved there, to upload later (tracking/spool.py).
     """
 
     def __init__(self, client: MlflowClient, run_id: str, tracking_uri: str | None = None):
