@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from omegaconf import MISSING, DictConfig
 
 from insect_exp import UserError
 from insect_exp.config import ConfigError, DatasetConfig, RuntimeConfig, register_configs, to_object
+from insect_exp.errors import exit_with
 from insect_exp.predict import CONFIG_DIR, ModelRef, find_model, load_classifier, store_uri
 
 if TYPE_CHECKING:
@@ -347,15 +347,10 @@ def _hydra_main(dict_cfg: DictConfig) -> float | None:
         cfg = to_object(dict_cfg, EvaluateConfig)  # typed, ranges checked: before TensorFlow loads
         return run(cfg)
     except UserError as err:
-        _exit(f"error: {err}", 2)
+        exit_with("insect_exp.evaluate", f"error: {err}", 2)
     except KeyboardInterrupt:
-        _exit("interrupted", 130)
+        exit_with("insect_exp.evaluate", "interrupted", 130)
     return None
-
-
-def _exit(message: str, code: int) -> None:
-    print(f"insect_exp.evaluate: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from omegaconf import MISSING, DictConfig
 
 from insect_exp import UserError
 from insect_exp.config import ConfigError, to_object
+from insect_exp.errors import exit_with, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -136,8 +137,6 @@ def find_model(uri: str, tracking_uri: str) -> ModelRef:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from insect_exp.tracking.store import first_line
-
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme and len(scheme) > 1 and scheme not in {"runs", "models", *_ARTIFACT_SCHEMES}:
         raise UserError(f"model_uri {uri!r}: unknown scheme {scheme + ':'!r}; use {_URI_FORMS}")
@@ -164,8 +163,6 @@ def find_model(uri: str, tracking_uri: str) -> ModelRef:
 def load_classifier(ref: ModelRef) -> ImageClassifier:
     """Download and load the model (TensorFlow loads here)."""
     import mlflow
-
-    from insect_exp.tracking.store import first_line
 
     try:
         return mlflow.pyfunc.load_model(ref.uri).unwrap_python_model()
@@ -353,17 +350,12 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
         cfg = to_object(dict_cfg, PredictConfig)  # typed, ranges checked: before TensorFlow loads
         run(cfg)
     except UserError as err:
-        _exit(f"error: {err}", 2)
+        exit_with("insect_exp.predict", f"error: {err}", 2)
     except KeyboardInterrupt:
-        _exit("interrupted", 130)
+        exit_with("insect_exp.predict", "interrupted", 130)
     except BrokenPipeError:  # `... | head`: the reader is gone
         sys.stderr.close()
         os._exit(0)
-
-
-def _exit(message: str, code: int) -> None:
-    print(f"insect_exp.predict: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main() -> None:

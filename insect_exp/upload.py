@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from insect_exp import UserError
+from insect_exp.errors import exit_with, first_line
 from insect_exp.tracking.spool import INPUTS_FILE, OFFLINE_NOTE
 
 
@@ -131,9 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run_id = upload(args.spool, args.tracking_uri)
     except Exception as err:  # the store is still gone or refuses us, or the spool is not one
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"insect_exp.upload: error: {text}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, UserError) else 1)
+        # The whole first line: a refused spool's names its links and what to do with them.
+        message = f"error: {first_line(err, limit=None)}"
+        exit_with("insect_exp.upload", message, 2 if isinstance(err, UserError) else 1)
     print(f"uploaded run {run_id}")
 
 

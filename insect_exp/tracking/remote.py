@@ -41,6 +41,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from insect_exp.errors import first_line, portable
 from insect_exp.tracking.basics import unlogged_steps_only
 from insect_exp.tracking.interface import MetricSink, Opened
 
@@ -359,7 +360,7 @@ def _end_left_open(opened: Opened, reason: str) -> None:
     except Exception as err:
         log.error(
             "%s; run %s could not be ended (%s): it shows RUNNING",
-            reason, opened.run_id, store.first_line(err),
+            reason, opened.run_id, first_line(err),
         )  # fmt: skip
 
 
@@ -514,14 +515,10 @@ def _refuse(conn: Connection, reply: Callable[[int, bool, Any], None], err: Base
 def _portable(err: BaseException) -> BaseException:
     """`err` with its traceback as a note, or a RemoteError saying it, if it does not pickle."""
     with_trace = "".join(traceback.format_exception(err)).rstrip()
-    try:
-        add_note = getattr(err, "add_note", None)  # Python 3.11+
-        if add_note is not None and not getattr(err, "__notes__", None):
-            add_note(f"in the MLflow logging process:\n{with_trace}")
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:
-        return RemoteError(f"{type(err).__name__}: {err}\n{with_trace}")
+    add_note = getattr(err, "add_note", None)  # Python 3.11+
+    if add_note is not None and not getattr(err, "__notes__", None):
+        add_note(f"in the MLflow logging process:\n{with_trace}")
+    return portable(err, lambda text: RemoteError(f"{text}\n{with_trace}"))
 
 
 class _LogForwarder(logging.Handler):

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
+from insect_exp.errors import first_line
 from insect_exp.tracking.basics import (
     ending,
     param_value,
@@ -34,7 +35,6 @@ from insect_exp.tracking.lineage import CONTEXT_TAG, SplitRecord
 from insect_exp.tracking.spool import INPUTS_FILE, Spool
 from insect_exp.tracking.store import (
     ensure_experiment,
-    first_line,
     open_client,
     retry_if_raced,
     ui_command,
