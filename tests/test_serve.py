@@ -40,7 +40,8 @@ def test_the_models_decoding_is_trainings_bit_for_bit(tmp_path):
     import tensorflow as tf
 
     from insect_exp.data.decode import decode_image
-    from insect_exp.data.pipeline import _decode_and_fingerprint_fn
+    from insect_exp.data.pipeline import decode_files
+    from insect_exp.data.scan import FileList
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
@@ -57,12 +58,16 @@ def test_the_models_decoding_is_trainings_bit_for_bit(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
 
+    paths = [str(tmp_path / name) for name in files]
     for size in ((32, 32), (180, 180), (20, 64)):
-        training = _decode_and_fingerprint_fn(size)  # what the train split goes through
+        # When training decodes the files (as its splits are decoded) and the logged model's
+        # decoder reads each of them
+        split, failed = decode_files(FileList(paths, [0] * len(paths)), size)
+        assert not failed
+        training = dict(zip(split.paths, split.images, strict=True))
         for name, data in files.items():
-            # When the logged model's decoder and training's read the same file
             ours = decode_image(tf.constant(data), size).numpy()
-            theirs = training(tf.constant(str(tmp_path / name)))[0].numpy()
+            theirs = training[str(tmp_path / name)]
             # Then the pixels are identical
             assert ours.dtype == np.uint8 and ours.shape == (*size, 3)
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{name} at {size}")

@@ -155,6 +155,11 @@ class RemoteRun:
     def experiment_id(self) -> str:
         return self.opened().experiment_id
 
+    @property
+    def process(self) -> subprocess.Popen:
+        """The logging process: its pid, and its exit code once it is gone."""
+        return self._process
+
     # Calls that do not wait.
     def sink(self, metrics: Mapping[str, float], step: int) -> None:
         self._post("sink", {k: float(v) for k, v in metrics.items()}, step)
