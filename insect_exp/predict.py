@@ -38,6 +38,7 @@ from omegaconf import MISSING, DictConfig
 from insect_exp import UserError
 from insect_exp.config import ConfigError, to_object
 from insect_exp.errors import exit_with, first_line
+from insect_exp.progress import Progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -261,29 +262,15 @@ def stream_predictions(
     yield from missing(len(paths), expected)
 
 
-class Progress:
-    """Images done so far on stderr: a line that redraws on a terminal, else one every 10 s."""
+def progress_for(total: int, setting: bool | None, stream: TextIO | None = None) -> Progress:
+    """Progress on stderr (`stream`): `setting` None shows it on a terminal or from 1000 images."""
+    stream = stream if stream is not None else sys.stderr
+    enabled = setting if setting is not None else (stream.isatty() or total >= 1000)
 
-    def __init__(self, total: int, enabled: bool | None, stream: TextIO = sys.stderr):
-        tty = stream.isatty()
-        self.enabled = enabled if enabled is not None else (tty or total >= 1000)
-        self.total, self.stream, self.tty = total, stream, tty
-        self.every = 0.5 if tty else 10.0
-        self.started = self.last = time.monotonic()
+    def report(line: str) -> None:  # predict's logging is off: its stderr is for the user
+        print(line, file=stream, flush=True)
 
-    def update(self, done: int, skipped: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < self.every:
-            return
-        self.last = now
-        rate = done / max(now - self.started, 1e-9)
-        line = f"predict: {done}/{self.total} images, {skipped} skipped, {rate:.0f} images/s"
-        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
+    return Progress(total, "predict", stream=stream, report=report, enabled=enabled)
 
 
 def header(class_names: Sequence[str], top_k: int) -> list[str]:
@@ -309,12 +296,13 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     classifier = load_classifier(ref)
     names = classifier.class_names
-    progress = Progress(len(paths), cfg.progress)
+    progress = progress_for(len(paths), cfg.progress)
     done = 0
 
     def on_skip(path: str, reason: str) -> None:
         skipped.append((path, reason))
         print(f"skipped {path}: {reason}", file=sys.stderr)
+        progress.update(0, skipped=1)
 
     out = stdout or sys.stdout
     handle = open(cfg.output, "w", newline="") if cfg.output else None  # noqa: SIM115
@@ -327,7 +315,7 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         for prediction in stream:
             writer.writerow(row(prediction, names, cfg.top_k))
             done += 1
-            progress.update(done, len(skipped))
+            progress.update(1)
     finally:
         progress.close()
         if handle is not None:
