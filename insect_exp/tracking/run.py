@@ -262,11 +262,8 @@ class Run:
         self.log_text(to_tsv(header, rows), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass).
-
-        zlib level 1 instead of 6 halves the time to write image grids for ~20% larger files.
-        """
-        save_kwargs = {"dpi": 100, "pil_kwargs": {"compress_level": 1}}
+        """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass)."""
+        save_kwargs = {"dpi": 100}  # plots.GRID_DPI: one image pixel is one pixel of the PNG
         self._write(
             lambda: self.client.log_figure(
                 self.run_id, figure, artifact_file, save_kwargs=save_kwargs
