@@ -1,10 +1,10 @@
 """A run logged from a process of its own: the training process never imports MLflow.
 
-Importing MLflow and opening its SQLite store cost about 2 s of CPU at the start of a run
-(SQLAlchemy's models, Alembic), and drawing and saving the plots about 1.5 s more. All of it holds
-the GIL, so in a thread of the training process it waits on TensorFlow's import, tracing and
-export, which hold the GIL too. In a process of its own it runs on another core while the
-training process imports TensorFlow, decodes the images and exports the model.
+Importing MLflow and opening its SQLite store (SQLAlchemy's models, Alembic), and drawing and
+saving the plots, hold the GIL: in a thread of the training process they would wait on
+TensorFlow's import, tracing and export, which hold the GIL too. In a process of its own they run
+on another core while the training process imports TensorFlow, decodes the images and exports the
+model; and a run whose training process is killed still ends, FAILED with the reason.
 
 `RemoteRun` is the training process's side. It starts the logging process at once and sends it
 every call, in order:
