@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import pixel_bomb
 from tests.lifecycle import Trained, train_run
-from tests.mlflow_server import _OPENER, _group_members, free_port, wait_until_answers
+from tests.mlflow_server import OPENER, free_port, group_members, wait_until_answers
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ class ModelServer:
             method="POST",
         )
         try:
-            with _OPENER.open(request, timeout=60) as response:
+            with OPENER.open(request, timeout=60) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
@@ -184,7 +184,7 @@ class ModelServer:
                 self.process.wait(20)
         # Workers left in its group (the group id is its pid): end them too.
         deadline = time.monotonic() + 20
-        while _group_members(self.process.pid) and time.monotonic() < deadline:
+        while group_members(self.process.pid) and time.monotonic() < deadline:
             os.killpg(self.process.pid, 9)
             time.sleep(0.2)
 
@@ -245,13 +245,13 @@ def test_mlflow_models_serve_labels_jpeg_and_png_files_and_survives_a_corrupt_on
         assert status == 200 and body["predictions"][0]["label"] in trained.class_names
     finally:
         server.stop()
-    assert not _group_members(server.process.pid)
+    assert not group_members(server.process.pid)
 
 
 def _rss_bytes(pgid: int) -> int:
     """The resident memory of every live process in a process group, together."""
     total = 0
-    for pid in _group_members(pgid):
+    for pid in group_members(pgid):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:  # gone meanwhile
