@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from insect_exp import UserError
 from insect_exp.config import Config, register_configs, to_object
+from insect_exp.errors import exit_with
 
 # The config ships inside the package (insect_exp/conf/, package data in the wheel), so editable
 # and regular installs find it alike; an absolute path works both for `python -m insect_exp` and
@@ -99,16 +100,7 @@ def _hydra_main(dict_cfg: DictConfig) -> float:
 
 
 def _exit(message: str, code: int, at_once: bool = False) -> NoReturn:
-    print(f"insect_exp: {message}", file=sys.stderr)
-    if at_once:
-        import logging
-        import os
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_with("insect_exp", message, code, at_once)
 
 
 def _resumed_config(run_id: str, dict_cfg: DictConfig, held: contextlib.ExitStack) -> Config:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +35,21 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from insect_exp import UserError
-from insect_exp.config import DatasetConfig, EvaluateConfig, register_configs, to_object
+from insect_exp.config import (
+    DatasetConfig,
+    EvaluateConfig,
+    register_configs,
+    to_object,
+)
+from insect_exp.errors import exit_with
 from insect_exp.predict import CONFIG_DIR, ModelRef, find_model, load_classifier, store_uri
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from insect_exp.data.pipeline import ImageSplit
     from insect_exp.data.scan import FileList
+    from insect_exp.tracking.run import Run
 
 log = logging.getLogger(__name__)
 _NOT_IN_KEYS = re.compile(r"[^\w.\- /]")  # what MLflow refuses in a metric key
@@ -65,6 +72,17 @@ class Metrics:
     @property
     def macro_f1(self) -> float:
         return float(self.f1.mean())
+
+
+@dataclass
+class Evaluation:
+    """What a model made of a folder's files."""
+
+    metrics: Metrics
+    split: ImageSplit  # the files that decoded, as the model saw them
+    predicted: np.ndarray  # the class of each image
+    probability: np.ndarray  # ... and its probability
+    skipped: list[tuple[str, str]]  # (path, reason) of the files that did not decode
 
 
 def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -168,8 +186,9 @@ def run(cfg: EvaluateConfig) -> float:
                 **tracking.flatten({"dataset": _dataset_params(cfg.dataset)}),
             }
         )
-        metrics, split, predicted, probability, skipped = _evaluate(cfg, ref, files, skipped)
-        _log(run, ref, metrics, split, predicted, probability, skipped, prefix, cfg.seed)
+        evaluation = evaluate_files(cfg, ref, files, skipped)
+        _log(run, ref, evaluation, prefix, cfg.seed)
+        metrics, skipped = evaluation.metrics, evaluation.skipped
         if source and ref.run_id:  # the run that logged the model (source says it has one)
             summary = f"{prefix} of {folder}: accuracy {metrics.accuracy:.4f}"
             client.set_tag(ref.run_id, f"evaluation.{run.run_id}", summary)
@@ -212,8 +231,14 @@ def _dataset_params(dataset: DatasetConfig) -> dict[str, object]:
     )
 
 
-def _evaluate(cfg: EvaluateConfig, ref: ModelRef, files: FileList, skipped: list):
-    """Decode as the model's training did (with its own decoder), run the model, score."""
+def evaluate_files(
+    cfg: EvaluateConfig, ref: ModelRef, files: FileList, skipped: list[tuple[str, str]]
+) -> Evaluation:
+    """Decode as the model's training did (with its own decoder), run the model, score.
+
+    Args:
+        skipped: the files the scan skipped; those that fail to decode join them.
+    """
     import numpy as np
 
     from insect_exp.callbacks import scores
@@ -240,17 +265,17 @@ def _evaluate(cfg: EvaluateConfig, ref: ModelRef, files: FileList, skipped: list
     stats = per_class(split.labels, predicted, len(ref.class_names))
     metrics = Metrics(found["loss"], found["accuracy"], **stats)
     log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
-    return metrics, split, predicted, probs[np.arange(len(predicted)), predicted], skipped
+    probability = probs[np.arange(len(predicted)), predicted]
+    return Evaluation(metrics, split, predicted, probability, skipped)
 
 
-def _log(run, ref, metrics: Metrics, split, predicted, probability, skipped, prefix, seed):
+def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int) -> None:
     """Everything the evaluation run holds."""
-    import numpy as np
     from mlflow.entities import Metric
 
     from insect_exp import plots
 
-    names = ref.class_names
+    metrics, split, names = evaluation.metrics, evaluation.split, ref.class_names
     summary = {
         f"{prefix}_loss": metrics.loss,
         f"{prefix}_accuracy": metrics.accuracy,
@@ -263,38 +288,50 @@ def _log(run, ref, metrics: Metrics, split, predicted, probability, skipped, pre
         metrics=[Metric(k, float(v), now, 0, model_id=ref.model_id) for k, v in summary.items()],
     )
     _log_per_class(run, names, metrics)
-    run.log_metrics({"skipped_files": len(skipped), "images": len(split)})
+    run.log_metrics({"skipped_files": len(evaluation.skipped), "images": len(split)})
     run.log_table(
         ["path", "true", "predicted", "probability"],
         (
             (p, names[t], names[q], f"{c:.6f}")
-            for p, t, q, c in zip(split.paths, split.labels, predicted, probability, strict=True)
+            for p, t, q, c in zip(
+                split.paths, split.labels, evaluation.predicted, evaluation.probability, strict=True
+            )
         ),
         "predictions.tsv",
     )
-    if skipped:
-        run.log_table(["path", "reason"], skipped, "dataset/skipped.tsv")
+    if evaluation.skipped:
+        run.log_table(["path", "reason"], evaluation.skipped, "dataset/skipped.tsv")
     run.log_dict({"class_names": names, "matrix": metrics.matrix.tolist()}, "confusion_matrix.json")
     title = f"Confusion matrix ({prefix})"
     figure = plots.confusion_matrix_figure(metrics.matrix, names, title=title)
     run.log_figure(figure, "plots/confusion_matrix.png")
+    _log_misclassified(run, names, evaluation, seed)
+
+
+def _log_misclassified(run: Run, names: list[str], evaluation: Evaluation, seed: int) -> None:
+    """A grid of up to 30 misclassified images, picked at random by `seed`."""
+    import numpy as np
+
+    from insect_exp import plots
+
+    split, predicted = evaluation.split, evaluation.predicted
     wrong = np.flatnonzero(predicted != split.labels)
-    if len(wrong):
-        rng = np.random.default_rng(seed)
-        shown = np.sort(rng.choice(wrong, size=min(30, len(wrong)), replace=False))
-        rows_needed = -(-len(shown) // 5)
-        figure = plots.prediction_grid(
-            split.images[shown],
-            predicted[shown],
-            names,
-            true=split.labels[shown],
-            title=f"Misclassified: {len(wrong)} of {len(split)} (predicted (true))",
-            rows=rows_needed,
-        )
-        run.log_figure(figure, "plots/misclassified.png")
+    if not len(wrong):
+        return
+    rng = np.random.default_rng(seed)
+    shown = np.sort(rng.choice(wrong, size=min(30, len(wrong)), replace=False))
+    figure = plots.prediction_grid(
+        split.images[shown],
+        predicted[shown],
+        names,
+        true=split.labels[shown],
+        title=f"Misclassified: {len(wrong)} of {len(split)} (predicted (true))",
+        rows=-(-len(shown) // 5),
+    )
+    run.log_figure(figure, "plots/misclassified.png")
 
 
-def _log_per_class(run, names: list[str], metrics: Metrics) -> None:
+def _log_per_class(run: Run, names: list[str], metrics: Metrics) -> None:
     """precision_, recall_ and f1_<key> of every class, and per_class.tsv saying whose key is whose
     (names were changed to make keys)."""
     keys = class_keys(names)
@@ -318,15 +355,10 @@ def _hydra_main(dict_cfg: DictConfig) -> float | None:
         cfg = to_object(dict_cfg, EvaluateConfig)  # typed, ranges checked: before TensorFlow loads
         return run(cfg)
     except UserError as err:
-        _exit(f"error: {err}", 2)
+        exit_with("insect_exp.evaluate", f"error: {err}", 2)
     except KeyboardInterrupt:
-        _exit("interrupted", 130)
+        exit_with("insect_exp.evaluate", "interrupted", 130)
     return None
-
-
-def _exit(message: str, code: int) -> None:
-    print(f"insect_exp.evaluate: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main() -> None:

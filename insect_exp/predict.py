@@ -37,6 +37,8 @@ from omegaconf import DictConfig
 
 from insect_exp import UserError
 from insect_exp.config import PredictConfig, to_object
+from insect_exp.errors import exit_with, first_line
+from insect_exp.progress import Progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,8 +107,6 @@ def find_model(uri: str, tracking_uri: str) -> ModelRef:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from insect_exp.tracking.store import first_line
-
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme and len(scheme) > 1 and scheme not in {"runs", "models", *_ARTIFACT_SCHEMES}:
         raise UserError(f"model_uri {uri!r}: unknown scheme {scheme + ':'!r}; use {_URI_FORMS}")
@@ -133,8 +133,6 @@ def find_model(uri: str, tracking_uri: str) -> ModelRef:
 def load_classifier(ref: ModelRef) -> ImageClassifier:
     """Download and load the model (TensorFlow loads here)."""
     import mlflow
-
-    from insect_exp.tracking.store import first_line
 
     try:
         return mlflow.pyfunc.load_model(ref.uri).unwrap_python_model()
@@ -233,29 +231,15 @@ def stream_predictions(
     yield from missing(len(paths), expected)
 
 
-class Progress:
-    """Images done so far on stderr: a line that redraws on a terminal, else one every 10 s."""
+def progress_for(total: int, setting: bool | None, stream: TextIO | None = None) -> Progress:
+    """Progress on stderr (`stream`): `setting` None shows it on a terminal or from 1000 images."""
+    stream = stream if stream is not None else sys.stderr
+    enabled = setting if setting is not None else (stream.isatty() or total >= 1000)
 
-    def __init__(self, total: int, enabled: bool | None, stream: TextIO = sys.stderr):
-        tty = stream.isatty()
-        self.enabled = enabled if enabled is not None else (tty or total >= 1000)
-        self.total, self.stream, self.tty = total, stream, tty
-        self.every = 0.5 if tty else 10.0
-        self.started = self.last = time.monotonic()
+    def report(line: str) -> None:  # predict's logging is off: its stderr is for the user
+        print(line, file=stream, flush=True)
 
-    def update(self, done: int, skipped: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < self.every:
-            return
-        self.last = now
-        rate = done / max(now - self.started, 1e-9)
-        line = f"predict: {done}/{self.total} images, {skipped} skipped, {rate:.0f} images/s"
-        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
+    return Progress(total, "predict", stream=stream, report=report, enabled=enabled)
 
 
 def header(class_names: Sequence[str], top_k: int) -> list[str]:
@@ -281,12 +265,13 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     classifier = load_classifier(ref)
     names = classifier.class_names
-    progress = Progress(len(paths), cfg.progress)
+    progress = progress_for(len(paths), cfg.progress)
     done = 0
 
     def on_skip(path: str, reason: str) -> None:
         skipped.append((path, reason))
         print(f"skipped {path}: {reason}", file=sys.stderr)
+        progress.update(0, skipped=1)
 
     out = stdout or sys.stdout
     handle = open(cfg.output, "w", newline="") if cfg.output else None  # noqa: SIM115
@@ -299,7 +284,7 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         for prediction in stream:
             writer.writerow(row(prediction, names, cfg.top_k))
             done += 1
-            progress.update(done, len(skipped))
+            progress.update(1)
     finally:
         progress.close()
         if handle is not None:
@@ -322,17 +307,12 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
         cfg = to_object(dict_cfg, PredictConfig)  # typed, ranges checked: before TensorFlow loads
         run(cfg)
     except UserError as err:
-        _exit(f"error: {err}", 2)
+        exit_with("insect_exp.predict", f"error: {err}", 2)
     except KeyboardInterrupt:
-        _exit("interrupted", 130)
+        exit_with("insect_exp.predict", "interrupted", 130)
     except BrokenPipeError:  # `... | head`: the reader is gone
         sys.stderr.close()
         os._exit(0)
-
-
-def _exit(message: str, code: int) -> None:
-    print(f"insect_exp.predict: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from insect_exp import devices, distribute, preflight, resuming, sweep
 from insect_exp.config import Config, Precision, Strategy
-from insect_exp.upload import SPOOL_DIR
+from insect_exp.tracking.spool import SPOOL_DIR
 
 if TYPE_CHECKING:
     from insect_exp import tracking

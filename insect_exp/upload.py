@@ -1,16 +1,10 @@
-"""A run saved on local disk while its MLflow store is gone, and the command that uploads it later.
+"""Upload a run saved on local disk while its MLflow store was gone (tracking/spool.py):
 
     python -m insect_exp.upload SPOOL_DIR [--tracking-uri URI]
 
-When the store stops answering in the middle of a run, training goes on and everything the run
-still logs (metrics, params, tags, artifacts, the model, its final status) lands in a spool
-directory under the run's output dir instead. Uploading replays it into the same run by id, once
-the store is back. An upload can be repeated (after a fault, or by mistake): the run keeps one
-logged model and at most one registered version. A spool holding a link is refused whole.
-
-Layout: run.json (ids, URI, the registered model name and the model's epoch if any),
-metrics.jsonl, params.json, tags.json, artifacts/, model/ (an MLflow model directory), status
-(written last).
+Uploading replays the spool into the same run by id, once the store is back. An upload can be
+repeated (after a fault, or by mistake): the run keeps one logged model and at most one
+registered version. A spool holding a link is refused whole.
 """
 
 from __future__ import annotations
@@ -18,100 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from insect_exp import UserError
-
-SPOOL_DIR = "mlflow-spool"  # in a run's output dir
-INPUTS_FILE = "dataset/inputs.json"  # a spooled run's dataset inputs, replayed as MLflow inputs
-
-
-class Spool:
-    """The local copy of what a run could not send to its store."""
-
-    def __init__(self, directory: str | Path, run_id: str, tracking_uri: str, experiment_id: str):
-        self.dir = Path(directory)
-        self.run_id = run_id
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-
-    def open(self) -> None:
-        (self.dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        info = {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
-        info["experiment_id"] = self.experiment_id
-        (self.dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-
-    def metrics(self, metrics: Iterable[Any]) -> None:
-        """Append mlflow.entities.Metric values."""
-        with (self.dir / "metrics.jsonl").open("a") as out:
-            for m in metrics:
-                record = {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                out.write(json.dumps(record) + "\n")
-
-    def _merge(self, name: str, values: Mapping[str, str]) -> None:
-        path = self.dir / name
-        merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged.update({k: str(v) for k, v in values.items()})
-        path.write_text(json.dumps(merged, indent=2) + "\n")
-
-    def params(self, params: Mapping[str, str]) -> None:
-        self._merge("params.json", params)
-
-    def tags(self, tags: Mapping[str, str]) -> None:
-        self._merge("tags.json", tags)
-
-    def artifact(self, artifact_file: str) -> Path:
-        """Where an artifact file goes (its folders made)."""
-        path = self.dir / "artifacts" / artifact_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def artifacts(self, local_dir: str | Path, artifact_path: str | None) -> None:
-        target = self.dir / "artifacts" / (artifact_path or "")
-        shutil.copytree(local_dir, target, dirs_exist_ok=True)
-
-    def register_as(self, name: str) -> None:
-        """Register the spooled model under `name` when it is uploaded."""
-        self._note({"registered_model_name": name})
-
-    def model_step(self, step: int | None) -> None:
-        """The epoch whose weights the spooled model holds (None: the last)."""
-        self._note({"model_step": step})
-
-    def _note(self, values: Mapping[str, Any]) -> None:
-        path = self.dir / "run.json"
-        info = json.loads(path.read_text())
-        path.write_text(json.dumps({**info, **values}, indent=2) + "\n")
-
-    @property
-    def model_dir(self) -> Path:
-        return self.dir / "model"
-
-    def finish(self, status: str) -> None:
-        (self.dir / "status").write_text(status + "\n")
-
-
-_OFFLINE = "the store failed this run mid-way; the rest of its record is in "
-
-
-def offline_note(spool: Path) -> str:
-    """The error a sweep gives a child whose record is in a spool (upload clears it)."""
-    return f"{_OFFLINE}{spool}: upload it with python -m insect_exp.upload {spool}"
-
-
-def spools_under(directory: str | Path) -> dict[str, Path]:
-    """The spools below a directory (a sweep's jobs), by run id."""
-    found = {}
-    for info in Path(directory).glob(f"**/{SPOOL_DIR}/run.json"):
-        try:
-            found[json.loads(info.read_text())["run_id"]] = info.parent
-        except (OSError, ValueError, KeyError):
-            continue  # not a spool
-    return found
+from insect_exp.errors import exit_with, first_line
+from insect_exp.tracking.spool import INPUTS_FILE, OFFLINE_NOTE
 
 
 def upload(directory: str | Path, tracking_uri: str | None = None) -> str:
@@ -149,7 +56,7 @@ def _replay(spool: Path, info: dict[str, Any], client: Any) -> None:
 
     run_id = info["run_id"]
     # fails here, before anything is sent, if the store is still gone
-    if client.get_run(run_id).data.tags.get("error", "").startswith(_OFFLINE):
+    if client.get_run(run_id).data.tags.get("error", "").startswith(OFFLINE_NOTE):
         client.delete_tag(run_id, "error")  # the spool holds its true ending
     params = _read_json(spool / "params.json")
     tags = _read_json(spool / "tags.json")
@@ -224,9 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run_id = upload(args.spool, args.tracking_uri)
     except Exception as err:  # the store is still gone or refuses us, or the spool is not one
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"insect_exp.upload: error: {text}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, UserError) else 1)
+        # The whole first line: a refused spool's names its links and what to do with them.
+        message = f"error: {first_line(err, limit=None)}"
+        exit_with("insect_exp.upload", message, 2 if isinstance(err, UserError) else 1)
     print(f"uploaded run {run_id}")
 
 

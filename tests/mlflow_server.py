@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # Loopback only: never route test traffic through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port() -> int:
@@ -36,7 +36,7 @@ def wait_until_answers(
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_tail()}")
         try:
-            with _OPENER.open(url, timeout=2) as response:
+            with OPENER.open(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -45,7 +45,7 @@ def wait_until_answers(
     raise TimeoutError(f"{url} did not answer within {timeout_s}s:\n{log_tail()}")
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """Live processes in a process group (Linux /proc; zombies count as gone)."""
     members = []
     for entry in Path("/proc").iterdir():
@@ -130,13 +130,13 @@ class MlflowServer:
                 self.process.wait(grace_s)
         # The group id is our pid (start_new_session); anything left in it is an orphaned worker.
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not _group_members(self.pid):
+            if not group_members(self.pid):
                 return
             os.killpg(self.pid, sig)
             deadline = time.monotonic() + grace_s
-            while _group_members(self.pid) and time.monotonic() < deadline:
+            while group_members(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-        survivors = _group_members(self.pid)
+        survivors = group_members(self.pid)
         if survivors:
             raise RuntimeError(f"mlflow server processes survived SIGKILL: {survivors}")
 
@@ -146,7 +146,7 @@ class MlflowServer:
     def get(self, route: str, /, **params: Any) -> bytes:
         """GET a server route (query from keyword arguments) and return the body."""
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with _OPENER.open(f"{self.url}{route}{query}", timeout=30) as response:
+        with OPENER.open(f"{self.url}{route}{query}", timeout=30) as response:
             return response.read()
 
     def api(self, endpoint: str, body: dict[str, Any] | None = None, /, **params: Any) -> Any:
@@ -159,5 +159,5 @@ class MlflowServer:
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with _OPENER.open(request, timeout=30) as response:
+        with OPENER.open(request, timeout=30) as response:
             return json.loads(response.read())

@@ -125,7 +125,7 @@ def test_files_are_decoded_by_the_models_own_decoder_not_this_versions(tmp_path,
 
     # When it is evaluated on them
     cfg = EvaluateConfig(model_uri="unused", dataset=FolderDatasetConfig(root=str(folder)))
-    _, split, *_ = evaluate._evaluate(cfg, ref, files, [])
+    split = evaluate.evaluate_files(cfg, ref, files, []).split
 
     # Then it saw each file as its own decoder gives it, not as this version's does
     for path, image in zip(split.paths, split.images, strict=True):

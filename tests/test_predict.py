@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from insect_exp import UserError
+from insect_exp import UserError, progress
 from insect_exp.config import PredictConfig, StoreConfig
 from insect_exp.predict import (
-    Progress,
     find_model,
     list_inputs,
     load_classifier,
+    progress_for,
     run,
     stream_predictions,
 )
@@ -218,14 +219,21 @@ def test_list_inputs_uses_trainings_rules(tmp_path):
     }
 
 
-def test_progress_reports_on_long_inputs_only():
-    out = io.StringIO()
-    progress = Progress(5000, None, stream=out)
-    progress.every = 0
-    progress.update(100, 1)
-    assert out.getvalue().startswith("predict: 100/5000 images, 1 skipped")
-    quiet = io.StringIO()
-    short = Progress(10, None, stream=quiet)
-    short.every = 0
-    short.update(5, 0)
+def test_progress_reports_on_long_inputs_only(monkeypatch):
+    # Given a clock that moves 3 s at each reading (past the quiet first seconds), and no terminal
+    ticks = itertools.count(100.0, 3.0)
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(ticks))
+    out, quiet = io.StringIO(), io.StringIO()
+
+    # When 5000 images and 10 images are labelled, one of each skipped
+    for total, stream in ((5000, out), (10, quiet)):
+        shown = progress_for(total, None, stream=stream)
+        shown.update(0, skipped=1)
+        shown.update(99 if total > 10 else 9)
+        shown.close()
+
+    # Then the long input reports on stderr, counting the skipped image, and the short one does not
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("predict: 1/5000 images, 1 skipped")
+    assert lines[-1].startswith("predict: 100/5000 images, 1 skipped") and "took" in lines[-1]
     assert quiet.getvalue() == ""

@@ -57,7 +57,7 @@ def test_a_remote_run_logs_what_a_run_logs_and_its_process_ends_with_it(tracking
     assert found.data.tags["who"] == "me" and "version.mlflow" in found.data.tags
     paths = artifact_paths(MlflowClient(tracking_uri), found.info.run_id)
     assert {"notes/hello.txt", "note.txt"} <= paths
-    assert run._process.returncode == 0
+    assert run.process.returncode == 0
 
 
 def test_an_error_of_a_call_that_did_not_wait_is_raised_by_the_next_call_that_waits(
@@ -81,7 +81,7 @@ def test_a_store_that_cannot_be_used_is_named_by_opened_and_every_later_call(tmp
     run.set_tags({"a": 1})  # does not wait
     with pytest.raises(StoreError, match="does not exist"):
         run.end("FAILED")  # waits, and stops the process anyway
-    assert run._process.returncode == 0
+    assert run.process.returncode == 0
 
 
 def test_a_run_its_training_side_let_go_of_without_ending_ends_failed_with_what_it_sent(
@@ -108,8 +108,8 @@ def test_a_logging_process_that_dies_leaves_its_run_failed_not_running(tracking_
     run.flush()
 
     # When its logging process dies (killed, out of memory) while the training goes on
-    run._process.kill()
-    run._process.wait(timeout=60)
+    run.process.kill()
+    run.process.wait(timeout=60)
     with pytest.raises(RemoteError, match="ended unexpectedly"):
         for step in range(1000):  # the next call fails, once the socket's end is read
             run.sink({"batch_loss": 0.1}, step)

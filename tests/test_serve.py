@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import pixel_bomb
 from tests.lifecycle import Trained, train_run
-from tests.mlflow_server import _OPENER, _group_members, free_port, wait_until_answers
+from tests.mlflow_server import OPENER, free_port, group_members, wait_until_answers
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_the_models_decoding_is_trainings_bit_for_bit(tmp_path):
     import tensorflow as tf
 
     from insect_exp.data.decode import decode_image
-    from insect_exp.data.pipeline import _decode_and_fingerprint_fn
+    from insect_exp.data.pipeline import decode_files
+    from insect_exp.data.scan import FileList
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
@@ -57,12 +58,16 @@ def test_the_models_decoding_is_trainings_bit_for_bit(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
 
+    paths = [str(tmp_path / name) for name in files]
     for size in ((32, 32), (180, 180), (20, 64)):
-        training = _decode_and_fingerprint_fn(size)  # what the train split goes through
+        # When training decodes the files (as its splits are decoded) and the logged model's
+        # decoder reads each of them
+        split, failed = decode_files(FileList(paths, [0] * len(paths)), size)
+        assert not failed
+        training = dict(zip(split.paths, split.images, strict=True))
         for name, data in files.items():
-            # When the logged model's decoder and training's read the same file
             ours = decode_image(tf.constant(data), size).numpy()
-            theirs = training(tf.constant(str(tmp_path / name)))[0].numpy()
+            theirs = training[str(tmp_path / name)]
             # Then the pixels are identical
             assert ours.dtype == np.uint8 and ours.shape == (*size, 3)
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{name} at {size}")
@@ -164,7 +169,7 @@ class ModelServer:
             method="POST",
         )
         try:
-            with _OPENER.open(request, timeout=60) as response:
+            with OPENER.open(request, timeout=60) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
@@ -179,7 +184,7 @@ class ModelServer:
                 self.process.wait(20)
         # Workers left in its group (the group id is its pid): end them too.
         deadline = time.monotonic() + 20
-        while _group_members(self.process.pid) and time.monotonic() < deadline:
+        while group_members(self.process.pid) and time.monotonic() < deadline:
             os.killpg(self.process.pid, 9)
             time.sleep(0.2)
 
@@ -240,13 +245,13 @@ def test_mlflow_models_serve_labels_jpeg_and_png_files_and_survives_a_corrupt_on
         assert status == 200 and body["predictions"][0]["label"] in trained.class_names
     finally:
         server.stop()
-    assert not _group_members(server.process.pid)
+    assert not group_members(server.process.pid)
 
 
 def _rss_bytes(pgid: int) -> int:
     """The resident memory of every live process in a process group, together."""
     total = 0
-    for pid in _group_members(pgid):
+    for pid in group_members(pgid):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:  # gone meanwhile

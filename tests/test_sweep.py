@@ -21,7 +21,8 @@ from insect_exp import sweep, tracking
 from insect_exp.config import RuntimeConfig
 from insect_exp.tracking import RunRecord
 from insect_exp.tracking.lineage import SplitRecord
-from insect_exp.upload import INPUTS_FILE, SPOOL_DIR, Spool, upload
+from insect_exp.tracking.spool import INPUTS_FILE, SPOOL_DIR, Spool
+from insect_exp.upload import upload
 from tests.sweeps import TINY, SweepResult, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from insect_exp.upload import Spool
+from insect_exp.tracking.spool import Spool
 from tests.conftest import make_image_folder
 from tests.mlflow_server import MlflowServer
 from tests.postgres import PostgresCluster, PostgresUnavailable

@@ -25,7 +25,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import pickle
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from insect_exp.config import RuntimeConfig
 from insect_exp.devices import cpus
+from insect_exp.errors import portable
 from insect_exp.sweep.context import (
     SWEEP_FILE,
     JobContext,
@@ -167,7 +167,7 @@ class MlflowSweepCallback(Callback):
         try:
             self._record_failure(config, job_return.overrides or [], error)
         finally:
-            job_return.return_value = _portable(error)
+            job_return.return_value = portable(error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = self._close()
@@ -246,18 +246,3 @@ def _store_errors_exit(uri: str, experiment: str) -> Iterator[None]:
         # Hydra logs and swallows a callback's exceptions; the sweep must not start.
         print(f"insect_exp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-
-
-def _portable(error: Any) -> Any:
-    """The error itself if it survives pickling, else a RuntimeError with its text.
-
-    joblib and submitit send each job's result back pickled; an exception that cannot make the
-    trip (many library errors take extra constructor arguments) would abort the whole sweep.
-    """
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        portable = RuntimeError(f"{type(error).__name__}: {error}")
-        portable.__cause__ = error  # in-process launchers still print the original traceback
-        return portable

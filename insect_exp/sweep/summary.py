@@ -106,7 +106,7 @@ def close_orphans(info: SweepInfo, interrupted: bool) -> None:
     died (killed by the OS, out of memory) without ending its run.
     """
     from insect_exp import tracking
-    from insect_exp.upload import offline_note, spools_under
+    from insect_exp.tracking.spool import offline_note, spools_under
 
     children = tracking.child_runs(info.tracking_uri, info.experiment_id, info.parent_run_id)
     spools = spools_under(info.sweep_dir)

@@ -8,6 +8,7 @@ worker.py  a non-chief worker's run, which logs nothing
 interface.py  the interface all three runs implement (TrackedRun), and an open run (Opened)
 basics.py  names, params, tables and a run's ending, shared by both processes (no MLflow)
 sweeps.py  a sweep's parent run and its children
+spool.py   a run saved on local disk while its store is gone, to upload later
 
 Names are loaded on first use: `from insect_exp.tracking import remote` or `tracking.flatten`
 must not import MLflow into the training process (remote.py says why).

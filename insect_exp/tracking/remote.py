@@ -1,10 +1,10 @@
 """A run logged from a process of its own: the training process never imports MLflow.
 
-Importing MLflow and opening its SQLite store cost about 2 s of CPU at the start of a run
-(SQLAlchemy's models, Alembic), and drawing and saving the plots about 1.5 s more. All of it holds
-the GIL, so in a thread of the training process it waits on TensorFlow's import, tracing and
-export, which hold the GIL too. In a process of its own it runs on another core while the
-training process imports TensorFlow, decodes the images and exports the model.
+Importing MLflow and opening its SQLite store (SQLAlchemy's models, Alembic), and drawing and
+saving the plots, hold the GIL: in a thread of the training process they would wait on
+TensorFlow's import, tracing and export, which hold the GIL too. In a process of its own they run
+on another core while the training process imports TensorFlow, decodes the images and exports the
+model; and a run whose training process is killed still ends, FAILED with the reason.
 
 `RemoteRun` is the training process's side. It starts the logging process at once and sends it
 every call, in order:
@@ -41,6 +41,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from insect_exp.errors import first_line, portable
 from insect_exp.tracking.basics import unlogged_steps_only
 from insect_exp.tracking.interface import MetricSink, Opened
 
@@ -72,7 +73,7 @@ class Opening:
     Attributes:
         tracking_uri: the store; None: $MLFLOW_TRACKING_URI, else mlruns/ under launch_dir.
         check_store: check (and create) the store first: store.prepare_store.
-        spool_dir: where the run goes on offline if its store stops answering (upload.py).
+        spool_dir: where the run goes on offline if its store stops answering (spool.py).
         resume: the id of the run to reopen; the other fields but the store's are ignored.
     """
 
@@ -153,6 +154,11 @@ class RemoteRun:
     @property
     def experiment_id(self) -> str:
         return self.opened().experiment_id
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The logging process: its pid, and its exit code once it is gone."""
+        return self._process
 
     # Calls that do not wait.
     def sink(self, metrics: Mapping[str, float], step: int) -> None:
@@ -359,7 +365,7 @@ def _end_left_open(opened: Opened, reason: str) -> None:
     except Exception as err:
         log.error(
             "%s; run %s could not be ended (%s): it shows RUNNING",
-            reason, opened.run_id, store.first_line(err),
+            reason, opened.run_id, first_line(err),
         )  # fmt: skip
 
 
@@ -514,14 +520,10 @@ def _refuse(conn: Connection, reply: Callable[[int, bool, Any], None], err: Base
 def _portable(err: BaseException) -> BaseException:
     """`err` with its traceback as a note, or a RemoteError saying it, if it does not pickle."""
     with_trace = "".join(traceback.format_exception(err)).rstrip()
-    try:
-        add_note = getattr(err, "add_note", None)  # Python 3.11+
-        if add_note is not None and not getattr(err, "__notes__", None):
-            add_note(f"in the MLflow logging process:\n{with_trace}")
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:
-        return RemoteError(f"{type(err).__name__}: {err}\n{with_trace}")
+    add_note = getattr(err, "add_note", None)  # Python 3.11+
+    if add_note is not None and not getattr(err, "__notes__", None):
+        add_note(f"in the MLflow logging process:\n{with_trace}")
+    return portable(err, lambda text: RemoteError(f"{text}\n{with_trace}"))
 
 
 class _LogForwarder(logging.Handler):

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict
-from importlib import metadata
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as metadata_version
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
+from insect_exp.errors import first_line
 from insect_exp.tracking.basics import (
     ending,
     param_value,
@@ -31,16 +34,15 @@ from insect_exp.tracking.basics import (
 )
 from insect_exp.tracking.interface import MetricSink, Opened
 from insect_exp.tracking.lineage import CONTEXT_TAG, SplitRecord
+from insect_exp.tracking.spool import INPUTS_FILE, Spool
 from insect_exp.tracking.store import (
     ensure_experiment,
-    first_line,
     open_client,
     retry_if_raced,
     ui_command,
     ui_url,
     with_busy_timeout,
 )
-from insect_exp.upload import INPUTS_FILE, Spool
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,8 @@ def environment_tags() -> dict[str, str]:
     """
     tags = {}
     for package in _VERSIONED:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            tags[f"version.{package}"] = metadata.version(package)
+        with contextlib.suppress(PackageNotFoundError):
+            tags[f"version.{package}"] = metadata_version(package)
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -80,7 +82,7 @@ class Run:
     """One MLflow run, written by its id: two runs in one process never cross.
 
     Given a spool directory (`spool_to`), a run whose store stops answering goes on offline:
-    whatever it logs from then on is saved there, to upload later (insect_exp/upload.py).
+    whatever it logs from then on is saved there, to upload later (tracking/spool.py).
     """
 
     def __init__(self, client: MlflowClient, run_id: str, tracking_uri: str | None = None):
@@ -260,11 +262,8 @@ class Run:
         self.log_text(to_tsv(header, rows), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass).
-
-        zlib level 1 instead of 6 halves the time to write image grids for ~20% larger files.
-        """
-        save_kwargs = {"dpi": 100, "pil_kwargs": {"compress_level": 1}}
+        """Log a matplotlib Figure as a PNG (laid out by its builder: no second tight-bbox pass)."""
+        save_kwargs = {"dpi": 100}  # plots.GRID_DPI: one image pixel is one pixel of the PNG
         self._write(
             lambda: self.client.log_figure(
                 self.run_id, figure, artifact_file, save_kwargs=save_kwargs
@@ -327,127 +326,124 @@ class Run:
 
         Args:
             requirements: pip requirements beyond MLflow, NumPy and pandas (TensorFlow's),
-                pinned to the installed versions: MLflow's check of them against the installed
-                packages is skipped (see _pinned_requirements_unchecked).
+                pinned to the installed versions.
             registered_model_name: also register the model as a new version of this registered
                 model (offline: when the spooled run is uploaded).
             step: the epoch whose weights the model holds (early stopping's best one); None: the
                 last. The model's page shows the run's metrics at that epoch, and its test scores.
         """
-        import os
-        from importlib import metadata as package_metadata
-
-        import mlflow.pyfunc
-        from mlflow.models import Model, ModelSignature
-        from mlflow.types.schema import ColSpec, DataType, Map, Schema
-
-        from insect_exp import serving
-        from insect_exp.tracking import logged_model
-
-        if isinstance(input_example, Mapping):  # columns (export.input_example)
-            import pandas as pd
-
-            input_example = pd.DataFrame(input_example)
-        signature = ModelSignature(
-            outputs=Schema(
-                [
-                    ColSpec(DataType.string, "label"),
-                    ColSpec(DataType.double, "probability"),
-                    ColSpec(Map(DataType.double), "probabilities"),
-                ]
-            )
-        )
-        pinned = [
-            f"{package}=={package_metadata.version(package)}"
-            for package in ("mlflow", "numpy", "pandas")
-        ]
-        settings = {
-            "python_model": str(Path(serving.__file__).resolve()),
-            "artifacts": {key: str(path) for key, path in artifacts.items()},
-            "signature": signature,
-            "input_example": input_example,
-            "pip_requirements": [*pinned, *requirements],
-            "metadata": dict(metadata or {}),
-        }
-        uri: list[str] = []
-        version: list[int | None] = []
-
-        def online() -> None:
-            # In this run's experiment, linked to the run by id (the fluent log_model would file
-            # it under the process's active run, and there is none).
-            logged = self.client.create_logged_model(
-                self.experiment_id, name=name, source_run_id=self.run_id
-            )
-            description = Model(
-                artifact_path=logged.artifact_location,
-                run_id=self.run_id,
-                model_uuid=logged.model_id,
-                model_id=logged.model_id,
-            )
-            with tempfile.TemporaryDirectory(prefix="insect_exp-mlmodel-") as tmp:
-                local = Path(tmp) / name
-                mlflow.pyfunc.save_model(str(local), mlflow_model=description, **settings)
-                version.append(
-                    logged_model.complete(
-                        self.client, self.run_id, logged.model_id, local, step,
-                        registered_model_name,
-                    )
-                )  # fmt: skip
-            uri.append(f"models:/{logged.model_id}")
-
-        def offline(spool: Spool) -> None:
-            description = Model(run_id=self.run_id)
-            mlflow.pyfunc.save_model(str(spool.model_dir), mlflow_model=description, **settings)
-            uri.append(str(spool.model_dir))
-            spool.model_step(step)
-            if registered_model_name:
-                spool.register_as(registered_model_name)
-                log.warning(
-                    "the model is saved offline; the upload registers it as %s",
-                    registered_model_name,
-                )
-
+        settings = _model_settings(artifacts, requirements, input_example, metadata)
+        saved: list[tuple[str, int | None]] = []
         self.flush(raise_errors=False)  # the metrics the model is linked to are in the run
-        # Copying the artifacts into the model would draw progress bars in the training log.
-        quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-        before = os.environ.get(quiet)
-        os.environ[quiet] = before or "false"
-        try:
-            with _pinned_requirements_unchecked():
-                self._write(online, offline)
-        finally:
-            if before is None:
-                os.environ.pop(quiet, None)
-        if registered_model_name and version and version[0] is not None:
-            log.info("model registered as %s version %s", registered_model_name, version[0])
+        with _artifact_progress_bars_off():
+            self._write(
+                lambda: saved.append(self._save_model(name, settings, step, registered_model_name)),
+                lambda spool: saved.append(
+                    _spool_model(spool, settings, step, registered_model_name)
+                ),
+            )
+        uri, version = saved[0]
+        if registered_model_name and version is not None:
+            log.info("model registered as %s version %s", registered_model_name, version)
         if not self.offline:
             # A run trained further (resume=<id> epochs=<more>) logs a model each time: the tag
             # says which one its final metrics belong to.
-            self.set_tags({CURRENT_MODEL_TAG: uri[0]})
-        return uri[0]
+            self.set_tags({CURRENT_MODEL_TAG: uri})
+        return uri
+
+    def _save_model(
+        self, name: str, settings: dict[str, Any], step: int | None, registered: str | None
+    ) -> tuple[str, int | None]:
+        """Save the model as this run's logged model, linked to its metrics; (URI, version)."""
+        import mlflow.pyfunc
+        from mlflow.models import Model
+
+        from insect_exp.tracking import logged_model
+
+        # In this run's experiment, linked to the run by id (the fluent log_model would file it
+        # under the process's active run, and there is none).
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id
+        )
+        description = Model(
+            artifact_path=logged.artifact_location,
+            run_id=self.run_id,
+            model_uuid=logged.model_id,
+            model_id=logged.model_id,
+        )
+        with tempfile.TemporaryDirectory(prefix="insect_exp-mlmodel-") as tmp:
+            local = Path(tmp) / name
+            mlflow.pyfunc.save_model(str(local), mlflow_model=description, **settings)
+            version = logged_model.complete(
+                self.client, self.run_id, logged.model_id, local, step, registered
+            )
+        return f"models:/{logged.model_id}", version
+
+
+def _model_settings(
+    artifacts: Mapping[str, str | Path],
+    requirements: Sequence[str],
+    input_example: Any,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """mlflow.pyfunc.save_model's arguments for a model served by insect_exp/serving.py."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
+    from insect_exp import serving
+
+    if isinstance(input_example, Mapping):  # columns (export.input_example)
+        import pandas as pd
+
+        input_example = pd.DataFrame(input_example)
+    outputs = Schema(
+        [
+            ColSpec(DataType.string, "label"),
+            ColSpec(DataType.double, "probability"),
+            ColSpec(Map(DataType.double), "probabilities"),
+        ]
+    )
+    pinned = [
+        f"{package}=={metadata_version(package)}" for package in ("mlflow", "numpy", "pandas")
+    ]
+    return {
+        "python_model": str(Path(serving.__file__).resolve()),
+        "artifacts": {key: str(path) for key, path in artifacts.items()},
+        "signature": ModelSignature(outputs=outputs),
+        "input_example": input_example,
+        "pip_requirements": [*pinned, *requirements],
+        "metadata": dict(metadata or {}),
+    }
+
+
+def _spool_model(
+    spool: Spool, settings: dict[str, Any], step: int | None, registered: str | None
+) -> tuple[str, None]:
+    """Save the model in the spool, registered (if asked) when the spool is uploaded."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    mlflow.pyfunc.save_model(
+        str(spool.model_dir), mlflow_model=Model(run_id=spool.run_id), **settings
+    )
+    spool.model_step(step)
+    if registered:
+        spool.register_as(registered)
+        log.warning("the model is saved offline; the upload registers it as %s", registered)
+    return str(spool.model_dir), None
 
 
 @contextlib.contextmanager
-def _pinned_requirements_unchecked() -> Iterator[None]:
-    """Skip MLflow's check of a model's requirements against the installed packages.
-
-    Saving a model, MLflow warns when the installed packages do not satisfy its requirements. The
-    first check in a process maps every installed distribution to its modules, about 0.6 s of
-    CPU here. log_tf_model pins the requirements to the installed versions, read from the same
-    package metadata, so the check cannot warn: it is skipped. The check is an MLflow internal,
-    looked up by name; if it moves, MLflow simply checks as before.
-    """
-    from mlflow.utils import environment
-
-    check = getattr(environment, "warn_dependency_requirement_mismatches", None)
-    if check is None:
-        yield
-        return
-    environment.warn_dependency_requirement_mismatches = lambda model_requirements: None
+def _artifact_progress_bars_off() -> Iterator[None]:
+    """Copying a model's artifacts would draw MLflow's progress bars in the training log."""
+    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = before or "false"
     try:
         yield
     finally:
-        environment.warn_dependency_requirement_mismatches = check
+        if before is None:
+            os.environ.pop(quiet, None)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from mlflow.environment_variables import (
 from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
+from insect_exp.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -341,11 +342,6 @@ def _sqlite_problem(db: Path, err: BaseException) -> str:
     if "readonly" in text or "read-only" in text or "unable to open" in text:
         return f"cannot write the MLflow store {db}: it or its folder is read-only ({text})"
     return f"the MLflow store {db} is not a usable SQLite database ({text}); move it away"
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 # What a store says when two writers insert the same new row at once (SQLite, PostgreSQL, MySQL).

@@ -12,7 +12,7 @@ from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.tracking import MlflowClient
 
 from insect_exp import tracking
-from insect_exp.upload import Spool
+from insect_exp.tracking.spool import Spool
 from tests.faults.conftest import environment, only_run, run
 
 # A model that the spool holds, as MLflow saves one from code.
