@@ -1,10 +1,15 @@
 """Command line: `python -m insect_exp [overrides]` or `insect-exp [overrides]`."""
 
 import contextlib
+import gc
 import sys
 import warnings
 from pathlib import Path
 from typing import NoReturn
+
+# Start-up makes objects that live on: no collector passes over them (benchmarks/gc_startup.py).
+if __name__ == "__main__":
+    gc.disable()
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -140,11 +145,13 @@ def main() -> None:
     """Console-script entry point (same as `python -m insect_exp`)."""
     from insect_exp.resilience import Interrupted
 
+    gc.disable()  # as above, for the console script
     try:
         _hydra_main()
     except Interrupted as err:  # a sweep's job, or the sweep itself, was interrupted
         # The sweep's runs are closed as the process exits (see insect_exp/sweep).
         _exit(f"interrupted ({err}): the sweep's running jobs end KILLED", err.exit_code)
+    gc.freeze()  # no final collections over start-up's objects (benchmarks/gc_startup.py)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -68,6 +69,9 @@ def run(cfg: Config) -> float:
             # Variables, optimizers and compiles of every stage: one copy per replica.
             with dist.strategy.scope(), distribute.peer_failures(dist):
                 model = _build(run, recipe, data, dist)
+                if not gc.isenabled():  # the process's first run: __main__ turned it off
+                    gc.freeze()  # what start-up made lives on (benchmarks/gc_startup.py)
+                    gc.enable()
                 history = recipe.fit(model, data, settings, sink=_sink(cfg, run, settings))
                 test_accuracy, reported = _evaluate(cfg, run, recipe, model, data, history)
                 if cfg.mlflow.log_model:
@@ -83,6 +87,8 @@ def run(cfg: Config) -> float:
         resilience.acknowledge()
         signum = getattr(err, "signum", signal.SIGINT)
         raise resilience.Interrupted(signum, _id_of(run), getattr(run, "ended", None)) from None
+    finally:
+        gc.enable()  # on already, unless start-up failed: the next job in this process
     return val_accuracy
 
 
