@@ -45,7 +45,7 @@ def run(cfg: Config) -> float:
     The steps: open the MLflow run (its logging process), start TensorFlow and its distribution,
     plan the checkpoints, load the data, build, fit, evaluate, export the model, finish the run.
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run. A signal
-    ends the run KILLED and raises resilience.Interrupted, which names the run to resume.
+    before the run finished ends it KILLED; either way resilience.Interrupted names the run.
     """
     preflight.check(cfg)  # a path that is not there fails before a run opens
     distribute.before_tensorflow(cfg.train)
