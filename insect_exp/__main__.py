@@ -7,9 +7,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-# Start-up (Hydra, TensorFlow, MLflow, the model) makes a few hundred thousand objects that live
-# as long as the process; the collector's passes over them while they are made are wasted work,
-# about a quarter of the import time. train.run freezes them and turns it back on before fit.
+# Start-up makes objects that live on: no collector passes over them (benchmarks/gc_startup.py).
 if __name__ == "__main__":
     gc.disable()
 
@@ -36,67 +34,62 @@ warnings.filterwarnings(
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dict_cfg: DictConfig) -> float:
-    from insect_exp.distribute import WorkerLost
-    from insect_exp.resilience import (
-        CheckpointFailed,
-        Interrupted,
-        TrainingDiverged,
-        finished_line,
-        interrupts,
-    )
-    from insect_exp.tracking.remote import LoggingProcessDied
-
     multirun = OmegaConf.select(dict_cfg, "runtime.job_num", default=None) is not None
     try:
-        resume = OmegaConf.select(dict_cfg, "resume")
-        # A resumed run's lease (resuming.lease) is held from before its checks to the job's end.
-        with contextlib.ExitStack() as held:
-            # Typed from here on; ranges checked before TensorFlow loads.
-            cfg = _resumed_config(resume, dict_cfg, held) if resume else to_object(dict_cfg)
-            # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
-            from insect_exp import train
-
-            with interrupts(after_finish=not multirun):
-                return train.run(cfg)
-    except UserError as err:
+        return _train(dict_cfg, multirun)
+    except (Exception, KeyboardInterrupt) as err:  # resilience.Interrupted is a KeyboardInterrupt
         if multirun:
             raise  # the sweep records the failed job and goes on
-        _exit(f"error: {err}", 2)
-    except TrainingDiverged as err:
-        if multirun:
+        ending = _ending(err)
+        if ending is None:
             raise
-        _exit(f"error: {err}; the run is FAILED and no model was logged", 1)
-    except CheckpointFailed as err:
-        if multirun:
-            raise
-        _exit(f"error: {err}", 1)
-    except WorkerLost as err:
-        if multirun:
-            raise
+        _exit(*ending)
+
+
+def _train(dict_cfg: DictConfig, multirun: bool) -> float:
+    """The job: its config typed (a resumed run's composed again), then the run trained."""
+    from insect_exp.resilience import interrupts
+
+    resume = OmegaConf.select(dict_cfg, "resume")
+    # A resumed run's lease (resuming.lease) is held from before its checks to the job's end.
+    with contextlib.ExitStack() as held:
+        # Typed from here on; ranges checked before TensorFlow loads.
+        cfg = _resumed_config(resume, dict_cfg, held) if resume else to_object(dict_cfg)
+        # Imported here so that --help, --cfg and config errors never pay for TensorFlow.
+        from insect_exp import train
+
+        with interrupts(after_finish=not multirun):
+            return train.run(cfg)
+
+
+def _ending(err: BaseException) -> tuple[str, int, bool] | None:
+    """How a single run's command ends on `err`: message, exit code, at once (None: a traceback)."""
+    from insect_exp.distribute import WorkerLost
+    from insect_exp.resilience import CheckpointFailed, Interrupted, TrainingDiverged, finished_line
+    from insect_exp.tracking.remote import LoggingProcessDied
+
+    if isinstance(err, UserError):
+        return f"error: {err}", 2, False
+    if isinstance(err, TrainingDiverged):
+        return f"error: {err}; the run is FAILED and no model was logged", 1, False
+    if isinstance(err, CheckpointFailed):
+        return f"error: {err}", 1, False
+    if isinstance(err, WorkerLost):
         # At once: the aborted collectives leave TensorFlow's runtime half torn down, and the
         # interpreter's own exit would print its finalizers' tracebacks (the run is ended).
-        _exit(f"error: {err}; the chief's run is FAILED", 1, at_once=True)
-    except LoggingProcessDied as err:
-        if multirun or err.run_id is None:
-            raise
-        _exit(
-            f"error: {err}: run {err.run_id} is FAILED with what it logged. Resume it with: "
-            f"python -m insect_exp resume={err.run_id}",
-            1,
-        )
-    except Interrupted as err:
-        if multirun:
-            raise
-        print(file=sys.stderr)  # past Keras's progress bar
-        if err.run_id and err.ended == "FINISHED":  # the signal came after the run's end
-            _exit(finished_line(err.signum, err.run_id), err.exit_code)
-        if err.run_id:
-            _exit(
-                f"interrupted ({err}): run {err.run_id} is KILLED with what it logged. "
-                f"Resume it with: python -m insect_exp resume={err.run_id}",
-                err.exit_code,
-            )
-        _exit(f"interrupted ({err})", err.exit_code)
+        return f"error: {err}; the chief's run is FAILED", 1, True
+    resume = f"Resume it with: python -m insect_exp resume={getattr(err, 'run_id', None)}"
+    if isinstance(err, LoggingProcessDied) and err.run_id is not None:
+        return f"error: {err}: run {err.run_id} is FAILED with what it logged. {resume}", 1, False
+    if not isinstance(err, Interrupted):
+        return None
+    print(file=sys.stderr)  # past Keras's progress bar
+    if err.run_id and err.ended == "FINISHED":  # the signal came after the run's end
+        return finished_line(err.signum, err.run_id), err.exit_code, False
+    if err.run_id:
+        killed = f"run {err.run_id} is KILLED with what it logged. {resume}"
+        return f"interrupted ({err}): {killed}", err.exit_code, False
+    return f"interrupted ({err})", err.exit_code, False
 
 
 def _exit(message: str, code: int, at_once: bool = False) -> NoReturn:
@@ -145,15 +138,12 @@ def main() -> None:
     from insect_exp.resilience import Interrupted
 
     gc.disable()  # as above, for the console script
-
     try:
         _hydra_main()
     except Interrupted as err:  # a sweep's job, or the sweep itself, was interrupted
         # The sweep's runs are closed as the process exits (see insect_exp/sweep).
         _exit(f"interrupted ({err}): the sweep's running jobs end KILLED", err.exit_code)
-    # The process ends next: spare its final garbage collections over TensorFlow's many objects
-    # (2-3 s per run, measured on hub runs); nothing is left to free that the OS will not.
-    gc.freeze()
+    gc.freeze()  # no final collections over start-up's objects (benchmarks/gc_startup.py)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,6 @@ them out, both set up by `insect_exp/__init__.py` before anything imports Tensor
   notice are dropped; WARNING lines at 2, ERROR lines at 3. Every other line passes unchanged.
 
 Set `TF_CPP_MIN_LOG_LEVEL=0` to see everything again. Neither step imports TensorFlow.
-
-`without_modules` keeps a library's optional imports out of a process that never uses them
-(pandas from the training process's `import tensorflow`, pyarrow from the logging process's
-`import mlflow`): memory and start-up time that neither process needs.
 """
 
 from __future__ import annotations
@@ -123,25 +119,6 @@ def describe_devices() -> str:
     )
     device = gpus[0].name.replace("/physical_device:", "")
     return f"training on {device}{f' ({about})' if about else ''} of {len(gpus)} GPU(s)"
-
-
-@contextlib.contextmanager
-def without_modules(*names: str) -> Iterator[None]:
-    """Within the block, importing `names` fails as if they were not installed; not after it.
-
-    For optional imports of a library that a process of ours never uses: the library takes the
-    ImportError as "not installed" and goes on without them. The names that are imported already
-    are left alone, and after the block they import as usual.
-    """
-    held = [name for name in names if name not in sys.modules]
-    for name in held:
-        sys.modules[name] = None  # type: ignore[assignment]  # Python's "not importable" marker
-    try:
-        yield
-    finally:
-        for name in held:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):

@@ -273,127 +273,175 @@ class CallbackCounters(keras.callbacks.Callback):
             stopper.best_weights = self.best_weights() if self.best_weights else None
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a training: what `fit` takes beyond the settings.
+
+    A later stage (fine-tuning) numbers its epochs on from the first stage's, shuffles with a seed
+    of its own and trains without the learning-rate schedule and early stopping.
+    """
+
+    # Names the stage in its checkpoints: a checkpoint of the same stage is resumed.
+    name: str = "main"
+    epochs: int | None = None  # epochs of this stage (None: settings.epochs)
+    first_epoch: int = 0  # the step the stage's first epoch is logged at
+    seed: int | None = None  # the shuffle seed (None: settings.seed)
+    schedule: bool = True  # the configured learning-rate schedule and early stopping apply
+
+
+@dataclass
+class _Watched:
+    """fit's callbacks, in order, and those whose state fit reads afterwards."""
+
+    callbacks: list[keras.callbacks.Callback]
+    position: Position
+    validation: Validation
+    stats: BatchStats
+    stopper: keras.callbacks.EarlyStopping | None
+
+
 def fit(
     model: keras.Model,
     train_split: ImageSplit,
     val_split: ImageSplit,
     settings: FitSettings,
     sink: MetricSink | None = None,
-    *,
-    epochs: int | None = None,
-    first_epoch: int = 0,
-    seed: int | None = None,
-    schedule: bool = True,
-    stage: str = "main",
+    stage: Stage = Stage(),
     verbose: int | str = "auto",
 ) -> Fitted:
     """Train a compiled classifier on decoded splits; each epoch's metrics go to `sink` at once.
 
-    Args:
-        epochs: epochs of this stage (default settings.epochs).
-        first_epoch: the step the first epoch is logged at (a later stage goes on numbering).
-        seed: the shuffle seed (default settings.seed; a later stage takes another).
-        schedule: apply the configured learning-rate schedule and early stopping (first stage).
-        stage: names this stage in its checkpoints; a checkpoint of the same stage is resumed.
-        verbose: Keras's; auto: its bar on a terminal, one line per epoch in a file or pipe.
+    `verbose` is Keras's; auto: its bar on a terminal, one line per epoch in a file or pipe.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (training stops in that batch).
     """
-    epochs = settings.epochs if epochs is None else epochs
+    epochs = settings.epochs if stage.epochs is None else stage.epochs
+    first = stage.first_epoch
     resume = settings.resume_from
     done = 0  # epochs of this stage a checkpoint already holds
-    if resume is not None and resume.stage == stage:
+    if resume is not None and resume.stage == stage.name:
         resilience.restore(model, model.optimizer, resume)
-        done = min(epochs, resume.epoch + 1 - first_epoch)
-    seed = settings.seed if seed is None else seed
-    steps = -(-len(train_split) // settings.batch_size)
+        done = min(epochs, resume.epoch + 1 - first)
+    seed = settings.seed if stage.seed is None else stage.seed
     train_ds = train_batches(
-        train_split, settings.batch_size, seed, first_epoch + done, settings.shuffle_buffer
+        train_split, settings.batch_size, seed, first + done, settings.shuffle_buffer
     )
     # Every worker builds the same batches; each takes its share of every batch, not of files.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train_ds = train_ds.with_options(options)
-    num_classes = int(model.output_shape[-1])
-    validation = Validation(
-        make_dataset(val_split, settings.batch_size), val_split.labels, settings.label_smoothing
-    )
-    position = Position(first_epoch)
-    stats = BatchStats(settings.batch_size, len(train_split), sink, first_epoch)
-    # Order matters: validation adds val_* to the epoch logs before anything reads them, and the
-    # learning rate is read after the schedule set it.
-    callbacks: list[keras.callbacks.Callback] = [
-        position,
-        validation,
-        stats,
-        resilience.interrupt_callback(),
-    ]
-    stopper = None
-    es = settings.early_stopping
-    counted: dict[str, keras.callbacks.Callback] = {}
-    if schedule:
-        scheduling = _schedule_callbacks(settings.optimizer, epochs)
-        for cb in scheduling:
-            if isinstance(cb, keras.callbacks.ReduceLROnPlateau):
-                counted["plateau"] = cb
-        callbacks += scheduling
-        if es.enabled:
-            stopper = keras.callbacks.EarlyStopping(
-                monitor=es.monitor.value,
-                mode=es.monitor.mode,
-                patience=es.patience,
-                restore_best_weights=es.restore_best,
-            )
-            callbacks.append(stopper)
-            counted["early_stopping"] = stopper
-    callbacks.append(LearningRateLog())
-    saved = resume.callbacks if resume is not None and resume.stage == stage else None
-    counters = CallbackCounters(counted, saved, lambda: _best_weights(model, settings, stage))
-    callbacks.append(counters)
-    checkpoint = None
-    if settings.checkpoint_dir:
-        monitor, mode = (es.monitor.value, es.monitor.mode) if stopper else ("val_loss", "min")
-        checkpoint = resilience.Checkpointer(
-            settings.checkpoint_dir, stage, first_epoch, monitor, mode, counters.snapshot,
-            epochs=first_epoch + epochs,
-        )  # fmt: skip
-    callbacks.append(EpochEnd(sink, first_epoch, checkpoint))
-    weights = class_weights(train_split.labels, num_classes, settings.class_weight)
+    watched = _callbacks(model, len(train_split), val_split, settings, sink, stage, epochs)
+    weights = class_weights(train_split.labels, int(model.output_shape[-1]), settings.class_weight)
     try:
         fitted = model.fit(
-            train_ds,
+            train_ds.with_options(options),
             epochs=epochs,
             initial_epoch=done,
-            steps_per_epoch=steps,
-            callbacks=callbacks,
+            steps_per_epoch=-(-len(train_split) // settings.batch_size),
+            callbacks=watched.callbacks,
             class_weight=weights or None,
             verbose=progress.keras_verbosity() if verbose == "auto" else verbose,
         )
     except tf.errors.InvalidArgumentError as err:
         if "non-finite loss" not in str(err):
             raise
-        stats.flush()  # the batches of this epoch before the NaN one
+        watched.stats.flush()  # the batches of this epoch before the NaN one
         # Counted as Keras prints them (`Epoch 1/5`), as every message of a run counts epochs.
+        position = watched.position
         raise TrainingDiverged(
-            f"loss became NaN or infinite at epoch {position.epoch + 1} of {first_epoch + epochs}, "
+            f"loss became NaN or infinite at epoch {position.epoch + 1} of {first + epochs}, "
             f"batch {position.batch + 1}"
         ) from None
     except KeyboardInterrupt:
-        stats.flush()  # keep the batches seen in the interrupted epoch
+        watched.stats.flush()  # keep the batches seen in the interrupted epoch
         raise
-    history = History(
-        {k: [float(v) for v in vs] for k, vs in fitted.history.items()},
-        stats.losses,
-        stats.accuracies,
+    return _fitted(fitted.history, watched, settings, first, done)
+
+
+def _callbacks(
+    model: keras.Model,
+    train_size: int,
+    val_split: ImageSplit,
+    settings: FitSettings,
+    sink: MetricSink | None,
+    stage: Stage,
+    epochs: int,
+) -> _Watched:
+    """fit's callbacks. Order matters: validation adds val_* to the epoch logs before anything
+    reads them, and the learning rate is read after the schedule set it."""
+    first = stage.first_epoch
+    position = Position(first)
+    validation = Validation(
+        make_dataset(val_split, settings.batch_size), val_split.labels, settings.label_smoothing
     )
-    val_logits = validation.logits
+    stats = BatchStats(settings.batch_size, train_size, sink, first)
+    callbacks = [position, validation, stats, resilience.interrupt_callback()]
+    counted: dict[str, keras.callbacks.Callback] = {}
+    stopper = None
+    if stage.schedule:
+        scheduling = _schedule_callbacks(settings.optimizer, epochs)
+        for cb in scheduling:
+            if isinstance(cb, keras.callbacks.ReduceLROnPlateau):
+                counted["plateau"] = cb
+        callbacks += scheduling
+        stopper = _early_stopping(settings.early_stopping)
+        if stopper is not None:
+            callbacks.append(stopper)
+            counted["early_stopping"] = stopper
+    resume = settings.resume_from
+    saved = resume.callbacks if resume is not None and resume.stage == stage.name else None
+    counters = CallbackCounters(counted, saved, lambda: _best_weights(model, settings, stage.name))
+    checkpoint = _checkpointer(settings, stage, epochs, stopper is not None, counters.snapshot)
+    callbacks += [LearningRateLog(), counters, EpochEnd(sink, first, checkpoint)]
+    return _Watched(callbacks, position, validation, stats, stopper)
+
+
+def _early_stopping(es: EarlyStoppingConfig) -> keras.callbacks.EarlyStopping | None:
+    if not es.enabled:
+        return None
+    return keras.callbacks.EarlyStopping(
+        monitor=es.monitor.value,
+        mode=es.monitor.mode,
+        patience=es.patience,
+        restore_best_weights=es.restore_best,
+    )
+
+
+def _checkpointer(
+    settings: FitSettings,
+    stage: Stage,
+    epochs: int,
+    stopping: bool,
+    snapshot: Callable[[], dict],
+) -> resilience.Checkpointer | None:
+    """Each epoch's checkpoint, and the best one by early stopping's measure (else val_loss)."""
+    if not settings.checkpoint_dir:
+        return None
+    es = settings.early_stopping
+    monitor, mode = (es.monitor.value, es.monitor.mode) if stopping else ("val_loss", "min")
+    first = stage.first_epoch
+    return resilience.Checkpointer(
+        settings.checkpoint_dir, stage.name, first, monitor, mode, snapshot, epochs=first + epochs
+    )
+
+
+def _fitted(
+    logged: dict[str, list], watched: _Watched, settings: FitSettings, first: int, done: int
+) -> Fitted:
+    """What the training left: its history, early stopping's epochs, the last validation logits."""
+    stats = watched.stats
+    history = History(
+        {k: [float(v) for v in vs] for k, vs in logged.items()}, stats.losses, stats.accuracies
+    )
+    val_logits = watched.validation.logits
+    stopper = watched.stopper
     if stopper is not None:
         # Keras numbers epochs from 0 in this call, resumed ones included.
-        history.best_epoch = first_epoch + stopper.best_epoch
+        history.best_epoch = first + stopper.best_epoch
         if stopper.stopped_epoch > 0:
-            history.stopped_epoch = first_epoch + stopper.stopped_epoch
-        if es.restore_best and stopper.best_epoch != done + history.num_epochs - 1:
+            history.stopped_epoch = first + stopper.stopped_epoch
+        last = done + history.num_epochs - 1
+        if settings.early_stopping.restore_best and stopper.best_epoch != last:
             val_logits = None  # the model now holds an earlier epoch's weights
     return Fitted(history, val_logits)
 

@@ -10,18 +10,22 @@ import os
 import shutil
 import signal
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from insect_exp import devices, distribute, preflight, resuming, sweep
+from insect_exp import distribute, preflight, resuming, sweep
 from insect_exp.config import Config, Precision, Strategy
 from insect_exp.tracking.spool import SPOOL_DIR
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from tf_keras import Model
+
     from insect_exp import tracking
+    from insect_exp.data import Loading
     from insect_exp.data.pipeline import Data
-    from insect_exp.fit import History
+    from insect_exp.fit import FitSettings, History
     from insect_exp.models import Recipe
     from insect_exp.resilience import CheckpointState
 
@@ -38,131 +42,46 @@ RESUMED_KEYS = (
 def run(cfg: Config) -> float:
     """Train and log one model as `cfg` says; return the final validation accuracy for sweepers.
 
-    With cfg.resume, continue that run from its last checkpoint, in the same MLflow run.
+    The steps: open the MLflow run (its logging process), start TensorFlow and its distribution,
+    plan the checkpoints, load the data, build, fit, evaluate, export the model, finish the run.
+    With cfg.resume, continue that run from its last checkpoint, in the same MLflow run. A signal
+    before the run finished ends it KILLED; either way resilience.Interrupted names the run.
     """
     preflight.check(cfg)  # a path that is not there fails before a run opens
     distribute.before_tensorflow(cfg.train)
     from insect_exp import resilience, tracking  # tracking's names load on use: no MLflow here
 
-    rt = cfg.runtime
-    job = sweep.current_job(rt)  # inside a multirun: parent run, experiment, thread share
+    job = sweep.current_job(cfg.runtime)  # inside a multirun: parent run, experiment, thread share
     run: tracking.TrackedRun | None = None
-    scratch: str | None = None
     try:
         with contextlib.ExitStack() as ending:
             lease = ending.enter_context(resuming.Lease())  # let go once the run has ended
             if cfg.train.strategy is not Strategy.multi_worker:
-                # MLflow works in a process of its own (tracking/remote.py). Started before
-                # TensorFlow's import, it imports MLflow, opens the store and starts the run on
-                # the core that the import leaves idle.
+                # Started before TensorFlow's import: the logging process imports MLflow and
+                # opens the run on the core that the import leaves idle.
                 run = ending.enter_context(tracking.ending(_start_run(cfg, job)))
-            # tf_keras imports pandas (and pandas pyarrow) only to take DataFrames in `fit`; we
-            # feed tf.data. Held out: 64 MB less RSS and 0.35 s less import (2 cores).
-            with devices.without_modules("pandas"):
-                import tensorflow as tf
-                import tf_keras  # noqa: F401
-
-            from insect_exp import callbacks, models, report
-            from insect_exp.data import Loading
-            from insect_exp.fit import FitSettings
-            from insect_exp.models.common import ServingModule
-
-            _configure_tensorflow(
-                cfg.seed, cfg.threads or job.threads, cfg.deterministic, cfg.precision
-            )
-            # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
-            dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
-            log.info(dist.describe())
-            # The train split decodes in TensorFlow's threads from here on.
-            loading = Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
+            dist, loading = _start_tensorflow(cfg, cfg.threads or job.threads)
             if run is None:  # a multi-worker run knows its chief now
-                # Other workers run the same ops (collectives need every worker) and log
-                # nothing; their checkpoints go to a scratch dir, as Keras's multi-worker guide
-                # does.
-                chosen: tracking.TrackedRun = (
-                    _start_run(cfg, job) if dist.is_chief else tracking.WorkerRun()
-                )
-                run = ending.enter_context(tracking.ending(chosen))
-            # Before the images are used: a store that cannot be used stops the run here.
-            checkpoints, resume_from = _checkpoints(cfg, run, dist, lease)
-            scratch = None if dist.is_chief else checkpoints
-            if not cfg.resume:
-                _log_config(run, cfg)
-            recipe = models.recipe_for(cfg.model)
-            recipe.prepare()  # before waiting for the images: offline weights fail in seconds
-            data = loading.result()
-            resilience.check()  # a signal swallowed while decoding
-            _check_resumed(cfg, run, data, resume_from)
-            # Reports are drawn and logged in the logging process while this one trains,
-            # predicts and exports; the recipe's own artifacts (the hub preview runs a model)
-            # are made in a thread here first.
-            logged = []
-            extras = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insect_exp-extras")
-            ending.callback(extras.shutdown)
-            if not cfg.resume and dist.is_chief:
-                summary = report.summarize_data(data, cfg.seed)
-                logged.append(run.submit(report.log_data_summary, summary))
-                logged.append(extras.submit(_log_extras, run, recipe, data, cfg.seed))
+                run = ending.enter_context(tracking.ending(_chief_or_worker(cfg, job, dist)))
+            settings = _plan(cfg, run, dist, lease, ending)
+            recipe, data = _load(cfg, run, loading, settings.resume_from)
+            logged = _log_data(cfg, run, recipe, data, dist.is_chief)
             # Variables, optimizers and compiles of every stage: one copy per replica.
             with dist.strategy.scope(), distribute.peer_failures(dist):
-                model = recipe.build(len(data.class_names))
-                run.log_text(_summary(model), "model_summary.txt")
-                # The model's own strategy: what it really trains on, every worker together.
-                replicas = model.distribute_strategy.num_replicas_in_sync
-                run.set_tags({"replicas": replicas, "devices": dist.describe()})
-                settings = FitSettings.from_config(cfg, checkpoints, resume_from)
-                sink: tracking.MetricSink = run.sink
-                if cfg.resume:
-                    replayed = resume_from.metrics if resume_from is not None else {}
-                    sink = run.resumed_sink({*RESUMED_KEYS, *resilience.keys_of(replayed)})
-                    resilience.replay(replayed, sink)  # the epochs the store may have lost
-                # The command turned the collector off for start-up (__main__); what start-up
-                # made lives on, so later collections skip it.
-                if not gc.isenabled():  # the process's first run (a sweep's next job finds it on)
-                    gc.freeze()
+                model = _build(run, recipe, data, dist)
+                if not gc.isenabled():  # the process's first run: __main__ turned it off
+                    gc.freeze()  # what start-up made lives on (benchmarks/gc_startup.py)
                     gc.enable()
-                history = recipe.fit(model, data, settings, sink=sink)
-                logged.append(
-                    run.submit(report.log_training, history.best_epoch, history.stopped_epoch)
-                )
-
-                test = data.test if data.test is not None else data.val
-                logits = recipe.predict(model, test, cfg.batch_size)
-                test_scores = callbacks.scores(logits, test.labels)
-                # At the last epoch's step: a run trained further is evaluated at a later one.
-                last = cfg.epochs - 1 if history.stopped_epoch is None else history.stopped_epoch
-                run.log_metrics({f"test_{k}": v for k, v in test_scores.items()}, last)
-                predictions = report.summarize_predictions(test, logits, data.class_names, cfg.seed)
-                logged.append(run.submit(report.log_prediction_summary, predictions))
-
+                history = recipe.fit(model, data, settings, sink=_sink(cfg, run, settings))
+                test_accuracy, reported = _evaluate(cfg, run, recipe, model, data, history)
                 if cfg.mlflow.log_model:
-                    from insect_exp import export
-
-                    # A pyfunc over the SavedModel: encoded files or float images in; class names,
-                    # probabilities (or logits for float images) out. See insect_exp/serving.py.
-                    module = ServingModule(
-                        model, cfg.model.image_size, cfg.dataset.max_image_pixels
-                    )
-                    requirements = [f"tensorflow=={tf.__version__}"]
-                    with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
-                        files = export.write_model(module, data.class_names, tmp, cfg.export)
-                        uri_model = run.log_tf_model(
-                            {key: str(path) for key, path in files.items()},
-                            requirements,
-                            input_example=export.input_example(test.images[0]),
-                            metadata=export.metadata(
-                                data.class_names, cfg.model.image_size, cfg.dataset.max_image_pixels
-                            ),
-                            registered_model_name=cfg.mlflow.registered_model_name,
-                            step=_weights_epoch(cfg, history),
-                        )
-                    log.info("model logged: %s", uri_model)
-                for done in logged:
+                    _export(cfg, run, model, data, history)
+                for done in [*logged, *reported]:
                     done.result()  # its error, if it failed, is the run's
             val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
             opened = run.opened() if dist.is_chief else None
-        _after_finish(cfg, opened, checkpoints)
-        log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_scores["accuracy"])
+        _after_finish(cfg, opened, settings.checkpoint_dir)
+        log.info("val_accuracy %.4f, test_accuracy %.4f", val_accuracy, test_accuracy)
         _print_summary(opened, dist.worker, in_sweep=job.parent_run_id is not None)
     except KeyboardInterrupt as err:
         resilience.acknowledge()
@@ -170,9 +89,157 @@ def run(cfg: Config) -> float:
         raise resilience.Interrupted(signum, _id_of(run), getattr(run, "ended", None)) from None
     finally:
         gc.enable()  # on already, unless start-up failed: the next job in this process
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
     return val_accuracy
+
+
+def _start_tensorflow(cfg: Config, threads: int) -> tuple[distribute.Distribution, Loading]:
+    """TensorFlow configured, its distribution started, the images decoding in its threads."""
+    from insect_exp.data import Loading
+
+    _configure_tensorflow(cfg.seed, threads, cfg.deterministic, cfg.precision)
+    # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
+    dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
+    log.info(dist.describe())
+    return dist, Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
+
+
+def _chief_or_worker(
+    cfg: Config, job: sweep.JobContext, dist: distribute.Distribution
+) -> tracking.TrackedRun:
+    """The chief's run; other workers run the same ops (collectives need every worker) and log
+    nothing: their checkpoints go to a scratch dir, as Keras's multi-worker guide does."""
+    from insect_exp import tracking
+
+    return _start_run(cfg, job) if dist.is_chief else tracking.WorkerRun()
+
+
+def _plan(
+    cfg: Config,
+    run: tracking.TrackedRun,
+    dist: distribute.Distribution,
+    lease: resuming.Lease,
+    ending: contextlib.ExitStack,
+) -> FitSettings:
+    """The fit's settings, with where its checkpoints go and the state to resume from; a new
+    run's config is logged. A worker's scratch checkpoints go when `ending` closes."""
+    from insect_exp.fit import FitSettings
+
+    # Before the images are used: a store that cannot be used stops the run here.
+    checkpoints, resume_from = _checkpoints(cfg, run, dist, lease)
+    if checkpoints is not None and not dist.is_chief:
+        ending.callback(shutil.rmtree, checkpoints, ignore_errors=True)
+    if not cfg.resume:
+        _log_config(run, cfg)
+    return FitSettings.from_config(cfg, checkpoints, resume_from)
+
+
+def _load(
+    cfg: Config, run: tracking.TrackedRun, loading: Loading, resume_from: CheckpointState | None
+) -> tuple[Recipe, Data]:
+    """The model's recipe, prepared, and the decoded data (a resumed run's checked the same)."""
+    from insect_exp import models, resilience
+
+    recipe = models.recipe_for(cfg.model)
+    recipe.prepare()  # before waiting for the images: offline weights fail in seconds
+    data = loading.result()
+    resilience.check()  # a signal swallowed while decoding
+    _check_resumed(cfg, run, data, resume_from)
+    return recipe, data
+
+
+def _log_data(
+    cfg: Config, run: tracking.TrackedRun, recipe: Recipe, data: Data, is_chief: bool
+) -> list[Future]:
+    """A new run's data summary and the recipe's own artifacts, drawn and logged by the logging
+    process while this one trains."""
+    from insect_exp import report
+
+    if cfg.resume or not is_chief:
+        return []
+    logged = [run.submit(report.log_data_summary, report.summarize_data(data, cfg.seed))]
+    artifacts = recipe.artifacts(data, cfg.seed)  # made here: they may run a model
+    if artifacts:
+        logged.append(run.submit(report.log_artifacts, artifacts))
+    return logged
+
+
+def _build(
+    run: tracking.TrackedRun, recipe: Recipe, data: Data, dist: distribute.Distribution
+) -> Model:
+    """The recipe's model, its summary and the replicas it trains on logged."""
+    model = recipe.build(len(data.class_names))
+    run.log_text(_summary(model), "model_summary.txt")
+    # The model's own strategy: what it really trains on, every worker together.
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    run.set_tags({"replicas": replicas, "devices": dist.describe()})
+    return model
+
+
+def _sink(cfg: Config, run: tracking.TrackedRun, settings: FitSettings) -> tracking.MetricSink:
+    """Where fit's metrics go. A resumed run first replays the epochs the store may have lost,
+    and logs again only the first value of a step it redoes."""
+    from insect_exp import resilience
+
+    if not cfg.resume:
+        return run.sink
+    state = settings.resume_from
+    replayed = state.metrics if state is not None else {}
+    sink = run.resumed_sink({*RESUMED_KEYS, *resilience.keys_of(replayed)})
+    resilience.replay(replayed, sink)
+    return sink
+
+
+def _evaluate(
+    cfg: Config,
+    run: tracking.TrackedRun,
+    recipe: Recipe,
+    model: Model,
+    data: Data,
+    history: History,
+) -> tuple[float, list[Future]]:
+    """The test split's (else validation's) scores logged; the test accuracy, and the training
+    and prediction reports handed to the logging process."""
+    from insect_exp import callbacks, report
+
+    reported = [run.submit(report.log_training, history.best_epoch, history.stopped_epoch)]
+    test = data.test if data.test is not None else data.val
+    logits = recipe.predict(model, test, cfg.batch_size)
+    scores = callbacks.scores(logits, test.labels)
+    # At the last epoch's step: a run trained further is evaluated at a later one.
+    last = cfg.epochs - 1 if history.stopped_epoch is None else history.stopped_epoch
+    run.log_metrics({f"test_{k}": v for k, v in scores.items()}, last)
+    predictions = report.summarize_predictions(test, logits, data.class_names, cfg.seed)
+    reported.append(run.submit(report.log_prediction_summary, predictions))
+    return scores["accuracy"], reported
+
+
+def _export(
+    cfg: Config, run: tracking.TrackedRun, model: Model, data: Data, history: History
+) -> None:
+    """The model logged (and registered if asked) as a pyfunc over its SavedModel: encoded files
+    or float images in; class names, probabilities (or logits for float images) out. See
+    insect_exp/serving.py."""
+    import tensorflow as tf
+
+    from insect_exp import export
+    from insect_exp.models.common import ServingModule
+
+    module = ServingModule(model, cfg.model.image_size, cfg.dataset.max_image_pixels)
+    requirements = [f"tensorflow=={tf.__version__}"]
+    test = data.test if data.test is not None else data.val
+    with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
+        files = export.write_model(module, data.class_names, tmp, cfg.export)
+        uri_model = run.log_tf_model(
+            {key: str(path) for key, path in files.items()},
+            requirements,
+            input_example=export.input_example(test.images[0]),
+            metadata=export.metadata(
+                data.class_names, cfg.model.image_size, cfg.dataset.max_image_pixels
+            ),
+            registered_model_name=cfg.mlflow.registered_model_name,
+            step=_weights_epoch(cfg, history),
+        )
+    log.info("model logged: %s", uri_model)
 
 
 def _after_finish(cfg: Config, opened: tracking.Opened | None, checkpoints: str | None) -> None:
@@ -274,15 +341,6 @@ def _check_resumed(
     resuming.check_same_data(opened.run_id, opened.digests, report.lineage(data))
     # Epochs completed before the resume, as Keras counts them (`Epoch 3/5` done: 3).
     run.set_tags({"resumed_after_epoch": resilience.epochs_done(state), "epochs": cfg.epochs})
-
-
-def _log_extras(run: tracking.TrackedRun, recipe: Recipe, data: Data, seed: int) -> None:
-    """A recipe's own artifacts (made here: they may run a model), logged by the logging process."""
-    from insect_exp import report
-
-    artifacts = recipe.artifacts(data, seed)
-    if artifacts:
-        run.submit(report.log_artifacts, artifacts).result()
 
 
 def _id_of(run: tracking.TrackedRun | None) -> str | None:

@@ -26,6 +26,7 @@ from insect_exp.config import (
 from insect_exp.data.pipeline import ImageSplit, make_dataset
 from insect_exp.fit import (
     FitSettings,
+    Stage,
     class_weights,
     compile_classifier,
     epoch_learning_rate,
@@ -331,8 +332,8 @@ def _diverging_fit(
     sink = _Sink(model)
     settings = _settings(cfg, epochs=epochs, batch_size=8, early_stopping=early_stopping)
     fitted = fit(
-        model, train_split, val_split, settings, sink, epochs=epochs, first_epoch=first_epoch,
-        verbose=0,
+        model, train_split, val_split, settings, sink,
+        Stage(epochs=epochs, first_epoch=first_epoch), verbose=0,
     )  # fmt: skip
     return model, sink, fitted, val_split
 
@@ -445,11 +446,11 @@ def test_a_later_stage_without_schedule_keeps_the_rate_and_never_stops_early():
     compile_classifier(model, make_optimizer(cfg))
     sink = _Sink()
 
-    # When it trains as a later stage (schedule=False), numbered from epoch 5
+    # When it trains as a later stage (no schedule), numbered from epoch 5
     fitted = fit(
         model, _split([0, 1] * 4), _split([0, 1] * 2, seed=1),
-        _settings(cfg, epochs=3, early_stopping=es), sink, first_epoch=5, schedule=False,
-        verbose=0,
+        _settings(cfg, epochs=3, early_stopping=es), sink,
+        Stage(first_epoch=5, schedule=False), verbose=0,
     )  # fmt: skip
 
     # Then every epoch runs at the optimizer's own rate, with no stopping reported

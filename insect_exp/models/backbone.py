@@ -198,12 +198,14 @@ class BackboneRecipe(Recipe):
             data.val,
             settings,
             sink,
-            epochs=ft.epochs,
-            first_epoch=first_epoch,
-            # A new seed so that the second stage does not replay the first one's batch order.
-            seed=settings.seed + first_epoch,
-            schedule=False,
-            stage="fine_tune",
+            fit.Stage(
+                "fine_tune",
+                epochs=ft.epochs,
+                first_epoch=first_epoch,
+                # A new seed so that the second stage does not replay the first one's batch order.
+                seed=settings.seed + first_epoch,
+                schedule=False,
+            ),
         )
         self.remember_validation(data.val, fitted.val_logits)
         return fitted.history
