@@ -69,7 +69,8 @@ def reachable(body: list[ast.stmt]) -> list[ast.stmt]:
         statements.append(node)
         for field in ("body", "orelse", "finalbody", "handlers"):
             for child in getattr(node, field, []):
-                statements += reachable(child.body if isinstance(child, ast.ExceptHandler) else [child])
+                handler = isinstance(child, ast.ExceptHandler)
+                statements += reachable(child.body if handler else [child])
     return statements
 
 
