@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's Chromium for the MLflow UI test (tests/test_ui.py): idempotent, non-interactive, quiet.
+# Debian's Chromium for the MLflow UI test (tests/tracking/test_ui.py): idempotent, non-interactive, quiet.
 # Needs root, or sudo without a password. No browser is downloaded outside the package manager.
 set -euo pipefail
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's PostgreSQL server binaries for the team-server test (tests/test_postgres.py):
+# Debian's PostgreSQL server binaries for the team-server test (tests/tracking/test_store.py):
 # idempotent, non-interactive, quiet. Needs root, or sudo without a password. The test starts its
 # own throwaway cluster with initdb/pg_ctl; the cluster Debian may create and start is not used.
 set -euo pipefail

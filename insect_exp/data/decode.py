@@ -3,7 +3,7 @@ model share. The logged model carries it in its SavedModel graph, and predict an
 that copy, so a model keeps the decoding it was trained with.
 
 `decode_image(tf.io.read_file(path), size)` is exactly what a training image goes through
-(tests/test_serve.py checks it bit for bit on every format).
+(tests/test_serving.py checks it bit for bit on every format).
 
 A JPEG at least twice the target size on both sides is decoded at 1/2, 1/4 or 1/8 of its size
 (libjpeg's DCT scaling: the largest reduction that leaves both sides at least the target's), then
