@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp.tracking.basics import MetricSink
+from insect_exp.tracking.interface import MetricSink
 
 
 def scores(

@@ -59,10 +59,10 @@ class Distribution:
 
     def describe(self) -> str:
         """One line: the strategy, the devices, and for multi_worker which worker this is."""
-        from insect_exp import devices
+        from insect_exp import hardware
 
         if self.kind is Strategy.default:
-            return devices.describe_devices()
+            return hardware.describe_devices()
         names = ", ".join(d.rsplit("device:", 1)[-1] for d in self.devices)
         line = f"training on {self.replicas} replica(s), strategy {self.kind.value}: {names}"
         if self.kind is Strategy.multi_worker:
@@ -131,10 +131,10 @@ def before_tensorflow(cfg: TrainConfig) -> None:
     """
     if cfg.strategy is Strategy.multi_worker:
         cluster_source()
-    from insect_exp import devices
+    from insect_exp import hardware
 
     several = cfg.strategy is Strategy.multi_worker or cfg.logical_cpus > 1
-    if cfg.strategy is not Strategy.default and several and not devices.nvidia_gpu_visible():
+    if cfg.strategy is not Strategy.default and several and not hardware.nvidia_gpu_visible():
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
@@ -203,13 +203,13 @@ def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
     """MultiWorkerMirroredStrategy on the TF_CONFIG or SLURM cluster, once every worker is up."""
     import tensorflow as tf
 
-    from insect_exp import devices
+    from insect_exp import hardware
 
     if source == "SLURM":
         resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
             port_base=SLURM_PORT_BASE,
             # Its default asks nvidia-smi, which a CPU node lacks.
-            gpus_per_node=None if devices.nvidia_gpu_visible() else 0,
+            gpus_per_node=None if hardware.nvidia_gpu_visible() else 0,
         )
     else:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from insect_exp.config import ExportConfig, Quantize
-from insect_exp.models.common import ServingModule
+from insect_exp.models.layers import ServingModule
 
 # The logged model's artifact keys and input column, as serving.py (which MLflow loads on its own,
 # without this package) names them; tests/test_export.py checks that both agree. Not imported from

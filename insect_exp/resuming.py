@@ -26,7 +26,7 @@ from typing import Any
 
 from insect_exp import UserError
 from insect_exp.resilience import CheckpointState, epochs_done, progress, read_state
-from insect_exp.tracking.basics import PutBack
+from insect_exp.tracking.interface import PutBack
 
 log = logging.getLogger(__name__)
 

@@ -222,7 +222,7 @@ def _export(
     import tensorflow as tf
 
     from insect_exp import export
-    from insect_exp.models.common import ServingModule
+    from insect_exp.models.layers import ServingModule
 
     module = ServingModule(model, cfg.model.image_size, cfg.dataset.max_image_pixels)
     requirements = [f"tensorflow=={tf.__version__}"]
@@ -273,11 +273,13 @@ def _weights_epoch(cfg: Config, history: History) -> int | None:
 
 def _start_run(cfg: Config, job: sweep.JobContext) -> tracking.RemoteRun:
     """The logging process, opening a new run (named and tagged) or the run to resume."""
-    from insect_exp.tracking import basics
+    from insect_exp.tracking import formats
     from insect_exp.tracking.remote import Opening, RemoteRun
 
     rt = cfg.runtime
-    name = cfg.mlflow.run_name or basics.run_name(cfg.model.name, cfg.optimizer.name, job.overrides)
+    name = cfg.mlflow.run_name or formats.run_name(
+        cfg.model.name, cfg.optimizer.name, job.overrides
+    )
     return RemoteRun(
         Opening(
             tracking_uri=job.tracking_uri or cfg.mlflow.tracking_uri,
@@ -356,7 +358,7 @@ def _log_config(run: tracking.TrackedRun, cfg: Config) -> None:
     """The resolved config as params and YAML, the overrides, and Hydra's own snapshot."""
     from omegaconf import OmegaConf
 
-    from insect_exp.tracking.basics import flatten
+    from insect_exp.tracking.formats import flatten
 
     rt = cfg.runtime
     run.log_params(flatten(cfg.params()))

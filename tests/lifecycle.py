@@ -94,7 +94,7 @@ def classifier_with_its_own_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     import tf_keras as keras
 
     from insect_exp.data import decode as decoding
-    from insect_exp.models.common import ServingModule
+    from insect_exp.models.layers import ServingModule
     from insect_exp.serving import ImageClassifier
 
     current = decoding.decode_image

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from insect_exp import devices
+from insect_exp import hardware, quiet_startup
 from insect_exp.config import DatasetConfig, ModelConfig, OptimizerConfig
 from tests.conftest import CONF_DIR, compose_config, config_options, run_cli
 
@@ -145,11 +145,11 @@ def test_a_config_dir_of_ones_own_adds_datasets_and_experiments(tmp_path, how):
     ],
 )
 def test_startup_noise_is_tensorflows_own_lines_below_the_level(line, level, dropped):
-    assert devices.is_startup_noise(line, level) is dropped
+    assert quiet_startup.is_startup_noise(line, level) is dropped
 
 
 def test_filtered_stderr_passes_every_other_line_in_order(capfd):
-    with devices.filtered_stderr(lambda line: line.startswith(b"drop")):
+    with quiet_startup.filtered_stderr(lambda line: line.startswith(b"drop")):
         os.write(2, b"keep 1\ndrop me\nkeep")
         os.write(2, b" 2\n")
         os.write(2, b"drop this too\nkeep 3\n")
@@ -167,7 +167,7 @@ def _start_tensorflow(env_level: str | None) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.skipif(devices.nvidia_gpu_visible(), reason="a GPU machine: its start-up may speak")
+@pytest.mark.skipif(hardware.nvidia_gpu_visible(), reason="a GPU machine: its start-up may speak")
 def test_tensorflow_starts_quietly_on_a_machine_without_a_gpu():
     # When TensorFlow starts after insect_exp (as in every run) and probes its devices
     out = _start_tensorflow(None)
@@ -179,7 +179,7 @@ def test_tensorflow_starts_quietly_on_a_machine_without_a_gpu():
     assert not re.search(r"^[IWE]\d{4} ", out.stderr, re.M), out.stderr
 
 
-@pytest.mark.skipif(devices.nvidia_gpu_visible(), reason="a GPU machine prints other lines")
+@pytest.mark.skipif(hardware.nvidia_gpu_visible(), reason="a GPU machine prints other lines")
 def test_a_log_level_the_user_sets_is_kept():
     out = _start_tensorflow("0")
     assert out.returncode == 0, out.stderr
@@ -187,7 +187,7 @@ def test_a_log_level_the_user_sets_is_kept():
 
 
 def test_describe_devices_names_the_device_in_one_line():
-    line = devices.describe_devices()
+    line = hardware.describe_devices()
     assert "\n" not in line and line.startswith("training on ")
-    if not devices.nvidia_gpu_visible():
+    if not hardware.nvidia_gpu_visible():
         assert "CPU" in line

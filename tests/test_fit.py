@@ -33,7 +33,7 @@ from insect_exp.fit import (
     fit,
     make_optimizer,
 )
-from insect_exp.models.common import augmentation_layers
+from insect_exp.models.layers import augmentation_layers
 
 SIZE = 8  # image side: every model here is Rescaling + Flatten + Dense on 8x8x3 pixels
 

@@ -12,7 +12,7 @@ import tf_keras as keras
 from insect_exp import UserError, fit, resilience
 from insect_exp.config import AdamConfig
 from insect_exp.data.pipeline import ImageSplit
-from insect_exp.tracking.basics import unlogged_steps_only
+from insect_exp.tracking.interface import unlogged_steps_only
 
 
 def _split(n: int = 24, seed: int = 0) -> ImageSplit:

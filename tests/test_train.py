@@ -13,7 +13,7 @@ from insect_exp import train
 from insect_exp.callbacks import scores
 from insect_exp.data import load_data
 from insect_exp.models.cnn import CNNRecipe
-from insect_exp.models.common import ServingModule
+from insect_exp.models.layers import ServingModule
 from tests.conftest import artifact_paths, assert_model_reloads
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from insect_exp import devices
+from insect_exp import hardware
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode, DatasetConfig
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def first_damaged_record(fd: int, record_bytes: int, checksums: np.ndarray) -> i
 
     if count <= per:
         return check(0)
-    with ThreadPoolExecutor(min(4, devices.cpus()), "insect_exp-verify") as pool:
+    with ThreadPoolExecutor(min(4, hardware.cpus()), "insect_exp-verify") as pool:
         for bad in pool.map(check, range(0, count, per)):
             if bad is not None:
                 pool.shutdown(cancel_futures=True)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import tensorflow as tf
 
-from insect_exp import devices
+from insect_exp import hardware
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode
 from insect_exp.data.cache import (
     CachePolicy,
@@ -269,7 +269,7 @@ class Decoding:
             # the batches (the disk cache's writer) holds the GIL. One per core (tf.data's
             # AUTOTUNE without autotuning) left cores idle: on 2 cores, first ingest of 10,000
             # JPEGs into the disk cache took 6.5-7.3 s, now 5.9-6.2 s (memory: the same).
-            num_parallel_calls=workers or 2 * devices.cpus(),
+            num_parallel_calls=workers or 2 * hardware.cpus(),
             deterministic=False,
         )
         # Failures are dropped, so their indices never arrive (`decode_files` then retries them).

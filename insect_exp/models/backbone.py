@@ -22,7 +22,7 @@ from insect_exp.config import BackboneConfig, FeatureCache
 from insect_exp.data.pipeline import Data, ImageSplit
 from insect_exp.fit import FitSettings, History
 from insect_exp.models import Recipe
-from insect_exp.models.common import augmentation_layers, classification_head
+from insect_exp.models.layers import augmentation_layers, classification_head
 from insect_exp.models.feature_cache import (
     FeatureStore,
     cached_features,

@@ -6,7 +6,7 @@ import tf_keras as keras
 
 from insect_exp.config import AugmentConfig, CNNConfig
 from insect_exp.models import Recipe
-from insect_exp.models.common import augmentation_layers
+from insect_exp.models.layers import augmentation_layers
 
 
 def build_cnn(

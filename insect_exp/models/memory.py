@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from insect_exp import UserError, devices
+from insect_exp import UserError, hardware
 from insect_exp.config import BackboneConfig, CNNConfig, ModelConfig
 
 # Bytes per input pixel that a pretrained backbone's forward pass at least holds at once, per
@@ -58,13 +58,13 @@ def check_memory(cfg: ModelConfig, batch_size: int) -> None:
     before the data is scanned.
 
     Raises:
-        UserError: the estimate exceeds the memory (devices.memory_bytes), in one line naming the
+        UserError: the estimate exceeds the memory (hardware.memory_bytes), in one line naming the
             size and model.image_size.
     """
     estimate = training_bytes(cfg, batch_size, num_classes=2)
     if estimate is None:
         return
-    total = devices.memory_bytes()
+    total = hardware.memory_bytes()
     if estimate.bytes > total:
         params = "" if estimate.params is None else f"{estimate.params:,} parameters, "
         raise UserError(

@@ -5,8 +5,8 @@ run.py     one run: logging by run id, metric buffer, offline spool, how it ends
 logged_model.py  a run's logged model: finished, linked to its metrics, registered, repeatably
 remote.py  a run logged from a process of its own: what the training process holds
 worker.py  a non-chief worker's run, which logs nothing
-interface.py  the interface all three runs implement (TrackedRun), and an open run (Opened)
-basics.py  names, params, tables and a run's ending, shared by both processes (no MLflow)
+interface.py  the interface all three runs implement (TrackedRun), an open run, how a run ends
+formats.py  a run's names, params and tables, shared by both processes (no MLflow)
 sweeps.py  a sweep's parent run and its children
 spool.py   a run saved on local disk while its store is gone, to upload later
 
@@ -21,13 +21,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "basics": (
-        "MetricSink", "ending", "flatten", "param_value", "run_name", "to_tsv", "ui_footer",
-    ),
+    "formats": ("flatten", "param_value", "run_name", "to_tsv", "ui_footer"),
     "run": ("Run", "environment_tags", "reopen_run", "start_new_run", "start_run"),
     "remote": ("Opening", "RemoteError", "RemoteRun"),
     "worker": ("WorkerRun",),
-    "interface": ("Opened", "TrackedRun"),
+    "interface": ("MetricSink", "Opened", "TrackedRun", "ending"),
     "store": (
         "STORE_DIR", "StoreError", "default_tracking_uri", "ensure_experiment", "open_client",
         "prepare_store", "refusals_named", "refused_access", "resolve_tracking_uri",
@@ -49,16 +47,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from insect_exp.tracking.basics import (
-        MetricSink,
-        ending,
-        flatten,
-        param_value,
-        run_name,
-        to_tsv,
-        ui_footer,
-    )
-    from insect_exp.tracking.interface import Opened, TrackedRun
+    from insect_exp.tracking.formats import flatten, param_value, run_name, to_tsv, ui_footer
+    from insect_exp.tracking.interface import MetricSink, Opened, TrackedRun, ending
     from insect_exp.tracking.remote import Opening, RemoteError, RemoteRun
     from insect_exp.tracking.run import (
         Run,

@@ -1,4 +1,4 @@
-"""The one interface of a run, whichever process logs it. No MLflow here.
+"""The one interface of a run, whichever process logs it, and how a run ends. No MLflow here.
 
 Three classes implement `TrackedRun`: the in-process `run.Run`, the training process's
 `remote.RemoteRun` (a `run.Run` in a logging process of its own) and a non-chief worker's
@@ -8,11 +8,13 @@ checker follows every call whichever of the three it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 # Where training sends its metrics: (metrics by name, step). A run's `sink`, or a filter of it.
 MetricSink = Callable[[Mapping[str, float], int], None]
@@ -34,7 +36,7 @@ class Opened:
 
 
 class TrackedRun(Protocol):
-    """What training and `basics.ending` call on a run."""
+    """What training and `interface.ending` call on a run."""
 
     # None: a worker's run, which has no id of its own.
     @property
@@ -87,3 +89,53 @@ class TrackedRun(Protocol):
     def put_back(self) -> None:
         """End a reopened run as it was found (a resume refused before it trained)."""
         ...
+
+
+R = TypeVar("R", bound=TrackedRun)
+
+
+class PutBack(Exception):
+    """Raised within `ending`: the run goes back to the status it had before it was reopened."""
+
+
+@contextlib.contextmanager
+def ending(run: R) -> Iterator[R]:
+    """End an open run FINISHED, FAILED with the error recorded on it, or KILLED on Ctrl-C.
+
+    A PutBack error (a resume refused before it trained) leaves it as it was found instead.
+    """
+    try:
+        yield run
+        # Inside: a signal while the last metrics go (the longest wait here) ends it KILLED.
+        run.flush()
+    except PutBack:
+        with contextlib.suppress(Exception):
+            run.put_back()
+        raise
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            run.flush()
+        # Keep whatever was logged; add the error so a failed run explains itself in the UI.
+        with contextlib.suppress(Exception):
+            run.set_tags({"error": f"{type(err).__name__}: {err}"})
+            run.log_text(traceback.format_exc(), "error.txt")
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            run.end(status)
+        raise
+    run.end("FINISHED")
+
+
+def unlogged_steps_only(sink: MetricSink, last: Mapping[str, int]) -> MetricSink:
+    """`sink` for a resumed run: no step of a metric at or before `last[metric]` goes to it.
+
+    A resume redoes the epoch that was cut short; what the first attempt logged of it (its first
+    batches, or the whole epoch when the process died before its checkpoint) stays.
+    """
+
+    def filtered(metrics: Mapping[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > last.get(k, -1)}
+        if fresh:
+            sink(fresh, step)
+
+    return filtered

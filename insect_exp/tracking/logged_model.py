@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-PER_BATCH = "batch_"  # metrics of one training step, not of the model (basics.py's sink)
+PER_BATCH = "batch_"  # metrics of one training step, not of the model (a run's sink)
 REGISTERED_TAG = "registered_model"  # on the run: name/version of the registered model
 
 

@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from insect_exp.errors import first_line, portable
-from insect_exp.tracking.basics import unlogged_steps_only
-from insect_exp.tracking.interface import MetricSink, Opened
+from insect_exp.tracking.interface import MetricSink, Opened, unlogged_steps_only
 
 if TYPE_CHECKING:
     from insect_exp.tracking.run import Run
@@ -108,7 +107,7 @@ class RemoteRun:
     """A `run.Run` in a logging process of its own, driven from the training process.
 
     Started at once; `opened()` waits for the run (and raises what kept it from opening, e.g. a
-    StoreError). End it with `basics.ending` (or `end`), which also stops the process; `close`
+    StoreError). End it with `interface.ending` (or `end`), which also stops the process; `close`
     alone leaves a run that was not ended to be ended FAILED.
     """
 

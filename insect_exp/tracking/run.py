@@ -26,13 +26,8 @@ from mlflow.tracking import MlflowClient
 
 from insect_exp import UserError
 from insect_exp.errors import first_line
-from insect_exp.tracking.basics import (
-    ending,
-    param_value,
-    to_tsv,
-    unlogged_steps_only,
-)
-from insect_exp.tracking.interface import MetricSink, Opened
+from insect_exp.tracking.formats import param_value, to_tsv
+from insect_exp.tracking.interface import MetricSink, Opened, ending, unlogged_steps_only
 from insect_exp.tracking.lineage import CONTEXT_TAG, SplitRecord
 from insect_exp.tracking.spool import INPUTS_FILE, Spool
 from insect_exp.tracking.store import (

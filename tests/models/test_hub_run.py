@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from insect_exp import train
 from insect_exp.callbacks import scores
 from insect_exp.data import load_data
-from insect_exp.models import common
+from insect_exp.models import layers
 from tests.conftest import artifact_paths
 from tests.models.conftest import TINY_IMAGENET_LABELS
 
@@ -40,12 +40,12 @@ def test_hub_run_logs_metrics_plots_preview_and_a_model_that_reloads_in_a_fresh_
     )
     logged = []
 
-    class RecordingModule(common.ServingModule):
+    class RecordingModule(layers.ServingModule):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             logged.append(self)
 
-    monkeypatch.setattr(common, "ServingModule", RecordingModule)
+    monkeypatch.setattr(layers, "ServingModule", RecordingModule)
 
     # When the train job runs
     train.run(cfg)

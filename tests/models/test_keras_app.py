@@ -28,7 +28,7 @@ from insect_exp.config import AdamConfig, FeatureCache, FineTuneConfig, KerasApp
 from insect_exp.data.pipeline import Data, load
 from insect_exp.data.scan import scan
 from insect_exp.fit import FitSettings, History
-from insect_exp.models import common, recipe_for
+from insect_exp.models import layers, recipe_for
 from insect_exp.models.backbone import backbone_of, feature_extractor
 from insect_exp.models.keras_app import KerasAppError, KerasAppRecipe
 from tests.conftest import make_image_folder
@@ -438,12 +438,12 @@ def test_keras_app_run_logs_a_model_that_reloads_in_a_fresh_process(
     )  # fmt: skip
     logged = []
 
-    class RecordingModule(common.ServingModule):
+    class RecordingModule(layers.ServingModule):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             logged.append(self)
 
-    monkeypatch.setattr(common, "ServingModule", RecordingModule)
+    monkeypatch.setattr(layers, "ServingModule", RecordingModule)
 
     # When the train job runs
     train.run(cfg)

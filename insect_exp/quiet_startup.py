@@ -1,4 +1,4 @@
-"""Which device TensorFlow trains on, and a quiet, lean TensorFlow start-up.
+"""A quiet TensorFlow start-up: its C++ start-up lines filtered by TF_CPP_MIN_LOG_LEVEL.
 
 TensorFlow's C++ start-up lines (`Could not find cuda drivers`, `failed call to cuInit`, oneDNN and
 absl notices) say nothing useful on a CPU-only machine and bury the run's own log. Two things keep
@@ -21,29 +21,17 @@ import contextlib
 import importlib.abc
 import os
 import re
-import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
+
+from insect_exp.hardware import nvidia_gpu_visible
 
 # absl/glog line prefix: severity letter, MMDD, time, thread id, file:line]
 _LOG_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^ \]]+:\d+\] ")
 _PRE_INIT_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called"
 _LEVELS = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
 
-
-def nvidia_gpu_visible() -> bool:
-    """Whether this machine seems to have an NVIDIA GPU (a /dev/nvidia* device or nvidia-smi).
-
-    Cheap and without TensorFlow: it decides how quiet TensorFlow's start-up is, not where the
-    model trains.
-    """
-    if shutil.which("nvidia-smi"):
-        return True
-    with contextlib.suppress(OSError):
-        return any(Path("/dev").glob("nvidia[0-9]*"))
-    return False
 
 
 def quiet_tensorflow_startup() -> None:
@@ -75,50 +63,7 @@ def is_startup_noise(line: bytes, level: int) -> bool:
     return match is not None and _LEVELS[match.group(1)] < level
 
 
-def cpus() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset/cgroup CPU limits
-    except AttributeError:
-        return os.cpu_count() or 1
 
-
-def memory_bytes() -> int:
-    """The memory this process may use: the machine's RAM, or its cgroup's limit if lower."""
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    # cgroup v2, then v1 (which reports "no limit" as a huge number, above the RAM anyway).
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):
-            total = min(total, int(Path(limit).read_text().strip()))
-    return total
-
-
-def describe_devices() -> str:
-    """One line naming the device TensorFlow trains on, e.g. for the run's start-up log.
-
-    `training on GPU:0 (NVIDIA H200, compute capability 9.0) of 1 GPU(s)` or `training on CPU
-    (no GPU visible to TensorFlow)`. Imports TensorFlow.
-    """
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "training on CPU (no GPU visible to TensorFlow)"
-    details = {}
-    with contextlib.suppress(Exception):
-        details = tf.config.experimental.get_device_details(gpus[0])
-    name = details.get("device_name", "")
-    capability = details.get("compute_capability")
-    about = ", ".join(
-        part
-        for part in (
-            name,
-            f"compute capability {capability[0]}.{capability[1]}" if capability else "",
-        )
-        if part
-    )
-    device = gpus[0].name.replace("/physical_device:", "")
-    return f"training on {device}{f' ({about})' if about else ''} of {len(gpus)} GPU(s)"
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
