@@ -364,3 +364,40 @@ def test_a_read_only_cache_with_the_entry_already_in_it_is_used(tmp_path, monkey
     monkeypatch.setattr(fcntl, "flock", read_only)
     data = load(scan(root), SIZE, cache=_policy(tmp_path / "cache"))
     assert data.storage == "disk"
+
+
+def _cache_root_twice(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """A fresh process that asks for the cache root twice, with these variables only."""
+    script = """
+        import logging
+        from insect_exp.data.cache import cache_root
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        print(cache_root())
+        print(cache_root())
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSECT_EXP_")}
+    env.update(variables, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+
+
+def test_one_variable_names_the_cache_root_and_its_former_name_warns_once(tmp_path):
+    # Given no variable, then INSECT_EXP_CACHE_DIR: the user cache folder, then that one, silently
+    done = _cache_root_twice(tmp_path)
+    assert done.stdout.split() == [str(tmp_path / "xdg" / "insect_exp")] * 2
+    done = _cache_root_twice(tmp_path, INSECT_EXP_CACHE_DIR=str(tmp_path / "new"))
+    assert done.stdout.split() == [str(tmp_path / "new")] * 2 and done.stderr == ""
+
+    # When only the former variable, INSECT_EXP_DATA_DIR, is set: it is used, with one warning
+    done = _cache_root_twice(tmp_path, INSECT_EXP_DATA_DIR=str(tmp_path / "old"))
+    assert done.stdout.split() == [str(tmp_path / "old")] * 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("WARNING") and "INSECT_EXP_DATA_DIR is deprecated" in line
+    assert "set INSECT_EXP_CACHE_DIR instead" in line
+
+    # When both are set: the new one wins, and the warning says the former one is ignored
+    both = {"INSECT_EXP_CACHE_DIR": str(tmp_path / "new"), "INSECT_EXP_DATA_DIR": "old"}
+    done = _cache_root_twice(tmp_path, **both)
+    assert done.stdout.split() == [str(tmp_path / "new")] * 2
+    (line,) = done.stderr.splitlines()
+    assert "ignored, as INSECT_EXP_CACHE_DIR is set" in line
