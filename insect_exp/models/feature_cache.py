@@ -267,6 +267,7 @@ class _PredictProgress(keras.callbacks.Callback):
 
 def _predict(extractor: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
     with Progress(len(split), "backbone features") as progress:
+        # Streams cut the run's peak RSS: benchmarks/hub_vs_reference.py (benchmarks/RESULTS.md).
         if isinstance(extractor, keras.Model) and _on_the_cpu_alone(extractor):
             # A batch's images split across the streams: as many in flight as in one batch.
             per_stream = max(1, -(-batch_size // _STREAMS))
@@ -317,12 +318,7 @@ def _predict_in_streams(extractor: keras.Model, dataset, progress: Progress) -> 
     """The extractor's output for every batch of `dataset`, in order, `_STREAMS` batches at once.
 
     On the CPU one batch at a time leaves cores idle between a backbone's many small ops, and
-    smaller batches take less memory. On 2 cores, 1,020 MobileNetV2 images at 224 px, the second
-    and third of 3 runs, each in a fresh process; time, then peak memory above the start:
-    - Keras's predict, batches of 32 (what ran before): 7.4-7.8 s, 610 MB;
-    - batches of 32, 2 or 3 at once: 6.3-6.5 s, 1,075-1,135 MB;
-    - 32 images split into 2 x 16 or 3 x 11: 6.4-7.0 s, 444-564 MB;
-    - 32 split into 4 x 8 (this): 6.3 s, 382 MB; 2 x 8: 6.9 s, 315 MB.
+    smaller batches take less memory than Keras's predict on whole ones.
     The calls release the GIL. The other streams are threads that stop, like this one, at the
     first error or interrupt of any.
     """
