@@ -185,9 +185,9 @@ def verified_read(root: Path, cache_dir: Path, image_size: int, verify: bool, co
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
     start = time.perf_counter()
-    entry, problem = cache._load(key, len(files), shape, verify=verify)
+    entry = cache.open(key, len(files), shape, verify=verify)
     opened = time.perf_counter()
-    assert entry is not None, problem
+    assert entry is not None
     split = ImageSplit(entry.images, np.asarray(files.labels, np.int32), list(files.paths))
     steps = -(-len(split) // 32)
     for _ in train_batches(split, 32, seed=0).take(steps):

@@ -352,10 +352,12 @@ class ImageCache:
     def entry_path(self, key: str) -> Path:
         return self.dir / f"{key}{_SUFFIX}"
 
-    def open(self, key: str, count: int, record_shape: Sequence[int]) -> CachedSplit | None:
+    def open(
+        self, key: str, count: int, record_shape: Sequence[int], verify: bool = True
+    ) -> CachedSplit | None:
         """The complete, intact entry of KEY, or None if there is none (or it is of another
-        version, or damaged: said in the log)."""
-        found, problem = self._load(key, count, record_shape)
+        version, or damaged: said in the log). verify=False skips the records' checksums."""
+        found, problem = self._load(key, count, record_shape, verify)
         if problem is not None:
             self._report(key, problem)
         return found
