@@ -102,8 +102,9 @@ def cache_root() -> Path:
     former = os.environ.get(_FORMER_VARIABLE)
     if former:
         _warn_former(bool(directory))
-    if directory or former:
-        return Path(directory or former or "").expanduser()
+    chosen = directory or former
+    if chosen:
+        return Path(chosen).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache).expanduser() / "insect_exp"
 

@@ -125,6 +125,7 @@ class BackboneRecipe(Recipe):
         mode = choose_cache(c.feature_cache, num_images, dim, c.feature_cache_max_memory_mb)
         if mode is not FeatureCache.off and self.can_cache_features(model):
             store = None
+            # Several workers share one extraction through the disk store (cached_features).
             if mode is FeatureCache.disk or shared_by_workers(model):
                 key = self.feature_key(model)
                 store = disk_store(c.feature_cache_dir, key, c.feature_cache_max_disk_gb)
