@@ -224,35 +224,31 @@ def test_a_truncated_entry_or_one_of_another_format_version_is_rebuilt(tmp_path)
 _SHARED_JOB = """
 import logging, sys, time
 from pathlib import Path
-from insect_exp.config import CacheMode as Mode
-from insect_exp.data import pipeline
-from insect_exp.data.cache import CachePolicy
-from insect_exp.data.scan import scan
+import numpy as np
+from insect_exp.data.cache import ImageCache
 
 logging.basicConfig(level=logging.INFO)
-decode = pipeline._decode_into
+cache_dir, go = sys.argv[1:]
 
-def slow_decode(*args, **kwargs):
+def slow_fill(writer):
     print("DECODING", flush=True)
     time.sleep(3)  # long enough for the other job to arrive while this one writes
-    return decode(*args, **kwargs)
+    writer.put(np.arange(4), np.full((4, 2, 2, 3), 7, np.uint8), np.arange(1, 5, dtype=np.uint64))
+    return []
 
-pipeline._decode_into = slow_decode
-root, cache_dir, go = sys.argv[1:]
 while not Path(go).exists():
     time.sleep(0.01)
-data = pipeline.load(scan(root), (16, 16), cache=CachePolicy(Mode.disk, Path(cache_dir), 0, 10**9))
-print("STORAGE", data.storage, len(data.train), flush=True)
+entry, written = ImageCache(cache_dir, 10**9).get_or_build("k1", 4, (2, 2, 3), slow_fill)
+print("WRITTEN" if written else "REUSED", int(entry.images[np.arange(4)].sum()), flush=True)
 """
 
 
 def test_two_jobs_at_once_share_one_cache_written_once(tmp_path):
-    # Given two jobs started together on the same folder and cache (one decoding slowly)
-    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    # Given two jobs started together on the same cache, each to decode the same split slowly
     go = tmp_path / "go"
     jobs = [
         subprocess.Popen(
-            [sys.executable, "-c", _SHARED_JOB, str(root), str(tmp_path / "cache"), str(go)],
+            [sys.executable, "-c", _SHARED_JOB, str(tmp_path / "cache"), str(go)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -264,16 +260,16 @@ def test_two_jobs_at_once_share_one_cache_written_once(tmp_path):
     go.touch()
     outputs = [job.communicate(timeout=240) for job in jobs]
 
-    # Then the splits were decoded once (train and test, by one job), the other job waited for
-    # that one's entries and reused them
+    # Then the split was decoded once, by one job; the other job waited for that one's entry and
+    # reused it, with the same pixels
     out = "".join(o for o, _ in outputs)
     err = "".join(e for _, e in outputs)
     assert [job.returncode for job in jobs] == [0, 0], err
-    assert out.count("DECODING") == 2
-    assert out.count("STORAGE disk 12") == 2
+    assert out.count("DECODING") == 1
+    pixels = 4 * 2 * 2 * 3 * 7
+    assert out.count(f"WRITTEN {pixels}") == 1 and out.count(f"REUSED {pixels}") == 1
     assert "waiting for another process" in err
-    assert err.count("images reused from") == 2
-    assert len(_entries(tmp_path / "cache")) == 2
+    assert len(_entries(tmp_path / "cache")) == 1
 
 
 def test_least_recently_used_entries_go_when_the_cache_is_over_its_cap(tmp_path):
