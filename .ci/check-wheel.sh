@@ -64,7 +64,7 @@ esac
 "$work/venv/bin/insect-exp" --help > help.txt 2>&1 || { cat help.txt >&2; exit 1; }
 grep -q "== Config groups" help.txt || { cat help.txt >&2; echo "check-wheel: no help" >&2; exit 1; }
 echo "insect-exp --help: ok"
-INSECT_EXP_DATA_DIR=$work/data "$venv_python" -m insect_exp experiment=debug \
+INSECT_EXP_CACHE_DIR=$work/data "$venv_python" -m insect_exp experiment=debug \
     model.image_size=[32,32] dataset.train_per_class=8 dataset.test_per_class=4 | tee job.txt
 grep -q "^MLflow run id: " job.txt && test -f mlruns/mlflow.db || {
     echo "check-wheel: the job did not log a run under $work/run/mlruns" >&2

@@ -7,6 +7,7 @@ exported once into the work dir (offline-safe; its accuracy is low and only wort
 between the two sides). Without --root a ~1,000-image folder like the post's (1,020 train / 180
 test, 3 classes) is generated. Each side runs as its own process, timed whole: imports, decoding,
 training, the test-split evaluation and, for the framework, all MLflow logging (plots, model).
+The framework's peak RSS is printed too (process tree, `_timing.measured`).
 Targets: framework / reference wall time <= 0.18 (best and median of --repeats alternating runs,
 as the machine may be shared), test accuracy within 2 points.
 """
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 # A sibling module: these scripts run as benchmarks/NAME.py.
-from _timing import post_sized_folder, timed
+from _timing import measured, post_sized_folder, timed
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +60,7 @@ def main() -> None:
     (work / "mlruns").mkdir()
     reference: list[tuple[float, float]] = []
     framework: list[tuple[float, float, float]] = []
+    peaks: list[float] = []  # the framework's peak RSS, GB
     for i in range(args.repeats):
         seconds, out = timed(
             [sys.executable, str(HERE / "reference_hub.py"), str(root), handle, str(args.epochs)],
@@ -67,7 +69,7 @@ def main() -> None:
         reference.append(
             (seconds, float(re.findall(r"REFERENCE test_accuracy=([0-9.]+)", out)[-1]))
         )
-        seconds, _ = timed(
+        seconds, peak, _ = measured(
             [
                 sys.executable, "-m", "insect_exp", "model=hub_mobilenet", f"model.handle={handle}",
                 "dataset=insects", f"dataset.root={root}", f"epochs={args.epochs}",
@@ -79,9 +81,11 @@ def main() -> None:
         )  # fmt: skip
         metrics = framework_metrics(uri, f"benchmark-{i}")
         framework.append((seconds, metrics["test_accuracy"], metrics["backbone_images_computed"]))
+        peaks.append(peak)
         print(f"run {i + 1}: reference {reference[-1][0]:6.1f} s, test_accuracy "
               f"{reference[-1][1]:.4f}; framework {seconds:6.1f} s, test_accuracy "
-              f"{framework[-1][1]:.4f}, backbone ran on {framework[-1][2]:.0f} images")  # fmt: skip
+              f"{framework[-1][1]:.4f}, backbone ran on {framework[-1][2]:.0f} images, peak RSS "
+              f"{peak:.2f} GB")  # fmt: skip
 
     # Wall times: best and median of the repeats (the machine may be shared); accuracies: their
     # mean, as the reference shuffles and initialises unseeded (the framework gets seed 123, ...).
@@ -98,6 +102,7 @@ def main() -> None:
     print(
         f"ratio framework / reference: {best:.3f} (best)  {median:.3f} (median)  (target <= 0.18)"
     )
+    print(f"framework peak RSS: {min(peaks):.2f}-{max(peaks):.2f} GB")
     print(f"test_accuracy difference: {100 * (fw_acc - ref_acc):+.1f} points  (target within 2)")
 
 

@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 def train_sweep(workdir: Path) -> str:
     """Runs the sweep in `workdir`; returns its store's tracking URI."""
-    env = {**os.environ, "INSECT_EXP_DATA_DIR": str(workdir / "data")}
+    env = {**os.environ, "INSECT_EXP_CACHE_DIR": str(workdir / "data")}
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "insect_exp", *SWEEP]
     subprocess.run(command, cwd=workdir, env=env, check=True, timeout=1200)

@@ -10,9 +10,11 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # TensorFlow's C++ start-up lines (CUDA probing on a machine without a GPU, oneDNN notices) drown
 # the training log: TF_CPP_MIN_LOG_LEVEL defaults to 3 without an NVIDIA GPU, 1 with one, and the
-# lines TensorFlow prints before it reads the variable are filtered by it (insect_exp/quiet_startup.py).
+# lines TensorFlow prints before it reads the variable are filtered by it
+# (insect_exp/quiet_startup.py).
 # Set TF_CPP_MIN_LOG_LEVEL=0 to see them all.
-from insect_exp import quiet_startup as _quiet_startup  # noqa: E402 (stdlib only: no TensorFlow here)
+# Standard library only: no TensorFlow here.
+from insect_exp import quiet_startup as _quiet_startup  # noqa: E402
 
 _quiet_startup.quiet_tensorflow_startup()
 # Runs here must work offline and stay reproducible; MLflow's usage telemetry would otherwise try

@@ -33,7 +33,6 @@ _PRE_INIT_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is c
 _LEVELS = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
 
 
-
 def quiet_tensorflow_startup() -> None:
     """Default TF_CPP_MIN_LOG_LEVEL by machine and filter TensorFlow's import-time lines by it.
 
@@ -61,9 +60,6 @@ def is_startup_noise(line: bytes, level: int) -> bool:
         return True
     match = _LOG_LINE.match(line)
     return match is not None and _LEVELS[match.group(1)] < level
-
-
-
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):

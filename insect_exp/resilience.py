@@ -21,10 +21,11 @@ import shutil
 import signal
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from insect_exp import files
 
 log = logging.getLogger(__name__)
 
@@ -194,40 +195,16 @@ def read_state(directory: str | Path, which: str = "latest") -> CheckpointState 
 
 def _write(target: Path, checkpoint, state: dict) -> None:
     """Write variables then state.json into a fresh directory, then swap it in for `target`."""
-    fresh = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
-    with _removed_on_error(fresh):
-        fresh.mkdir(parents=True)
+    with files.new_dir(target) as fresh:
         prefix = checkpoint.write(str(fresh / "ckpt"))
         final_prefix = target / Path(prefix).name
         (fresh / STATE_FILE).write_text(json.dumps({**state, "path": str(final_prefix)}) + "\n")
-    _swap_in(fresh, target)
-
-
-@contextlib.contextmanager
-def _removed_on_error(fresh: Path) -> Iterator[None]:
-    """A half-written checkpoint goes at once: on a full disk it holds the space others need."""
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(fresh, ignore_errors=True)
-        raise
-
-
-def _swap_in(fresh: Path, target: Path) -> None:
-    """Put the complete checkpoint `fresh` where `target` is (renames: nothing is written)."""
-    old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        target.rename(old)
-    fresh.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _link(source: Path, target: Path) -> None:
     """Make `target` a checkpoint with the same files as `source` (hard links: no copy)."""
     state = json.loads((source / STATE_FILE).read_text())
-    fresh = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
-    with _removed_on_error(fresh):
-        fresh.mkdir(parents=True)
+    with files.new_dir(target) as fresh:
         for file in source.iterdir():
             if file.name != STATE_FILE:
                 try:
@@ -236,7 +213,6 @@ def _link(source: Path, target: Path) -> None:
                     shutil.copy2(file, fresh / file.name)
         state["path"] = str(target / Path(state["path"]).name)
         (fresh / STATE_FILE).write_text(json.dumps(state) + "\n")
-    _swap_in(fresh, target)
 
 
 def replay(metrics: dict[str, dict], sink: Callable[[dict, int], None]) -> None:

@@ -17,14 +17,12 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from insect_exp import UserError
+from insect_exp import UserError, files
 from insect_exp.resilience import CheckpointState, epochs_done, progress, read_state
 from insect_exp.tracking.interface import PutBack
 
@@ -184,7 +182,5 @@ def drop_checkpoints(directory: str | Path | None) -> None:
     if directory is None or not Path(directory).exists():
         return
     path = Path(directory)
-    gone = path.with_name(f".{path.name}-removed-{uuid.uuid4().hex[:8]}")
-    path.rename(gone)
-    shutil.rmtree(gone, ignore_errors=True)
+    files.remove_dir(path)
     log.info("removed the finished run's checkpoints %s (%s=true keeps them)", path, KEEP_KEY)

@@ -174,7 +174,6 @@ def compose_cfg(
     """
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("INSECT_EXP_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("INSECT_EXP_CACHE_DIR", str(tmp_path / "cache"))
 
     def _compose(*overrides: str, shrink: bool = True) -> Config:

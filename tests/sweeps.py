@@ -91,7 +91,7 @@ def run_sweep(
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     full_env = {
         **os.environ,
-        "INSECT_EXP_DATA_DIR": str(root / "data"),  # demo set and feature caches stay in root
+        "INSECT_EXP_CACHE_DIR": str(root / "data"),  # demo set and feature caches stay in root
         "DO_NOT_TRACK": "true",
         **(env or {}),
     }

@@ -92,7 +92,7 @@ def _start_workers(
     for index in range(count if start is None else start):
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config),
-               "INSECT_EXP_DATA_DIR": str(cwd / "data"), "TMPDIR": str(cwd / "tmp")}  # fmt: skip
+               "INSECT_EXP_CACHE_DIR": str(cwd / "data"), "TMPDIR": str(cwd / "tmp")}  # fmt: skip
         with (cwd / f"worker{index}.log").open("w") as log:  # a file: a pipe could fill up
             workers.append(
                 subprocess.Popen(
@@ -271,7 +271,7 @@ def test_mirrored_trains_the_hub_model_with_features_extracted_once(folder, back
     ]
 
     # When it trains
-    out = run_cli(*args, cwd=tmp_path, env={"INSECT_EXP_DATA_DIR": str(tmp_path / "data")})
+    out = run_cli(*args, cwd=tmp_path, env={"INSECT_EXP_CACHE_DIR": str(tmp_path / "data")})
 
     # Then one FINISHED run: every image through the backbone once, 3 epochs, a model that reloads
     assert out.returncode == 0, out.stderr[-3000:]

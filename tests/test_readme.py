@@ -107,7 +107,7 @@ def trained(tmp_path_factory) -> dict:
         capture_output=True,
         text=True,
         timeout=300,
-        env=_env(INSECT_EXP_DATA_DIR=str(data)),
+        env=_env(INSECT_EXP_CACHE_DIR=str(data)),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_id = re.search(r"^MLflow run id: (\w+)$", out.stdout, re.M)
@@ -151,7 +151,7 @@ def test_quick_start_trains_from_where_the_user_is_and_says_where_things_went(tr
     assert list(workdir.glob("outputs/*/*/insect_exp.log"))
     # The demo data's first generation names its path and the variable that moves it
     logged = out.stdout + out.stderr
-    assert str(trained["data"]) in logged and "INSECT_EXP_DATA_DIR" in logged
+    assert str(trained["data"]) in logged and "INSECT_EXP_CACHE_DIR" in logged
     # The UI command README shows opens the same store
     assert f"sqlite:///{workdir}/mlruns/mlflow.db" in out.stdout
 

@@ -17,8 +17,8 @@ the folder rebuilds an entry that would have been the same (a content digest wou
 read every file on every run: 5-10 GB for IP102). The content fingerprints are still computed
 while decoding (for the lineage digest), at no extra read.
 
-Entries are written to a temporary file in the same folder (each batch sent on to the disk as it
-is written), fsynced and renamed into place, so an interrupted write is never read. The writer
+Entries are written to a temporary file in the same folder, fsynced and renamed into place
+(insect_exp/files.py), so an interrupted write is never read. The writer
 holds a lock on its temporary file (`fcntl.flock`) until the rename: a temporary file nobody
 holds belongs to a writer that died, and the next start deletes it; those still being written
 count toward the cap. A lock file per key (`flock` too, which Linux maps to POSIX locks on NFS)
@@ -30,18 +30,16 @@ is under its cap (an entry another process has open stays readable until it clos
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
-import mmap
 import os
 import shutil
 import struct
 import threading
-import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from insect_exp import hardware
+from insect_exp import files, hardware
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode, DatasetConfig
 
 log = logging.getLogger(__name__)
@@ -77,7 +75,7 @@ class CachePolicy:
 
     @classmethod
     def from_config(cls, cfg: DatasetConfig) -> CachePolicy:
-        directory = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        directory = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
         return cls(
             cfg.cache,
             directory,
@@ -90,13 +88,33 @@ class CacheUnavailable(Exception):
     """The cache folder cannot be written (read-only, full, no permission); the message says why."""
 
 
-def default_cache_dir() -> Path:
-    """$INSECT_EXP_CACHE_DIR if set, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp."""
-    directory = os.environ.get("INSECT_EXP_CACHE_DIR")
-    if directory:
-        return Path(directory).expanduser()
+CACHE_DIR_VARIABLE = "INSECT_EXP_CACHE_DIR"
+_FORMER_VARIABLE = "INSECT_EXP_DATA_DIR"  # deprecated: the demo set's and features' folder
+
+
+def cache_root() -> Path:
+    """The folder of every cache (decoded images, backbone features, the demo set):
+    $INSECT_EXP_CACHE_DIR if set, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp.
+
+    $INSECT_EXP_DATA_DIR, its former name, is still read (with a warning) when it is not set.
+    """
+    directory = os.environ.get(CACHE_DIR_VARIABLE)
+    former = os.environ.get(_FORMER_VARIABLE)
+    if former:
+        _warn_former(bool(directory))
+    chosen = directory or former
+    if chosen:
+        return Path(chosen).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache).expanduser() / "insect_exp"
+
+
+@functools.cache
+def _warn_former(ignored: bool) -> None:
+    """Say once per process that INSECT_EXP_DATA_DIR is deprecated."""
+    what = f"ignored, as {CACHE_DIR_VARIABLE} is set" if ignored else "read for now"
+    log.warning("%s is deprecated (%s): set %s instead", _FORMER_VARIABLE, what,
+                CACHE_DIR_VARIABLE)  # fmt: skip
 
 
 def touch(path: Path) -> None:
@@ -115,9 +133,9 @@ def evict_lru(groups: dict[str, list[Path]], max_bytes: int, keep: Iterable[str]
     """
     sizes: dict[str, int] = {}
     used: dict[str, float] = {}
-    for name, files in groups.items():
+    for name, members in groups.items():
         size, latest = 0, 0.0
-        for path in files:
+        for path in members:
             with contextlib.suppress(OSError):
                 st = path.stat()
                 size += st.st_size
@@ -140,49 +158,6 @@ def evict_lru(groups: dict[str, list[Path]], max_bytes: int, keep: Iterable[str]
         log.info("cache over %.1f GB: evicted %d least recently used entries", max_bytes / 1e9,
                  len(deleted))  # fmt: skip
     return deleted
-
-
-def locked_temporary(directory: Path, stem: str) -> tuple[Path, int]:
-    """A new file DIRECTORY/.STEM.<random>.tmp, open for writing and locked (`flock`) while the
-    returned descriptor is open: `sweep_temporaries` then leaves it alone.
-
-    Rename it into place before closing the descriptor: once closed, it is a dead writer's.
-    """
-    while True:
-        path = directory / f".{stem}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink:
-            return path, fd
-        os.close(fd)  # swept as a dead writer's between its creation and our lock: another name
-
-
-def sweep_temporaries(directory: Path, pattern: str = ".*.tmp") -> list[Path]:
-    """Delete the temporary files in DIRECTORY (matching PATTERN) that no writer holds.
-
-    Returns:
-        The ones still being written, whose sizes count toward a cache's cap.
-    """
-    live = []
-    for path in directory.glob(pattern):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # renamed into place or deleted since the listing
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            live.append(path)
-        except OSError:  # no locks here (ENOLCK): its writer may be alive
-            live.append(path)
-        else:
-            with contextlib.suppress(OSError):
-                if os.path.samestat(os.fstat(fd), os.stat(path)):
-                    path.unlink()
-                    log.info("deleted %s, left by a cache writer that died", path)
-        finally:
-            os.close(fd)
-    return live
 
 
 def _unavailable(directory: Path, err: OSError) -> CacheUnavailable:
@@ -315,29 +290,15 @@ class CachedSplit:
 
 
 class RecordWriter:
-    """Writes decoded images into a temporary entry as they arrive, in any order.
+    """Writes decoded images into a temporary entry as they arrive, in any order."""
 
-    Given the entry's path, each run of records goes to the disk directly (O_DIRECT) as far as it
-    covers whole pages, copied once into a page-aligned buffer; only the partial pages at either
-    end of a run pass through the page cache. Buffered writes cost this VM's kernel 0.3-2.0
-    CPU-seconds per GB (its copy into freshly allocated cache pages, which varies with the
-    state of free memory), direct ones 0.1-0.4 s with the copy: 1 GB in 6 MB batches, 6 runs
-    of each, alternating. Entries are then not in the page cache when the first epoch reads them.
-    Where the file system refuses direct I/O (tmpfs, some network file systems), every byte
-    goes through the page cache, as without a path.
-    """
-
-    def __init__(
-        self, fd: int, count: int, record_shape: Sequence[int], path: str | Path | None = None
-    ):
+    def __init__(self, fd: int, count: int, record_shape: Sequence[int]):
         self.fd = fd
         self.count = count
         self.record_shape = tuple(int(v) for v in record_shape)
         self.record_bytes = int(np.prod(self.record_shape))
         self.fingerprints = np.zeros(count, dtype=np.uint64)
         self.checksums = np.zeros(count, dtype=np.uint32)  # CRC-32 of each record
-        self._direct = None if path is None else _open_direct(path)
-        self._stage: mmap.mmap | None = None  # page-aligned (mmap's own alignment)
 
     def put(self, index: np.ndarray, images: np.ndarray, fingerprints: np.ndarray) -> None:
         """Write images[k] as record index[k]."""
@@ -350,96 +311,7 @@ class RecordWriter:
             index, images = index[order], images[order]
         for start, end in _consecutive_runs(index):
             data = images[start:end].data.cast("B")
-            offset = int(index[start]) * self.record_bytes
-            if not self._put_direct(data, offset):
-                _pwrite_all(self.fd, data, offset)
-                _start_writeback(self.fd, offset, len(data))
-
-    def close(self) -> None:
-        """Release the direct descriptor and the buffer (the entry's own fd is the caller's)."""
-        if self._direct is not None:
-            os.close(self._direct)
-            self._direct = None
-        self._stage = None  # unmapped when its last view goes (_put_direct releases its own)
-
-    def _put_direct(self, data: memoryview, offset: int) -> bool:
-        """Write DATA's whole pages directly and its partial end pages buffered; False if it
-        has no whole page, or direct I/O is not to be had here."""
-        if self._direct is None:
-            return False
-        first = -(-offset // _PAGE) * _PAGE
-        last = (offset + len(data)) // _PAGE * _PAGE
-        if last <= first:
-            return False
-        size = last - first
-        if self._stage is None or len(self._stage) < size:
-            self._stage = mmap.mmap(-1, size)
-        self._stage[:size] = data[first - offset : last - offset]
-        refused = None
-        pages = memoryview(self._stage)[:size]
-        try:
-            _pwrite_all(self._direct, pages, first)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            refused = str(err)
-        finally:
-            # The traceback of an error (a full disk) holds this view: released, the mapping
-            # can go with the writer rather than with the error.
-            pages.release()
-        if refused is not None:  # out of the handler: its traceback holds views of the buffer
-            log.info("the image cache's file system refuses direct writes (%s): buffered", refused)
-            self.close()
-            return False
-        _pwrite_all(self.fd, data[: first - offset], offset)
-        _pwrite_all(self.fd, data[last - offset :], last)
-        return True
-
-
-_PAGE = 4096  # direct writes are whole, aligned pages: 4 KiB covers 512-byte sectors too
-
-
-def _open_direct(path: str | Path) -> int | None:
-    """A write descriptor of PATH that bypasses the page cache, or None where there is none."""
-    flag = getattr(os, "O_DIRECT", None)  # Linux
-    if flag is None:
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:  # EINVAL: a file system without direct I/O
-        return None
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite until every byte is written (a write may take fewer)."""
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing these bytes to disk now, without waiting (Linux's sync_file_range).
-
-    The disk then writes an entry while its images are still decoding, and the fsync that ends
-    the entry finds nothing left to do: 1 GB written in 6 MB batches, fsync 0.31-0.34 s after
-    the last batch, 0.001 s with this. Where the call is missing it is skipped: fsync does all.
-    """
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _load_sync_file_range():
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = _load_sync_file_range()
+            files.write_all(self.fd, data, int(index[start]) * self.record_bytes)
 
 
 def split_key(
@@ -481,10 +353,12 @@ class ImageCache:
     def entry_path(self, key: str) -> Path:
         return self.dir / f"{key}{_SUFFIX}"
 
-    def open(self, key: str, count: int, record_shape: Sequence[int]) -> CachedSplit | None:
+    def open(
+        self, key: str, count: int, record_shape: Sequence[int], verify: bool = True
+    ) -> CachedSplit | None:
         """The complete, intact entry of KEY, or None if there is none (or it is of another
-        version, or damaged: said in the log)."""
-        found, problem = self._load(key, count, record_shape)
+        version, or damaged: said in the log). verify=False skips the records' checksums."""
+        found, problem = self._load(key, count, record_shape, verify)
         if problem is not None:
             self._report(key, problem)
         return found
@@ -586,7 +460,7 @@ class ImageCache:
         Raises:
             CacheUnavailable: the folder cannot be written (and holds no entry for KEY).
         """
-        sweep_temporaries(self.dir)  # dead writers' files (none where the folder is not yet)
+        files.sweep_temporaries(self.dir)  # dead writers' files (none where the folder is not yet)
         found, problem = self._load(key, count, record_shape)
         if found is not None:
             return found, False
@@ -626,36 +500,19 @@ class ImageCache:
                 f"({needed / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free)"
             )
         try:
-            tmp, fd = locked_temporary(self.dir, key)
-        except OSError as err:
-            raise _unavailable(self.dir, err) from None
-        try:
-            try:
+            with files.replacing(self.entry_path(key)) as fd:
                 os.ftruncate(fd, count * record_bytes)
-                writer = RecordWriter(fd, count, record_shape, tmp)
-                try:
-                    failures = fill(writer)
-                finally:
-                    writer.close()
-                _finish_entry(fd, key, writer, failures)
-                os.fsync(fd)
-                # Renamed while still locked: closed first, the next start could sweep it away.
-                os.replace(tmp, self.entry_path(key))
-            finally:
-                os.close(fd)
-            fsync_dir(self.dir)
+                writer = RecordWriter(fd, count, record_shape)
+                _finish_entry(fd, key, writer, fill(writer))
         except OSError as err:
             raise _unavailable(self.dir, err) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
 
     def evict(self) -> list[str]:
         """Delete least recently used entries (not those this process uses) down to the cap.
 
         Temporary files of writers still at work count toward it; dead writers' are deleted.
         """
-        writing = {p.name: [p] for p in sweep_temporaries(self.dir)}
+        writing = {p.name: [p] for p in files.sweep_temporaries(self.dir)}
         groups = {p.name.removesuffix(_SUFFIX): [p] for p in self.dir.glob(f"*{_SUFFIX}")}
         return evict_lru({**groups, **writing}, self.max_bytes, self._in_use | set(writing))
 
@@ -677,28 +534,4 @@ def _finish_entry(fd: int, key: str, writer: RecordWriter, failures: list[tuple[
     records = writer.count * writer.record_bytes
     at = records + writer.count * _META_BYTES
     footer = _FOOTER.pack(zlib.crc32(tail), _MAGIC, FORMAT_VERSION, at, records + len(tail) - at)
-    _pwrite_all(fd, tail + footer, records)
-
-
-def write_atomic(directory: Path, name: str, data: bytes | memoryview) -> None:
-    """DIRECTORY/NAME holds DATA whole and durably, or is as it was (via a locked temporary)."""
-    tmp, fd = locked_temporary(directory, name)
-    try:
-        _pwrite_all(fd, data, 0)
-        os.fsync(fd)
-        os.replace(tmp, directory / name)  # while locked: see locked_temporary
-    finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(directory)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in DIRECTORY durable (where the file system allows it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    files.write_all(fd, tail + footer, records)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat
 
+from insect_exp.data.cache import CACHE_DIR_VARIABLE, cache_root
+
 CLASS_NAMES: tuple[str, ...] = ("beetles", "cockroach", "dragonflies")
 SPLITS: tuple[str, ...] = ("train", "test")
 MARKER_NAME = ".complete.json"
@@ -38,12 +40,8 @@ Point = tuple[float, float]
 
 
 def default_demo_root() -> pathlib.Path:
-    """$INSECT_EXP_DATA_DIR/demo-v1 if set, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp/demo-v1"""
-    data_dir = os.environ.get("INSECT_EXP_DATA_DIR")
-    if data_dir:
-        return pathlib.Path(data_dir).expanduser() / "demo-v1"
-    cache = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(cache).expanduser() / "insect_exp" / "demo-v1"
+    """demo-v1 in the cache root (`cache.cache_root`: $INSECT_EXP_CACHE_DIR, else ~/.cache/...)."""
+    return cache_root() / "demo-v1"
 
 
 def ensure_demo_dataset(
@@ -61,7 +59,7 @@ def ensure_demo_dataset(
     ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    where = "dataset.root" if root is not None else "INSECT_EXP_DATA_DIR"
+    where = "dataset.root" if root is not None else CACHE_DIR_VARIABLE
     root = pathlib.Path(root).expanduser() if root is not None else default_demo_root()
     params = _params(int(train_per_class), int(test_per_class), int(seed))
     if _is_complete(root, params):

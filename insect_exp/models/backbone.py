@@ -10,25 +10,23 @@ images; an optional second stage fine-tunes the backbone on images.
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 
 import numpy as np
 import tf_keras as keras
 
-from insect_exp import UserError, distribute, fit
+from insect_exp import UserError, fit
 from insect_exp.callbacks import MetricSink
 from insect_exp.config import BackboneConfig, FeatureCache
 from insect_exp.data.pipeline import Data, ImageSplit
 from insect_exp.fit import FitSettings, History
 from insect_exp.models import Recipe
-from insect_exp.models.layers import augmentation_layers, classification_head
 from insect_exp.models.feature_cache import (
     FeatureStore,
     cached_features,
-    default_cache_dir,
-    image_digests,
+    disk_store,
+    shared_by_workers,
 )
+from insect_exp.models.layers import augmentation_layers, classification_head
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +125,10 @@ class BackboneRecipe(Recipe):
         mode = choose_cache(c.feature_cache, num_images, dim, c.feature_cache_max_memory_mb)
         if mode is not FeatureCache.off and self.can_cache_features(model):
             store = None
-            # Several workers share one extraction through the disk cache (see _features).
-            if mode is FeatureCache.disk or distribute.cluster_role(model.distribute_strategy)[0]:
-                root = Path(c.feature_cache_dir or default_cache_dir()).expanduser()
-                cap = int(c.feature_cache_max_disk_gb * 1e9)
-                store = FeatureStore(root, self.feature_key(model), cap)
+            # Several workers share one extraction through the disk store (cached_features).
+            if mode is FeatureCache.disk or shared_by_workers(model):
+                key = self.feature_key(model)
+                store = disk_store(c.feature_cache_dir, key, c.feature_cache_max_disk_gb)
             history = self._fit_head_on_features(model, data, settings, store, sink)
         else:
             if mode is not FeatureCache.off:
@@ -158,8 +155,8 @@ class BackboneRecipe(Recipe):
         extractor = feature_extractor(model)
         batch_size = settings.batch_size
         timeout = settings.worker_timeout_s
-        train_f, train_new = _features(extractor, data.train, batch_size, store, timeout)
-        val_f, val_new = _features(extractor, data.val, batch_size, store, timeout)
+        train_f, train_new = cached_features(extractor, data.train, batch_size, store, timeout)
+        val_f, val_new = cached_features(extractor, data.val, batch_size, store, timeout)
         computed = train_new + val_new
         reused = len(data.train) + len(data.val) - computed
         log.info("backbone features: %d computed, %d reused", computed, reused)
@@ -173,7 +170,7 @@ class BackboneRecipe(Recipe):
         self.remember_validation(data.val, fitted.val_logits)
         # A test split apart from validation: its features through the head alone give its logits.
         if data.test is not None and not data.val_is_test:
-            test_f, _ = _features(extractor, data.test, batch_size, store, timeout)
+            test_f, _ = cached_features(extractor, data.test, batch_size, store, timeout)
             self._test = (data.test, fit.predict_logits(head, test_f, batch_size))
         return fitted.history
 
@@ -209,30 +206,3 @@ class BackboneRecipe(Recipe):
         )
         self.remember_validation(data.val, fitted.val_logits)
         return fitted.history
-
-
-def _features(
-    extractor: keras.Model,
-    split: ImageSplit,
-    batch_size: int,
-    store: FeatureStore | None,
-    timeout_s: float,
-) -> tuple[ImageSplit, int]:
-    """`cached_features`, extracted once for all workers of a multi_worker run.
-
-    The chief extracts on its own and writes the disk cache; the other workers wait for the cache
-    to hold their images (after timeout_s they extract what is missing themselves).
-    """
-    several, chief = distribute.cluster_role(extractor.distribute_strategy)
-    if not several or store is None:
-        return cached_features(extractor, split, batch_size, store)
-    if not chief:
-        keys = image_digests(split.images)
-        deadline = time.monotonic() + timeout_s
-        while not store.get(keys)[1].all():
-            if time.monotonic() > deadline:
-                log.warning("the chief's features did not come in %g s: extracting here", timeout_s)
-                break
-            time.sleep(0.5)
-    # Locally: Keras's predict would gather across workers, which would wait for the others.
-    return cached_features(distribute.LocalPredictor(extractor), split, batch_size, store)

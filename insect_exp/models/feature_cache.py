@@ -18,8 +18,9 @@ import hashlib
 import io
 import json
 import logging
-import os
+import shutil
 import threading
+import time
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
@@ -29,14 +30,10 @@ from typing import Any
 import numpy as np
 import tf_keras as keras
 
-from insect_exp.data.cache import (
-    DiskImages,
-    evict_lru,
-    sweep_temporaries,
-    touch,
-    write_atomic,
-)
+from insect_exp import distribute
+from insect_exp.data.cache import DiskImages, cache_root, evict_lru, touch
 from insect_exp.data.pipeline import ImageSplit, make_dataset
+from insect_exp.files import sweep_temporaries, write_atomic
 from insect_exp.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -44,17 +41,29 @@ log = logging.getLogger(__name__)
 # Bump when the layout or the meaning of a stored row changes. 2: keys as JSON with the features'
 # CRC-32.
 _VERSION = "features-v2"
+_FORMER_VERSIONS = ("features-v1",)
 _KEYS = ".keys.json"
 _FEATURES = ".features.npy"
 
 
-def default_cache_dir() -> Path:
-    """$INSECT_EXP_DATA_DIR/features-v2 if set, else ($XDG_CACHE_HOME or ~/.cache)/insect_exp/..."""
-    data_dir = os.environ.get("INSECT_EXP_DATA_DIR")
-    if data_dir:
-        return Path(data_dir).expanduser() / _VERSION
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "insect_exp" / _VERSION
+def disk_store(directory: str | None, backbone_key: str, max_gb: float) -> FeatureStore:
+    """The disk store of a backbone's features, in DIRECTORY (model.feature_cache_dir), else in
+    the cache root's features-v2 (the root's former versions deleted first), capped at MAX_GB."""
+    if directory:
+        root = Path(directory).expanduser()
+    else:
+        root = cache_root() / _VERSION
+        for former in _FORMER_VERSIONS:
+            # Read by no release since: evicted by nothing else.
+            if (root.parent / former).is_dir():
+                log.info("deleting %s, features of a former format", root.parent / former)
+                shutil.rmtree(root.parent / former, ignore_errors=True)
+    return FeatureStore(root, backbone_key, int(max_gb * 1e9))
+
+
+def shared_by_workers(extractor: keras.Model) -> bool:
+    """True in a multi_worker run: its workers get the chief's features through the disk store."""
+    return distribute.cluster_role(extractor.distribute_strategy)[0]
 
 
 def saved_model_digest(path: str | Path) -> str:
@@ -203,8 +212,8 @@ class FeatureStore:
         listing = {"keys": list(keys), "bytes": data.getbuffer().nbytes, "crc32": crc}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.dir, f"{name}{_FEATURES}", data.getbuffer())
-            write_atomic(self.dir, f"{name}{_KEYS}", json.dumps(listing).encode())
+            write_atomic(self.dir / f"{name}{_FEATURES}", data.getbuffer())
+            write_atomic(self.dir / f"{name}{_KEYS}", json.dumps(listing).encode())
         except OSError as err:
             log.warning(
                 "cannot write the feature cache in %s (%s): these features are not kept",
@@ -258,6 +267,7 @@ class _PredictProgress(keras.callbacks.Callback):
 
 def _predict(extractor: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
     with Progress(len(split), "backbone features") as progress:
+        # Streams cut the run's peak RSS: benchmarks/hub_vs_reference.py (benchmarks/RESULTS.md).
         if isinstance(extractor, keras.Model) and _on_the_cpu_alone(extractor):
             # A batch's images split across the streams: as many in flight as in one batch.
             per_stream = max(1, -(-batch_size // _STREAMS))
@@ -308,12 +318,7 @@ def _predict_in_streams(extractor: keras.Model, dataset, progress: Progress) -> 
     """The extractor's output for every batch of `dataset`, in order, `_STREAMS` batches at once.
 
     On the CPU one batch at a time leaves cores idle between a backbone's many small ops, and
-    smaller batches take less memory. On 2 cores, 1,020 MobileNetV2 images at 224 px, the second
-    and third of 3 runs, each in a fresh process; time, then peak memory above the start:
-    - Keras's predict, batches of 32 (what ran before): 7.4-7.8 s, 610 MB;
-    - batches of 32, 2 or 3 at once: 6.3-6.5 s, 1,075-1,135 MB;
-    - 32 images split into 2 x 16 or 3 x 11: 6.4-7.0 s, 444-564 MB;
-    - 32 split into 4 x 8 (this): 6.3 s, 382 MB; 2 x 8: 6.9 s, 315 MB.
+    smaller batches take less memory than Keras's predict on whole ones.
     The calls release the GIL. The other streams are threads that stop, like this one, at the
     first error or interrupt of any.
     """
@@ -364,8 +369,13 @@ def cached_features(
     split: ImageSplit,
     batch_size: int,
     store: FeatureStore | None = None,
+    worker_timeout_s: float = 600.0,
 ) -> tuple[ImageSplit, int]:
     """The split with each image replaced by its backbone features, computing only missing ones.
+
+    In a multi_worker run with a store, the chief extracts on its own and writes the store; the
+    other workers wait for it to hold their images (after worker_timeout_s they extract what is
+    missing themselves).
 
     Returns:
         A split whose `images` are float32 feature rows (same labels, paths and order), and how
@@ -375,6 +385,12 @@ def cached_features(
         computed = _predict(extractor, split, batch_size)
         return ImageSplit(computed, split.labels, split.paths), len(split)
     keys = image_digests(split.images)
+    several, chief = distribute.cluster_role(extractor.distribute_strategy)
+    if several:
+        if not chief:
+            _wait_for_the_chief(store, keys, worker_timeout_s)
+        # Locally: Keras's predict would gather across workers, which would wait for the others.
+        extractor = distribute.LocalPredictor(extractor)
     features, found = store.get(keys)
     missing = np.flatnonzero(~found)
     if missing.size:
@@ -388,3 +404,13 @@ def cached_features(
     log.info("feature cache %s: %d of %d images computed", store.dir, missing.size, len(split))
     assert features is not None  # every image's features were stored or computed above
     return ImageSplit(features, split.labels, split.paths), int(missing.size)
+
+
+def _wait_for_the_chief(store: FeatureStore, keys: Sequence[str], timeout_s: float) -> None:
+    """Until the store holds every key's features, or for timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not store.get(keys)[1].all():
+        if time.monotonic() > deadline:
+            log.warning("the chief's features did not come in %g s: extracting here", timeout_s)
+            return
+        time.sleep(0.5)

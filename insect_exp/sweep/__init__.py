@@ -35,8 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from insect_exp.config import RuntimeConfig
-from insect_exp.hardware import cpus
 from insect_exp.errors import portable
+from insect_exp.hardware import cpus
 from insect_exp.sweep.context import (
     SWEEP_FILE,
     JobContext,

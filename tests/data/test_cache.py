@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 from insect_exp.config import CacheMode as Mode
-from insect_exp.data import cache as cache_module
-from insect_exp.data.cache import CachePolicy, ImageCache, split_key
+from insect_exp.data.cache import FORMAT_VERSION, CachePolicy, ImageCache, split_key
 from insect_exp.data.pipeline import load, make_dataset
 from insect_exp.data.scan import DatasetError, scan
 from insect_exp.fit import train_batches
@@ -152,110 +151,30 @@ def test_an_interrupted_write_leaves_nothing_to_read_and_is_redone(tmp_path):
     assert entry.fingerprints.tolist() == [1, 2, 3, 4]
 
 
-def test_each_written_run_of_records_is_sent_on_to_the_disk_as_it_is_written(tmp_path, monkeypatch):
-    # Given a writer on Linux, whose writeback calls are recorded
-    if sys.platform.startswith("linux"):
-        assert cache_module._sync_file_range is not None
-    started = []
-    monkeypatch.setattr(
-        cache_module,
-        "_sync_file_range",
-        lambda fd, offset, length, flags: started.append((offset, length, flags)),
-    )
-    fd = os.open(tmp_path / "entry", os.O_RDWR | os.O_CREAT)
-    writer = cache_module.RecordWriter(fd, 6, (2, 2, 3))
-
-    # When a batch of records arrives out of order (two runs: 4-5 and 1)
-    images = np.arange(3 * 12, dtype=np.uint8).reshape(3, 2, 2, 3)
-    writer.put(np.array([4, 5, 1]), images, np.array([1, 2, 3], np.uint64))
-    os.close(fd)
-
-    # Then each run is written, in record order, and its bytes handed to writeback at once (no
-    # waiting for them)
-    assert started == [(1 * 12, 12, 2), (4 * 12, 2 * 12, 2)]
-    data = (tmp_path / "entry").read_bytes()
-    assert data[48:72] == images[:2].tobytes() and data[12:24] == images[2].tobytes()
-
-
-def _direct_writes(monkeypatch) -> list[tuple[int, int]]:
-    """(offset, length) of every write a RecordWriter makes through its direct descriptor."""
-    written: list[tuple[int, int]] = []
-    pwrite_all = cache_module._pwrite_all
-
-    def recording(fd, data, offset):
-        if fd == getattr(recording, "direct", None):
-            written.append((offset, len(data)))
-        pwrite_all(fd, data, offset)
-
-    monkeypatch.setattr(cache_module, "_pwrite_all", recording)
-    open_direct = cache_module._open_direct
-
-    def opening(path):
-        recording.direct = open_direct(path)
-        return recording.direct
-
-    monkeypatch.setattr(cache_module, "_open_direct", opening)
-    return written
-
-
-def test_whole_pages_of_each_run_go_to_the_disk_directly_and_every_byte_lands(
-    tmp_path, monkeypatch
-):
-    # Given an entry of 40 records of 5,000 bytes (not a multiple of a page), its direct writes
-    # recorded
-    direct = _direct_writes(monkeypatch)
+def test_records_arriving_out_of_order_each_land_in_place(tmp_path):
+    # Given records of 5,000 bytes (not a multiple of a page) that arrive out of order, in runs
+    # long and short, the last one a single record
     shape, count = (50, 50, 2), 40
-    path = tmp_path / "entry"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
-    os.ftruncate(fd, count * 5000)
-    writer = cache_module.RecordWriter(fd, count, shape, path)
-
-    # When batches arrive out of order, in runs long and short, the last one a single record
     images = np.random.default_rng(0).integers(0, 255, (count, *shape), dtype=np.uint8)
-    for batch in ([7, 3, 4, 5, 6, 0, 1, 2], [20, 21, 22, 23, 8, 9, 10, 11, 12, 13, 14, 15],
-                  [16, 17, 18, 19, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38],
-                  [39]):  # fmt: skip
-        index = np.array(batch)
-        writer.put(index, images[index], index.astype(np.uint64))
-    writer.close()
-    os.close(fd)
+    batches = ([7, 3, 4, 5, 6, 0, 1, 2], [20, 21, 22, 23, 8, 9, 10, 11, 12, 13, 14, 15],
+               [16, 17, 18, 19, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38],
+               [39])  # fmt: skip
 
-    # Then the file holds every record in place, and every fingerprint
-    np.testing.assert_array_equal(np.fromfile(path, np.uint8).reshape(images.shape), images)
-    assert writer.fingerprints.tolist() == list(range(count))
-    # And where the file system allows direct I/O, whole aligned pages went that way
-    if cache_module._open_direct(path) is None:
-        pytest.skip(f"no direct I/O on {tmp_path}'s file system: the buffered path was checked")
-    assert direct
-    assert all(offset % 4096 == 0 and length % 4096 == 0 for offset, length in direct)
+    def fill(writer):
+        for batch in batches:
+            index = np.array(batch)
+            writer.put(index, images[index], index.astype(np.uint64))
+        return []
 
+    # When they are written as an entry
+    cache = ImageCache(tmp_path / "cache", 10**9)
+    cache.get_or_build("k1", count, shape, fill)
 
-def test_a_file_system_refusing_direct_writes_gets_them_buffered(tmp_path, monkeypatch):
-    # Given a writer whose direct descriptor fails every write with EINVAL (as some file systems
-    # do only at the first write)
-    path = tmp_path / "entry"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
-    os.ftruncate(fd, 4 * 5000)
-    monkeypatch.setattr(cache_module, "_open_direct", lambda p: os.open(p, os.O_WRONLY))
-    writer = cache_module.RecordWriter(fd, 4, (50, 50, 2), path)
-    pwrite_all = cache_module._pwrite_all
-
-    def refusing(fd, data, offset):
-        if fd == writer._direct:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        pwrite_all(fd, data, offset)
-
-    monkeypatch.setattr(cache_module, "_pwrite_all", refusing)
-
-    # When records arrive
-    images = np.random.default_rng(1).integers(0, 255, (4, 50, 50, 2), dtype=np.uint8)
-    writer.put(np.array([2, 3]), images[2:], np.array([3, 4], np.uint64))
-    writer.put(np.array([0, 1]), images[:2], np.array([1, 2], np.uint64))
-    os.close(fd)
-
-    # Then the writer went on buffered, and every record landed
-    assert writer._direct is None
-    np.testing.assert_array_equal(np.fromfile(path, np.uint8).reshape(images.shape), images)
+    # Then a fresh read of it gives every record in place, and every fingerprint
+    entry = ImageCache(tmp_path / "cache", 10**9).open("k1", count, shape)
+    assert entry is not None
+    np.testing.assert_array_equal(entry.images[np.arange(count)], images)
+    assert entry.fingerprints.tolist() == list(range(count))
 
 
 def test_a_process_killed_mid_write_leaves_only_a_temporary_file(tmp_path):
@@ -286,10 +205,10 @@ def test_a_truncated_entry_or_one_of_another_format_version_is_rebuilt(tmp_path)
     path = cache.entry_path("k1")
 
     # A cache written by another version of the format: same name, other version in its footer
+    # (the 4 bytes after its magic)
     data = bytearray(path.read_bytes())
-    footer = cache_module._FOOTER
-    crc, magic, _, at, length = footer.unpack(data[-footer.size :])
-    data[-footer.size :] = footer.pack(crc, magic, cache_module.FORMAT_VERSION + 1, at, length)
+    at = data.rindex(b"INSXIMGS") + 8
+    data[at : at + 4] = (FORMAT_VERSION + 1).to_bytes(4, "little")
     path.write_bytes(bytes(data))
     assert cache.open("k1", 3, (2, 2, 3)) is None
     _, written = cache.get_or_build("k1", 3, (2, 2, 3), _fill_with(images))
@@ -305,35 +224,31 @@ def test_a_truncated_entry_or_one_of_another_format_version_is_rebuilt(tmp_path)
 _SHARED_JOB = """
 import logging, sys, time
 from pathlib import Path
-from insect_exp.config import CacheMode as Mode
-from insect_exp.data import pipeline
-from insect_exp.data.cache import CachePolicy
-from insect_exp.data.scan import scan
+import numpy as np
+from insect_exp.data.cache import ImageCache
 
 logging.basicConfig(level=logging.INFO)
-decode = pipeline._decode_into
+cache_dir, go = sys.argv[1:]
 
-def slow_decode(*args, **kwargs):
+def slow_fill(writer):
     print("DECODING", flush=True)
     time.sleep(3)  # long enough for the other job to arrive while this one writes
-    return decode(*args, **kwargs)
+    writer.put(np.arange(4), np.full((4, 2, 2, 3), 7, np.uint8), np.arange(1, 5, dtype=np.uint64))
+    return []
 
-pipeline._decode_into = slow_decode
-root, cache_dir, go = sys.argv[1:]
 while not Path(go).exists():
     time.sleep(0.01)
-data = pipeline.load(scan(root), (16, 16), cache=CachePolicy(Mode.disk, Path(cache_dir), 0, 10**9))
-print("STORAGE", data.storage, len(data.train), flush=True)
+entry, written = ImageCache(cache_dir, 10**9).get_or_build("k1", 4, (2, 2, 3), slow_fill)
+print("WRITTEN" if written else "REUSED", int(entry.images[np.arange(4)].sum()), flush=True)
 """
 
 
 def test_two_jobs_at_once_share_one_cache_written_once(tmp_path):
-    # Given two jobs started together on the same folder and cache (one decoding slowly)
-    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    # Given two jobs started together on the same cache, each to decode the same split slowly
     go = tmp_path / "go"
     jobs = [
         subprocess.Popen(
-            [sys.executable, "-c", _SHARED_JOB, str(root), str(tmp_path / "cache"), str(go)],
+            [sys.executable, "-c", _SHARED_JOB, str(tmp_path / "cache"), str(go)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -345,16 +260,16 @@ def test_two_jobs_at_once_share_one_cache_written_once(tmp_path):
     go.touch()
     outputs = [job.communicate(timeout=240) for job in jobs]
 
-    # Then the splits were decoded once (train and test, by one job), the other job waited for
-    # that one's entries and reused them
+    # Then the split was decoded once, by one job; the other job waited for that one's entry and
+    # reused it, with the same pixels
     out = "".join(o for o, _ in outputs)
     err = "".join(e for _, e in outputs)
     assert [job.returncode for job in jobs] == [0, 0], err
-    assert out.count("DECODING") == 2
-    assert out.count("STORAGE disk 12") == 2
+    assert out.count("DECODING") == 1
+    pixels = 4 * 2 * 2 * 3 * 7
+    assert out.count(f"WRITTEN {pixels}") == 1 and out.count(f"REUSED {pixels}") == 1
     assert "waiting for another process" in err
-    assert err.count("images reused from") == 2
-    assert len(_entries(tmp_path / "cache")) == 2
+    assert len(_entries(tmp_path / "cache")) == 1
 
 
 def test_least_recently_used_entries_go_when_the_cache_is_over_its_cap(tmp_path):
@@ -429,7 +344,7 @@ def test_a_read_only_or_full_cache_stops_before_training_when_memory_is_too_smal
 
     # A full disk says so
     full = shutil.disk_usage(tmp_path)._replace(free=10)
-    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda _: full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: full)
     with pytest.raises(DatasetError, match="disk full"):
         load(scan(root), SIZE, cache=_policy(tmp_path / "cache", Mode.auto, max_memory_mb=0))
 
@@ -441,7 +356,44 @@ def test_a_read_only_cache_with_the_entry_already_in_it_is_used(tmp_path, monkey
     def read_only(*_args, **_kwargs):
         raise OSError(30, "Read-only file system")  # EROFS: what a lock file gets on a ro mount
 
-    monkeypatch.setattr(cache_module.ImageCache, "_write", read_only)
-    monkeypatch.setattr(cache_module.fcntl, "flock", read_only)
+    # Every write of an entry starts with a lock (of its key, then of its temporary file)
+    monkeypatch.setattr(fcntl, "flock", read_only)
     data = load(scan(root), SIZE, cache=_policy(tmp_path / "cache"))
     assert data.storage == "disk"
+
+
+def _cache_root_twice(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """A fresh process that asks for the cache root twice, with these variables only."""
+    script = """
+        import logging
+        from insect_exp.data.cache import cache_root
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        print(cache_root())
+        print(cache_root())
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSECT_EXP_")}
+    env.update(variables, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+
+
+def test_one_variable_names_the_cache_root_and_its_former_name_warns_once(tmp_path):
+    # Given no variable, then INSECT_EXP_CACHE_DIR: the user cache folder, then that one, silently
+    done = _cache_root_twice(tmp_path)
+    assert done.stdout.split() == [str(tmp_path / "xdg" / "insect_exp")] * 2
+    done = _cache_root_twice(tmp_path, INSECT_EXP_CACHE_DIR=str(tmp_path / "new"))
+    assert done.stdout.split() == [str(tmp_path / "new")] * 2 and done.stderr == ""
+
+    # When only the former variable, INSECT_EXP_DATA_DIR, is set: it is used, with one warning
+    done = _cache_root_twice(tmp_path, INSECT_EXP_DATA_DIR=str(tmp_path / "old"))
+    assert done.stdout.split() == [str(tmp_path / "old")] * 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("WARNING") and "INSECT_EXP_DATA_DIR is deprecated" in line
+    assert "set INSECT_EXP_CACHE_DIR instead" in line
+
+    # When both are set: the new one wins, and the warning says the former one is ignored
+    both = {"INSECT_EXP_CACHE_DIR": str(tmp_path / "new"), "INSECT_EXP_DATA_DIR": "old"}
+    done = _cache_root_twice(tmp_path, **both)
+    assert done.stdout.split() == [str(tmp_path / "new")] * 2
+    (line,) = done.stderr.splitlines()
+    assert "ignored, as INSECT_EXP_CACHE_DIR is set" in line

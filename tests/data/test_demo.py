@@ -204,10 +204,10 @@ def test_rejects_invalid_arguments(tmp_path: pathlib.Path, bad: dict) -> None:
 
 
 def test_default_root_follows_the_environment(tmp_path: pathlib.Path, monkeypatch) -> None:
-    monkeypatch.setenv("INSECT_EXP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("INSECT_EXP_CACHE_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert demo.default_demo_root() == tmp_path / "data" / "demo-v1"
-    monkeypatch.delenv("INSECT_EXP_DATA_DIR")
+    monkeypatch.delenv("INSECT_EXP_CACHE_DIR")
     assert demo.default_demo_root() == tmp_path / "xdg" / "insect_exp" / "demo-v1"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -215,7 +215,7 @@ def test_default_root_follows_the_environment(tmp_path: pathlib.Path, monkeypatc
 
 
 def test_none_root_generates_into_the_default(tmp_path: pathlib.Path, monkeypatch) -> None:
-    monkeypatch.setenv("INSECT_EXP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("INSECT_EXP_CACHE_DIR", str(tmp_path / "data"))
     root = demo.ensure_demo_dataset(None, train_per_class=1, test_per_class=1)
     assert root == tmp_path / "data" / "demo-v1"
     assert len(_files(root)) == 6

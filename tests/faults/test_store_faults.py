@@ -113,7 +113,7 @@ def test_a_read_only_store_is_refused_with_exit_2(folder, template_store):
             [*user, sys.executable, "-m", "insect_exp", *TINY, f"dataset.root={home / 'insects'}",
              "hydra.run.dir=/tmp/" + home.name + "/outputs"],
             cwd=home,
-            env=environment(HOME=str(home), INSECT_EXP_DATA_DIR=str(home / "data")),
+            env=environment(HOME=str(home), INSECT_EXP_CACHE_DIR=str(home / "data")),
             capture_output=True,
             text=True,
             timeout=120,

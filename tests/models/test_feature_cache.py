@@ -1,7 +1,10 @@
-"""Frozen-backbone features, several batches at once on the CPU (models/feature_cache.py)."""
+"""Frozen-backbone features computed by `cached_features` (models/feature_cache.py), several
+batches at once on the CPU."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import numpy as np
@@ -10,8 +13,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from insect_exp.data.pipeline import ImageSplit, make_dataset
-from insect_exp.models import feature_cache
-from insect_exp.progress import Progress
+from insect_exp.models.feature_cache import cached_features, disk_store
 
 BATCH = 4
 
@@ -35,27 +37,26 @@ def _streams() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "insect_exp-features"]
 
 
-def test_streamed_features_are_keras_predicts_in_order_with_every_image_counted():
+def _features(model: keras.Model, split: ImageSplit, batch_size: int) -> np.ndarray:
+    features, computed = cached_features(model, split, batch_size)
+    assert computed == len(split)
+    return features.images
+
+
+@pytest.mark.parametrize(("count", "batch_size"), [(16 * BATCH + 3, BATCH), (50, 32)])
+def test_features_are_keras_predicts_in_order_and_no_stream_is_left(count, batch_size):
+    # Given more batches than streams and a partial last batch, or batches split across streams
     model = _extractor()
-    split = _split(4 * BATCH * feature_cache._STREAMS + 3)  # a partial last batch
-    expected = model.predict(make_dataset(split, BATCH), verbose=0)
-    with Progress(len(split), "features") as progress:
-        got = feature_cache._predict_in_streams(model, make_dataset(split, BATCH), progress)
-    np.testing.assert_array_equal(got, expected)
-    assert progress.done == len(split)
+    split = _split(count)
+    expected = model.predict(make_dataset(split, batch_size), verbose=0)
+
+    # Then the features are Keras's, row for row
+    np.testing.assert_allclose(_features(model, split, batch_size), expected, rtol=1e-5)
     assert _streams() == []
 
 
-def test_a_batch_is_split_across_the_streams_and_gives_keras_predicts_features():
-    model = _extractor()
-    split = _split(50)
-    expected = model.predict(make_dataset(split, 32), verbose=0)
-    np.testing.assert_allclose(feature_cache._predict(model, split, 32), expected, rtol=1e-5)
-
-
 def test_an_empty_split_has_no_feature_rows():
-    model = _extractor(features=7)
-    got = feature_cache._predict(model, _split(0), BATCH)
+    got = _features(_extractor(features=7), _split(0), BATCH)
     assert got.shape == (0, 7) and got.dtype == np.float32
 
 
@@ -72,44 +73,67 @@ def test_an_error_in_any_batch_is_raised_and_every_stream_stops():
     split = _split(10 * BATCH)
     split.images[5 * BATCH + 1] = 255  # in the sixth batch, whichever stream takes it
     with pytest.raises(tf.errors.InvalidArgumentError, match="a white image"):
-        feature_cache._predict(model, split, BATCH)
+        cached_features(model, split, BATCH)
     assert _streams() == []
 
 
-class _InterruptAt(Progress):
-    """A progress bar whose update raises KeyboardInterrupt (as Ctrl-C would) at `done`."""
+class _CtrlCAt(keras.layers.Layer):
+    """Counts the batches it sees; at the `at`-th, this process gets SIGINT (as from Ctrl-C)."""
 
-    def __init__(self, total: int, at: int):
-        super().__init__(total, "features")
+    def __init__(self, at: int):
+        super().__init__()
         self.at = at
+        self.seen = 0
 
-    def update(self, count: int) -> None:
-        super().update(count)
-        if self.done >= self.at:
-            raise KeyboardInterrupt
+    def _count(self, images: tf.Tensor) -> tf.Tensor:
+        self.seen += 1
+        if self.seen == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return images
+
+    def call(self, images: tf.Tensor) -> tf.Tensor:
+        counted = tf.py_function(self._count, [images], tf.float32)
+        return tf.ensure_shape(counted, images.shape)
 
 
 def test_an_interrupt_stops_every_stream_before_the_split_is_done():
-    model = _extractor()
+    # Given an extractor that is interrupted at its third batch of forty
+    images = keras.Input(shape=(12, 12, 3))
+    counter = _CtrlCAt(at=3)
+    pooled = keras.layers.GlobalAveragePooling2D()(counter(images))
+    model = keras.Model(images, pooled)
     split = _split(40 * BATCH)
-    progress = _InterruptAt(len(split), at=2 * BATCH)
+
+    # Then the interrupt reaches the caller, with no stream left and most batches never run
     with pytest.raises(KeyboardInterrupt):
-        feature_cache._predict_in_streams(model, make_dataset(split, BATCH), progress)
+        cached_features(model, split, BATCH)
     assert _streams() == []
-    # Streams finish the batch they hold, and take no new one.
-    assert progress.done <= (2 + feature_cache._STREAMS) * BATCH
+    assert counter.seen < 20
 
 
-def test_a_model_built_under_a_distribution_strategy_goes_through_keras_predict(monkeypatch):
+def test_a_model_built_under_a_distribution_strategy_gets_keras_predicts_features():
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
         model = _extractor()
-    assert not feature_cache._on_the_cpu_alone(model)
-    assert feature_cache._on_the_cpu_alone(_extractor())
-
-    def no_streams(*args, **kwargs):
-        raise AssertionError("streamed a distributed model")
-
-    monkeypatch.setattr(feature_cache, "_predict_in_streams", no_streams)
     split = _split(3 * BATCH + 1)
-    got = feature_cache._predict(model, split, BATCH)
-    np.testing.assert_allclose(got, model.predict(make_dataset(split, BATCH), verbose=0))
+    expected = model.predict(make_dataset(split, BATCH), verbose=0)
+    np.testing.assert_allclose(_features(model, split, BATCH), expected, rtol=1e-5)
+
+
+def test_features_of_a_former_format_are_deleted_when_the_disk_store_opens(tmp_path, monkeypatch):
+    # Given a cache root holding features of the former format, features-v1
+    monkeypatch.setenv("INSECT_EXP_CACHE_DIR", str(tmp_path))
+    former = tmp_path / "features-v1" / "backbone"
+    former.mkdir(parents=True)
+    (former / "shard.npy").write_bytes(b"0" * 1000)
+
+    # When a disk store opens in the cache root
+    store = disk_store(None, "backbone", max_gb=1.0)
+
+    # Then the former features are gone, and the store is in features-v2
+    assert not (tmp_path / "features-v1").exists()
+    assert store.dir == tmp_path / "features-v2" / "backbone"
+
+    # And a store in a folder of its own leaves the cache root alone
+    former.mkdir(parents=True)
+    disk_store(str(tmp_path / "mine"), "backbone", max_gb=1.0)
+    assert former.is_dir()

@@ -89,7 +89,7 @@ class TeamStore:
 def _env(root: Path) -> dict[str, str]:
     env = {
         **os.environ,
-        "INSECT_EXP_DATA_DIR": str(root / "data"),
+        "INSECT_EXP_CACHE_DIR": str(root / "data"),
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         # Loopback traffic never goes through a proxy from the environment.

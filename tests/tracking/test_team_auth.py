@@ -128,7 +128,7 @@ def _environment(root: Path, user: str | None, password: str | None) -> dict[str
         if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     }
     env |= {
-        "INSECT_EXP_DATA_DIR": str(root / "data"),
+        "INSECT_EXP_CACHE_DIR": str(root / "data"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         # Loopback traffic never goes through a proxy from the environment.
         "NO_PROXY": ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1,localhost"])),
