@@ -231,7 +231,7 @@ def run_phase(name: str, args: argparse.Namespace, root: Path, cache_dir: Path) 
 
 def first_touch_s_per_gb() -> tuple[float, float]:
     """Seconds a fresh process takes to fill 1 GB of new memory: as a NumPy array, and as the
-    array memory mode decodes into (`data.pipeline._fresh_array`: a private mapping, populated).
+    array memory mode decodes into (`data.pipeline.fresh_array`: a private mapping, populated).
 
     NumPy advises the kernel to back large arrays with transparent huge pages: 0.3 s per GB on
     this sandbox's VM when free huge pages are at hand, 1.3-2.9 s when the kernel compacts memory
@@ -240,9 +240,9 @@ def first_touch_s_per_gb() -> tuple[float, float]:
     pays this per GB held; one that streams and forgets (the reference) barely does.
     """
     code = (
-        "import time, numpy as np; from insect_exp.data.pipeline import _fresh_array; "
+        "import time, numpy as np; from insect_exp.data.pipeline import fresh_array; "
         "t = time.perf_counter(); a = np.ones(2**30, np.uint8); t1 = time.perf_counter(); "
-        "b = _fresh_array((2**30,)); b.fill(1); print(t1 - t, time.perf_counter() - t1)"
+        "b = fresh_array((2**30,)); b.fill(1); print(t1 - t, time.perf_counter() - t1)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     numpy_s, ours_s = (float(v) for v in out.stdout.split()[-2:])

@@ -42,7 +42,7 @@ _REFUSAL = re.compile(r"too many pixels\W{1,6}(\d+)\W{1,3}(\d+)")
 
 
 # Its branches are tf.cond and tf.switch_case already: AutoGraph converting it (as tf.data does to
-# the functions it maps) took 0.35 s more to trace.
+# the functions it maps) would only make it slower to trace.
 @tf.autograph.experimental.do_not_convert
 def decode_image(
     contents: tf.Tensor, image_size: Sequence[int], max_pixels: int = MAX_IMAGE_PIXELS

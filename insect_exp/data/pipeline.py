@@ -213,11 +213,10 @@ def without_autotuning(ds: tf.data.Dataset) -> tf.data.Dataset:
 
     Deleting an autotuned iterator may wait out its tuning thread's current period, which
     doubles while the iterator lives (up to a minute). Keras deletes the training iterator when
-    fit returns: fit then returned 20 s late in 4 of 13 runs of 5 epochs here (a thread dump
-    shows the main thread in ~RootDataset::Iterator, joining a tf.data thread). Each epoch's
-    validation iterator and the decoding's could wait the same way, for less. With autotuning
-    off, fit returned at once in every run and the epochs took about as long (within 2%,
-    benchmarks/fit_end.py).
+    fit returns, so fit could return that late (the main thread waits in
+    ~RootDataset::Iterator, joining a tf.data thread). Each epoch's validation iterator and the
+    decoding's could wait the same way, for less. With autotuning off, fit returns at once and
+    the epochs take about as long: benchmarks/fit_end.py measures both.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -267,14 +266,13 @@ class Decoding:
             tf.autograph.experimental.do_not_convert(lambda i, p: (i, *decode(p))),
             # Two calls per core by default: a call waits on its file's read, and the reader of
             # the batches (the disk cache's writer) holds the GIL. One per core (tf.data's
-            # AUTOTUNE without autotuning) left cores idle: on 2 cores, first ingest of 10,000
-            # JPEGs into the disk cache took 6.5-7.3 s, now 5.9-6.2 s (memory: the same).
+            # AUTOTUNE without autotuning) leaves cores idle (benchmarks/ingest.py, first ingest).
             num_parallel_calls=workers or 2 * hardware.cpus(),
             deterministic=False,
         )
         # Failures are dropped, so their indices never arrive (`decode_files` then retries them).
-        # Dropping whole batches is the fast way: ignore_errors on each image, a stage every image
-        # passes through alone, cost 0.9 s of 10 for 60,000 small PNGs on 2 cores.
+        # Dropping whole batches is the fast way: ignore_errors on each image is a stage every
+        # image passes through alone, a cost that shows on many small images.
         if rows is None:
             ds = ds.batch(_DECODE_BATCH).ignore_errors()
         else:
@@ -326,26 +324,20 @@ def in_memory(
 ) -> Decoding:
     """The decoding of a split kept in memory, into arrays made for it (`Decoding.into`)."""
     height, width = (int(v) for v in image_size)
-    images = _fresh_array((len(files), height, width, 3))
+    images = fresh_array((len(files), height, width, 3))
     fingerprints = np.zeros(len(files), dtype=np.uint64)
     return Decoding(files, image_size, workers, (images, fingerprints), ahead, decoder=decoder)
 
 
-def _fresh_array(shape: tuple[int, ...]) -> np.ndarray:
+def fresh_array(shape: tuple[int, ...]) -> np.ndarray:
     """np.empty(shape, uint8) in memory mapped for it, without NumPy's advice for huge pages.
 
     NumPy asks the kernel for transparent huge pages for large arrays. Where the kernel compacts
     memory to find them as the array is first written (THP defrag "madvise", a common default),
-    that costs more than the small pages save: on a 2-core VM, filling a fresh GB took 0.3 s
-    when free huge pages were at hand but 1.3-2.4 s when the kernel had to compact first, as
-    after a folder of images has filled the page cache; plain pages took 0.56-0.9 s either way.
-    First ingest in memory mode, 10,000 JPEGs, alternating runs: 7.9-8.6 s with NumPy's array,
-    6.7-7.3 s with a plain mapping.
-
-    The mapping is private and populated when made: a fresh GB then took 0.32-0.37 s, against
-    0.54-0.56 s private and 0.76-0.78 s shared (a plain `mmap(-1, n)`) when each page faults in as
-    an image lands in it, beside the decoding threads. Decoding 60,000 small PNGs into it, 3
-    alternating runs: 10.3-11.5 s, against 11.6-12.5 s. The mapping goes with the array.
+    as after a folder of images has filled the page cache, that costs more than small pages
+    save. The mapping is private and populated when made, rather than faulting in page by page
+    beside the decoding threads as the images land. The mapping goes with the array. Kept for
+    the first ingest in memory mode: benchmarks/ingest.py (its first-touch line measures both).
     """
     size = int(np.prod(shape))
     if size == 0:
