@@ -16,10 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import make_image_folder
+from insect_exp.config import register_configs
+from tests.conftest import CONF_DIR, make_image_folder
 
 EXPERIMENT = "insect_exp"
 # One epoch on 32x32 images, no model export, one decode thread: seconds per job.
@@ -122,3 +124,11 @@ def run_sweep(
     known = {r.info.run_id for r in [*parents, *result.children]}
     result.strays = [r for r in runs if r.info.run_id not in known]
     return result
+
+
+def launcher_target(choice: str) -> str:
+    """The class Hydra names for `hydra/launcher=<choice>`, as its compose API builds the config."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={choice}"], return_hydra_config=True)
+    return str(cfg.hydra.launcher._target_)

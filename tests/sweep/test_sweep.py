@@ -23,13 +23,14 @@ from insect_exp.tracking import RunRecord
 from insect_exp.tracking.lineage import SplitRecord
 from insect_exp.tracking.spool import INPUTS_FILE, SPOOL_DIR, Spool
 from insect_exp.upload import upload
-from tests.sweeps import TINY, SweepResult, run_sweep
+from tests.sweeps import TINY, SweepResult, launcher_target, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SUBMITIT_LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
 SUBMITIT_SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+# Hydra's default launcher, as Hydra composes hydra/launcher=basic (its class is Hydra's own).
+BASIC = launcher_target("basic")
 
 
 def _cpus() -> int:
