@@ -26,3 +26,22 @@ __version__ = "0.1.0"
 
 class UserError(Exception):
     """Bad input the user can fix (data folder, handle, config); the CLI prints only its message."""
+
+
+# The Python API (insect_exp/api.py) loads on first use: `import insect_exp` stays light (no
+# TensorFlow, MLflow or Hydra) for the command line and for notebooks alike. train, sweep, predict
+# and evaluate are the job modules, callable as the API's functions (insect_exp/commands.py).
+_COMMANDS = ("train", "sweep", "predict", "evaluate")
+_RESULTS = ("TrainResult", "SweepResult", "EvaluateResult")
+__all__ = ["UserError", "__version__", *_COMMANDS, *_RESULTS]
+
+
+def __getattr__(name: str):
+    """insect_exp.train, .sweep, .predict, .evaluate and their result classes (insect_exp.api)."""
+    import importlib
+
+    if name in _COMMANDS:
+        return importlib.import_module(f"insect_exp.{name}")
+    if name in _RESULTS:
+        return getattr(importlib.import_module("insect_exp.api"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from insect_exp import UserError
+from insect_exp import UserError, commands
 from insect_exp.config import (
     DatasetConfig,
     EvaluateConfig,
@@ -367,3 +367,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+commands.make_callable(__name__)  # insect_exp.evaluate(...) is insect_exp.api.evaluate

@@ -35,7 +35,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from insect_exp import UserError
+from insect_exp import UserError, commands
 from insect_exp.config import PredictConfig, to_object
 from insect_exp.errors import exit_with, first_line
 from insect_exp.progress import Progress
@@ -321,3 +321,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+commands.make_callable(__name__)  # insect_exp.predict(...) is insect_exp.api.predict

