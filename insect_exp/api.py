@@ -338,63 +338,75 @@ def _evaluation_run(cfg: EvaluateConfig, accuracy: float) -> EvaluateResult:
 
 
 def sweep(
-    grid: Mapping[str, Sequence[Any]] | Sequence[Sequence[str]],
+    grid: Mapping[str, Sequence[Any]],
     *overrides: str,
     config_dir: str | Path | None = None,
-    cwd: str | Path | None = None,
+    **keys: Any,
 ) -> SweepResult:
     """Train every combination of `grid` as `python -m insect_exp -m` does: one parent run with
-    the sweep's summary, one child run a job.
+    the sweep's summary, one child run a job, one job after another (or as
+    hydra/launcher=joblib says).
 
-    It runs that command in a subprocess (Hydra's multirun has no public in-process API), from
-    `cwd` (default: the current directory), and reads the runs back from the store.
+    The config of the first job is checked here, before TensorFlow loads; the sweep then runs
+    as that command in a subprocess from the current directory (Hydra's multirun has no public
+    in-process API), and its runs are read back from the store.
 
     Args:
-        grid: key -> values (every combination), or a list of override lists (one job each).
-        overrides: overrides every job shares ("epochs=2", "hydra/launcher=joblib").
+        grid: key -> values, e.g. {"optimizer": ["adam", "sgd"], "seed": [1, 2]}.
+        overrides, keys: overrides every job shares ("epochs=2", "hydra/launcher=joblib").
 
     Raises:
-        UserError: the sweep failed; the command's last lines of stderr are the message.
+        ConfigError, UserError: a bad value (before any run opens), or the sweep failed (its
+            command's error line is the message).
     """
-    args = [*_sweep_args(grid), *overrides]
+    from insect_exp import tracking
+    from insect_exp.config import to_object
+
+    if not isinstance(grid, Mapping) or not grid:
+        raise UserError("sweep(grid): give a dict of key -> list of values")
+    shared = as_overrides(overrides, keys)
+    first = [f"{k.replace('__', '.')}={_value(list(v)[0])}" for k, v in grid.items()]
+    cfg = _typed(lambda: to_object(_task_config(compose("config", [*shared, *first], config_dir))))
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, Path.cwd())
+    args = [_grid_override(k, v) for k, v in grid.items()] + shared
     if config_dir is not None:
         args = ["--config-dir", str(Path(config_dir).expanduser().resolve()), *args]
     done = subprocess.run(
-        [sys.executable, "-m", "insect_exp", "-m", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
+        [sys.executable, "-m", "insect_exp", "-m", *args], capture_output=True, text=True
     )
     sys.stdout.write(done.stdout)
-    if done.returncode != 0:
+    parents = [ln.split(":", 1)[1].strip() for ln in done.stdout.splitlines() if _PARENT in ln]
+    if done.returncode != 0 or not parents:
+        sys.stderr.write(done.stderr[-4000:])
         raise UserError(_failure(done.stderr) or f"the sweep exited with {done.returncode}")
-    return _read_sweep(done.stdout)
+    return _read_sweep(uri, parents[-1])
 
 
-def _sweep_args(grid: Mapping[str, Sequence[Any]] | Sequence[Sequence[str]]) -> list[str]:
-    """The sweep's command-line overrides; a list of override lists becomes one choice of
-    whole jobs through a key of their own (`+extra.job=0,1,...`)."""
-    if isinstance(grid, Mapping):
-        return [
-            f"{k.replace('__', '.')}={','.join(_value(v) for v in vs)}" for k, vs in grid.items()
-        ]
-    raise UserError(
-        "sweep(grid): a list of override lists is not supported yet; give a dict key -> values"
-    )
+_PARENT = "MLflow sweep run id:"
+
+
+def _grid_override(key: str, values: Sequence[Any]) -> str:
+    """One key's values as a sweep override (`optimizer=adam,sgd`)."""
+    return f"{key.replace('__', '.')}={','.join(_value(v) for v in values)}"
 
 
 def _failure(stderr: str) -> str:
-    """The command's error line(s), without its prefix."""
+    """The command's last error line, without its prefix."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    errors = [ln.removeprefix("insect_exp: error: ") for ln in lines if "error" in ln.lower()]
-    return (errors or lines[-3:] or [""])[-1]
+    errors = [ln.split("error: ", 1)[-1] for ln in lines if "error" in ln.lower()]
+    return (errors or lines[-1:] or [""])[-1]
 
 
-def _read_sweep(stdout: str) -> SweepResult:
-    """The sweep's parent and children, from the run ids the command printed."""
+def _read_sweep(tracking_uri: str, parent_run_id: str) -> SweepResult:
+    """The sweep's parent and its children (in job order), read from the store."""
     from insect_exp import tracking
 
-    ids = [ln.split(":", 1)[1].strip() for ln in stdout.splitlines() if "MLflow run id:" in ln]
-    parent_line = [ln for ln in stdout.splitlines() if "parent run" in ln.lower()]
-    raise NotImplementedError((ids, parent_line, tracking))
+    client = tracking.open_client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    children = tracking.child_runs(tracking_uri, parent.info.experiment_id, parent_run_id)
+    children.sort(key=lambda run: int(run.tags.get("sweep.job_num", 0)))
+    return SweepResult(
+        parent_run_id=parent_run_id,
+        summary=dict(parent.data.metrics),
+        children=[read_run(child.run_id, tracking_uri) for child in children],
+    )
