@@ -294,7 +294,7 @@ def predict(
 
 def evaluate(model_uri: str, folder: str | Path, *overrides: str, **keys: Any) -> EvaluateResult:
     """Evaluate a logged model on a labelled folder as a new MLflow run, as
-    `python -m insect_exp.evaluate model_uri=... dataset=folder dataset.root=FOLDER` does.
+    `python -m insect_exp.evaluate model_uri=... dataset=insects dataset.root=FOLDER` does.
 
     Args:
         overrides, keys: more of the command's overrides (split=val, mlflow.tracking_uri=...).
@@ -307,7 +307,7 @@ def evaluate(model_uri: str, folder: str | Path, *overrides: str, **keys: Any) -
 
     given = [
         f"model_uri={model_uri}",
-        "dataset=folder",
+        "dataset=insects",
         f"dataset.root={Path(folder).expanduser().resolve()}",
         *as_overrides(overrides, keys),
     ]
