@@ -8,6 +8,7 @@ exits.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -120,21 +121,24 @@ def train(*overrides: str, config_dir: str | Path | None = None, **keys: Any) ->
     """
     from insect_exp.resilience import interrupts
 
-    cfg, output_dir = compose_train(as_overrides(overrides, keys), config_dir)
-    job = importlib.import_module("insect_exp.train")  # the module; TensorFlow loads in run_job
-
-    # Signals go back to the caller's handlers afterwards: the process lives on.
-    with interrupts(after_finish=False):
-        _, opened = job.run_job(cfg)
+    # A resumed run's lease (resuming.lease) is held from before its checks to the job's end.
+    with contextlib.ExitStack() as held:
+        cfg, output_dir = compose_train(as_overrides(overrides, keys), config_dir, held)
+        job = importlib.import_module("insect_exp.train")  # TensorFlow loads in run_job
+        # Signals go back to the caller's handlers afterwards: the process lives on.
+        with interrupts(after_finish=False):
+            _, opened = job.run_job(cfg)
     _reset_keras()
     if opened is None:
         raise UserError("this process is a non-chief worker: the chief logged the run")
     return read_run(opened.run_id, opened.tracking_uri, output_dir)
 
 
-def compose_train(overrides: list[str], config_dir: str | Path | None) -> tuple[Config, str]:
+def compose_train(
+    overrides: list[str], config_dir: str | Path | None, held: contextlib.ExitStack
+) -> tuple[Config, str]:
     """The typed train config and its output dir, with Hydra's config snapshot written there as
-    a plain run writes it.
+    a plain run writes it. With resume=<run id>, that run's config, its lease taken into `held`.
 
     Raises:
         ConfigError, UserError: as `train`.
@@ -146,7 +150,15 @@ def compose_train(overrides: list[str], config_dir: str | Path | None) -> tuple[
     dict_cfg = compose("config", overrides, config_dir)
     output_dir = str(dict_cfg.hydra.runtime.output_dir)
     task = _task_config(dict_cfg)
-    cfg = _typed(lambda: to_object(task))
+    if task.get("resume"):  # the command line's resume: its logged overrides composed again
+        from hydra import initialize_config_dir
+
+        from insect_exp.__main__ import _resumed_config
+
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = _typed(lambda: _resumed_config(str(task.resume), task, held))
+    else:
+        cfg = _typed(lambda: to_object(task))
     if dict_cfg.hydra.output_subdir is not None:
         snapshot = Path(output_dir) / str(dict_cfg.hydra.output_subdir)
         snapshot.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,9 @@ def finished_line(signum: int, run_id: str) -> str:
 # `check()` raises it at the next safe point (every training batch).
 _received: list[int] = []
 _delivered: list[bool] = [False]
+# How many of _received came before the `interrupts()` block open now: a process that lives on
+# (a notebook's kernel) trains again after an interrupted run, and only new signals count there.
+_before_block: list[int] = [0]
 
 
 _deferring: list[bool] = [False]
@@ -87,9 +90,9 @@ def deferred() -> Iterator[None]:
 
 def check() -> None:
     """Raise Interrupted if a signal came that nothing has acted on yet."""
-    if _received and not _delivered[0]:
+    if len(_received) > _before_block[0] and not _delivered[0]:
         _delivered[0] = True
-        raise Interrupted(_received[0])
+        raise Interrupted(_received[_before_block[0]])
 
 
 def signal_count() -> int:
@@ -146,7 +149,7 @@ def interrupts(after_finish: bool = False) -> Iterator[None]:
     """
     _delivered[0] = False
     _after_finish[0] = after_finish
-    first = len(_received)
+    first = _before_block[0] = len(_received)
 
     def handle(signum: int, frame) -> None:
         if len(_received) > first:  # the user means it: no more cleanup

@@ -1,0 +1,57 @@
+"""Ctrl-C (a notebook's interrupt button) during `insect_exp.train`, and resuming from Python."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.faults.conftest import (
+    environment,
+    epochs_logged,
+    finish,
+    interrupt,
+    only_run,
+    wait_until,
+)
+from tests.sweeps import TINY
+
+SCRIPT = """
+import sys
+import insect_exp
+from insect_exp.resilience import Interrupted
+
+try:
+    insect_exp.train(*sys.argv[1:])
+except Interrupted as err:
+    print("INTERRUPTED", err.run_id, flush=True)
+    result = insect_exp.train(f"resume={err.run_id}", "epochs=2")
+    print("RESUMED", result.run_id, result.status, list(result.history.index), flush=True)
+"""
+
+
+def test_interrupting_train_raises_interrupted_and_the_run_resumes_from_python(
+    tmp_path: Path, folder: Path, store: str
+) -> None:
+    # Given insect_exp.train in its second epoch or later, in a process that catches
+    # resilience.Interrupted and then resumes the run it names from Python
+    process = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, *TINY, f"dataset.root={folder}", "epochs=40"]
+        + [f"mlflow.tracking_uri={store}"],
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: epochs_logged(store) >= 1, process=process)
+    # When it gets Ctrl-C
+    interrupt(process)
+    stdout = process.stdout.read() if process.stdout else ""
+    code, stderr = finish(process, timeout=300)
+    # Then the caller got Interrupted with the run's id, the run ended KILLED and resumable, and
+    # the resume from Python finished it in the same run
+    assert code == 0, stderr[-3000:]
+    run_id = only_run(store).info.run_id
+    assert f"INTERRUPTED {run_id}" in stdout, stdout[-2000:] + stderr[-2000:]
+    assert f"RESUMED {run_id} FINISHED [0, 1]" in stdout, stdout[-2000:] + stderr[-2000:]
