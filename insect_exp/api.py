@@ -13,6 +13,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,15 @@ class TrainResult:
     def predict(self, files: str | Path | Iterable[str | Path], top_k: int = 3) -> pd.DataFrame:
         """The model's labels for image files (or folders), as `insect_exp.predict` gives them."""
         return predict(self._model_uri(), files, top_k=top_k, tracking_uri=self.tracking_uri)
+
+    def plots(self) -> dict[str, Path]:
+        """The run's plots (training_curves, confusion_matrix, ...), downloaded: name -> PNG."""
+        from insect_exp import tracking
+
+        client = tracking.open_client(self.tracking_uri)
+        dest = tempfile.mkdtemp(prefix="insect_exp-plots-")
+        local = Path(client.download_artifacts(self.run_id, "plots", dest))
+        return {path.stem: path for path in sorted(local.glob("*.png"))}
 
     def _model_uri(self) -> str:
         if self.model_uri is None:
