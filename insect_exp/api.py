@@ -235,10 +235,13 @@ def _typed(make: Any) -> Any:
 
 def _reset_keras() -> None:
     """Drop the finished model's graph state: the next call in this process starts clean."""
+    import gc
+
     import tf_keras as keras
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("float32")
+    gc.collect()  # the run's model, datasets and their cycles, before the next call allocates
 
 
 def read_run(run_id: str, tracking_uri: str, output_dir: str | None = None) -> TrainResult:

@@ -7,6 +7,8 @@ so that mlruns/ and outputs/ land there as they do for a user who launched from 
 from __future__ import annotations
 
 import csv
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +168,51 @@ def test_sweep_bad_value_raises_before_any_run(launch: Path) -> None:
         insect_exp.sweep({"epochs": [0, 1]})
     # Then nothing ran
     assert _runs(launch) == []
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _environment(launch: Path) -> dict[str, str]:
+    """The test's environment without a tracking URI, the demo data cached under `launch`."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "INSECT_EXP_CACHE_DIR": str(launch / "cache")}
+
+
+def test_the_python_api_pages_snippets_run_as_written(launch: Path) -> None:
+    # Given the ```python blocks of docs/python-api.md, in order, with the user's image folder
+    page = (ROOT / "docs" / "python-api.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", page, re.S | re.M)
+    code = "\n".join(blocks).replace("<image folder>", str(launch / "insects"))
+    assert "insect_exp.train(" in code and "insect_exp.sweep(" in code
+    # When they run in one process from the launch dir
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=launch,
+        env=_environment(launch),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    # Then they end well and print what the page says they print
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "epochs=0 is out of range: must be >= 1" in done.stdout
+    assert len(_runs(launch)) == 1 + 1 + 3  # a run, an evaluation, a sweep's parent and 2 jobs
+
+
+def test_the_example_notebook_runs_from_a_fresh_kernel(launch: Path) -> None:
+    # Given examples/quickstart.ipynb as committed: no outputs
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    # When a fresh kernel runs it from the launch dir
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": launch}}
+    )
+    client.execute(env=_environment(launch))
+    # Then every cell ran, and its runs are in the launch dir's store
+    outputs = [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(outputs[i] for i in (1, 4)), outputs
+    assert len(_runs(launch)) == 1 + 3
