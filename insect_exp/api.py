@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -396,9 +397,7 @@ def sweep(
     args = [_grid_override(k, v) for k, v in grid.items()] + shared
     if config_dir is not None:
         args = ["--config-dir", str(Path(config_dir).expanduser().resolve()), *args]
-    done = subprocess.run(
-        [sys.executable, "-m", "insect_exp", "-m", *args], capture_output=True, text=True
-    )
+    done = _run_sweep(args)
     sys.stdout.write(done.stdout)
     parents = [ln.split(":", 1)[1].strip() for ln in done.stdout.splitlines() if _PARENT in ln]
     if done.returncode != 0 or not parents:
@@ -408,6 +407,25 @@ def sweep(
 
 
 _PARENT = "MLflow sweep run id:"
+
+
+def _run_sweep(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m insect_exp -m ARGS` to its end. Ctrl-C here (a notebook's interrupt reaches
+    this process only) is passed on, so that the sweep ends its runs KILLED as on a terminal,
+    then raises resilience.Interrupted."""
+    from insect_exp.resilience import Interrupted
+
+    command = [sys.executable, "-m", "insect_exp", "-m", *args]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
+            process.communicate()
+            raise Interrupted(signal.SIGINT) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _grid_override(key: str, values: Sequence[Any]) -> str:

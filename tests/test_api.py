@@ -216,3 +216,19 @@ def test_the_example_notebook_runs_from_a_fresh_kernel(launch: Path) -> None:
     outputs = [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
     assert all(outputs[i] for i in (1, 4)), outputs
     assert len(_runs(launch)) == 1 + 3
+
+
+def test_config_dir_adds_a_team_config_as_the_command_lines_config_dir(launch: Path) -> None:
+    # Given a team config dir with a preset of its own (out of range, so nothing trains)
+    preset = launch / "team_conf" / "experiment" / "broken.yaml"
+    preset.parent.mkdir(parents=True)
+    preset.write_text("# @package _global_\nepochs: 0\n")
+    # When it is composed through config_dir, and without it
+    with pytest.raises(insect_exp.UserError, match="epochs=0 is out of range"):
+        insect_exp.train("experiment=broken", config_dir=launch / "team_conf")
+    with pytest.raises(insect_exp.UserError, match="Could not find 'experiment/broken'"):
+        insect_exp.train("experiment=broken")
+    # Then only the first found the preset; a missing dir is named
+    with pytest.raises(insect_exp.UserError, match="no such folder"):
+        insect_exp.train(config_dir=launch / "missing")
+    assert _runs(launch) == []
