@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from insect_exp import UserError
+from insect_exp.__main__ import CONFIG_DIR
 from insect_exp.config import ConfigError
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
     from insect_exp.config import Config, EvaluateConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 # Logged once an epoch, at the epoch's step; the others are per batch or final.
 _PER_BATCH = ("batch_",)
 _FINAL = ("test_",)
@@ -138,8 +138,10 @@ def train(*overrides: str, config_dir: str | Path | None = None, **keys: Any) ->
         job = importlib.import_module("insect_exp.train")  # TensorFlow loads in run_job
         # Signals go back to the caller's handlers afterwards: the process lives on.
         with interrupts(after_finish=False):
-            _, opened = job.run_job(cfg)
-    _reset_keras()
+            try:
+                _, opened = job.run_job(cfg)
+            finally:
+                _reset_keras()
     if opened is None:
         raise UserError("this process is a non-chief worker: the chief logged the run")
     return read_run(opened.run_id, opened.tracking_uri, output_dir)
@@ -238,8 +240,9 @@ def _reset_keras() -> None:
     """Drop the finished model's graph state: the next call in this process starts clean."""
     import gc
 
-    import tf_keras as keras
-
+    keras = sys.modules.get("tf_keras")
+    if keras is None:  # the run failed before TensorFlow loaded
+        return
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("float32")
     gc.collect()  # the run's model, datasets and their cycles, before the next call allocates
