@@ -10,6 +10,7 @@ module itself is callable. Standard library only.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 from typing import Any
@@ -19,8 +20,16 @@ class CallableModule(types.ModuleType):
     """A job module whose call is insect_exp.api's function of the module's name."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function()(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The API function's (what help() and a notebook's `?` show)."""
+        return inspect.signature(self._function())
+
+    def _function(self) -> Any:
         api = importlib.import_module("insect_exp.api")
-        return getattr(api, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
+        return getattr(api, self.__name__.rsplit(".", 1)[-1])
 
 
 def make_callable(module_name: str) -> None:
