@@ -1,4 +1,4 @@
-"""Repeated `insect_exp.train()` calls in one process, as a notebook makes them: peak RSS after each.
+"""Repeated `insect_exp.train()` calls in one process, as a notebook makes them: peak RSS each.
 
 Usage: python benchmarks/api_repeat.py [--calls 5] [--epochs 1] [--image-size 64]
 
