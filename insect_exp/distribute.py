@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from insect_exp import UserError
 from insect_exp.config import Strategy, TrainConfig
+from insect_exp.errors import first_line
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -233,7 +234,7 @@ def _multi_worker(source: str | None, timeout_s: float) -> Distribution:
             ) from None
         raise
     except tf.errors.OpError as err:
-        raise WorkerLost(f"the cluster did not come up: {_first_line(err)}") from None
+        raise WorkerLost(f"the cluster did not come up: {first_line(err)}") from None
     finally:
         watchdog.kill()
         watchdog.wait()
@@ -355,8 +356,3 @@ class LocalPredictor:
             for callback in callbacks or ():
                 callback.on_predict_batch_end(step)
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(getattr(err, "message", "") or err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__

@@ -14,8 +14,11 @@ from typing import NoReturn
 
 
 def first_line(err: BaseException, limit: int | None = 300) -> str:
-    """The first line of an error's message (at most `limit` characters), else its type's name."""
-    text = str(err).strip()
+    """The first line of an error's message (at most `limit` characters), else its type's name.
+
+    TensorFlow's errors keep their plain message in `message` (their str adds the op's context).
+    """
+    text = str(getattr(err, "message", "") or err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__
 
 

@@ -18,6 +18,7 @@ from insect_exp import UserError, fit
 from insect_exp.callbacks import MetricSink
 from insect_exp.config import BackboneConfig, FeatureCache
 from insect_exp.data.pipeline import Data, ImageSplit
+from insect_exp.errors import first_line
 from insect_exp.fit import FitSettings, History
 from insect_exp.models import Recipe
 from insect_exp.models.feature_cache import (
@@ -97,7 +98,7 @@ class BackboneRecipe(Recipe):
         except (ValueError, TypeError) as err:
             raise UserError(
                 f"{self.describe()} does not take {height}x{width} RGB images (set "
-                f"model.image_size to its input size): {str(err).strip().splitlines()[0]}"
+                f"model.image_size to its input size): {first_line(err, limit=None)}"
             ) from err
         if features.shape.rank != 2:
             raise UserError(

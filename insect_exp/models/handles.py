@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from insect_exp import UserError
+from insect_exp.errors import first_line
 
 EXPORT_COMMAND = "python -m insect_exp.models.export_untrained DIR"
 
@@ -159,8 +160,7 @@ def resolve_handle(handle: str, timeout_s: float, setting: Setting = FEATURES_SE
         with socket_timeout(timeout_s):
             return Path(hub.resolve(handle))
     except (OSError, ValueError, tf.errors.OpError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _offline_error("TF Hub model", handle, first_line, setting) from err
+        raise _offline_error("TF Hub model", handle, first_line(err, limit=None), setting) from err
 
 
 def read_labels(source: str, timeout_s: float) -> list[str]:

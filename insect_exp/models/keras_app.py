@@ -17,6 +17,7 @@ import tf_keras as keras
 
 from insect_exp import UserError
 from insect_exp.config import KerasAppConfig
+from insect_exp.errors import first_line
 from insect_exp.models.backbone import BackboneRecipe, backbone_of
 from insect_exp.models.feature_cache import weights_digest
 from insect_exp.models.handles import socket_timeout
@@ -91,7 +92,7 @@ class KerasAppRecipe(BackboneRecipe):
                     pooling="avg",
                 )
         except Exception as err:  # Keras raises a bare Exception for a failed download
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err, limit=None)
             if weights == "imagenet":
                 raise KerasAppError(
                     f"cannot get the ImageNet weights of {c.backbone} ({reason}). Without "
