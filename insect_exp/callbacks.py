@@ -69,9 +69,6 @@ class BatchStats(keras.callbacks.Callback):
         """Args: sink: gets each batch's values at the end of its epoch, at its global step;
         first_epoch: the absolute number of Keras's epoch 0 (a later stage goes on counting)."""
         super().__init__()
-        # Keep Keras's tensors as they come and read them once an epoch: converting every batch to
-        # Python numbers would make Keras wait for each step (measured ~4% slower training).
-        self._supports_tf_logs = True
         self.batch_size = batch_size
         self.num_samples = num_samples
         self.steps_per_epoch = -(-num_samples // batch_size)
