@@ -255,6 +255,9 @@ def _after_finish(cfg: Config, opened: tracking.Opened | None, checkpoints: str 
     if opened is None:
         return
     resilience.finished(opened.run_id)
+    # A signal whose exception a finalizer swallowed before `finished` took the signals over is
+    # acted on here, as one that came after the run's end.
+    resilience.check()
     if not cfg.train.keep_checkpoints:
         resuming.drop_checkpoints(checkpoints)
 
