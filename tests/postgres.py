@@ -13,6 +13,7 @@ package creates it) and its server processes run as that user; otherwise as the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import re
@@ -21,8 +22,11 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from tests.mlflow_server import free_port
 
@@ -199,3 +203,24 @@ def _kill_and_wait(pid: int, timeout_s: float) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
+
+
+def start_or_skip(needs: Mapping[str, str], check: str, *databases: str) -> PostgresCluster:
+    """A started cluster holding `databases`, for the test `check` names; skipped where a module
+    of `needs` (module -> how to install it) or PostgreSQL is missing, but a failure on CI."""
+    try:
+        for module, hint in needs.items():
+            if importlib.util.find_spec(module) is None:
+                raise PostgresUnavailable(f"no {hint}")
+        cluster = PostgresCluster.start()
+    except PostgresUnavailable as err:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must run the {check}, but: {err}")
+        pytest.skip(str(err))
+    try:
+        for name in databases:
+            cluster.createdb(name)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

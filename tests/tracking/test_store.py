@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import os
 import re
@@ -23,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import artifact_paths, make_image_folder
 from tests.mlflow_server import MlflowServer
-from tests.postgres import PostgresCluster, PostgresUnavailable
+from tests.postgres import PostgresCluster, start_or_skip
 from tests.sweeps import EXPERIMENT, TINY
 
 pytestmark = pytest.mark.slow
@@ -47,18 +46,12 @@ TIMEOUT_S = 900
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresCluster]:
     """A running PostgreSQL cluster with an empty `mlflow` database, stopped and removed after."""
+    cluster = start_or_skip(
+        {"psycopg2": 'psycopg2 for `mlflow server`: `pip install -e ".[postgres]"` installs it'},
+        "PostgreSQL check",
+        "mlflow",
+    )
     try:
-        if importlib.util.find_spec("psycopg2") is None:
-            raise PostgresUnavailable(
-                'no psycopg2 for `mlflow server`: `pip install -e ".[postgres]"` installs it'
-            )
-        cluster = PostgresCluster.start()
-    except PostgresUnavailable as err:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run the PostgreSQL check, but: {err}")
-        pytest.skip(str(err))
-    try:
-        cluster.createdb("mlflow")
         yield cluster
     finally:
         cluster.stop()

@@ -9,7 +9,6 @@ offline spool, no image decoded.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import secrets
 import subprocess
@@ -25,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from insect_exp.tracking.spool import Spool
 from tests.conftest import make_image_folder
 from tests.mlflow_server import MlflowServer
-from tests.postgres import PostgresCluster, PostgresUnavailable
+from tests.postgres import PostgresCluster, start_or_skip
 from tests.sweeps import TINY
 
 pytestmark = pytest.mark.slow
@@ -62,19 +61,12 @@ def login(user: str) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresCluster]:
     """A throwaway cluster with a database for the runs and one for users and permissions."""
+    needs = {
+        "psycopg2": 'psycopg2: `pip install -e ".[postgres]"` installs it',
+        "flask_wtf": 'Flask-WTF: `pip install -e ".[auth]"` installs it',
+    }
+    cluster = start_or_skip(needs, "team-server check", "mlflow", "mlflow_auth")
     try:
-        if importlib.util.find_spec("psycopg2") is None:
-            raise PostgresUnavailable('no psycopg2: `pip install -e ".[postgres]"` installs it')
-        if importlib.util.find_spec("flask_wtf") is None:
-            raise PostgresUnavailable('no Flask-WTF: `pip install -e ".[auth]"` installs it')
-        cluster = PostgresCluster.start()
-    except PostgresUnavailable as err:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run the team-server check, but: {err}")
-        pytest.skip(str(err))
-    try:
-        cluster.createdb("mlflow")
-        cluster.createdb("mlflow_auth")
         yield cluster
     finally:
         cluster.stop()
