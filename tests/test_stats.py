@@ -20,7 +20,8 @@ def test_the_t_interval_is_the_textbook_one():
 def test_one_value_or_equal_values_have_no_spread():
     assert mean_interval([0.5]).low == mean_interval([0.5]).high == 0.5
     same = mean_interval([0.7, 0.7, 0.7])
-    assert (same.std, same.low, same.high) == (0.0, 0.7, 0.7)
+    assert same.std == 0.0
+    assert same.low == same.mean == same.high == pytest.approx(0.7)
 
 
 def test_no_values_is_an_error():
