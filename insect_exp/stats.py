@@ -30,8 +30,8 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     mean = math.fsum(values) / n
     if n == 1:
         return Interval(mean, math.nan, mean, mean, 1, confidence)
-    std = float(stats.tstd(values))
-    if std == 0.0:  # scipy gives NaN bounds for a zero scale: every value agrees
+    if min(values) == max(values):  # no spread (scipy's t gives NaN bounds for a zero scale)
         return Interval(mean, 0.0, mean, mean, n, confidence)
+    std = float(stats.tstd(values))
     low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=std / math.sqrt(n))
     return Interval(mean, std, float(low), float(high), n, confidence)
