@@ -571,6 +571,8 @@ class Config:
     epochs: int = 10
     batch_size: int = 32
     seed: int = 123
+    # Train each configuration this many times, seeds seed, seed+1, ...: a sweep (see replicates.py).
+    replicates: int = 1
     # TensorFlow intra-op threads; 0: every core, or in a parallel sweep a share of the cores.
     threads: int = 0
     # Make TensorFlow ops deterministic (slower); seeding alone already fixes data order and init.
@@ -601,6 +603,7 @@ class Config:
         _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.seed >= 0, "seed", self.seed, ">= 0")
+        _require(self.replicates >= 1, "replicates", self.replicates, ">= 1")
         _require(self.threads >= 0, "threads", self.threads, ">= 0 (0: every core)")
 
 
@@ -697,6 +700,9 @@ def register_configs() -> None:
     real options (in --help, in Hydra's errors); a YAML extends one with
     `- /schema/model/cnn@_here_` in its defaults list.
     """
+    from insect_exp.replicates import register_resolvers
+
+    register_resolvers()  # conf/config.yaml's hydra node uses them
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, name, node in (

@@ -34,7 +34,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from insect_exp import commands
+from insect_exp import UserError, commands, replicates
 from insect_exp.config import RuntimeConfig
 from insect_exp.errors import portable
 from insect_exp.hardware import cpus
@@ -108,6 +108,10 @@ class MlflowSweepCallback(Callback):
         from insect_exp import resilience, tracking
 
         hydra = config.hydra
+        task = list(hydra.overrides.task)
+        # Config nodes, so dicts (OmegaConf's return type covers lists too).
+        sweeper = cast(dict[str, Any], OmegaConf.to_container(hydra.sweeper, resolve=True))
+        _check_replicates(config, task, sweeper)
         launch_dir = Path(OmegaConf.select(hydra, "runtime.cwd", default=str(Path.cwd())))
         sweep_dir = launch_dir / str(hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +125,6 @@ class MlflowSweepCallback(Callback):
             # their runs under Default (MLflow 3.17); they get this id instead.
             experiment_id = tracking.ensure_experiment(uri, experiment)
 
-        task = list(hydra.overrides.task)
-        # Config nodes, so dicts (OmegaConf's return type covers lists too).
-        sweeper = cast(dict[str, Any], OmegaConf.to_container(hydra.sweeper, resolve=True))
         launcher = cast(dict[str, Any], OmegaConf.to_container(hydra.launcher, resolve=True))
         plan = sweep_plan(task, sweeper)
         choices = hydra.runtime.choices
@@ -233,6 +234,15 @@ class MlflowSweepCallback(Callback):
             return summary.failed
         finally:
             tracking.end_run(self.sweep.tracking_uri, self.sweep.parent_run_id, status)
+
+
+def _check_replicates(config: DictConfig, task: Sequence[str], sweeper: dict[str, Any]) -> None:
+    """Stop the sweep with one line and exit 2 when replicates=N cannot set its seeds."""
+    try:
+        replicates.check(config.replicates, config.seed, task, sweeper.get("params") or {})
+    except UserError as err:  # Hydra logs and swallows a callback's exceptions
+        print(f"insect_exp: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from insect_exp.config import RuntimeConfig
+from insect_exp.sweep.groups import GROUP_TAG, group_of
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
@@ -94,6 +95,7 @@ def current_job(runtime: RuntimeConfig) -> JobContext:
         tags={
             "sweep.job_num": str(runtime.job_num),
             "sweep.overrides": json.dumps(varying),
+            GROUP_TAG: group_of(varying),
             "sweep.threads_per_job": str(sweep.threads_per_job),
         },
     )

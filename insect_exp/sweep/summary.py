@@ -1,4 +1,5 @@
-"""The summary a sweep's parent run gets when the sweep ends: table, curves, best child, counts."""
+"""The summary a sweep's parent run gets when the sweep ends: table, curves, best child, counts,
+and the children's groups (sweep/groups.py)."""
 
 from __future__ import annotations
 
@@ -149,6 +150,9 @@ def log_summary(info: SweepInfo) -> Summary:
             summary.curves, CURVE_METRIC, "Validation accuracy per child run"
         )
         parent.log_figure(figure, f"{SUMMARY_DIR}/{CURVE_METRIC}.png")
+    from insect_exp.sweep.groups import log_groups  # groups reuses this module's tables
+
+    log_groups(parent, children, CURVE_METRIC)
     sweep_dir = Path(info.sweep_dir)
     for name in ("multirun.yaml", "optimization_results.yaml"):
         if (sweep_dir / name).is_file():
