@@ -135,6 +135,11 @@ def train(*overrides: str, config_dir: str | Path | None = None, **keys: Any) ->
     # A resumed run's lease (resuming.lease) is held from before its checks to the job's end.
     with contextlib.ExitStack() as held:
         cfg, output_dir = compose_train(as_overrides(overrides, keys), config_dir, held)
+        if cfg.replicates > 1:  # the command line makes it a multirun; one TrainResult cannot
+            raise UserError(
+                f"replicates={cfg.replicates} trains {cfg.replicates} runs: call "
+                f"insect_exp.sweep(grid, replicates={cfg.replicates}) instead"
+            )
         job = importlib.import_module("insect_exp.train")  # TensorFlow loads in run_job
         # Signals go back to the caller's handlers afterwards: the process lives on.
         with interrupts(after_finish=False):

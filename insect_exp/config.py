@@ -571,7 +571,7 @@ class Config:
     epochs: int = 10
     batch_size: int = 32
     seed: int = 123
-    # Train each configuration this many times, seeds seed, seed+1, ...: a sweep (see replicates.py).
+    # Train each configuration this many times, seeds seed, seed+1, ...: a sweep (replicates.py).
     replicates: int = 1
     # TensorFlow intra-op threads; 0: every core, or in a parallel sweep a share of the cores.
     threads: int = 0

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from insect_exp.stats import Interval, mean_interval
 
@@ -57,8 +58,9 @@ class Group:
 
 def group_of(overrides: Iterable[str]) -> str:
     """The group of a job's overrides: all but the seed, sorted by key, or `default`."""
-    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != SEED_KEY)
-    return ",".join(kept) or DEFAULT_GROUP
+    keyed = [(o.split("=", 1)[0].lstrip("+~"), o) for o in overrides]
+    kept = sorted((key, o) for key, o in keyed if key != SEED_KEY)
+    return ",".join(o for _, o in kept) or DEFAULT_GROUP
 
 
 def child_group(child: RunRecord) -> str:
@@ -117,14 +119,21 @@ def curves_figure(groups: Sequence[Group], metric: str) -> Figure:
         if not points:
             continue
         epochs = np.arange(1, len(points) + 1)
-        (line,) = ax.plot(epochs, [p.mean for p in points], marker="o", label=_label(group))
-        low, high = [p.low for p in points], [p.high for p in points]
-        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+        means = np.array([p.mean for p in points])
+        low, high = np.array([p.low for p in points]), np.array([p.high for p in points])
+        # Caps as well as the band: a one-epoch band has no width to show.
+        bars = ax.errorbar(
+            epochs, means, yerr=[means - low, high - means], marker="o", capsize=4,
+            label=_label(group),
+        )  # fmt: skip
+        ax.fill_between(epochs, low, high, color=bars.lines[0].get_color(), alpha=0.2)
     ax.set_xlabel("Epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"Mean {metric} per group, 95% t interval")
     if ax.lines:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        last = max(len(g.curve()) for g in groups)
+        ax.set_xlim(0.5, last + 0.5)  # whole epochs, one epoch included
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best", fontsize="small")
     return fig
 
@@ -171,4 +180,3 @@ def _label(group: Group) -> str:
 def _job_order(child: RunRecord) -> tuple[bool, int, str]:
     job = child.tags.get("sweep.job_num", "")
     return (not job.isdigit(), int(job) if job.isdigit() else 0, child.name)
-
