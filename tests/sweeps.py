@@ -75,6 +75,7 @@ def run_sweep(
     env: Mapping[str, str] | None = None,
     tiny: Sequence[str] = TINY,
     timeout: float = 600,
+    flags: Sequence[str] = ("-m",),
 ) -> SweepResult:
     """Run a tiny multirun in root with the given overrides and read its runs back.
 
@@ -84,6 +85,8 @@ def run_sweep(
         env: extra environment variables (e.g. INSECT_EXP_HUB_HANDLE).
         tiny: the shrinking overrides; drop one that a sweeper must search (a value given on the
             command line is fixed for Optuna).
+        flags: Hydra's flags before the overrides; () for a command that is a multirun by its
+            config (replicates=N, hparams_search=optuna).
     """
     root.mkdir(parents=True, exist_ok=True)
     folder = root / "insects"
@@ -101,7 +104,7 @@ def run_sweep(
     given = [o.replace("{folder}", str(folder)) for o in overrides]
     root_given = any(o.startswith("dataset.root=") for o in given)
     command = [
-        *(sys.executable, "-m", "insect_exp", "-m", *tiny),
+        *(sys.executable, "-m", "insect_exp", *flags, *tiny),
         *([] if root_given else [f"dataset.root={folder}"]),
         f"mlflow.tracking_uri={uri}",
         *given,

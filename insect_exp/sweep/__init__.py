@@ -239,7 +239,9 @@ class MlflowSweepCallback(Callback):
 def _check_replicates(config: DictConfig, task: Sequence[str], sweeper: dict[str, Any]) -> None:
     """Stop the sweep with one line and exit 2 when replicates=N cannot set its seeds."""
     try:
-        replicates.check(config.replicates, config.seed, task, sweeper.get("params") or {})
+        count = int(OmegaConf.select(config, "replicates", default=1))
+        seed = int(OmegaConf.select(config, "seed", default=0))
+        replicates.check(count, seed, task, sweeper.get("params") or {})
     except UserError as err:  # Hydra logs and swallows a callback's exceptions
         print(f"insect_exp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
