@@ -135,7 +135,9 @@ def train(*overrides: str, config_dir: str | Path | None = None, **keys: Any) ->
     # A resumed run's lease (resuming.lease) is held from before its checks to the job's end.
     with contextlib.ExitStack() as held:
         cfg, output_dir = compose_train(as_overrides(overrides, keys), config_dir, held)
-        if cfg.replicates > 1:  # the command line makes it a multirun; one TrainResult cannot
+        # The command line makes replicates a multirun; one TrainResult cannot hold it. (A resumed
+        # replicate keeps its logged replicates=N: it is one run.)
+        if cfg.replicates > 1 and cfg.resume is None:
             raise UserError(
                 f"replicates={cfg.replicates} trains {cfg.replicates} runs: call "
                 f"insect_exp.sweep(grid, replicates={cfg.replicates}) instead"

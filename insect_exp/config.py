@@ -596,6 +596,7 @@ class Config:
         )
         tree.pop("runtime")
         tree.pop("resume")
+        tree.pop("replicates")  # how many runs the sweep made, not what this one trains
         return tree
 
     def __post_init__(self) -> None:

@@ -8,6 +8,8 @@ import csv
 import pytest
 from hydra import compose, initialize_config_dir
 
+import insect_exp
+from insect_exp import UserError
 from insect_exp.config import register_configs
 from insect_exp.stats import mean_interval
 from insect_exp.sweep.groups import GROUP_TAG
@@ -102,3 +104,13 @@ def test_two_configurations_with_three_replicates_give_two_groups_of_three(repli
     for name in ("group_curves", "group_final"):
         plot = replicated.download(parent, f"plots/{name}.png", tmp_path)
         assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_train_from_python_refuses_replicates_as_it_returns_one_run(tmp_path, monkeypatch):
+    # Given the Python API's train, which returns one run, asked for 3 replicates
+    monkeypatch.chdir(tmp_path)  # Hydra's output dir lands here
+
+    # Then it refuses before anything trains, naming the call that does it
+    with pytest.raises(UserError, match=r"call insect_exp.sweep\(grid, replicates=3\)"):
+        insect_exp.train(replicates=3, mlflow__tracking_uri=f"sqlite:///{tmp_path / 'db'}")
+    assert not (tmp_path / "db").exists()
