@@ -27,6 +27,7 @@ __all__ = [
     "overlay_curves",
     "prediction_grid",
     "sample_grid",
+    "titled_grid",
     "training_curves",
 ]
 
@@ -241,6 +242,14 @@ def prediction_grid(
         # The key to the tiles: which name is the prediction, what the colours mean.
         title = f"{title}: predicted class, green if right, red if wrong (true class after it)"
     return _image_grid(images, titles, rows, cols, title, 2, fontsize=9)
+
+
+def titled_grid(
+    images: np.ndarray, titles: Sequence[str], title: str = "", cols: int = 4
+) -> Figure:
+    """Grid of images in rows of `cols`, each under its own title of up to two lines."""
+    rows = max(1, -(-len(titles) // cols))
+    return _image_grid(images, [(t, None) for t in titles], rows, cols, title, 2, fontsize=9)
 
 
 def confusion_matrix(

@@ -43,6 +43,7 @@ from insect_exp.progress import Progress
 if TYPE_CHECKING:
     import numpy as np
 
+    from insect_exp.explain import OverlayWriter
     from insect_exp.serving import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,15 @@ def row(prediction: Prediction, class_names: Sequence[str], top_k: int) -> list[
     return cells
 
 
+def explain_writer(cfg: PredictConfig, classifier: ImageClassifier) -> OverlayWriter | None:
+    """explain=true: where each image's Grad-CAM overlay goes (beside the CSV)."""
+    if not cfg.explain or cfg.output is None:
+        return None
+    from insect_exp.explain import OverlayWriter
+
+    return OverlayWriter.for_predict(classifier, cfg.output, cfg.inputs, cfg.batch_size)
+
+
 def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
     """Label every image of cfg.inputs; return how many were labelled."""
     started = time.monotonic()
@@ -265,6 +275,7 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     classifier = load_classifier(ref)
     names = classifier.class_names
+    overlays = explain_writer(cfg, classifier)
     progress = progress_for(len(paths), cfg.progress)
     done = 0
 
@@ -283,8 +294,12 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         )
         for prediction in stream:
             writer.writerow(row(prediction, names, cfg.top_k))
+            if overlays is not None:
+                overlays.add(prediction.path)
             done += 1
             progress.update(1)
+        if overlays is not None:
+            overlays.close()
     finally:
         progress.close()
         if handle is not None:
