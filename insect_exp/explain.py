@@ -207,13 +207,17 @@ def _log_summary(run: Run, summary: ExplainSummary) -> None:
         run.log_table(TOP_LOSSES_HEADER, table.rows, f"top_losses{table.name}.tsv")
         if not table.rows:
             continue
+        shown = table.rows[: len(table.images)]
         titles = [
             f"{predicted[:14]} {p:.2f}\ntrue {true[:12]} {p_true:.2f}, loss {loss:.2f}"
-            for _, true, predicted, p, p_true, loss in table.rows[: len(table.images)]
+            for _, true, predicted, p, p_true, loss in shown
         ]
         split = "training" if table.name else "test"
-        title = f"Highest-loss {split} images: predicted, its probability; true label, its"
-        figure = plots.titled_grid(table.images, titles, title + " probability, loss")
+        title = f"Highest-loss {split} images: predicted, its probability (red if wrong); true"
+        figure = plots.titled_grid(
+            table.images, titles, f"{title} label, its probability; loss",
+            wrong=[row[1] != row[2] for row in shown],
+        )  # fmt: skip
         run.log_figure(figure, f"plots/top_losses{table.name}.png")
 
 

@@ -245,11 +245,18 @@ def prediction_grid(
 
 
 def titled_grid(
-    images: np.ndarray, titles: Sequence[str], title: str = "", cols: int = 4
+    images: np.ndarray,
+    titles: Sequence[str],
+    title: str = "",
+    cols: int = 4,
+    wrong: Sequence[bool] | None = None,
 ) -> Figure:
-    """Grid of images in rows of `cols`, each under its own title of up to two lines."""
+    """Grid of images in rows of `cols`, each under its own title of up to two lines (in red
+    where `wrong`)."""
     rows = max(1, -(-len(titles) // cols))
-    return _image_grid(images, [(t, None) for t in titles], rows, cols, title, 2, fontsize=9)
+    marks = wrong if wrong is not None else [False] * len(titles)
+    tiles = [(t, WRONG_COLOR if w else None) for t, w in zip(titles, marks, strict=True)]
+    return _image_grid(images, tiles, rows, cols, title, 2, fontsize=9)
 
 
 def confusion_matrix(
