@@ -1,7 +1,7 @@
 """Label image files with a logged model, no labels needed:
 
     python -m insect_exp.predict model_uri=runs:/<run id>/model inputs=/path/to/file_or_folder \\
-        [output=preds.csv] [top_k=3] [batch_size=64]
+        [output=preds.csv] [top_k=3] [batch_size=64] [explain=true]
 
 `model_uri`: runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<model
 id>, or a model folder. One CSV row per image: path,label,probability, then label_2,probability_2
@@ -12,7 +12,8 @@ version of insect_exp logged it. A file that cannot be used is reported on stder
 and skipped; so is one whose header gives more pixels than the model's limit (`too many pixels
 (<width>x<height>)`), before it is decoded. Images stream through tf.data in batches (decoding
 overlapped with the model), so the number of files is bounded by the list of their paths only;
-progress goes to stderr on long inputs.
+progress goes to stderr on long inputs. `explain=true` also writes each image's Grad-CAM overlay
+beside the CSV (insect_exp/explain.py), from the model's SavedModel.
 
 Config errors, a bad model URI, an empty or missing `inputs` stop it with one line and exit code 2
 before TensorFlow is loaded.

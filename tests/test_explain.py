@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from insect_exp import UserError
-from insect_exp.explain import OverlayWriter, losses, right_and_wrong, top_losses
+from insect_exp.explain import (
+    ExplainSummary,
+    OverlayWriter,
+    log_summary,
+    losses,
+    right_and_wrong,
+    top_losses,
+)
 from insect_exp.models.cnn import build_cnn
 from insect_exp.models.gradcam import NoFeatureMap, features_and_logits, gradcam
 from insect_exp.models.layers import ServingModule
@@ -105,6 +113,28 @@ def test_the_gradcam_sample_is_half_right_half_wrong_where_it_can_be():
     # Fewer right ones than asked for: the wrong ones fill in, and nothing twice
     assert sorted(right_and_wrong(predicted, labels, 8, seed=1).tolist()) == list(range(8))
     assert set(right_and_wrong(predicted, labels, 2, seed=3).tolist()) & wrong
+
+
+def test_a_report_that_cannot_be_logged_is_one_warning_line_not_an_error(caplog):
+    # Given a store that refuses every artifact
+    class FullDisk:
+        def log_figure(self, figure, path):
+            raise OSError("No space left on device")
+
+        def log_table(self, header, rows, path):
+            raise OSError("No space left on device")
+
+    overlays = np.zeros((1, 8, 8, 3), np.uint8)
+    summary = ExplainSummary(["a", "b"], overlays, np.array([0]), np.array([1]), None, [])
+
+    # When the Grad-CAM report is logged there
+    with caplog.at_level(logging.WARNING):
+        log_summary(FullDisk(), summary)
+
+    # Then it says so in one warning line, and raises nothing
+    assert [r.getMessage() for r in caplog.records] == [
+        "Grad-CAM and top losses not logged: No space left on device"
+    ]
 
 
 def test_a_keras_application_is_explained_at_its_backbone_map_and_a_hub_model_is_skipped(tmp_path):
