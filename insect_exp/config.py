@@ -543,6 +543,23 @@ class ExportConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What a run shows about its model besides its scores (insect_exp/explain.py)."""
+
+    # Test images shown with their Grad-CAM map in plots/gradcam.png, half right, half wrong.
+    gradcam_images: int = 8
+    # The highest-loss test images listed in top_losses.tsv (plots/top_losses.png: the first 16).
+    top_losses: int = 50
+    # Also the training images' (top_losses_train.tsv): one more pass of the model over them.
+    top_losses_train: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.gradcam_images
+        _require(n >= 0, "report.gradcam_images", n, ">= 0 (0: no plots/gradcam.png)")
+        _require(self.top_losses >= 0, "report.top_losses", self.top_losses, ">= 0 (0: none)")
+
+
+@dataclass
 class RuntimeConfig:
     """Where and how the job was launched. conf/config.yaml fills it from Hydra by interpolation,
     so the job never reads Hydra's global state; tests set it directly."""
@@ -582,6 +599,7 @@ class Config:
     precision: Precision = Precision.float32
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     # A run id to continue from its last checkpoint, with its own logged config (epochs may rise).
     resume: str | None = None
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -633,9 +651,13 @@ class PredictConfig:
     decode_workers: int = 0
     # Progress on stderr: null shows it for long inputs (1000 images or more) and on a terminal.
     progress: bool | None = None
+    # Also write each image's Grad-CAM overlay, as PNG files in <output without .csv>_gradcam/.
+    explain: bool = False
     mlflow: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
+        if self.explain and not self.output:
+            raise ConfigError("explain=true needs output=<file.csv>: the overlays go beside it")
         _require(self.top_k >= 1, "top_k", self.top_k, ">= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.decode_workers >= 0, "decode_workers", self.decode_workers, ">= 0")

@@ -27,6 +27,7 @@ __all__ = [
     "overlay_curves",
     "prediction_grid",
     "sample_grid",
+    "titled_grid",
     "training_curves",
 ]
 
@@ -241,6 +242,21 @@ def prediction_grid(
         # The key to the tiles: which name is the prediction, what the colours mean.
         title = f"{title}: predicted class, green if right, red if wrong (true class after it)"
     return _image_grid(images, titles, rows, cols, title, 2, fontsize=9)
+
+
+def titled_grid(
+    images: np.ndarray,
+    titles: Sequence[str],
+    title: str = "",
+    cols: int = 4,
+    wrong: Sequence[bool] | None = None,
+) -> Figure:
+    """Grid of images in rows of `cols`, each under its own title of up to two lines (in red
+    where `wrong`)."""
+    rows = max(1, -(-len(titles) // cols))
+    marks = wrong if wrong is not None else [False] * len(titles)
+    tiles = [(t, WRONG_COLOR if w else None) for t, w in zip(titles, marks, strict=True)]
+    return _image_grid(images, tiles, rows, cols, title, 2, fontsize=9)
 
 
 def confusion_matrix(

@@ -1,7 +1,7 @@
 """Label image files with a logged model, no labels needed:
 
     python -m insect_exp.predict model_uri=runs:/<run id>/model inputs=/path/to/file_or_folder \\
-        [output=preds.csv] [top_k=3] [batch_size=64]
+        [output=preds.csv] [top_k=3] [batch_size=64] [explain=true]
 
 `model_uri`: runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<model
 id>, or a model folder. One CSV row per image: path,label,probability, then label_2,probability_2
@@ -12,7 +12,8 @@ version of insect_exp logged it. A file that cannot be used is reported on stder
 and skipped; so is one whose header gives more pixels than the model's limit (`too many pixels
 (<width>x<height>)`), before it is decoded. Images stream through tf.data in batches (decoding
 overlapped with the model), so the number of files is bounded by the list of their paths only;
-progress goes to stderr on long inputs.
+progress goes to stderr on long inputs. `explain=true` also writes each image's Grad-CAM overlay
+beside the CSV (insect_exp/explain.py), from the model's SavedModel.
 
 Config errors, a bad model URI, an empty or missing `inputs` stop it with one line and exit code 2
 before TensorFlow is loaded.
@@ -43,6 +44,7 @@ from insect_exp.progress import Progress
 if TYPE_CHECKING:
     import numpy as np
 
+    from insect_exp.explain import OverlayWriter
     from insect_exp.serving import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -256,6 +258,15 @@ def row(prediction: Prediction, class_names: Sequence[str], top_k: int) -> list[
     return cells
 
 
+def explain_writer(cfg: PredictConfig, classifier: ImageClassifier) -> OverlayWriter | None:
+    """explain=true: where each image's Grad-CAM overlay goes (beside the CSV)."""
+    if not cfg.explain or cfg.output is None:
+        return None
+    from insect_exp.explain import OverlayWriter
+
+    return OverlayWriter.for_predict(classifier, cfg.output, cfg.inputs, cfg.batch_size)
+
+
 def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
     """Label every image of cfg.inputs; return how many were labelled."""
     started = time.monotonic()
@@ -265,6 +276,7 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     classifier = load_classifier(ref)
     names = classifier.class_names
+    overlays = explain_writer(cfg, classifier)
     progress = progress_for(len(paths), cfg.progress)
     done = 0
 
@@ -283,8 +295,12 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         )
         for prediction in stream:
             writer.writerow(row(prediction, names, cfg.top_k))
+            if overlays is not None:
+                overlays.add(prediction.path)
             done += 1
             progress.update(1)
+        if overlays is not None:
+            overlays.close()
     finally:
         progress.close()
         if handle is not None:

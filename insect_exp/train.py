@@ -205,7 +205,7 @@ def _evaluate(
 ) -> tuple[float, list[Future]]:
     """The test split's (else validation's) scores logged; the test accuracy, and the training
     and prediction reports handed to the logging process."""
-    from insect_exp import callbacks, report
+    from insect_exp import callbacks, explain, report
 
     reported = [run.submit(report.log_training, history.best_epoch, history.stopped_epoch)]
     test = data.test if data.test is not None else data.val
@@ -216,6 +216,7 @@ def _evaluate(
     run.log_metrics({f"test_{k}": v for k, v in scores.items()}, last)
     predictions = report.summarize_predictions(test, logits, data.class_names, cfg.seed)
     reported.append(run.submit(report.log_prediction_summary, predictions))
+    reported += explain.submit(run, cfg, recipe, model, data, logits)  # Grad-CAM, top losses
     return scores["accuracy"], reported
 
 

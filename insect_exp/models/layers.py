@@ -48,7 +48,9 @@ class ServingModule(tf.Module):
     - `classify_encoded` (the `encoded_images` signature): encoded image files (N,) -> logits,
       each decoded and resized exactly as the training images were (`data.decode.decode_image`);
     - `decode`: one encoded file -> uint8 (H, W, 3): what predict and evaluate decode files with,
-      and how the pyfunc finds which file of a batch is bad.
+      and how the pyfunc finds which file of a batch is bad;
+    - `gradcam`: float32 images (N, H, W, 3) -> Grad-CAM maps (N, H, W) in [0, 1] of each image's
+      predicted class (models/gradcam.py); absent where the model has no spatial feature map.
 
     Both decoders refuse a file of more than `max_pixels` pixels before decoding it (the limit
     travels with the SavedModel, also as its variable `max_image_pixels`).
@@ -58,6 +60,7 @@ class ServingModule(tf.Module):
         self, model: keras.Model, image_size: Sequence[int], max_pixels: int = MAX_IMAGE_PIXELS
     ):
         from insect_exp.data.decode import decode_image
+        from insect_exp.models import gradcam
 
         super().__init__(name="classifier")
         # Track the variables, not the Keras model: saving a tracked Keras model also traces every
@@ -84,6 +87,9 @@ class ServingModule(tf.Module):
         self.classify_encoded = tf.function(
             classify_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")]
         )
+        cam = gradcam.serving_function(model, spec)
+        if cam is not None:  # a model without a spatial feature map (a TF Hub backbone) has none
+            self.gradcam = cam
 
     def signatures(self) -> dict[str, tf.types.experimental.PolymorphicFunction]:
         """The SavedModel's signatures, for TF Serving and other non-MLflow consumers."""
