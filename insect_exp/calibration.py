@@ -130,28 +130,37 @@ class Reliability:
         return cls(confidence, correct, raw)
 
 
+def _per_bin(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each bin's accuracy (NaN where empty) and its number of images."""
+    index = bin_index(confidence)
+    count = np.bincount(index, minlength=BINS)
+    hits = np.bincount(index, weights=correct.astype(np.float64), minlength=BINS)
+    return np.divide(hits, count, out=np.full(BINS, np.nan), where=count > 0), count
+
+
 def reliability_figure(reliability: Reliability, title: str = "Reliability (test)") -> Figure:
-    """Accuracy against confidence per bin (the diagonal is perfect calibration), the gap shaded,
-    with the ECE in the legend; below, how many images fall in each bin."""
+    """Accuracy against confidence per bin (the diagonal is perfect calibration) with the ECE in
+    the legend; below, how many images fall in each bin. The model's probabilities are bars;
+    those before calibration, if any, an orange line over them."""
     fig = Figure(figsize=(6, 7))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     edges = np.linspace(0, 1, BINS + 1)
-    centers, width = (edges[:-1] + edges[1:]) / 2, 1 / BINS
+    centers = (edges[:-1] + edges[1:]) / 2
+    correct = np.asarray(reliability.correct)
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    curves = [("uncalibrated", reliability.uncalibrated, "tab:orange")]
-    curves.append(("calibrated" if reliability.uncalibrated is not None else "model",
-                   reliability.confidence, "tab:blue"))  # fmt: skip
-    for name, confidence, color in curves:
-        if confidence is None:
-            continue
-        index = bin_index(confidence)
-        count = np.bincount(index, minlength=BINS)
-        hits = np.bincount(index, weights=reliability.correct.astype(np.float64), minlength=BINS)
-        accuracy = np.divide(hits, count, out=np.full(BINS, np.nan), where=count > 0)
-        ece = expected_calibration_error(confidence, reliability.correct)
-        label = f"{name}: ECE {ece:.3f}"
-        top.bar(centers, accuracy, width, color=color, alpha=0.35, edgecolor=color, label=label)
-        bottom.bar(centers, count, width, color=color, alpha=0.35, edgecolor=color)
+    calibrated = reliability.uncalibrated is not None
+    accuracy, count = _per_bin(reliability.confidence, correct)
+    ece = expected_calibration_error(reliability.confidence, correct)
+    label = f"{'calibrated' if calibrated else 'model'}: ECE {ece:.3f}"
+    style = {"color": "tab:blue", "alpha": 0.5, "edgecolor": "tab:blue"}
+    top.bar(centers, accuracy, 1 / BINS, label=label, **style)
+    bottom.bar(centers, count, 1 / BINS, **style)
+    if reliability.uncalibrated is not None:
+        accuracy, count = _per_bin(reliability.uncalibrated, correct)
+        ece = expected_calibration_error(reliability.uncalibrated, correct)
+        style = {"color": "tab:orange", "linewidth": 2}
+        top.plot(centers, accuracy, "o-", label=f"uncalibrated: ECE {ece:.3f}", **style)
+        bottom.stairs(count, edges, **style)
     top.set_ylabel("Accuracy")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
