@@ -247,7 +247,7 @@ def _evaluate(
     reported = [run.submit(report.log_training, history.best_epoch, history.stopped_epoch)]
     test = data.test if data.test is not None else data.val
     logits = recipe.predict(model, test, cfg.batch_size)
-    scores = {**callbacks.scores(logits, test.labels)}
+    scores = callbacks.scores(logits, test.labels)
     scores.update(calibration.report(logits, test.labels, temperature))
     run.log_metrics({f"test_{k}": v for k, v in scores.items()}, _last_epoch(cfg, history))
     predictions = report.summarize_predictions(test, logits, data.class_names, cfg.seed)
