@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 # Logged once an epoch, at the epoch's step; the others are per batch or final.
 _PER_BATCH = ("batch_",)
-_FINAL = ("test_",)
+# calibrate=temperature's (insect_exp/calibration.py) are final too.
+_FINAL = ("test_", "temperature", "val_ece", "val_brier", "val_nll")
 
 
 @dataclass

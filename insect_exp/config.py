@@ -542,6 +542,14 @@ class ExportConfig:
         return self.tflite or self.quantize is not Quantize.none
 
 
+class Calibrate(Enum):
+    """How the logged model's probabilities are calibrated after training (docs/calibration.md)."""
+
+    none = "none"
+    # softmax(logits / T), T fitted on the validation split by minimising its NLL.
+    temperature = "temperature"
+
+
 @dataclass
 class ReportConfig:
     """What a run shows about its model besides its scores (insect_exp/explain.py)."""
@@ -600,6 +608,8 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # temperature: fit one temperature on the validation split and bake it into the logged model.
+    calibrate: Calibrate = Calibrate.none
     # A run id to continue from its last checkpoint, with its own logged config (epochs may rise).
     resume: str | None = None
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -619,6 +629,7 @@ class Config:
 
     def __post_init__(self) -> None:
         self.precision = _enum("precision", self.precision, Precision)
+        self.calibrate = _enum("calibrate", self.calibrate, Calibrate)
         _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.seed >= 0, "seed", self.seed, ">= 0")

@@ -10,7 +10,10 @@ version of insect_exp logged it), and the model runs on them as its logged Saved
 
 The new run (in the source run's experiment unless `mlflow.experiment_name` says otherwise) is
 tagged with the source run and model, and the source run gets a tag `evaluation.<run id>` pointing
-back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `macro_f1`, and
+back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `macro_f1`,
+`<split>_ece`, `<split>_brier`, `<split>_nll` of the model's probabilities (its calibrated ones,
+and their `..._uncalibrated` values too, for a model trained with `calibrate=temperature`) with
+`plots/reliability.png`, and
 `precision_<class>`, `recall_<class>`, `f1_<class>` (also as `per_class.tsv`, whose `metric_key`
 column names each class's `<class>` part: characters MLflow refuses become `_`, and a name made
 alike another's that way gets `_2`), `predictions.tsv`,
@@ -26,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -47,6 +50,7 @@ from insect_exp.predict import CONFIG_DIR, ModelRef, find_model, load_classifier
 if TYPE_CHECKING:
     import numpy as np
 
+    from insect_exp.calibration import Reliability
     from insect_exp.data.pipeline import ImageSplit
     from insect_exp.data.scan import FileList
     from insect_exp.tracking.run import Run
@@ -68,6 +72,8 @@ class Metrics:
     f1: np.ndarray
     support: np.ndarray
     matrix: np.ndarray
+    # ece, brier, nll (and with a temperature their _uncalibrated values): calibration.report.
+    calibration: dict[str, float] = field(default_factory=dict)
 
     @property
     def macro_f1(self) -> float:
@@ -83,6 +89,7 @@ class Evaluation:
     predicted: np.ndarray  # the class of each image
     probability: np.ndarray  # ... and its probability
     skipped: list[tuple[str, str]]  # (path, reason) of the files that did not decode
+    reliability: Reliability  # what plots/reliability.png draws
 
 
 def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -241,9 +248,9 @@ def evaluate_files(
     """
     import numpy as np
 
+    from insect_exp import calibration
     from insect_exp.callbacks import scores
     from insect_exp.data.pipeline import decode_files
-    from insect_exp.serving import softmax
 
     started = time.monotonic()
     classifier = load_classifier(ref)
@@ -259,27 +266,32 @@ def evaluate_files(
     logits = np.concatenate(
         [classifier.logits(split.images[i : i + step]) for i in range(0, len(split), step)]
     )
-    probs = softmax(logits)
+    probs = classifier.probabilities(logits)
     predicted = probs.argmax(axis=1)
     found = scores(logits, split.labels)
     stats = per_class(split.labels, predicted, len(ref.class_names))
-    metrics = Metrics(found["loss"], found["accuracy"], **stats)
+    # A model without calibration has T = 1: nothing to compare its probabilities with.
+    temperature = classifier.temperature if classifier.temperature != 1.0 else None
+    calibrated = calibration.report(logits, split.labels, temperature)
+    metrics = Metrics(found["loss"], found["accuracy"], **stats, calibration=calibrated)
     log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
     probability = probs[np.arange(len(predicted)), predicted]
-    return Evaluation(metrics, split, predicted, probability, skipped)
+    reliability = calibration.Reliability.of(logits, split.labels, temperature)
+    return Evaluation(metrics, split, predicted, probability, skipped, reliability)
 
 
 def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int) -> None:
     """Everything the evaluation run holds."""
     from mlflow.entities import Metric
 
-    from insect_exp import plots
+    from insect_exp import calibration, plots
 
     metrics, split, names = evaluation.metrics, evaluation.split, ref.class_names
     summary = {
         f"{prefix}_loss": metrics.loss,
         f"{prefix}_accuracy": metrics.accuracy,
         "macro_f1": metrics.macro_f1,
+        **{f"{prefix}_{key}": value for key, value in metrics.calibration.items()},
     }
     now = int(time.time() * 1000)
     # Linked to the logged model too: its page in the MLflow UI lists its evaluations.
@@ -305,6 +317,7 @@ def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int
     title = f"Confusion matrix ({prefix})"
     figure = plots.confusion_matrix_figure(metrics.matrix, names, title=title)
     run.log_figure(figure, "plots/confusion_matrix.png")
+    calibration.log_reliability(run, evaluation.reliability, f"Reliability ({prefix})")
     _log_misclassified(run, names, evaluation, seed)
 
 

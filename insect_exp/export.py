@@ -24,7 +24,8 @@ CLASS_NAMES = "class_names"
 log = logging.getLogger(__name__)
 
 LABELS = "labels"  # labels.txt: one class name a line, in class-id order (the TFLite convention)
-TFLITE = "tflite"  # model.tflite: float32 images (N, H, W, 3) in 0..255 -> probabilities
+# model.tflite: float32 images (N, H, W, 3) in 0..255 -> probabilities (calibrated, if the run was)
+TFLITE = "tflite"
 
 
 def write_model(
@@ -62,7 +63,8 @@ def write_model(
 
 
 def tflite_model(module: ServingModule, quantize: Quantize = Quantize.none) -> bytes:
-    """The model as a TFLite flatbuffer: float32 images (N, H, W, 3) in 0..255 -> probabilities.
+    """The model as a TFLite flatbuffer: float32 images (N, H, W, 3) in 0..255 -> probabilities,
+    the SavedModel's `probabilities` (softmax(logits / T)), its temperature frozen in.
 
     `Quantize.dynamic` stores the weights as int8 (dynamic-range quantization: about 4x smaller;
     activations stay float).
@@ -72,7 +74,7 @@ def tflite_model(module: ServingModule, quantize: Quantize = Quantize.none) -> b
 
     @tf.function(input_signature=[spec])
     def probabilities(images: tf.Tensor) -> tf.Tensor:
-        return tf.nn.softmax(module.__call__(images))
+        return module.probabilities(images)
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [probabilities.get_concrete_function()], module

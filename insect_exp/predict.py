@@ -197,7 +197,6 @@ def stream_predictions(
     from insect_exp.data.decode import refusal
     from insect_exp.data.pipeline import without_autotuning
     from insect_exp.data.scan import diagnose
-    from insect_exp.serving import softmax
 
     def decode(path: tf.Tensor) -> tf.Tensor:
         return classifier.decode(tf.io.read_file(path))
@@ -221,11 +220,11 @@ def stream_predictions(
                 if on_skip is not None:
                     on_skip(paths[i], refusal(err) or diagnose(paths[i]))
                 continue
-            yield Prediction(paths[i], softmax(classifier.logits(image))[0])
+            yield Prediction(paths[i], classifier.probabilities(classifier.logits(image))[0])
 
     expected = 0  # the next index in order: any below an index that arrives were dropped
     for index, images in ds:
-        probs = softmax(classifier.logits(images))
+        probs = classifier.probabilities(classifier.logits(images))
         for i, p in zip(index.numpy().tolist(), probs, strict=True):
             yield from missing(i, expected)
             yield Prediction(paths[i], p)

@@ -7,10 +7,12 @@ pickled. `mlflow.pyfunc.load_model(uri).predict(x)` and `mlflow models serve` ta
 - a DataFrame with a column `image` of encoded image files (JPEG, PNG, GIF, BMP, WebP), as bytes or
   as base64 text (what `mlflow models serve` hands over from a JSON request). Each file is decoded
   and resized inside the SavedModel, by the function training decoded its images with. Returns a
-  DataFrame, one row per image: `label` (the class name), `probability` (its softmax
-  probability) and `probabilities` ({class name: probability} for every class).
-- float32 images (N, H, W, 3) in 0..255, already decoded and resized: returns the logits (N,
-  classes), as the models logged before this wrapper did.
+  DataFrame, one row per image: `label` (the class name), `probability` (its probability) and
+  `probabilities` ({class name: probability} for every class). The probabilities are
+  softmax(logits / T), T the temperature in the SavedModel (1 unless the run was trained with
+  `calibrate=temperature`; models logged before it existed have none: 1).
+- float32 images (N, H, W, 3) in 0..255, already decoded and resized: returns the raw logits (N,
+  classes), never divided by T, as the models logged before this wrapper did.
 
 Bad input (a file that is not a decodable image, a missing `image` column, an array of the wrong
 shape) raises MlflowException(INVALID_PARAMETER_VALUE) naming the row and the reason: the scoring
@@ -85,6 +87,8 @@ class ImageClassifier(PythonModel):
         spec = self.module.signatures["serving_default"].structured_input_signature[1]
         _, height, width, _ = next(iter(spec.values())).shape
         self.image_size = (int(height), int(width))
+        temperature = getattr(self.module, "temperature", None)
+        self.temperature = float(temperature.numpy()) if temperature is not None else 1.0
 
     def decode(self, contents: Any) -> Any:
         """One encoded file (a scalar string tensor) -> uint8 (H, W, 3), as the model's training
@@ -138,9 +142,13 @@ class ImageClassifier(PythonModel):
         size = f"{refused.group(1)}x{refused.group(2)}"
         return f"too many pixels ({size}): the model decodes images of at most {most}"
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The model's probabilities for its logits: softmax(logits / T), calibrated if it was."""
+        return softmax(np.asarray(logits, dtype=np.float64) / self.temperature)
+
     def table(self, logits: np.ndarray) -> pd.DataFrame:
         """One row per image: label, probability, and every class's probability."""
-        probs = softmax(logits)
+        probs = self.probabilities(logits)
         best = probs.argmax(axis=1)
         names = self.class_names
         return pd.DataFrame(

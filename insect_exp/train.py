@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from insect_exp import commands, distribute, preflight, resuming, sweep
-from insect_exp.config import Config, Precision, Strategy
+from insect_exp.config import Calibrate, Config, Precision, Strategy
 from insect_exp.tracking.spool import SPOOL_DIR
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ def run_job(cfg: Config) -> tuple[float, tracking.Opened | None]:
     (None: a worker's, which the chief logged).
 
     The steps: open the MLflow run (its logging process), start TensorFlow and its distribution,
-    plan the checkpoints, load the data, build, fit, evaluate, export the model, finish the run.
+    plan the checkpoints, load the data, build, fit, calibrate, evaluate, export the model, finish
+    the run.
     With cfg.resume, continue that run from its last checkpoint, in the same MLflow run. A signal
     before the run finished ends it KILLED; either way resilience.Interrupted names the run.
     """
@@ -79,9 +80,12 @@ def run_job(cfg: Config) -> tuple[float, tracking.Opened | None]:
                     gc.freeze()  # what start-up made lives on (benchmarks/gc_startup.py)
                     gc.enable()
                 history = recipe.fit(model, data, settings, sink=_sink(cfg, run, settings))
-                test_accuracy, reported = _evaluate(cfg, run, recipe, model, data, history)
+                temperature = _calibrate(cfg, run, recipe, model, data, history)
+                test_accuracy, reported = _evaluate(
+                    cfg, run, recipe, model, data, history, temperature
+                )
                 if cfg.mlflow.log_model:
-                    _export(cfg, run, model, data, history)
+                    _export(cfg, run, model, data, history, temperature)
                 for done in [*logged, *reported]:
                     done.result()  # its error, if it failed, is the run's
             val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
@@ -195,6 +199,37 @@ def _sink(cfg: Config, run: tracking.TrackedRun, settings: FitSettings) -> track
     return sink
 
 
+def _calibrate(
+    cfg: Config,
+    run: tracking.TrackedRun,
+    recipe: Recipe,
+    model: Model,
+    data: Data,
+    history: History,
+) -> float | None:
+    """With calibrate=temperature, the temperature fitted on the validation split, logged with
+    the validation split's calibration before and after; else None."""
+    from insect_exp import calibration
+
+    if cfg.calibrate is Calibrate.none:
+        return None
+    if data.test is None or data.val_is_test:
+        log.warning(
+            "calibrate=temperature fits on the validation split, which is the split tested on "
+            "here: the calibrated test scores are optimistic (hold out dataset.val_split > 0)"
+        )
+    logits = recipe.predict(model, data.val, cfg.batch_size)
+    temperature = calibration.fit_temperature(logits, data.val.labels)
+    found = calibration.report(logits, data.val.labels, temperature)
+    metrics = {"temperature": temperature, **{f"val_{k}": v for k, v in found.items()}}
+    run.log_metrics(metrics, _last_epoch(cfg, history))
+    log.info(
+        "temperature %.3f: validation ECE %.4f -> %.4f",
+        temperature, found["ece_uncalibrated"], found["ece"],
+    )  # fmt: skip
+    return temperature
+
+
 def _evaluate(
     cfg: Config,
     run: tracking.TrackedRun,
@@ -202,36 +237,51 @@ def _evaluate(
     model: Model,
     data: Data,
     history: History,
+    temperature: float | None,
 ) -> tuple[float, list[Future]]:
-    """The test split's (else validation's) scores logged; the test accuracy, and the training
-    and prediction reports handed to the logging process."""
-    from insect_exp import callbacks, explain, report
+    """The test split's (else validation's) scores and calibration (of the probabilities the
+    model is exported with: calibrated by `temperature`, if any) logged; the test accuracy, and
+    the training, prediction, reliability and Grad-CAM reports handed to the logging process."""
+    from insect_exp import calibration, callbacks, explain, report
 
     reported = [run.submit(report.log_training, history.best_epoch, history.stopped_epoch)]
     test = data.test if data.test is not None else data.val
     logits = recipe.predict(model, test, cfg.batch_size)
     scores = callbacks.scores(logits, test.labels)
-    # At the last epoch's step: a run trained further is evaluated at a later one.
-    last = cfg.epochs - 1 if history.stopped_epoch is None else history.stopped_epoch
-    run.log_metrics({f"test_{k}": v for k, v in scores.items()}, last)
+    scores.update(calibration.report(logits, test.labels, temperature))
+    run.log_metrics({f"test_{k}": v for k, v in scores.items()}, _last_epoch(cfg, history))
     predictions = report.summarize_predictions(test, logits, data.class_names, cfg.seed)
     reported.append(run.submit(report.log_prediction_summary, predictions))
+    reliability = calibration.Reliability.of(logits, test.labels, temperature)
+    reported.append(run.submit(calibration.log_reliability, reliability))
     reported += explain.submit(run, cfg, recipe, model, data, logits)  # Grad-CAM, top losses
     return scores["accuracy"], reported
 
 
+def _last_epoch(cfg: Config, history: History) -> int:
+    """The step the end of training logs at: a run trained further is evaluated at a later one."""
+    return cfg.epochs - 1 if history.stopped_epoch is None else history.stopped_epoch
+
+
 def _export(
-    cfg: Config, run: tracking.TrackedRun, model: Model, data: Data, history: History
+    cfg: Config,
+    run: tracking.TrackedRun,
+    model: Model,
+    data: Data,
+    history: History,
+    temperature: float | None,
 ) -> None:
     """The model logged (and registered if asked) as a pyfunc over its SavedModel: encoded files
-    or float images in; class names, probabilities (or logits for float images) out. See
-    insect_exp/serving.py."""
+    or float images in; class names, probabilities (softmax(logits / temperature)) or logits for
+    float images out. See insect_exp/serving.py."""
     import tensorflow as tf
 
     from insect_exp import export
     from insect_exp.models.layers import ServingModule
 
-    module = ServingModule(model, cfg.model.image_size, cfg.dataset.max_image_pixels)
+    module = ServingModule(
+        model, cfg.model.image_size, cfg.dataset.max_image_pixels, temperature or 1.0
+    )
     requirements = [f"tensorflow=={tf.__version__}"]
     test = data.test if data.test is not None else data.val
     with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:

@@ -51,13 +51,20 @@ class ServingModule(tf.Module):
       and how the pyfunc finds which file of a batch is bad;
     - `gradcam`: float32 images (N, H, W, 3) -> Grad-CAM maps (N, H, W) in [0, 1] of each image's
       predicted class (models/gradcam.py); absent where the model has no spatial feature map.
+    - `probabilities` (the `probabilities` signature): float32 images -> softmax(logits / T), the
+      model's calibrated probabilities. T is its variable `temperature`: 1 unless the run was
+      calibrated (`calibrate=temperature`); the logits above are never divided by it.
 
     Both decoders refuse a file of more than `max_pixels` pixels before decoding it (the limit
     travels with the SavedModel, also as its variable `max_image_pixels`).
     """
 
     def __init__(
-        self, model: keras.Model, image_size: Sequence[int], max_pixels: int = MAX_IMAGE_PIXELS
+        self,
+        model: keras.Model,
+        image_size: Sequence[int],
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        temperature: float = 1.0,
     ):
         from insect_exp.data.decode import decode_image
         from insect_exp.models import gradcam
@@ -69,11 +76,15 @@ class ServingModule(tf.Module):
         height, width = (int(v) for v in image_size)
         self.image_size = (height, width)
         self.max_image_pixels = tf.Variable(max_pixels, dtype=tf.int64, trainable=False)
+        self.temperature = tf.Variable(temperature, dtype=tf.float32, trainable=False)
         spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="images")
         image_spec = tf.TensorSpec([height, width, 3], tf.uint8)
 
         def logits(images: tf.Tensor) -> tf.Tensor:
             return model(images, training=False)
+
+        def probabilities(images: tf.Tensor) -> tf.Tensor:
+            return tf.nn.softmax(model(images, training=False) / self.temperature)
 
         def decode(contents: tf.Tensor) -> tf.Tensor:
             return decode_image(contents, (height, width), max_pixels)
@@ -83,6 +94,7 @@ class ServingModule(tf.Module):
             return model(tf.cast(images, tf.float32), training=False)
 
         self.__call__ = tf.function(logits, input_signature=[spec])
+        self.probabilities = tf.function(probabilities, input_signature=[spec])
         self.decode = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
         self.classify_encoded = tf.function(
             classify_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")]
@@ -93,4 +105,8 @@ class ServingModule(tf.Module):
 
     def signatures(self) -> dict[str, tf.types.experimental.PolymorphicFunction]:
         """The SavedModel's signatures, for TF Serving and other non-MLflow consumers."""
-        return {"serving_default": self.__call__, "encoded_images": self.classify_encoded}
+        return {
+            "serving_default": self.__call__,
+            "encoded_images": self.classify_encoded,
+            "probabilities": self.probabilities,
+        }
