@@ -83,6 +83,7 @@ class Evaluation:
     predicted: np.ndarray  # the class of each image
     probability: np.ndarray  # ... and its probability
     skipped: list[tuple[str, str]]  # (path, reason) of the files that did not decode
+    probabilities: np.ndarray | None = None  # (images, classes)
 
 
 def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -266,7 +267,7 @@ def evaluate_files(
     metrics = Metrics(found["loss"], found["accuracy"], **stats)
     log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
     probability = probs[np.arange(len(predicted)), predicted]
-    return Evaluation(metrics, split, predicted, probability, skipped)
+    return Evaluation(metrics, split, predicted, probability, skipped, probs)
 
 
 def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int) -> None:
