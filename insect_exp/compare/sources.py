@@ -183,7 +183,8 @@ _GIVE = "give the images to compare on as dataset.root=..."
 def _test_digest(client: MlflowClient, run_id: str) -> str | None:
     from insect_exp.tracking.lineage import CONTEXT_TAG
 
-    for item in client.get_run(run_id).inputs.dataset_inputs:
+    inputs = client.get_run(run_id).inputs
+    for item in inputs.dataset_inputs if inputs else []:
         if any(t.key == CONTEXT_TAG and t.value == "test" for t in item.tags):
             return item.dataset.digest
     return None
