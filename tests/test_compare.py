@@ -143,3 +143,15 @@ def test_a_sweep_of_several_groups_needs_one_picked(store: Store):
     assert out.returncode == 2
     assert "several groups" in out.stderr and "'lr=0.1', 'lr=0.2'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_bad_input_exits_2_so_that_1_always_means_a_failed_gate(store: Store):
+    unknown = store.compare("0123456789abcdef0123456789abcdef", store.bad_run)
+    typo = store.compare(store.bad_run, store.bad_run, "max_dorp=0.01")
+
+    assert unknown.returncode == 2
+    assert "insect_exp.compare: error: '0123456789abcdef0123456789abcdef': no such run" in (
+        unknown.stderr
+    )
+    assert typo.returncode == 2
+    assert "max_dorp" in typo.stderr

@@ -77,12 +77,19 @@ def run(cfg: CompareConfig) -> Outcome:
 def config_difference(
     client: MlflowClient, baseline: Side, candidate: Side
 ) -> dict[str, tuple[str, str]]:
-    """The params whose values differ between the sides' first runs (seed included)."""
-    if not baseline.run_ids or not candidate.run_ids:
-        return {}
-    a = client.get_run(baseline.run_ids[0]).data.params
-    b = client.get_run(candidate.run_ids[0]).data.params
-    return {k: (a.get(k, "-"), b.get(k, "-")) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    """The params whose values differ between the sides; a param that varies within a side (a
+    group's seed) is no difference between them and is left out."""
+    sides = []
+    for side in (baseline, candidate):
+        if not side.run_ids:
+            return {}
+        params = [client.get_run(run_id).data.params for run_id in side.run_ids]
+        keys = set().union(*params)
+        varying = {k for k in keys if len({p.get(k) for p in params}) > 1}
+        sides.append(({k: params[0].get(k, "-") for k in keys}, varying))
+    (a, a_varies), (b, b_varies) = sides
+    keys = (a.keys() | b.keys()) - a_varies - b_varies
+    return {k: (a.get(k, "-"), b.get(k, "-")) for k in keys if a.get(k, "-") != b.get(k, "-")}
 
 
 def _curves(client: MlflowClient, sides: tuple[Side, Side]) -> dict[str, list[float]]:

@@ -17,8 +17,11 @@ from insect_exp.predict import CONFIG_DIR
 register_configs()  # the dataset schemas the dataset/*.yaml files extend
 ConfigStore.instance().store(name="compare_schema", node=CompareConfig)
 
-# A URI or a bare run id (never a flag's value such as `--cfg job`).
-_POSITIONAL = re.compile(r"(runs:/|models:/)[^=]*|[0-9a-f]{32}(#.*)?")
+# Hydra's flags that take a value (`--cfg job`): that value is no positional A or B.
+_FLAGS_WITH_VALUES = frozenset(
+    {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+    | {"--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+)
 _SIDE = re.compile(r"(baseline|candidate)=(?!['\"])(.+)")
 
 
@@ -26,9 +29,10 @@ def hydra_arguments(argv: list[str]) -> list[str]:
     """`A B` as baseline=A candidate=B, and both quoted: a URI's `#`, `@` or `:` are not all
     characters Hydra's override grammar takes unquoted."""
     positional = iter(("baseline", "candidate"))
-    out = []
+    out: list[str] = []
     for arg in argv:
-        if _POSITIONAL.fullmatch(arg):
+        flag_value = bool(out) and out[-1] in _FLAGS_WITH_VALUES
+        if "=" not in arg and not arg.startswith("-") and not flag_value:
             key = next(positional, None)
             arg = f"{key}={arg}" if key else arg
         found = _SIDE.fullmatch(arg)
@@ -51,12 +55,25 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         exit_with("insect_exp.compare", "interrupted", 130)
     if outcome.failures:
-        sys.exit(1)
+        raise GateFailed(1)
+
+
+class GateFailed(SystemExit):
+    """The candidate failed the gate: the command's only way to exit 1."""
 
 
 def main() -> None:
     sys.argv[1:] = hydra_arguments(sys.argv[1:])
-    _hydra_main()
+    try:
+        _hydra_main()
+    except GateFailed:
+        raise
+    except SystemExit as err:
+        # Hydra ends on a bad override or an error in the job with 1, which a pipeline would read
+        # as a failed gate: the comparison did not happen.
+        if err.code == 1:
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,30 +149,42 @@ def score(cfg: CompareConfig, sides: Sequence[Side], client: MlflowClient) -> Sc
                     f"{', '.join(names)}: a comparison needs the same classes"
                 )
     if cfg.dataset.root is None:
-        return _logged(sides, client, names)
+        return _logged(cfg, sides, client, names)
     return _evaluated(cfg, sides, names)
 
 
-def _logged(sides: Sequence[Side], client: MlflowClient, names: list[str]) -> Scores:
+def _logged(
+    cfg: CompareConfig, sides: Sequence[Side], client: MlflowClient, names: list[str]
+) -> Scores:
+    """The runs' logged test predictions; where one run logged none, every model evaluated on the
+    folder the runs' test split came from."""
     from insect_exp.report import PROBABILITIES_TSV
 
-    digests = {}
+    tests: dict[str, tuple[str, str] | None] = {}
     for side in sides:
         for member in side.members:
             if member.ref.run_id is None:
                 raise UserError(f"{side.spec!r} has no run to take a test split from: {_GIVE}")
-            digests[member.ref.run_id] = _test_digest(client, member.ref.run_id)
-    if None in digests.values() or len(set(digests.values())) > 1:
-        found = ", ".join(f"{r}: {d}" for r, d in digests.items())
-        raise UserError(f"the runs were not tested on the same images ({found}): {_GIVE}")
-    tables = {
-        run_id: _read_probabilities(client, run_id, PROBABILITIES_TSV, names) for run_id in digests
-    }
+            tests[member.ref.run_id] = _test_input(client, member.ref.run_id)
+    logged = {found[0]: found[1] for found in tests.values() if found is not None}  # by digest
+    if None in tests.values() or len(logged) > 1:
+        listed = ", ".join(f"{r}: {found and found[0]}" for r, found in tests.items())
+        raise UserError(f"the runs were not tested on the same images ({listed}): {_GIVE}")
+    tables = {run_id: _read_probabilities(client, run_id, PROBABILITIES_TSV, names)
+              for run_id in tests}  # fmt: skip
+    if None in tables.values():
+        (source,) = logged.values()
+        if not (Path(source) / "test").is_dir():
+            raise UserError(
+                f"the runs logged no test predictions, and {source}/test is gone: {_GIVE}"
+            )
+        return _evaluated(replace(cfg, dataset=replace(cfg.dataset, root=source)), sides, names)
     first = next(iter(tables.values()))
+    assert first is not None
     scores = Scores(list(first), np.array([first[p][0] for p in first]), names)
     for side in sides:
         scores.probabilities[side.spec] = [
-            np.stack([tables[m.ref.run_id][p][1] for p in scores.paths])
+            np.stack([tables[m.ref.run_id][p][1] for p in scores.paths])  # type: ignore[index]
             for m in side.members
             if m.ref.run_id
         ]
@@ -180,26 +194,29 @@ def _logged(sides: Sequence[Side], client: MlflowClient, names: list[str]) -> Sc
 _GIVE = "give the images to compare on as dataset.root=..."
 
 
-def _test_digest(client: MlflowClient, run_id: str) -> str | None:
+def _test_input(client: MlflowClient, run_id: str) -> tuple[str, str] | None:
+    """The digest and the source folder of the test split the run logged as a dataset input."""
     from insect_exp.tracking.lineage import CONTEXT_TAG
 
     inputs = client.get_run(run_id).inputs
     for item in inputs.dataset_inputs if inputs else []:
         if any(t.key == CONTEXT_TAG and t.value == "test" for t in item.tags):
-            return item.dataset.digest
+            source = json.loads(item.dataset.source or "{}").get("uri", "")
+            return item.dataset.digest, source
     return None
 
 
 def _read_probabilities(
     client: MlflowClient, run_id: str, artifact: str, names: list[str]
-) -> dict[str, tuple[int, np.ndarray]]:
-    """path -> (label, probabilities) from a training run's logged test predictions."""
-    import mlflow
-
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}")
-    except Exception as err:  # noqa: BLE001  (a run from before the file was logged)
-        raise UserError(f"run {run_id} logged no {artifact}: {_GIVE}") from err
+) -> dict[str, tuple[int, np.ndarray]] | None:
+    """path -> (label, probabilities) from a training run's logged test predictions (None: the
+    run logged none, as runs from before the file was logged)."""
+    if not any(
+        a.path == artifact for a in client.list_artifacts(run_id, Path(artifact).parent.name)
+    ):
+        return None
+    with tempfile.TemporaryDirectory(prefix="insect_exp-compare-") as tmp:
+        text = Path(client.download_artifacts(run_id, artifact, tmp)).read_text()
     rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
     index = {name: i for i, name in enumerate(names)}
     return {
