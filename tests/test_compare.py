@@ -70,7 +70,7 @@ def test_a_better_candidate_passes_the_gate_and_the_comparison_is_logged(store: 
 
     # Then: a significant win on the 30 test images, the gate passes, and a run holds the report.
     assert out.returncode == 0, out.stderr[-3000:]
-    verdict = next(line for line in out.stdout.splitlines() if line.startswith("B "))
+    verdict = next(line for line in out.stdout.splitlines() if line.startswith("B better"))
     assert re.fullmatch(
         r"B better than A: \+\d+\.\d points \[\+.*\], McNemar p=.*, 30 images", verdict
     )
