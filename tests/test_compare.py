@@ -155,3 +155,15 @@ def test_bad_input_exits_2_so_that_1_always_means_a_failed_gate(store: Store):
     )
     assert typo.returncode == 2
     assert "max_dorp" in typo.stderr
+
+
+def test_a_and_b_on_the_command_line_are_baseline_and_candidate_as_written(tmp_path: Path):
+    # A group's name holds `=` and `,`; an alias `@`: none of them is Hydra syntax here.
+    out = cli(
+        "insect_exp.compare", "runs:/abc#optimizer=sgd,model.width=2", "models:/insects@champion",
+        "--cfg", "job", cwd=tmp_path,
+    )  # fmt: skip
+
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "baseline: runs:/abc#optimizer=sgd,model.width=2\n" in out.stdout
+    assert "candidate: models:/insects@champion\n" in out.stdout

@@ -32,7 +32,8 @@ def hydra_arguments(argv: list[str]) -> list[str]:
     out: list[str] = []
     for arg in argv:
         flag_value = bool(out) and out[-1] in _FLAGS_WITH_VALUES
-        if "=" not in arg and not arg.startswith("-") and not flag_value:
+        uri = arg.startswith(("runs:/", "models:/"))  # a group's name may hold `=`
+        if uri or ("=" not in arg and not arg.startswith("-") and not flag_value):
             key = next(positional, None)
             arg = f"{key}={arg}" if key else arg
         found = _SIDE.fullmatch(arg)
