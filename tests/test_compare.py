@@ -148,6 +148,7 @@ def test_a_sweep_of_several_groups_needs_one_picked(store: Store):
 def test_bad_input_exits_2_so_that_1_always_means_a_failed_gate(store: Store):
     unknown = store.compare("0123456789abcdef0123456789abcdef", store.bad_run)
     typo = store.compare(store.bad_run, store.bad_run, "max_dorp=0.01")
+    out_of_range = store.compare(store.bad_run, store.bad_run, "max_drop=2")
 
     assert unknown.returncode == 2
     assert "insect_exp.compare: error: '0123456789abcdef0123456789abcdef': no such run" in (
@@ -155,6 +156,8 @@ def test_bad_input_exits_2_so_that_1_always_means_a_failed_gate(store: Store):
     )
     assert typo.returncode == 2
     assert "max_dorp" in typo.stderr
+    assert out_of_range.returncode == 2
+    assert "error: max_drop=2.0 is out of range: must be null or in [0, 1]" in out_of_range.stderr
 
 
 def test_a_and_b_on_the_command_line_are_baseline_and_candidate_as_written(tmp_path: Path):
