@@ -706,6 +706,41 @@ class EvaluateConfig:
             raise ConfigError(f"split={self.split!r} must be a folder name such as test or train")
 
 
+@dataclass
+class CompareConfig:
+    """`python -m insect_exp.compare A B` (conf/compare.yaml): two models, runs or sweep groups
+    scored on the same images, with paired tests, logged as a new run; a regression gate."""
+
+    # runs:/<id>[/model], a run id, runs:/<sweep parent id>[#<group>], models:/<name>/<version>,
+    # models:/<name>@<alias> or models:/<model id>. `python -m insect_exp.compare A B` sets both.
+    baseline: str = MISSING
+    candidate: str = MISSING
+    # root null: the test split both sources' runs logged (the same digest), their predictions
+    # reused where logged; a root: every model evaluated on ROOT/<split> (or a bare class folder).
+    dataset: DatasetConfig = MISSING
+    split: str = "test"
+    batch_size: int = 32
+    # The gate (exit 1): the candidate's accuracy below the baseline's by more than max_drop
+    # overall, or by more than max_class_drop for a class; null: that check is off.
+    max_drop: float | None = None
+    max_class_drop: float | None = None
+    # A passing candidate gets the alias (`alias`, else the baseline's models:/<name>@<alias>).
+    promote: bool = False
+    alias: str | None = None
+    # Paired bootstrap resamples, and their seed (reruns agree).
+    resamples: int = 2000
+    seed: int = 0
+    mlflow: EvaluateMlflowConfig = field(default_factory=EvaluateMlflowConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _require(self.resamples >= 100, "resamples", self.resamples, ">= 100")
+        for key in ("max_drop", "max_class_drop"):
+            value = getattr(self, key)
+            _require(value is None or 0 <= value <= 1, key, value, "null or in [0, 1]")
+
+
 @overload
 def to_object(cfg: DictConfig) -> Config: ...
 

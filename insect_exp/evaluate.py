@@ -90,6 +90,7 @@ class Evaluation:
     probability: np.ndarray  # ... and its probability
     skipped: list[tuple[str, str]]  # (path, reason) of the files that did not decode
     reliability: Reliability  # what plots/reliability.png draws
+    probabilities: np.ndarray | None = None  # (images, classes)
 
 
 def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -277,7 +278,7 @@ def evaluate_files(
     log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
     probability = probs[np.arange(len(predicted)), predicted]
     reliability = calibration.Reliability.of(logits, split.labels, temperature)
-    return Evaluation(metrics, split, predicted, probability, skipped, reliability)
+    return Evaluation(metrics, split, predicted, probability, skipped, reliability, probs)
 
 
 def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int) -> None:

@@ -3,8 +3,9 @@
     python -m insect_exp.predict model_uri=runs:/<run id>/model inputs=/path/to/file_or_folder \\
         [output=preds.csv] [top_k=3] [batch_size=64] [explain=true]
 
-`model_uri`: runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<model
-id>, or a model folder. One CSV row per image: path,label,probability, then label_2,probability_2
+`model_uri`: runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest,
+models:/<name>@<alias>, models:/<model id>, or a model folder. One CSV row per image:
+path,label,probability, then label_2,probability_2
 ... up to top_k; without `output`, the CSV goes to stdout. Files are found as in training
 (insect_exp/data: the same rules for what counts as an image, hidden names ignored) and decoded
 and resized by the model's own decoder, in its SavedModel: as its training images were, whichever
@@ -56,8 +57,8 @@ _ARTIFACT_SCHEMES = frozenset(
     | {"http", "https", "mlflow-artifacts"}
 )
 _URI_FORMS = (
-    "runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<model id> "
-    "or a model folder"
+    "runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, "
+    "models:/<name>@<alias>, models:/<model id> or a model folder"
 )
 # Quiet MLflow's per-file download progress bars on stderr (set the variable to see them).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# Per-image test probabilities of a training run, one column per class after `path` and `true`.
+PROBABILITIES_TSV = "predictions/test.tsv"
+
 if TYPE_CHECKING:
     from insect_exp.data.pipeline import Data, ImageSplit
     from insect_exp.tracking import Run
@@ -138,16 +141,20 @@ class PredictionSummary:
     predicted: np.ndarray
     sample_images: np.ndarray
     sample_index: np.ndarray
+    probabilities: np.ndarray | None = None  # (images, classes)
 
 
 def summarize_predictions(
     split: ImageSplit, logits: np.ndarray, class_names: list[str], seed: int
 ) -> PredictionSummary:
+    from insect_exp.serving import softmax
+
     idx = sample(split, 30, seed)
     predicted = logits.argmax(axis=1)
     return PredictionSummary(
-        list(class_names), list(split.paths), split.labels, predicted, split.images[idx], idx
-    )
+        list(class_names), list(split.paths), split.labels, predicted, split.images[idx], idx,
+        softmax(logits),
+    )  # fmt: skip
 
 
 def log_predictions(
@@ -172,6 +179,14 @@ def log_prediction_summary(run: Run, summary: PredictionSummary) -> None:
         (p, names[t], names[q]) for p, t, q in zip(summary.paths, labels, predicted, strict=True)
     )
     run.log_table(["path", "true", "predicted"], rows, "predictions.tsv")
+    if summary.probabilities is not None:
+        # Every class's probability: what `python -m insect_exp.compare` reuses (an ensemble of
+        # replicates averages them) instead of running the model on the test split again.
+        probabilities = (
+            (p, names[t], *(f"{x:.6g}" for x in row))
+            for p, t, row in zip(summary.paths, labels, summary.probabilities, strict=True)
+        )
+        run.log_table(["path", "true", *names], probabilities, PROBABILITIES_TSV)
 
 
 def log_artifacts(run: Run, artifacts: Mapping[str, Any]) -> None:
