@@ -1,7 +1,7 @@
 """First ingest and steady epochs: the reference loader vs dataset.cache=memory vs disk.
 
 Usage: python benchmarks/ingest.py [--count 20000] [--png] [--image-size 180] [--repeats 2]
-                                  [--work DIR] [--verify-only]
+                                  [--work DIR] [--verify-only] [--audit-only]
 
 Generates --count photo-like JPEGs of about 500x375 in 3 classes (with --png: small 96x96 PNGs,
 60,000 by default), once per work dir. Then each side runs in a fresh process, measured whole:
@@ -12,6 +12,11 @@ time (best of epochs 2-3) of fit.train_batches over the decoded train split, mem
 (data only, the worst case for disk), the first disk epoch (right after the entry's write),
 and the time of --train-steps training steps of the reference CNN on it.
 Targets (issue 12): ingest at least as fast as the reference; disk epochs within 10% of memory.
+
+With --audit-only: the data audit's cost (data/duplicates.py: perceptual hashes, duplicate
+pairs, original sizes) against decoding, in fresh processes alternating with and without it
+(memory mode), and on a reused disk cache entry (the hashes kept beside it). Target (issue 28):
+the audit within 5% of the decoding time.
 
 Then (alone with --verify-only) the cost of checking an entry's checksums when it is reused: in
 fresh processes, alternating, the entry is opened with and without the check and read once
@@ -118,6 +123,8 @@ def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: 
     mode = CacheMode.disk if name.startswith("disk") else CacheMode.memory
     policy = CachePolicy(mode, cache_dir, 2**40, 2**40)
     data = load(scan(root), size, val_split=0.1, seed=0, cache=policy)
+    if name.endswith("audit"):
+        return audited(data, root, policy, time.perf_counter() - start, _cpu_s() - cpu_start)
     result = {
         "images": len(data.train) + len(data.val),
         "seconds": time.perf_counter() - start,
@@ -127,6 +134,46 @@ def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: 
     if name.endswith("epochs"):
         result.update(epochs(data.train, train_steps))
     return result
+
+
+def audited(data, root: Path, policy, decode_s: float, decode_cpu_s: float) -> dict:
+    """The audit of decoded DATA, timed, beside the decoding's time (this process's)."""
+    from insect_exp.config import FolderDatasetConfig
+    from insect_exp.data.audit import audit_data
+
+    start, cpu_start = time.perf_counter(), _cpu_s()
+    audit = audit_data(data, FolderDatasetConfig(root=str(root)), policy).audit
+    return {
+        "images": len(data.train) + len(data.val),
+        "decode_s": decode_s,
+        "decode_cpu_s": decode_cpu_s,
+        "audit_s": time.perf_counter() - start,
+        "audit_cpu_s": _cpu_s() - cpu_start,
+        "pairs": len(audit.rows),
+    }
+
+
+def audit_cost(args: argparse.Namespace, root: Path, work: Path) -> None:
+    """Print the audit's time against the decoding's: memory mode, then a reused disk entry."""
+    runs: dict[str, list[dict]] = {"memory": [], "memory-audit": []}
+    cache_dir = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+    for _ in range(args.repeats):
+        for name, done in runs.items():
+            done.append(run_phase(name, args, root, cache_dir))
+    off = statistics.median(r["seconds"] for r in runs["memory"])
+    on = [r["decode_s"] + r["audit_s"] for r in runs["memory-audit"]]
+    share = statistics.median(r["audit_s"] / r["decode_s"] for r in runs["memory-audit"])
+    cpu = statistics.median(r["audit_cpu_s"] / r["decode_cpu_s"] for r in runs["memory-audit"])
+    print(f"memory mode, median of {args.repeats}: decode {off:.2f} s without the audit, "
+          f"{statistics.median(on):.2f} s with it; the audit alone: {100 * share:.1f}% of the "
+          f"decoding's wall time in its process, {100 * cpu:.1f}% of its CPU time "
+          f"(target <= 5%); pairs found: {runs['memory-audit'][0]['pairs']}")  # fmt: skip
+    first = run_phase("disk-audit", args, root, cache_dir)
+    again = run_phase("disk-audit", args, root, cache_dir)
+    print(f"disk cache: the audit {first['audit_s']:.2f} s when the entry is written, "
+          f"{again['audit_s']:.2f} s when it is reused (decoding reused: "
+          f"{again['decode_s']:.2f} s)")  # fmt: skip
+    shutil.rmtree(cache_dir)
 
 
 def epochs(split, train_steps: int) -> dict:
@@ -268,6 +315,7 @@ def main() -> None:
     parser.add_argument(
         "--verify-only", action="store_true", help="only the cost of checking a reused entry"
     )
+    parser.add_argument("--audit-only", action="store_true", help="only the data audit's cost")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
@@ -293,6 +341,9 @@ def main() -> None:
     print(f"best of {args.repeats} alternating runs of each side (the machine may be shared)")
     if args.verify_only:
         verify_cost(args, root, work)
+        return
+    if args.audit_only:
+        audit_cost(args, root, work)
         return
     print(_touch_line())
     every: dict[str, list[dict]] = {"reference": [], "memory": [], "disk": []}
