@@ -4,13 +4,14 @@ Exact duplicates are files with the same bytes: the content fingerprints taken w
 (pipeline.ImageSplit.fingerprints, no extra read) find the candidates, and a SHA-256 of each
 candidate's bytes (hashlib) confirms them. Near duplicates are images whose perceptual hashes
 differ in at most `dataset.duplicate_distance` of their 64 bits: a resized, recompressed or
-slightly shifted copy. The hash is imagehash's `phash` (luma, a 32x32 Lanczos resize, the 8x8
-lowest frequencies of its DCT against their median), computed here on the decoded arrays a batch at
-a time, as matrix products: one image at a time through PIL costs more than a tenth of the
-decoding (benchmarks/ingest.py measures what this costs). Pairs are found by comparing the packed
-hashes in blocks (XOR and popcount), never one pair at a time in Python.
+slightly shifted copy. The hash is imagehash's `phash` (a 32x32 gray image, the 8x8 lowest
+frequencies of its DCT against their median) of the decoded arrays, with PIL's `reducing_gap`
+shortcut for the resize (a box reduction first: imagehash's full Lanczos resize costs several
+times more) and the DCTs of a batch at a time. benchmarks/ingest.py --audit-only measures what
+the audit costs against decoding. Pairs are found by comparing the packed hashes in blocks (XOR
+and popcount), never one pair at a time in Python.
 
-With a disk cache the hashes and sizes are kept beside its entries (data/audit_store.py), so a run
+With a disk cache the hashes and sizes are kept beside its entries (data/audit.py), so a run
 that reuses its decoded images reuses its audit too.
 """
 
@@ -20,6 +21,7 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,60 +30,52 @@ import numpy as np
 import scipy.fft
 from PIL import Image
 
+from insect_exp import hardware
+
 log = logging.getLogger(__name__)
 
 HASH_SIZE = 8  # imagehash's phash default: 8x8 = 64 bits
 _SMALL = HASH_SIZE * 4  # the side it resizes to before the DCT (highfreq_factor 4)
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # PIL's convert("L")
+_LANCZOS = Image.Resampling.LANCZOS
 _BATCH = 64  # images hashed at a time
 _BLOCK_CELLS = 2**22  # hash comparisons held at a time while searching for pairs
 SPLITS = ("train", "val", "test")
 TSV_NAME = "dataset/duplicates.tsv"
 
 
-def _lanczos(x: np.ndarray) -> np.ndarray:
-    return np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """The 32x32 gray image phash takes the DCT of: PIL's Lanczos resize, after a box reduction
+    by the largest whole factor that leaves both sides at least 32 (`reducing_gap`: a sixth of
+    the work at 180x180), then the luma."""
+    resized = Image.fromarray(image).resize((_SMALL, _SMALL), _LANCZOS, reducing_gap=1.0)
+    return np.asarray(resized.convert("L"))
 
 
-def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """The (size_out x size_in) weights of PIL's antialiased Lanczos resize along one axis."""
-    scale = size_in / size_out
-    filterscale = max(scale, 1.0)
-    support = 3.0 * filterscale
-    weights = np.zeros((size_out, size_in))
-    for out in range(size_out):
-        center = (out + 0.5) * scale
-        low = max(int(center - support + 0.5), 0)
-        high = min(int(center + support + 0.5), size_in)
-        taps = np.arange(low, high)
-        row = _lanczos((taps - center + 0.5) / filterscale)
-        weights[out, low:high] = row / row.sum()
-    return weights.astype(np.float32)
+def hash_thumbnails(small: np.ndarray) -> np.ndarray:
+    """imagehash.phash of each 32x32 gray image (N x 32 x 32), packed as uint64 (first bit high):
+    the 8x8 lowest frequencies of its DCT, each above their median or not."""
+    dct = scipy.fft.dct(scipy.fft.dct(small.astype(np.float64), axis=1), axis=2)
+    low = dct[:, :HASH_SIZE, :HASH_SIZE].reshape(len(small), -1)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 
 def perceptual_hashes(images: Any) -> np.ndarray:
-    """imagehash.phash of each uint8 RGB image (N x H x W x 3), packed as uint64 (first bit high).
+    """The perceptual hash of each uint8 RGB image (N x H x W x 3), packed as uint64.
 
     Any object indexed by slices the way a NumPy array is will do (the disk cache's records).
+    Batches are hashed by one thread per core: PIL's resize and SciPy's DCT release the GIL.
     """
     count = len(images)
     out = np.zeros(count, dtype=np.uint64)
-    if not count:
-        return out
-    height, width = images[0].shape[:2]
-    # The luma and the resize along the width in one product, the resize along the height in a
-    # second: the gray image is never made apart (one pass over the pixels).
-    across = np.kron(resize_matrix(width, _SMALL).T, _LUMA[:, None])  # (W * 3) x 32
-    down = resize_matrix(height, _SMALL)  # 32 x H
-    for start in range(0, count, _BATCH):
+
+    def hash_batch(start: int) -> None:
         batch = np.asarray(images[start : start + _BATCH])
-        n = len(batch)
-        wide = batch.reshape(n * height, width * 3).astype(np.float32) @ across
-        small = np.clip(np.round(down @ wide.reshape(n, height, _SMALL)), 0, 255)  # N x 32 x 32
-        dct = scipy.fft.dct(scipy.fft.dct(small, axis=1), axis=2)[:, :HASH_SIZE, :HASH_SIZE]
-        low = dct.reshape(n, -1)
-        bits = low > np.median(low, axis=1, keepdims=True)
-        out[start : start + n] = np.packbits(bits, axis=1).view(">u8")[:, 0]
+        small = np.stack([thumbnail(image) for image in batch])
+        out[start : start + len(batch)] = hash_thumbnails(small)
+
+    with ThreadPoolExecutor(hardware.cpus(), "insect_exp-audit") as pool:
+        list(pool.map(hash_batch, range(0, count, _BATCH)))
     return out
 
 

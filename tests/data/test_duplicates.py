@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw
 from insect_exp.config import CacheMode, FolderDatasetConfig
 from insect_exp.data.audit import audit_data
 from insect_exp.data.cache import CachePolicy
+from insect_exp.data.duplicates import hash_thumbnails
 from insect_exp.data.pipeline import load
 from insect_exp.data.scan import scan
 from tests.conftest import run_cli
@@ -182,6 +184,16 @@ def test_cli_run_logs_the_duplicates_warns_once_and_dedupe_drops_test_twins(tmp_
     )
     plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/dataset.png" in plots
+
+
+def test_the_hash_of_a_32px_gray_image_is_imagehash_phash():
+    # Given 32x32 gray images, the size phash takes its DCT of (no resize left to differ)
+    images = np.random.default_rng(3).integers(0, 256, (20, 32, 32), dtype=np.uint8)
+    # When they are hashed a batch at a time
+    hashes = hash_thumbnails(images)
+    # Then each hash is imagehash's phash, bit for bit
+    expected = [int(str(imagehash.phash(Image.fromarray(image))), 16) for image in images]
+    assert hashes.tolist() == expected
 
 
 @pytest.mark.parametrize("distance", [-1, 65])
