@@ -1,10 +1,11 @@
 """First ingest and steady epochs: the reference loader vs dataset.cache=memory vs disk.
 
 Usage: python benchmarks/ingest.py [--count 20000] [--png] [--image-size 180] [--repeats 2]
-                                  [--work DIR] [--verify-only] [--audit-only]
+                                  [--work DIR] [--verify-only] [--audit-only] [--photo-width 500]
 
-Generates --count photo-like JPEGs of about 500x375 in 3 classes (with --png: small 96x96 PNGs,
-60,000 by default), once per work dir. Then each side runs in a fresh process, measured whole:
+Generates --count photo-like JPEGs of about 500x375 (4:3 at --photo-width) in 3 classes (with
+--png: small 96x96 PNGs, 60,000 by default), once per work dir. Then each side runs in a fresh
+process, measured whole:
 - reference: tf_keras.utils.image_dataset_from_directory on the folder, iterated once;
 - memory / disk: insect_exp's decode (scan, decode, resize, and for disk the cache write).
 Each prints images/s and its peak RSS (best of --repeats alternating runs). Then the steady epoch
@@ -48,14 +49,14 @@ HERE = Path(__file__).resolve()
 CLASSES = ("beetles", "cockroach", "dragonflies")
 
 
-def _photo(args: tuple[Path, int, bool]) -> None:
+def _photo(args: tuple[Path, int, bool, int]) -> None:
     """One image: smooth colour fields, edges and fine noise, so JPEGs compress like photos."""
     import numpy as np
     from PIL import Image, ImageFilter
 
-    path, seed, png = args
+    path, seed, png, photo_width = args
     rng = np.random.default_rng(seed)
-    width, height = (96, 96) if png else (500, 375)
+    width, height = (96, 96) if png else (photo_width, photo_width * 3 // 4)
     coarse = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
     image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
     pixels = np.asarray(image, dtype=np.int16)
@@ -68,7 +69,7 @@ def _photo(args: tuple[Path, int, bool]) -> None:
         image.save(path, quality=90)
 
 
-def generate(root: Path, count: int, png: bool) -> Path:
+def generate(root: Path, count: int, png: bool, photo_width: int = 500) -> Path:
     """ROOT/train/<class>/*: COUNT images (kept across runs: done once per work dir)."""
     marker = root / f".complete-{count}"
     if marker.exists():
@@ -77,11 +78,11 @@ def generate(root: Path, count: int, png: bool) -> Path:
     for i in range(count):
         folder = root / "train" / CLASSES[i % 3]
         folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((folder / f"{i:06d}.{'png' if png else 'jpg'}", i, png))
+        jobs.append((folder / f"{i:06d}.{'png' if png else 'jpg'}", i, png, photo_width))
     start = time.perf_counter()
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(_photo, jobs, chunksize=64))
-    size = sum(p.stat().st_size for p, _, _ in jobs) / 2**20
+    size = sum(job[0].stat().st_size for job in jobs) / 2**20
     print(f"generated {count} images ({size:.0f} MB) in {time.perf_counter() - start:.0f} s")
     marker.touch()
     return root
@@ -308,6 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, help="images (default 20,000; 60,000 with --png)")
     parser.add_argument("--png", action="store_true", help="small 96x96 PNGs instead of photos")
+    parser.add_argument("--photo-width", type=int, default=500, help="JPEGs' width (4:3)")
     parser.add_argument("--image-size", type=int, default=180)
     parser.add_argument("--train-steps", type=int, default=100, help="CNN steps timed per mode")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
@@ -334,8 +336,9 @@ def main() -> None:
 
     count = args.count or (60_000 if args.png else 20_000)
     work = args.work or Path(tempfile.mkdtemp(prefix="insect_ingest_bench_"))
-    kind = "png96" if args.png else "jpeg500x375"
-    root = generate(work / f"{kind}-{count}", count, args.png)
+    w = args.photo_width
+    kind = "png96" if args.png else f"jpeg{w}x{w * 3 // 4}"
+    root = generate(work / f"{kind}-{count}", count, args.png, w)
     print(f"cpu: {cpu()}")
     print(f"data: {count} {kind} images in {root}; decoded at {args.image_size} px")
     print(f"best of {args.repeats} alternating runs of each side (the machine may be shared)")
