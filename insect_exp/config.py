@@ -163,8 +163,9 @@ class DatasetConfig:
     audit: bool = True
     # Drop the test images that have a twin in train (exact or near) before training.
     dedupe: bool = False
-    # Near duplicates: perceptual hashes (64 bits) at most this many bits apart.
-    duplicate_distance: int = 8
+    # Near duplicates: perceptual hashes (64 bits) at most this many bits apart (and alike
+    # thumbnails: data/duplicates.py).
+    duplicate_distance: int = 10
 
     def __post_init__(self) -> None:
         self.class_weight = _enum("dataset.class_weight", self.class_weight, ClassWeight)

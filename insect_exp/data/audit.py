@@ -1,10 +1,10 @@
 """The data audit of a loaded dataset (data/duplicates.py), run as the data is loaded, and
 `dataset.dedupe`: the test images with a twin in train dropped before any training.
 
-With the disk cache, each split's perceptual hashes and original sizes are kept in a small file
-beside the cache's entries, `<cache_dir>/images/audit/<key>.hashes`, keyed by the image size and
-the content fingerprints of the split's files: a run reusing the decoded images reuses it, and a
-change to any file's bytes makes another key. Like a cache entry, it ends in a footer (magic,
+With the disk cache, each split's perceptual hashes, thumbnails and original sizes are kept in a
+small file beside the cache's entries, `<cache_dir>/images/audit/<key>.hashes`, keyed by the image
+size and the content fingerprints of the split's files: a run reusing the decoded images reuses it,
+and a change to any file's bytes makes another key. Like a cache entry, it ends in a footer (magic,
 format version, count, CRC-32 of the rest); one that does not check out is computed again.
 """
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_VERSION = 1  # bump when the hashes or sizes kept change meaning
+_VERSION = 2  # bump when what is kept changes meaning
 _MAGIC = b"INSXAUDT"
 _FOOTER = struct.Struct("<I8sIQ")  # CRC-32 of the rest, magic, version, count
 _SUFFIX = ".hashes"
@@ -96,13 +96,13 @@ def split_hashes(split: ImageSplit, store: Path | None, name: str) -> duplicates
     kept = None if path is None else _read(path, len(split))
     if kept is not None:
         log.info("audit of %s: %d images' hashes reused from %s", name, len(split), path)
-        hashes, sizes = kept
+        hashes, sizes, thumbs = kept
     else:
-        hashes = duplicates.perceptual_hashes(split.images)
+        hashes, thumbs = duplicates.perceptual_hashes(split.images)
         sizes = duplicates.original_sizes(split.paths)
         if path is not None:
-            _write(path, hashes, sizes)
-    return duplicates.SplitHashes(list(split.paths), split.fingerprints, hashes, sizes)
+            _write(path, hashes, sizes, thumbs)
+    return duplicates.SplitHashes(list(split.paths), split.fingerprints, hashes, sizes, thumbs)
 
 
 def _key(split: ImageSplit) -> str | None:
@@ -116,13 +116,17 @@ def _key(split: ImageSplit) -> str | None:
     return digest.hexdigest()
 
 
-def _read(path: Path, count: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The hashes and sizes kept at PATH if it is whole and for COUNT images, else None."""
+Kept = tuple[np.ndarray, np.ndarray, np.ndarray]  # hashes, sizes, thumbnails
+
+
+def _read(path: Path, count: int) -> Kept | None:
+    """The hashes, sizes and thumbnails kept at PATH if it is whole and for COUNT images."""
     try:
         blob = path.read_bytes()
     except OSError:
         return None
-    body = count * (8 + 8)
+    thumb = duplicates.THUMB_BYTES
+    body = count * (8 + 8 + thumb)
     if len(blob) != body + _FOOTER.size:
         return None
     crc, magic, version, kept = _FOOTER.unpack(blob[body:])
@@ -131,13 +135,16 @@ def _read(path: Path, count: int) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     hashes = np.frombuffer(blob, np.uint64, count).copy()
     sizes = np.frombuffer(blob, np.int32, 2 * count, 8 * count).reshape(count, 2).copy()
+    thumbs = np.frombuffer(blob, np.uint8, thumb * count, 16 * count).copy()
     touch(path)  # used: for whoever tidies the folder by age
-    return hashes, sizes
+    return hashes, sizes, thumbs.reshape(count, *duplicates.THUMB_SHAPE)
 
 
-def _write(path: Path, hashes: np.ndarray, sizes: np.ndarray) -> None:
-    """Keep the hashes and sizes at PATH (atomically); a folder that cannot be written is fine."""
+def _write(path: Path, hashes: np.ndarray, sizes: np.ndarray, thumbs: np.ndarray) -> None:
+    """Keep what the audit computed at PATH (atomically); a folder that cannot be written is
+    fine."""
     body = hashes.astype(np.uint64).tobytes() + sizes.astype(np.int32).tobytes()
+    body += np.ascontiguousarray(thumbs, dtype=np.uint8).tobytes()
     footer = _FOOTER.pack(zlib.crc32(body), _MAGIC, _VERSION, len(hashes))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,12 @@ frequencies of its DCT against their median) of the decoded arrays, with PIL's `
 shortcut for the resize (a box reduction first: imagehash's full Lanczos resize costs several
 times more) and the DCTs of a batch at a time. benchmarks/ingest.py --audit-only measures what
 the audit costs against decoding. Pairs are found by comparing the packed hashes in blocks (XOR
-and popcount), never one pair at a time in Python.
+and popcount), never one pair at a time in Python. A pair the hashes find is kept only if the
+images' 16x16 gray thumbnails are alike too (`alike`): phash alone pairs distinct images whose
+plain backgrounds leave their low frequencies alike.
 
-With a disk cache the hashes and sizes are kept beside its entries (data/audit.py), so a run
-that reuses its decoded images reuses its audit too.
+With a disk cache the hashes, thumbnails and sizes are kept beside its entries (data/audit.py),
+so a run that reuses its decoded images reuses its audit too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ HASH_SIZE = 8  # imagehash's phash default: 8x8 = 64 bits
 _SMALL = HASH_SIZE * 4  # the side it resizes to before the DCT (highfreq_factor 4)
 _LANCZOS = Image.Resampling.LANCZOS
 _BATCH = 64  # images hashed at a time
+_THUMB = _SMALL // 2  # the side of the thumbnails compared to confirm a near pair
+THUMB_SHAPE = (_THUMB, _THUMB)
+THUMB_BYTES = _THUMB * _THUMB
+# The mean absolute difference (gray levels, 0-255) of two thumbnails of a near pair.
+MAX_DIFFERENCE = 8.0
 _BLOCK_CELLS = 2**22  # hash comparisons held at a time while searching for pairs
 SPLITS = ("train", "val", "test")
 TSV_NAME = "dataset/duplicates.tsv"
@@ -60,23 +67,38 @@ def hash_thumbnails(small: np.ndarray) -> np.ndarray:
     return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 
-def perceptual_hashes(images: Any) -> np.ndarray:
-    """The perceptual hash of each uint8 RGB image (N x H x W x 3), packed as uint64.
+def perceptual_hashes(images: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The perceptual hash of each uint8 RGB image (N x H x W x 3), packed as uint64, and its
+    16x16 gray thumbnail (N x 16 x 16 uint8), which confirms a pair the hashes find.
 
     Any object indexed by slices the way a NumPy array is will do (the disk cache's records).
     Batches are hashed by one thread per core: PIL's resize and SciPy's DCT release the GIL.
     """
     count = len(images)
-    out = np.zeros(count, dtype=np.uint64)
+    hashes = np.zeros(count, dtype=np.uint64)
+    thumbs = np.zeros((count, *THUMB_SHAPE), dtype=np.uint8)
 
     def hash_batch(start: int) -> None:
         batch = np.asarray(images[start : start + _BATCH])
         small = np.stack([thumbnail(image) for image in batch])
-        out[start : start + len(batch)] = hash_thumbnails(small)
+        hashes[start : start + len(batch)] = hash_thumbnails(small)
+        halved = small.reshape(len(batch), _THUMB, 2, _THUMB, 2).mean(axis=(2, 4))
+        thumbs[start : start + len(batch)] = np.round(halved)
 
     with ThreadPoolExecutor(hardware.cpus(), "insect_exp-audit") as pool:
         list(pool.map(hash_batch, range(0, count, _BATCH)))
-    return out
+    return hashes, thumbs
+
+
+def alike(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Whether the thumbnails of each pair (i, j) differ by at most MAX_DIFFERENCE on average.
+
+    A copy, resized, recompressed or shifted by a pixel or two, stays within a few gray levels;
+    distinct images whose hashes happen to be close (plain backgrounds make phash's low
+    frequencies alike) differ by tens.
+    """
+    difference = np.abs(thumbs[i].astype(np.int16) - thumbs[j].astype(np.int16))
+    return difference.mean(axis=(1, 2)) <= MAX_DIFFERENCE
 
 
 def close_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,6 +158,7 @@ class SplitHashes:
     fingerprints: np.ndarray | None
     hashes: np.ndarray
     sizes: np.ndarray  # N x (width, height) of the original files
+    thumbs: np.ndarray  # N x 16 x 16 gray thumbnails (perceptual_hashes)
 
 
 @dataclass(frozen=True)
@@ -186,6 +209,8 @@ def find_duplicates(splits: dict[str, SplitHashes], threshold: int) -> Audit:
     row = np.concatenate([np.arange(len(s.paths)) for s in splits.values()])
     paths = [p for s in splits.values() for p in s.paths]
     i, j, distance = close_pairs(np.concatenate([s.hashes for s in splits.values()]), threshold)
+    confirmed = alike(np.concatenate([s.thumbs for s in splits.values()]), i, j)
+    i, j, distance = i[confirmed], j[confirmed], distance[confirmed]
     kinds = _kinds(splits, paths, i, j)
     rows = [
         (paths[a], names[owner[a]], paths[b], names[owner[b]], kind, int(d))

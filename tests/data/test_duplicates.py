@@ -99,11 +99,13 @@ def _found(rows, root: Path) -> set[tuple[str, str, str]]:
 def test_planted_exact_and_near_duplicates_are_found_and_no_other_pairs(tmp_path):
     # Given a folder of distinct images with planted copies: exact, resized, recompressed, shifted
     root, planted = planted_folder(tmp_path / "insects")
-    cfg = FolderDatasetConfig(root=str(root))
-    # When it is loaded and audited
-    data = audit_data(load(scan(root), SIZE), cfg, None)
-    # Then exactly the planted pairs are reported, each of its kind
-    assert _found(data.audit.rows, root) == planted
+    loaded = load(scan(root), SIZE)
+    # When it is audited, at the default distance and at one loose enough to bring distinct
+    # images' hashes within reach (their thumbnails then tell them apart)
+    data = audit_data(loaded, FolderDatasetConfig(root=str(root)), None)
+    loose = audit_data(loaded, FolderDatasetConfig(root=str(root), duplicate_distance=24), None)
+    # Then exactly the planted pairs are reported, each of its kind, either way
+    assert _found(data.audit.rows, root) == _found(loose.audit.rows, root) == planted
     assert data.audit.counts == {
         "duplicates_within_train": 2, "duplicates_train_test": 4, "duplicates_within_test": 0,
     }  # fmt: skip
