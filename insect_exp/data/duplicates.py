@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from PIL import Image
 
 from insect_exp import hardware
 
-log = logging.getLogger(__name__)
-
 HASH_SIZE = 8  # imagehash's phash default: 8x8 = 64 bits
 _SMALL = HASH_SIZE * 4  # the side it resizes to before the DCT (highfreq_factor 4)
 _LANCZOS = Image.Resampling.LANCZOS
@@ -46,14 +43,13 @@ THUMB_BYTES = _THUMB * _THUMB
 # The mean absolute difference (gray levels, 0-255) of two thumbnails of a near pair.
 MAX_DIFFERENCE = 8.0
 _BLOCK_CELLS = 2**22  # hash comparisons held at a time while searching for pairs
-SPLITS = ("train", "val", "test")
 TSV_NAME = "dataset/duplicates.tsv"
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
     """The 32x32 gray image phash takes the DCT of: PIL's Lanczos resize, after a box reduction
-    by the largest whole factor that leaves both sides at least 32 (`reducing_gap`: a sixth of
-    the work at 180x180), then the luma."""
+    by the largest whole factor that leaves both sides at least 32 (`reducing_gap`: most of the
+    Lanczos filter's work saved), then the luma."""
     resized = Image.fromarray(image).resize((_SMALL, _SMALL), _LANCZOS, reducing_gap=1.0)
     return np.asarray(resized.convert("L"))
 
@@ -226,7 +222,7 @@ def find_duplicates(splits: dict[str, SplitHashes], threshold: int) -> Audit:
             if first == second:
                 counts[key] = len(np.unique(np.concatenate([i[pair], j[pair]])))
             else:
-                a, b = _oriented(owner, i[pair], j[pair], names.index(second))
+                _, b = _oriented(owner, i[pair], j[pair], names.index(second))
                 counts[key] = len(np.unique(b))
     twins = np.zeros(0, dtype=np.int64)
     if "train" in names and "test" in names:
