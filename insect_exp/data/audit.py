@@ -23,7 +23,7 @@ import numpy as np
 from insect_exp import files
 from insect_exp.config import CacheMode, DatasetConfig
 from insect_exp.data import duplicates
-from insect_exp.data.cache import touch
+from insect_exp.data.cache import evict_lru, touch
 from insect_exp.data.scan import DatasetError
 
 if TYPE_CHECKING:
@@ -36,6 +36,9 @@ _VERSION = 2  # bump when what is kept changes meaning
 _MAGIC = b"INSXAUDT"
 _FOOTER = struct.Struct("<I8sIQ")  # CRC-32 of the rest, magic, version, count
 _SUFFIX = ".hashes"
+# The kept hashes may take this share of the disk cache's cap (least recently used go first):
+# a few hundred bytes an image, against an entry's tens of KB.
+_SHARE_OF_CAP = 0.01
 
 
 def audit_data(data: Data, cfg: DatasetConfig, policy: CachePolicy | None) -> Data:
@@ -52,6 +55,9 @@ def audit_data(data: Data, cfg: DatasetConfig, policy: CachePolicy | None) -> Da
         for name, split in splits.items()
         if split is not None
     }
+    if store is not None and policy is not None:
+        used = {f"{_key(split)}{_SUFFIX}" for split in splits.values() if split is not None}
+        _tidy(store, int(policy.max_disk_bytes * _SHARE_OF_CAP), used)
     audit = duplicates.find_duplicates(hashes, cfg.duplicate_distance)
     twins = len(audit.test_twins)
     if twins:
@@ -114,6 +120,11 @@ def _key(split: ImageSplit) -> str | None:
     digest.update(f"v{_VERSION} {shape} phash{duplicates.HASH_SIZE}\n".encode())
     digest.update(np.ascontiguousarray(split.fingerprints, dtype=np.uint64).tobytes())
     return digest.hexdigest()
+
+
+def _tidy(store: Path, max_bytes: int, used: set[str]) -> None:
+    """Delete the least recently used kept hashes (not those of this run) down to MAX_BYTES."""
+    evict_lru({path.name: [path] for path in store.glob(f"*{_SUFFIX}")}, max_bytes, used)
 
 
 Kept = tuple[np.ndarray, np.ndarray, np.ndarray]  # hashes, sizes, thumbnails

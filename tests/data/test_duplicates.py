@@ -19,7 +19,7 @@ from insect_exp.data.cache import CachePolicy
 from insect_exp.data.duplicates import hash_thumbnails
 from insect_exp.data.pipeline import load
 from insect_exp.data.scan import scan
-from tests.conftest import run_cli
+from tests.conftest import make_image_folder, run_cli
 from tests.sweeps import TINY
 
 SIZE = (32, 32)
@@ -144,6 +144,21 @@ def test_a_rerun_on_the_disk_cache_reuses_the_audit_and_a_damaged_one_is_redone(
     assert sum("cannot be used" in r.message for r in caplog.records) == 1
     for audit in (first, second, third):
         assert _found(audit.rows, root) == planted
+
+
+def test_kept_hashes_of_folders_no_longer_used_go_once_over_their_share_of_the_cap(tmp_path):
+    # Given a disk cache capped so low that its kept hashes' share holds one run's at most
+    policy = CachePolicy(CacheMode.disk, tmp_path / "cache", 2**26, 10**5)
+    kept = tmp_path / "cache" / "images" / "audit"
+    folders = [make_image_folder(tmp_path / name, seed=k) for k, name in enumerate("ab")]
+    names = []
+    # When one folder is audited, then another
+    for root in folders:
+        cfg = FolderDatasetConfig(root=str(root), cache=CacheMode.disk)
+        audit_data(load(scan(root), SIZE, cache=policy), cfg, policy)
+        names.append({path.name for path in kept.iterdir()})
+    # Then the second run's hashes replace the first's
+    assert len(names[0]) == 2 and len(names[1]) == 2 and not names[0] & names[1]
 
 
 def _size(path: Path) -> int:
