@@ -18,7 +18,7 @@ from insect_exp.data.audit import audit_data
 from insect_exp.data.cache import CachePolicy
 from insect_exp.data.duplicates import hash_thumbnails
 from insect_exp.data.pipeline import load
-from insect_exp.data.scan import scan
+from insect_exp.data.scan import DatasetError, scan
 from tests.conftest import make_image_folder, run_cli
 from tests.sweeps import TINY
 
@@ -159,6 +159,19 @@ def test_kept_hashes_of_folders_no_longer_used_go_once_over_their_share_of_the_c
         names.append({path.name for path in kept.iterdir()})
     # Then the second run's hashes replace the first's
     assert len(names[0]) == 2 and len(names[1]) == 2 and not names[0] & names[1]
+
+
+def test_dedupe_that_would_empty_the_test_split_stops_with_one_line(tmp_path):
+    # Given a folder whose every test image is a copy of a train image
+    root = make_image_folder(tmp_path / "insects", train_per_class=3, test_per_class=0)
+    for path in sorted((root / "train").rglob("*.jpg")):
+        copy = root / "test" / path.parent.name / path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy)
+    cfg = FolderDatasetConfig(root=str(root), dedupe=True)
+    # When it is loaded with dataset.dedupe=true; then it stops, saying why
+    with pytest.raises(DatasetError, match="every test image has a twin in train"):
+        audit_data(load(scan(root), SIZE), cfg, None)
 
 
 def _size(path: Path) -> int:
