@@ -1,10 +1,11 @@
 """First ingest and steady epochs: the reference loader vs dataset.cache=memory vs disk.
 
 Usage: python benchmarks/ingest.py [--count 20000] [--png] [--image-size 180] [--repeats 2]
-                                  [--work DIR] [--verify-only]
+                                  [--work DIR] [--verify-only] [--audit-only] [--photo-width 500]
 
-Generates --count photo-like JPEGs of about 500x375 in 3 classes (with --png: small 96x96 PNGs,
-60,000 by default), once per work dir. Then each side runs in a fresh process, measured whole:
+Generates --count photo-like JPEGs of about 500x375 (4:3 at --photo-width) in 3 classes (with
+--png: small 96x96 PNGs, 60,000 by default), once per work dir. Then each side runs in a fresh
+process, measured whole:
 - reference: tf_keras.utils.image_dataset_from_directory on the folder, iterated once;
 - memory / disk: insect_exp's decode (scan, decode, resize, and for disk the cache write).
 Each prints images/s and its peak RSS (best of --repeats alternating runs). Then the steady epoch
@@ -12,6 +13,11 @@ time (best of epochs 2-3) of fit.train_batches over the decoded train split, mem
 (data only, the worst case for disk), the first disk epoch (right after the entry's write),
 and the time of --train-steps training steps of the reference CNN on it.
 Targets (issue 12): ingest at least as fast as the reference; disk epochs within 10% of memory.
+
+With --audit-only: the data audit's cost (data/duplicates.py: perceptual hashes, duplicate
+pairs, original sizes) against decoding, in fresh processes alternating with and without it
+(memory mode), and on a reused disk cache entry (the hashes kept beside it). Target (issue 28):
+the audit within 5% of the decoding time.
 
 Then (alone with --verify-only) the cost of checking an entry's checksums when it is reused: in
 fresh processes, alternating, the entry is opened with and without the check and read once
@@ -43,14 +49,14 @@ HERE = Path(__file__).resolve()
 CLASSES = ("beetles", "cockroach", "dragonflies")
 
 
-def _photo(args: tuple[Path, int, bool]) -> None:
+def _photo(args: tuple[Path, int, bool, int]) -> None:
     """One image: smooth colour fields, edges and fine noise, so JPEGs compress like photos."""
     import numpy as np
     from PIL import Image, ImageFilter
 
-    path, seed, png = args
+    path, seed, png, photo_width = args
     rng = np.random.default_rng(seed)
-    width, height = (96, 96) if png else (500, 375)
+    width, height = (96, 96) if png else (photo_width, photo_width * 3 // 4)
     coarse = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
     image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
     pixels = np.asarray(image, dtype=np.int16)
@@ -63,7 +69,7 @@ def _photo(args: tuple[Path, int, bool]) -> None:
         image.save(path, quality=90)
 
 
-def generate(root: Path, count: int, png: bool) -> Path:
+def generate(root: Path, count: int, png: bool, photo_width: int = 500) -> Path:
     """ROOT/train/<class>/*: COUNT images (kept across runs: done once per work dir)."""
     marker = root / f".complete-{count}"
     if marker.exists():
@@ -72,11 +78,11 @@ def generate(root: Path, count: int, png: bool) -> Path:
     for i in range(count):
         folder = root / "train" / CLASSES[i % 3]
         folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((folder / f"{i:06d}.{'png' if png else 'jpg'}", i, png))
+        jobs.append((folder / f"{i:06d}.{'png' if png else 'jpg'}", i, png, photo_width))
     start = time.perf_counter()
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(_photo, jobs, chunksize=64))
-    size = sum(p.stat().st_size for p, _, _ in jobs) / 2**20
+    size = sum(job[0].stat().st_size for job in jobs) / 2**20
     print(f"generated {count} images ({size:.0f} MB) in {time.perf_counter() - start:.0f} s")
     marker.touch()
     return root
@@ -118,6 +124,8 @@ def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: 
     mode = CacheMode.disk if name.startswith("disk") else CacheMode.memory
     policy = CachePolicy(mode, cache_dir, 2**40, 2**40)
     data = load(scan(root), size, val_split=0.1, seed=0, cache=policy)
+    if name.endswith("audit"):
+        return audited(data, root, policy, time.perf_counter() - start, _cpu_s() - cpu_start)
     result = {
         "images": len(data.train) + len(data.val),
         "seconds": time.perf_counter() - start,
@@ -127,6 +135,46 @@ def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: 
     if name.endswith("epochs"):
         result.update(epochs(data.train, train_steps))
     return result
+
+
+def audited(data, root: Path, policy, decode_s: float, decode_cpu_s: float) -> dict:
+    """The audit of decoded DATA, timed, beside the decoding's time (this process's)."""
+    from insect_exp.config import FolderDatasetConfig
+    from insect_exp.data.audit import audit_data
+
+    start, cpu_start = time.perf_counter(), _cpu_s()
+    audit = audit_data(data, FolderDatasetConfig(root=str(root)), policy).audit
+    return {
+        "images": len(data.train) + len(data.val),
+        "decode_s": decode_s,
+        "decode_cpu_s": decode_cpu_s,
+        "audit_s": time.perf_counter() - start,
+        "audit_cpu_s": _cpu_s() - cpu_start,
+        "pairs": len(audit.rows),
+    }
+
+
+def audit_cost(args: argparse.Namespace, root: Path, work: Path) -> None:
+    """Print the audit's time against the decoding's: memory mode, then a reused disk entry."""
+    runs: dict[str, list[dict]] = {"memory": [], "memory-audit": []}
+    cache_dir = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+    for _ in range(args.repeats):
+        for name, done in runs.items():
+            done.append(run_phase(name, args, root, cache_dir))
+    off = statistics.median(r["seconds"] for r in runs["memory"])
+    on = [r["decode_s"] + r["audit_s"] for r in runs["memory-audit"]]
+    share = statistics.median(r["audit_s"] / r["decode_s"] for r in runs["memory-audit"])
+    cpu = statistics.median(r["audit_cpu_s"] / r["decode_cpu_s"] for r in runs["memory-audit"])
+    print(f"memory mode, median of {args.repeats}: decode {off:.2f} s without the audit, "
+          f"{statistics.median(on):.2f} s with it; the audit alone: {100 * share:.1f}% of the "
+          f"decoding's wall time in its process, {100 * cpu:.1f}% of its CPU time "
+          f"(target <= 5%); pairs found: {runs['memory-audit'][0]['pairs']}")  # fmt: skip
+    first = run_phase("disk-audit", args, root, cache_dir)
+    again = run_phase("disk-audit", args, root, cache_dir)
+    print(f"disk cache: the audit {first['audit_s']:.2f} s when the entry is written, "
+          f"{again['audit_s']:.2f} s when it is reused (decoding reused: "
+          f"{again['decode_s']:.2f} s)")  # fmt: skip
+    shutil.rmtree(cache_dir)
 
 
 def epochs(split, train_steps: int) -> dict:
@@ -261,6 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, help="images (default 20,000; 60,000 with --png)")
     parser.add_argument("--png", action="store_true", help="small 96x96 PNGs instead of photos")
+    parser.add_argument("--photo-width", type=int, default=500, help="JPEGs' width (4:3)")
     parser.add_argument("--image-size", type=int, default=180)
     parser.add_argument("--train-steps", type=int, default=100, help="CNN steps timed per mode")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
@@ -268,6 +317,7 @@ def main() -> None:
     parser.add_argument(
         "--verify-only", action="store_true", help="only the cost of checking a reused entry"
     )
+    parser.add_argument("--audit-only", action="store_true", help="only the data audit's cost")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
@@ -286,13 +336,17 @@ def main() -> None:
 
     count = args.count or (60_000 if args.png else 20_000)
     work = args.work or Path(tempfile.mkdtemp(prefix="insect_ingest_bench_"))
-    kind = "png96" if args.png else "jpeg500x375"
-    root = generate(work / f"{kind}-{count}", count, args.png)
+    w = args.photo_width
+    kind = "png96" if args.png else f"jpeg{w}x{w * 3 // 4}"
+    root = generate(work / f"{kind}-{count}", count, args.png, w)
     print(f"cpu: {cpu()}")
     print(f"data: {count} {kind} images in {root}; decoded at {args.image_size} px")
     print(f"best of {args.repeats} alternating runs of each side (the machine may be shared)")
     if args.verify_only:
         verify_cost(args, root, work)
+        return
+    if args.audit_only:
+        audit_cost(args, root, work)
         return
     print(_touch_line())
     every: dict[str, list[dict]] = {"reference": [], "memory": [], "disk": []}

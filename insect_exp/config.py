@@ -158,6 +158,14 @@ class DatasetConfig:
     # Images whose header gives more pixels are skipped (`too many pixels (WxH)`), never decoded;
     # the logged model refuses them in serving and predict too.
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    # The data audit (data/duplicates.py): exact and near-duplicate images within and across
+    # splits, and original image sizes, logged with every run.
+    audit: bool = True
+    # Drop the test images that have a twin in train (exact or near) before training.
+    dedupe: bool = False
+    # Near duplicates: perceptual hashes (64 bits) at most this many bits apart (and alike
+    # thumbnails: data/duplicates.py).
+    duplicate_distance: int = 10
 
     def __post_init__(self) -> None:
         self.class_weight = _enum("dataset.class_weight", self.class_weight, ClassWeight)
@@ -174,6 +182,8 @@ class DatasetConfig:
         _require(b is None or b >= 1, "dataset.shuffle_buffer", b, ">= 1 (or null for all)")
         p = self.max_image_pixels
         _require(p >= 1, "dataset.max_image_pixels", p, ">= 1")
+        d = self.duplicate_distance
+        _require(0 <= d <= 64, "dataset.duplicate_distance", d, "in [0, 64]")
 
 
 @dataclass

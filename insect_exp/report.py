@@ -44,6 +44,7 @@ class DataSummary:
     skipped: list[tuple[str, str]]
     splits: list[dict[str, Any]]
     samples: dict[str, tuple[np.ndarray, np.ndarray]]
+    audit: Any = None  # data.audit: duplicates.Audit, or None
 
 
 def summarize_data(data: Data, seed: int) -> DataSummary:
@@ -52,9 +53,12 @@ def summarize_data(data: Data, seed: int) -> DataSummary:
     for name, split in grids.items():
         idx = sample(split, 9, seed)
         samples[name] = (split.images[idx], split.labels[idx])
+    stats = data.stats()
+    if data.audit is not None:
+        stats.update(data.audit.stats())
     return DataSummary(
-        data.stats(), list(data.class_names), data.storage, list(data.skipped), lineage(data),
-        samples,
+        stats, list(data.class_names), data.storage, list(data.skipped), lineage(data),
+        samples, data.audit,
     )  # fmt: skip
 
 
@@ -84,6 +88,10 @@ def log_data_summary(run: Run, summary: DataSummary) -> None:
     for name, (images, labels) in summary.samples.items():
         fig = plots.sample_grid(images, labels, summary.class_names, name)
         run.log_figure(fig, f"plots/{name}_samples.png")
+    if summary.audit is not None:
+        from insect_exp.dataset_report import log_audit
+
+        log_audit(run, summary.audit, stats["images_per_class"])
 
 
 def lineage(data: Data) -> list[dict[str, Any]]:

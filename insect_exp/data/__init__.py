@@ -67,13 +67,14 @@ class Loading:
             self._error = err
 
     def result(self) -> Data:
+        from insect_exp.data.audit import audit_data
         from insect_exp.data.pipeline import load
 
         if self._error is not None:
             error, self._error = self._error, None
             raise error
         started, self._started = self._started, None
-        return load(
+        data = load(
             self._manifest,
             self.image_size,
             self.cfg.val_split,
@@ -82,3 +83,4 @@ class Loading:
             self._policy,
             started,
         )
+        return audit_data(data, self.cfg, self._policy)

@@ -147,6 +147,8 @@ class Data:
     source: str = ""
     # Where the decoded images are kept: memory or disk (dataset.cache).
     storage: CacheMode = CacheMode.memory
+    # What the data audit found (data/audit.py: duplicates.Audit); None when it did not run.
+    audit: Any = None
 
     @property
     def val_is_test(self) -> bool:
