@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -39,6 +39,19 @@ RELIABILITY_PLOT = "plots/reliability.png"
 def log_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """log softmax(logits / temperature), row by row, in float64."""
     return log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature), row by row, in float64."""
+    return np.exp(log_probabilities(logits, temperature))
+
+
+def saved_temperature(module: Any) -> float:
+    """The temperature a loaded SavedModel's probabilities are divided by: its variable
+    `temperature`, or 1 for a model logged before calibration existed. (Read from the SavedModel,
+    not the pyfunc's wrapper: a logged model keeps the wrapper code it was logged with.)"""
+    variable = getattr(module, "temperature", None)
+    return float(variable.numpy()) if variable is not None else 1.0
 
 
 def confidence_and_correct(

@@ -267,17 +267,18 @@ def evaluate_files(
     logits = np.concatenate(
         [classifier.logits(split.images[i : i + step]) for i in range(0, len(split), step)]
     )
-    probs = classifier.probabilities(logits)
+    temperature = calibration.saved_temperature(classifier.module)
+    probs = calibration.probabilities(logits, temperature)
     predicted = probs.argmax(axis=1)
     found = scores(logits, split.labels)
     stats = per_class(split.labels, predicted, len(ref.class_names))
     # A model without calibration has T = 1: nothing to compare its probabilities with.
-    temperature = classifier.temperature if classifier.temperature != 1.0 else None
-    calibrated = calibration.report(logits, split.labels, temperature)
+    calibrated_by = temperature if temperature != 1.0 else None
+    calibrated = calibration.report(logits, split.labels, calibrated_by)
     metrics = Metrics(found["loss"], found["accuracy"], **stats, calibration=calibrated)
     log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
     probability = probs[np.arange(len(predicted)), predicted]
-    reliability = calibration.Reliability.of(logits, split.labels, temperature)
+    reliability = calibration.Reliability.of(logits, split.labels, calibrated_by)
     return Evaluation(metrics, split, predicted, probability, skipped, reliability, probs)
 
 

@@ -195,9 +195,12 @@ def stream_predictions(
     import numpy as np
     import tensorflow as tf
 
+    from insect_exp import calibration
     from insect_exp.data.decode import refusal
     from insect_exp.data.pipeline import without_autotuning
     from insect_exp.data.scan import diagnose
+
+    temperature = calibration.saved_temperature(classifier.module)
 
     def decode(path: tf.Tensor) -> tf.Tensor:
         return classifier.decode(tf.io.read_file(path))
@@ -221,11 +224,12 @@ def stream_predictions(
                 if on_skip is not None:
                     on_skip(paths[i], refusal(err) or diagnose(paths[i]))
                 continue
-            yield Prediction(paths[i], classifier.probabilities(classifier.logits(image))[0])
+            logits = classifier.logits(image)
+            yield Prediction(paths[i], calibration.probabilities(logits, temperature)[0])
 
     expected = 0  # the next index in order: any below an index that arrives were dropped
     for index, images in ds:
-        probs = classifier.probabilities(classifier.logits(images))
+        probs = calibration.probabilities(classifier.logits(images), temperature)
         for i, p in zip(index.numpy().tolist(), probs, strict=True):
             yield from missing(i, expected)
             yield Prediction(paths[i], p)
