@@ -8,7 +8,7 @@ import io
 import json
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -156,8 +156,7 @@ def score(cfg: CompareConfig, sides: Sequence[Side], client: MlflowClient) -> Sc
 def _logged(
     cfg: CompareConfig, sides: Sequence[Side], client: MlflowClient, names: list[str]
 ) -> Scores:
-    """The runs' logged test predictions; where one run logged none, every model evaluated on the
-    folder the runs' test split came from."""
+    """The runs' logged test predictions, which all of them must have logged on one test split."""
     from insect_exp.report import PROBABILITIES_TSV
 
     tests: dict[str, tuple[str, str] | None] = {}
@@ -173,12 +172,11 @@ def _logged(
     tables = {run_id: _read_probabilities(client, run_id, PROBABILITIES_TSV, names)
               for run_id in tests}  # fmt: skip
     if None in tables.values():
-        (source,) = logged.values()
-        if not (Path(source) / "test").is_dir():
-            raise UserError(
-                f"the runs logged no test predictions, and {source}/test is gone: {_GIVE}"
-            )
-        return _evaluated(replace(cfg, dataset=replace(cfg.dataset, root=source)), sides, names)
+        # Not the folder the runs logged as their source: it may hold other files by now (the
+        # demo set is redrawn in place for other counts), and the report would name the wrong
+        # images. The user names the images; the report says which.
+        missing = ", ".join(r for r, table in tables.items() if table is None)
+        raise UserError(f"the runs {missing} logged no test predictions: {_GIVE}")
     first = next(iter(tables.values()))
     assert first is not None
     scores = Scores(list(first), np.array([first[p][0] for p in first]), names)
