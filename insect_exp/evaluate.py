@@ -10,7 +10,9 @@ version of insect_exp logged it), and the model runs on them as its logged Saved
 
 The new run (in the source run's experiment unless `mlflow.experiment_name` says otherwise) is
 tagged with the source run and model, and the source run gets a tag `evaluation.<run id>` pointing
-back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `macro_f1`, and
+back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `<split>_top3_accuracy`
+(with more than 3 classes), `macro_f1` (with `tta=flip` each of these also as `<name>_tta`: scored
+on each image's probabilities averaged with its mirror image's), and
 `precision_<class>`, `recall_<class>`, `f1_<class>` (also as `per_class.tsv`, whose `metric_key`
 column names each class's `<class>` part: characters MLflow refuses become `_`, and a name made
 alike another's that way gets `_2`), `predictions.tsv`,
@@ -36,6 +38,7 @@ from omegaconf import DictConfig
 
 from insect_exp import UserError, commands
 from insect_exp.config import (
+    TTA,
     DatasetConfig,
     EvaluateConfig,
     register_configs,
@@ -68,6 +71,8 @@ class Metrics:
     f1: np.ndarray
     support: np.ndarray
     matrix: np.ndarray
+    # With more than 3 classes: the true class among the 3 most probable (else None).
+    top3_accuracy: float | None = None
 
     @property
     def macro_f1(self) -> float:
@@ -83,6 +88,8 @@ class Evaluation:
     predicted: np.ndarray  # the class of each image
     probability: np.ndarray  # ... and its probability
     skipped: list[tuple[str, str]]  # (path, reason) of the files that did not decode
+    # tta=flip: the scores of the probabilities averaged with the mirror images' (else None).
+    tta: Metrics | None = None
 
 
 def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -195,11 +202,18 @@ def run(cfg: EvaluateConfig) -> float:
     print(
         f"{prefix}_accuracy {metrics.accuracy:.4f} ({int(metrics.matrix.trace())}/"
         f"{int(metrics.matrix.sum())}), {prefix}_loss {metrics.loss:.4f}, macro F1 "
-        f"{metrics.macro_f1:.4f}, {len(skipped)} files skipped\n"
+        f"{metrics.macro_f1:.4f}, {len(skipped)} files skipped\n{_tta_line(evaluation, prefix)}"
         f"MLflow run id: {run.run_id} (evaluates {ref.uri})\n"
         f"Open the UI: {tracking.ui_command(uri)}"
     )
     return metrics.accuracy
+
+
+def _tta_line(evaluation: Evaluation, prefix: str) -> str:
+    """The test-time augmented accuracy, as a line of the summary ('' without tta)."""
+    if evaluation.tta is None:
+        return ""
+    return f"{prefix}_accuracy_tta {evaluation.tta.accuracy:.4f} (flip)\n"
 
 
 def _source_run(client, ref: ModelRef) -> tuple[str, str, str] | None:
@@ -241,7 +255,7 @@ def evaluate_files(
     """
     import numpy as np
 
-    from insect_exp.callbacks import scores
+    from insect_exp import tta
     from insect_exp.data.pipeline import decode_files
     from insect_exp.serving import softmax
 
@@ -256,17 +270,31 @@ def evaluate_files(
     if not len(split):
         raise UserError(f"none of the {len(files)} files could be decoded")
     step = cfg.batch_size
-    logits = np.concatenate(
-        [classifier.logits(split.images[i : i + step]) for i in range(0, len(split), step)]
-    )
+    chunks = [split.images[i : i + step] for i in range(0, len(split), step)]
+    logits = np.concatenate([classifier.logits(chunk) for chunk in chunks])
     probs = softmax(logits)
     predicted = probs.argmax(axis=1)
-    found = scores(logits, split.labels)
-    stats = per_class(split.labels, predicted, len(ref.class_names))
-    metrics = Metrics(found["loss"], found["accuracy"], **stats)
+    metrics = score(logits, split.labels, len(ref.class_names))
+    augmented = None
+    if cfg.tta is not TTA.none:
+        averaged = np.concatenate(
+            [tta.probabilities(classifier.logits, c, cfg.tta) for c in chunks]
+        )
+        augmented = score(tta.as_logits(averaged), split.labels, len(ref.class_names))
     log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
     probability = probs[np.arange(len(predicted)), predicted]
-    return Evaluation(metrics, split, predicted, probability, skipped)
+    return Evaluation(metrics, split, predicted, probability, skipped, augmented)
+
+
+def score(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> Metrics:
+    """Loss, accuracy (and top-3 accuracy beyond 3 classes) and the per-class scores."""
+    from insect_exp.callbacks import scores
+
+    found = scores(logits, labels)
+    stats = per_class(labels, logits.argmax(axis=1), num_classes)
+    return Metrics(
+        found["loss"], found["accuracy"], **stats, top3_accuracy=found.get("top3_accuracy")
+    )
 
 
 def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int) -> None:
@@ -276,11 +304,9 @@ def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int
     from insect_exp import plots
 
     metrics, split, names = evaluation.metrics, evaluation.split, ref.class_names
-    summary = {
-        f"{prefix}_loss": metrics.loss,
-        f"{prefix}_accuracy": metrics.accuracy,
-        "macro_f1": metrics.macro_f1,
-    }
+    summary = summary_metrics(metrics, prefix)
+    if evaluation.tta is not None:
+        summary |= summary_metrics(evaluation.tta, prefix, suffix="_tta")
     now = int(time.time() * 1000)
     # Linked to the logged model too: its page in the MLflow UI lists its evaluations.
     run.client.log_batch(
@@ -306,6 +332,18 @@ def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int
     figure = plots.confusion_matrix_figure(metrics.matrix, names, title=title)
     run.log_figure(figure, "plots/confusion_matrix.png")
     _log_misclassified(run, names, evaluation, seed)
+
+
+def summary_metrics(metrics: Metrics, prefix: str, suffix: str = "") -> dict[str, float]:
+    """<prefix>_loss, <prefix>_accuracy, <prefix>_top3_accuracy (beyond 3 classes), macro_f1,
+    each name ending in `suffix`."""
+    found = {
+        f"{prefix}_loss": metrics.loss,
+        f"{prefix}_accuracy": metrics.accuracy,
+        f"{prefix}_top3_accuracy": metrics.top3_accuracy,
+        "macro_f1": metrics.macro_f1,
+    }
+    return {f"{key}{suffix}": float(v) for key, v in found.items() if v is not None}
 
 
 def _log_misclassified(run: Run, names: list[str], evaluation: Evaluation, seed: int) -> None:
