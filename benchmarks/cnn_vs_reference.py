@@ -115,7 +115,8 @@ def main() -> None:
         if isinstance(command, list):
             seconds, rss, out = measured(command, work)
             return seconds, rss, float(re.findall(r"REFERENCE val_accuracy=([0-9.]+)", out)[-1])
-        name = f"benchmark-{i}-{side.replace(' ', '_')}"
+        # No '=' or space: the name goes into hydra.run.dir, which Hydra parses.
+        name = f"benchmark-{i}-" + re.sub(r"\W", "_", side)
         seconds, rss, _ = measured(
             [
                 sys.executable, "-m", "insect_exp", "dataset=insects", f"dataset.root={root}",
