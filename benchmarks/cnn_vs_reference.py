@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/cnn_vs_reference.py [--root DIR] [--epochs 10] [--repeats 3]
                                              [--variant "precision=mixed_bfloat16" ...]
+                                             [--precision]
 
 Without --root it generates a ~1,000-image folder like the post's (1,020 train / 180 test images,
 3 classes) with the demo generator. Each side runs as its own process, so every side pays its
@@ -19,7 +20,9 @@ references (best to best, median to median) and its fixed overhead (framework mi
 best to best: run with --epochs 1 for the figure the performance issue names).
 
 The framework runs its default config; each --variant adds a framework side with those extra
-overrides.
+overrides. --precision adds the side `precision=float32` and compares the default (precision=auto)
+with it: the policy auto chose on this machine (the runs' `precision_used`), time, and the paired
+val_accuracy difference over the seeds with its Student's t interval (insect_exp.stats).
 """
 
 from __future__ import annotations
@@ -38,15 +41,33 @@ from _timing import cpu, measured, post_sized_folder
 HERE = Path(__file__).resolve().parent
 
 
-def framework_val_accuracy(tracking_uri: str, run_name: str) -> float:
-    """Final val_accuracy of one framework run in the benchmark's MLflow store."""
+FLOAT32_SIDE = "framework precision=float32"
+
+
+def framework_run(tracking_uri: str, run_name: str):
+    """One framework run of the benchmark's MLflow store, by name."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("benchmark")
     query = f"attributes.run_name = '{run_name}'"
     (run,) = client.search_runs([experiment.experiment_id], query, max_results=1)
-    return run.data.metrics["val_accuracy"]
+    return run
+
+
+def compare_precisions(
+    results: dict[str, list[tuple[float, float, float]]], used: set[str]
+) -> None:
+    """The default (precision=auto) against precision=float32: what auto chose, the time ratio
+    and the paired accuracy difference (repeat i of both sides has seed 123 + i)."""
+    from insect_exp.stats import mean_interval
+
+    auto, full = results["framework"], results[FLOAT32_SIDE]
+    ratio = min(t for t, _, _ in auto) / min(t for t, _, _ in full)
+    gap = mean_interval([a[2] - f[2] for a, f in zip(auto, full, strict=True)])
+    print(f"precision=auto chose {', '.join(sorted(used))} on this machine; time against "
+          f"float32 {ratio:.3f} (best to best); val_accuracy auto - float32 {gap.mean:+.4f} "
+          f"[{gap.low:+.4f}, {gap.high:+.4f}] (95%, {gap.n} paired seeds)")  # fmt: skip
 
 
 def main() -> None:
@@ -56,6 +77,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument(
         "--variant", action="append", default=[], help="extra framework overrides (space-separated)"
+    )
+    parser.add_argument(
+        "--precision", action="store_true", help="compare precision=auto with precision=float32"
     )
     args = parser.parse_args()
 
@@ -81,15 +105,18 @@ def main() -> None:
     else:
         print("note: no reference + autolog side (mlflow.tensorflow.autolog needs tensorboard: "
               "pip install tensorboard in this environment)")  # fmt: skip
-    for variant in ["", *args.variant]:
+    variants = ["", *args.variant, *(["precision=float32"] if args.precision else [])]
+    for variant in variants:
         sides[f"framework {variant}".strip()] = variant
+    used: set[str] = set()  # the policies precision=auto chose
 
     def run(side: str, i: int) -> tuple[float, float, float]:
         command = sides[side]
         if isinstance(command, list):
             seconds, rss, out = measured(command, work)
             return seconds, rss, float(re.findall(r"REFERENCE val_accuracy=([0-9.]+)", out)[-1])
-        name = f"benchmark-{i}-{side.replace(' ', '_')}"
+        # No '=' or space: the name goes into hydra.run.dir, which Hydra parses.
+        name = f"benchmark-{i}-" + re.sub(r"\W", "_", side)
         seconds, rss, _ = measured(
             [
                 sys.executable, "-m", "insect_exp", "dataset=insects", f"dataset.root={root}",
@@ -100,7 +127,10 @@ def main() -> None:
             ],
             work,
         )  # fmt: skip
-        return seconds, rss, framework_val_accuracy(uri, name)
+        run = framework_run(uri, name)
+        if side == "framework":
+            used.add(run.data.params.get("precision_used", "float32"))
+        return seconds, rss, run.data.metrics["val_accuracy"]
 
     names = list(sides)
     results: dict[str, list[tuple[float, float, float]]] = {side: [] for side in names}
@@ -133,6 +163,8 @@ def main() -> None:
             print(f"{side} / {anchor}: {best:.3f} (best)  {median:.3f} (median)")
         overhead = stats[side][0] - stats["reference"][0]
         print(f"{side} minus reference (best to best): {overhead:+.1f} s")
+    if args.precision:
+        compare_precisions(results, used)
 
 
 if __name__ == "__main__":

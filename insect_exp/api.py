@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from insect_exp import UserError
 from insect_exp.__main__ import CONFIG_DIR
@@ -292,10 +292,11 @@ def predict(
     top_k: int = 3,
     batch_size: int = 64,
     tracking_uri: str | None = None,
+    tta: str = "none",
 ) -> pd.DataFrame:
     """Label image files (or every image of folders) with a logged model, as
     `python -m insect_exp.predict` does: its columns, a file it cannot read skipped with its
-    reason on stderr.
+    reason on stderr; tta="flip" averages each image's probabilities with its mirror image's.
 
     Raises:
         UserError: a model_uri or an input that cannot be used (the command's message).
@@ -303,9 +304,12 @@ def predict(
     import pandas as pd
 
     from insect_exp import predict as command
-    from insect_exp.config import PredictConfig
+    from insect_exp.config import TTA, PredictConfig
 
-    PredictConfig(model_uri=model_uri, inputs=".", top_k=top_k, batch_size=batch_size)
+    # Its checks give the command's errors; a name becomes the TTA member there, as from YAML.
+    cfg = PredictConfig(
+        model_uri=model_uri, inputs=".", top_k=top_k, batch_size=batch_size, tta=cast(TTA, tta)
+    )
     ref = command.find_model(model_uri, command.store_uri(tracking_uri, model_uri))
     inputs = [files] if isinstance(files, str | Path) else list(files)
     paths: list[str] = []
@@ -322,7 +326,9 @@ def predict(
 
     rows = [
         command.row(p, names, top_k)
-        for p in command.stream_predictions(classifier, paths, batch_size, on_skip=on_skip)
+        for p in command.stream_predictions(
+            classifier, paths, batch_size, on_skip=on_skip, tta=cfg.tta
+        )
     ]
     frame = pd.DataFrame(rows, columns=command.header(names, top_k))
     probabilities = [c for c in frame.columns if c.startswith("probability")]

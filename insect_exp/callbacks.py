@@ -8,11 +8,14 @@ import tf_keras as keras
 
 from insect_exp.tracking.interface import MetricSink
 
+TOP_K = 3  # top3_accuracy, scored where there are more classes than that
+
 
 def scores(
     logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
 ) -> dict[str, float]:
-    """Mean cross-entropy on logits and accuracy: what Keras's evaluate would report.
+    """Mean cross-entropy on logits and accuracy: what Keras's evaluate would report; with more
+    than TOP_K classes also top3_accuracy (the true class among the 3 highest logits).
 
     With label smoothing the targets are (1 - s) * one_hot + s / num_classes, as in training.
     """
@@ -23,7 +26,12 @@ def scores(
     s = label_smoothing
     loss = -((1 - s) * true + s * log_probs.mean(axis=1)).mean()
     accuracy = (logits.argmax(axis=1) == labels).mean()
-    return {"loss": float(loss), "accuracy": float(accuracy)}
+    found = {"loss": float(loss), "accuracy": float(accuracy)}
+    if logits.shape[1] > TOP_K:
+        # Ties at the boundary count as in, as in Keras's top-k metric (tf.math.in_top_k).
+        above = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(axis=1)
+        found[f"top{TOP_K}_accuracy"] = float((above < TOP_K).mean())
+    return found
 
 
 class Validation(keras.callbacks.Callback):

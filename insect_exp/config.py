@@ -55,11 +55,22 @@ def _positive_size(key: str, size: list[int]) -> None:
 
 
 class Precision(Enum):
-    """Keras mixed-precision policies (https://keras.io/api/mixed_precision/policy/)."""
+    """Keras mixed-precision policies (https://keras.io/api/mixed_precision/policy/), or auto:
+    mixed_bfloat16 where the device computes bf16 natively and a short check agrees with float32,
+    else float32 (insect_exp/precision.py)."""
 
+    auto = "auto"
     float32 = "float32"
     mixed_bfloat16 = "mixed_bfloat16"
     mixed_float16 = "mixed_float16"
+
+
+class TTA(Enum):
+    """Test-time augmentation: none, or flip (the mean of the probabilities of each image and its
+    horizontal mirror image)."""
+
+    none = "none"
+    flip = "flip"
 
 
 class FeatureCache(Enum):
@@ -377,9 +388,13 @@ class OptimizerConfig:
     decay_epochs: int = 3
     decay_factor: float = 0.1
     plateau_patience: int = 2
+    # Rescale each weight's gradient to at most this L2 norm (Keras's clipnorm); null: no clipping.
+    clipnorm: float | None = None
 
     def __post_init__(self) -> None:
         self.schedule = _enum("optimizer.schedule", self.schedule, Schedule)
+        c = self.clipnorm
+        _require(c is None or (c > 0 and math.isfinite(c)), "optimizer.clipnorm", c, "> 0 or null")
         lr = self.learning_rate
         _require(lr > 0 and math.isfinite(lr), "optimizer.learning_rate", lr, "> 0")
         w = self.warmup_epochs
@@ -613,8 +628,12 @@ class Config:
     # Make TensorFlow ops deterministic (slower); seeding alone already fixes data order and init.
     deterministic: bool = False
     # Keras dtype policy: mixed_bfloat16 computes in bfloat16 and keeps float32 weights and logits
-    # (faster on CPUs with AVX512-BF16/AMX and recent GPUs); float32 is the reference recipe.
-    precision: Precision = Precision.float32
+    # (faster on CPUs with AVX512-BF16/AMX and recent GPUs); float32 is the reference recipe; auto
+    # picks mixed_bfloat16 where the device has it natively and a short check agrees, else float32.
+    precision: Precision = Precision.auto
+    # precision=auto's check: a few training steps in both precisions agree when their losses
+    # differ by less than this fraction of float32's.
+    precision_tolerance: float = 0.05
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -640,6 +659,8 @@ class Config:
     def __post_init__(self) -> None:
         self.precision = _enum("precision", self.precision, Precision)
         self.calibrate = _enum("calibrate", self.calibrate, Calibrate)
+        t = self.precision_tolerance
+        _require(t >= 0 and math.isfinite(t), "precision_tolerance", t, ">= 0")
         _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.seed >= 0, "seed", self.seed, ">= 0")
@@ -674,9 +695,12 @@ class PredictConfig:
     progress: bool | None = None
     # Also write each image's Grad-CAM overlay, as PNG files in <output without .csv>_gradcam/.
     explain: bool = False
+    # Test-time augmentation: none, or flip (probabilities averaged with the mirror image's).
+    tta: TTA = TTA.none
     mlflow: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
+        self.tta = _enum("tta", self.tta, TTA)
         if self.explain and not self.output:
             raise ConfigError("explain=true needs output=<file.csv>: the overlays go beside it")
         _require(self.top_k >= 1, "top_k", self.top_k, ">= 1")
@@ -707,10 +731,14 @@ class EvaluateConfig:
     batch_size: int = 32
     # Picks the images of the misclassified grid when there are more than it shows.
     seed: int = 123
+    # Test-time augmentation: flip also logs every score of the images averaged with their mirror
+    # images', as <name>_tta.
+    tta: TTA = TTA.none
     mlflow: EvaluateMlflowConfig = field(default_factory=EvaluateMlflowConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        self.tta = _enum("tta", self.tta, TTA)
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         if not self.split or "/" in self.split or self.split.startswith("."):
             raise ConfigError(f"split={self.split!r} must be a folder name such as test or train")

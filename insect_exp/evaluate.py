@@ -10,10 +10,11 @@ version of insect_exp logged it), and the model runs on them as its logged Saved
 
 The new run (in the source run's experiment unless `mlflow.experiment_name` says otherwise) is
 tagged with the source run and model, and the source run gets a tag `evaluation.<run id>` pointing
-back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `macro_f1`,
-`<split>_ece`, `<split>_brier`, `<split>_nll` of the model's probabilities (its calibrated ones,
-and their `..._uncalibrated` values too, for a model trained with `calibrate=temperature`) with
-`plots/reliability.png`, and
+back. It logs `<split>_loss`, `<split>_accuracy` (`test_...` by default), `<split>_top3_accuracy`
+(with more than 3 classes), `macro_f1` (with `tta=flip` each of these also as `<name>_tta`: scored
+on each image's probabilities averaged with its mirror image's), `<split>_ece`, `<split>_brier`,
+`<split>_nll` of the model's probabilities (its calibrated ones, and their `..._uncalibrated`
+values too, for a model trained with `calibrate=temperature`) with `plots/reliability.png`, and
 `precision_<class>`, `recall_<class>`, `f1_<class>` (also as `per_class.tsv`, whose `metric_key`
 column names each class's `<class>` part: characters MLflow refuses become `_`, and a name made
 alike another's that way gets `_2`), `predictions.tsv`,
@@ -39,6 +40,7 @@ from omegaconf import DictConfig
 
 from insect_exp import UserError, commands
 from insect_exp.config import (
+    TTA,
     DatasetConfig,
     EvaluateConfig,
     register_configs,
@@ -72,6 +74,8 @@ class Metrics:
     f1: np.ndarray
     support: np.ndarray
     matrix: np.ndarray
+    # With more than 3 classes: the true class among the 3 most probable (else None).
+    top3_accuracy: float | None = None
     # ece, brier, nll (and with a temperature their _uncalibrated values): calibration.report.
     calibration: dict[str, float] = field(default_factory=dict)
 
@@ -91,6 +95,8 @@ class Evaluation:
     skipped: list[tuple[str, str]]  # (path, reason) of the files that did not decode
     reliability: Reliability  # what plots/reliability.png draws
     probabilities: np.ndarray | None = None  # (images, classes)
+    # tta=flip: the scores of the probabilities averaged with the mirror images' (else None).
+    tta: Metrics | None = None
 
 
 def per_class(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -203,11 +209,18 @@ def run(cfg: EvaluateConfig) -> float:
     print(
         f"{prefix}_accuracy {metrics.accuracy:.4f} ({int(metrics.matrix.trace())}/"
         f"{int(metrics.matrix.sum())}), {prefix}_loss {metrics.loss:.4f}, macro F1 "
-        f"{metrics.macro_f1:.4f}, {len(skipped)} files skipped\n"
+        f"{metrics.macro_f1:.4f}, {len(skipped)} files skipped\n{_tta_line(evaluation, prefix)}"
         f"MLflow run id: {run.run_id} (evaluates {ref.uri})\n"
         f"Open the UI: {tracking.ui_command(uri)}"
     )
     return metrics.accuracy
+
+
+def _tta_line(evaluation: Evaluation, prefix: str) -> str:
+    """The test-time augmented accuracy, as a line of the summary ('' without tta)."""
+    if evaluation.tta is None:
+        return ""
+    return f"{prefix}_accuracy_tta {evaluation.tta.accuracy:.4f} (flip)\n"
 
 
 def _source_run(client, ref: ModelRef) -> tuple[str, str, str] | None:
@@ -249,8 +262,7 @@ def evaluate_files(
     """
     import numpy as np
 
-    from insect_exp import calibration
-    from insect_exp.callbacks import scores
+    from insect_exp import calibration, tta
     from insect_exp.data.pipeline import decode_files
 
     started = time.monotonic()
@@ -264,22 +276,45 @@ def evaluate_files(
     if not len(split):
         raise UserError(f"none of the {len(files)} files could be decoded")
     step = cfg.batch_size
-    logits = np.concatenate(
-        [classifier.logits(split.images[i : i + step]) for i in range(0, len(split), step)]
-    )
+    chunks = [split.images[i : i + step] for i in range(0, len(split), step)]
+    logits = np.concatenate([classifier.logits(chunk) for chunk in chunks])
     temperature = calibration.saved_temperature(classifier.module)
     probs = calibration.probabilities(logits, temperature)
     predicted = probs.argmax(axis=1)
-    found = scores(logits, split.labels)
-    stats = per_class(split.labels, predicted, len(ref.class_names))
     # A model without calibration has T = 1: nothing to compare its probabilities with.
     calibrated_by = temperature if temperature != 1.0 else None
-    calibrated = calibration.report(logits, split.labels, calibrated_by)
-    metrics = Metrics(found["loss"], found["accuracy"], **stats, calibration=calibrated)
+    metrics = score(logits, split.labels, len(ref.class_names))
+    metrics.calibration = calibration.report(logits, split.labels, calibrated_by)
+    augmented = None
+    if cfg.tta is not TTA.none:  # scored as the plain ones are: on the logits, not divided by T
+        averaged = np.concatenate(
+            [tta.probabilities(classifier.logits, c, cfg.tta) for c in chunks]
+        )
+        augmented = score(tta.as_logits(averaged), split.labels, len(ref.class_names))
     log.info("evaluated %d images in %.1f s", len(split), time.monotonic() - started)
     probability = probs[np.arange(len(predicted)), predicted]
     reliability = calibration.Reliability.of(logits, split.labels, calibrated_by)
-    return Evaluation(metrics, split, predicted, probability, skipped, reliability, probs)
+    return Evaluation(
+        metrics, split, predicted, probability, skipped, reliability, probs, augmented
+    )
+
+
+def score(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> Metrics:
+    """Loss, accuracy (and top-3 accuracy beyond 3 classes) and the per-class scores."""
+    from insect_exp.callbacks import scores
+
+    found = scores(logits, labels)
+    stats = per_class(labels, logits.argmax(axis=1), num_classes)
+    return Metrics(
+        found["loss"],
+        found["accuracy"],
+        precision=stats["precision"],
+        recall=stats["recall"],
+        f1=stats["f1"],
+        support=stats["support"],
+        matrix=stats["matrix"],
+        top3_accuracy=found.get("top3_accuracy"),
+    )
 
 
 def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int) -> None:
@@ -289,12 +324,10 @@ def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int
     from insect_exp import calibration, plots
 
     metrics, split, names = evaluation.metrics, evaluation.split, ref.class_names
-    summary = {
-        f"{prefix}_loss": metrics.loss,
-        f"{prefix}_accuracy": metrics.accuracy,
-        "macro_f1": metrics.macro_f1,
-        **{f"{prefix}_{key}": value for key, value in metrics.calibration.items()},
-    }
+    summary = summary_metrics(metrics, prefix)
+    summary |= {f"{prefix}_{key}": value for key, value in metrics.calibration.items()}
+    if evaluation.tta is not None:
+        summary |= summary_metrics(evaluation.tta, prefix, suffix="_tta")
     now = int(time.time() * 1000)
     # Linked to the logged model too: its page in the MLflow UI lists its evaluations.
     run.client.log_batch(
@@ -321,6 +354,18 @@ def _log(run: Run, ref: ModelRef, evaluation: Evaluation, prefix: str, seed: int
     run.log_figure(figure, "plots/confusion_matrix.png")
     calibration.log_reliability(run, evaluation.reliability, f"Reliability ({prefix})")
     _log_misclassified(run, names, evaluation, seed)
+
+
+def summary_metrics(metrics: Metrics, prefix: str, suffix: str = "") -> dict[str, float]:
+    """<prefix>_loss, <prefix>_accuracy, <prefix>_top3_accuracy (beyond 3 classes), macro_f1,
+    each name ending in `suffix`."""
+    found = {
+        f"{prefix}_loss": metrics.loss,
+        f"{prefix}_accuracy": metrics.accuracy,
+        f"{prefix}_top3_accuracy": metrics.top3_accuracy,
+        "macro_f1": metrics.macro_f1,
+    }
+    return {f"{key}{suffix}": float(v) for key, v in found.items() if v is not None}
 
 
 def _log_misclassified(run: Run, names: list[str], evaluation: Evaluation, seed: int) -> None:

@@ -109,7 +109,8 @@ def make_optimizer(
     """The Keras optimizer a config node names, with its options (or another learning rate)."""
     optimizer_class = getattr(keras.optimizers, cfg.keras_class)
     rate = cfg.learning_rate if learning_rate is None else learning_rate
-    return optimizer_class(learning_rate=rate, **cfg.options())
+    clipping = {} if cfg.clipnorm is None else {"clipnorm": cfg.clipnorm}
+    return optimizer_class(learning_rate=rate, **cfg.options(), **clipping)
 
 
 class Crossentropy(keras.losses.Loss):

@@ -1,12 +1,13 @@
 """Label image files with a logged model, no labels needed:
 
     python -m insect_exp.predict model_uri=runs:/<run id>/model inputs=/path/to/file_or_folder \\
-        [output=preds.csv] [top_k=3] [batch_size=64] [explain=true]
+        [output=preds.csv] [top_k=3] [batch_size=64] [tta=flip] [explain=true]
 
 `model_uri`: runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest,
 models:/<name>@<alias>, models:/<model id>, or a model folder. One CSV row per image:
-path,label,probability, then label_2,probability_2
-... up to top_k; without `output`, the CSV goes to stdout. Files are found as in training
+path,label,probability, then label_2,probability_2 ... up to top_k; without `output`, the CSV
+goes to stdout. `tta=flip` averages each image's probabilities with its mirror image's. Files are
+found as in training
 (insect_exp/data: the same rules for what counts as an image, hidden names ignored) and decoded
 and resized by the model's own decoder, in its SavedModel: as its training images were, whichever
 version of insect_exp logged it. A file that cannot be used is reported on stderr with its reason
@@ -38,7 +39,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from insect_exp import UserError, commands
-from insect_exp.config import PredictConfig, to_object
+from insect_exp.config import TTA, PredictConfig, to_object
 from insect_exp.errors import exit_with, first_line
 from insect_exp.progress import Progress
 
@@ -184,8 +185,10 @@ def stream_predictions(
     batch_size: int = 64,
     workers: int = 0,
     on_skip: Any = None,
+    tta: TTA = TTA.none,
 ) -> Iterator[Prediction]:
     """Probabilities for each path that decodes, in order; `on_skip(path, reason)` for the others.
+    With tta=flip, each is the mean of the image's and its mirror image's (insect_exp/tta.py).
 
     Decoding (the model's own, from its SavedModel: the decoder, resize and rounding its training
     images had) runs in tf.data's threads while the model runs on the batch before. A file tf.data
@@ -199,6 +202,7 @@ def stream_predictions(
     from insect_exp.data.decode import refusal
     from insect_exp.data.pipeline import without_autotuning
     from insect_exp.data.scan import diagnose
+    from insect_exp.tta import probabilities
 
     temperature = calibration.saved_temperature(classifier.module)
 
@@ -224,12 +228,12 @@ def stream_predictions(
                 if on_skip is not None:
                     on_skip(paths[i], refusal(err) or diagnose(paths[i]))
                 continue
-            logits = classifier.logits(image)
-            yield Prediction(paths[i], calibration.probabilities(logits, temperature)[0])
+            found = probabilities(classifier.logits, image, tta, temperature)
+            yield Prediction(paths[i], found[0])
 
     expected = 0  # the next index in order: any below an index that arrives were dropped
     for index, images in ds:
-        probs = calibration.probabilities(classifier.logits(images), temperature)
+        probs = probabilities(classifier.logits, images, tta, temperature)
         for i, p in zip(index.numpy().tolist(), probs, strict=True):
             yield from missing(i, expected)
             yield Prediction(paths[i], p)
@@ -295,7 +299,7 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
         writer = csv.writer(handle or out, lineterminator="\n")
         writer.writerow(header(names, cfg.top_k))
         stream = stream_predictions(
-            classifier, paths, cfg.batch_size, cfg.decode_workers, on_skip=on_skip
+            classifier, paths, cfg.batch_size, cfg.decode_workers, on_skip=on_skip, tta=cfg.tta
         )
         for prediction in stream:
             writer.writerow(row(prediction, names, cfg.top_k))

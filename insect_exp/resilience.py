@@ -371,6 +371,8 @@ class TrainingDiverged(Exception):
 # Overrides a resume may give besides the logged ones: where the store is, more epochs, and
 # whether the checkpoints outlive the run.
 _RESUME_KEYS = ("resume", "epochs", "mlflow.tracking_uri", "train.keep_checkpoints")
+# Params a run decides for itself, not from its config: what precision=auto chose.
+_CHOSEN_KEYS = ("precision_used",)
 
 
 def resume_overrides(logged: list[str], given: list[str]) -> list[str]:
@@ -409,7 +411,9 @@ def check_same_config(logged: dict[str, str], current: dict[str, str]) -> None:
     differ = [
         f"{k} (was {logged[k]}, now {current.get(k)})"
         for k in sorted(logged)
-        if k not in _RESUME_KEYS and not k.startswith("data.") and logged[k] != current.get(k)
+        if k not in _RESUME_KEYS + _CHOSEN_KEYS
+        and not k.startswith("data.")
+        and logged[k] != current.get(k)
     ]
     if differ:
         raise UserError(

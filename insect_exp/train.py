@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from tf_keras import Model
 
-    from insect_exp import tracking
+    from insect_exp import precision, tracking
     from insect_exp.data import Loading
     from insect_exp.data.pipeline import Data
     from insect_exp.fit import FitSettings, History
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TAG = resuming.CHECKPOINT_TAG
 # Metrics a resumed run may log again for the epoch it redoes: only their first values count.
 RESUMED_KEYS = (
-    "loss", "accuracy", "val_loss", "val_accuracy", "lr", "batch_loss", "batch_accuracy",
+    "loss", "accuracy", "val_loss", "val_accuracy", "val_top3_accuracy", "lr", "batch_loss",
+    "batch_accuracy",
     "backbone_images_computed", "backbone_images_reused",
 )  # fmt: skip
 
@@ -72,6 +73,7 @@ def run_job(cfg: Config) -> tuple[float, tracking.Opened | None]:
                 run = ending.enter_context(tracking.ending(_chief_or_worker(cfg, job, dist)))
             settings = _plan(cfg, run, dist, lease, ending)
             recipe, data = _load(cfg, run, loading, settings.resume_from)
+            _set_precision(cfg, run, recipe, data, dist.is_chief)
             logged = _log_data(cfg, run, recipe, data, dist.is_chief)
             # Variables, optimizers and compiles of every stage: one copy per replica.
             with dist.strategy.scope(), distribute.peer_failures(dist):
@@ -155,6 +157,49 @@ def _load(
     resilience.check()  # a signal swallowed while decoding
     _check_resumed(cfg, run, data, resume_from)
     return recipe, data
+
+
+def _set_precision(
+    cfg: Config, run: tracking.TrackedRun, recipe: Recipe, data: Data, is_chief: bool
+) -> None:
+    """The dtype policy of the model about to be built, logged as `precision_used`: the one
+    configured, or precision=auto's choice (a resumed run's: the one it trained in)."""
+    import tf_keras as keras
+
+    from insect_exp import precision
+
+    used = cfg.precision.value
+    if cfg.precision is Precision.auto:
+        before = run.opened().tags.get("precision_used") if cfg.resume and is_chief else None
+        if before:
+            used = before
+            log.info("precision=auto: %s, as the run trained before resuming", before)
+        else:
+            choice = precision.choose(precision.device_features(), _check(cfg, recipe, data))
+            # Reseeded: the model's weights do not depend on what the check drew.
+            keras.utils.set_random_seed(cfg.seed)
+            used = choice.policy
+            (log.warning if choice.fell_back else log.info)(choice.line)
+    keras.mixed_precision.set_global_policy(used)
+    if not cfg.resume:
+        run.log_params({"precision_used": used})
+    run.set_tags({"precision_used": used})
+
+
+def _check(cfg: Config, recipe: Recipe, data: Data) -> precision.Check:
+    """precision=auto's check: the recipe's model trained on the first training images."""
+    import numpy as np
+
+    from insect_exp import fit, precision
+
+    n = min(len(data.train), precision.CHECK_STEPS * min(cfg.batch_size, 32))
+    return precision.Check(
+        build=lambda: recipe.build(len(data.class_names)),
+        optimizer=lambda: fit.make_optimizer(cfg.optimizer),
+        images=np.asarray(data.train.images[:n]),
+        labels=np.asarray(data.train.labels[:n]),
+        tolerance=cfg.precision_tolerance,
+    )
 
 
 def _log_data(
@@ -446,7 +491,10 @@ def _configure_tensorflow(
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
     # Set on every run: a policy is process-wide and outlives a job of an in-process sweep.
-    keras.mixed_precision.set_global_policy(precision.value)
+    # precision=auto decides once the data is loaded (_set_precision).
+    keras.mixed_precision.set_global_policy(
+        "float32" if precision is Precision.auto else precision.value
+    )
 
 
 def _summary(model) -> str:

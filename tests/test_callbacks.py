@@ -4,8 +4,25 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp.callbacks import BatchStats, EpochEnd, Validation
+from insect_exp.callbacks import BatchStats, EpochEnd, Validation, scores
 from insect_exp.fit import compile_classifier
+
+
+def test_scores_give_top3_accuracy_only_beyond_three_classes():
+    # Given the logits of 4 images over 5 classes: the true class ranks 1st, 3rd, 4th, and
+    # tied 3rd with 4th (a tie at the boundary counts as in, as in Keras's top-k metric)
+    logits = np.array(
+        [[5, 1, 2, 3, 4], [5, 4, 3, 2, 1], [5, 4, 3, 2, 1], [5, 4, 3, 3, 0]], dtype=np.float64
+    )
+    labels = np.array([0, 2, 3, 3])
+
+    # Then top-3 accuracy is 3/4, as Keras computes it; with 3 classes there is none
+    found = scores(logits, labels)
+    assert found["top3_accuracy"] == 0.75
+    keras_top3 = keras.metrics.SparseTopKCategoricalAccuracy(k=3)
+    keras_top3.update_state(labels, logits)
+    assert found["top3_accuracy"] == float(keras_top3.result())
+    assert "top3_accuracy" not in scores(logits[:, :3], np.array([0, 2, 1, 1]))
 
 
 def test_batch_stats_recover_each_batchs_own_loss_and_accuracy():

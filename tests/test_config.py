@@ -82,7 +82,7 @@ def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):
         ("model=resnet", "Could not find 'model/resnet'"),
         ("model.handle=x", "Key 'handle' not in 'CNNConfig'"),
         ("optimizer.learning_rate=fast", "could not be converted to Float"),
-        ("precision=bf16", "Invalid value 'bf16', expected one of [float32, mixed_bfloat16"),
+        ("precision=bf16", "Invalid value 'bf16', expected one of [auto, float32, mixed_bfloat16"),
     ],
 )
 def test_invalid_config_fails_at_startup_with_hydras_message(tmp_path, override, message):
@@ -156,6 +156,8 @@ def test_console_script_composes_the_same_config(tmp_path):
         ("model.image_size=[32]", "model.image_size", "two positive integers"),
         ("model.image_size=[0,0]", "model.image_size", "two positive integers"),
         ("optimizer.learning_rate=-1", "optimizer.learning_rate", "> 0"),
+        ("optimizer.clipnorm=0", "optimizer.clipnorm", "> 0 or null"),
+        ("precision_tolerance=-1", "precision_tolerance", ">= 0"),
         ("dataset.max_per_class=0", "dataset.max_per_class", ">= 1"),
         ("seed=-1", "seed", ">= 0"),
         ("threads=-4", "threads", ">= 0"),

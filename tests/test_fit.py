@@ -198,6 +198,18 @@ def test_make_optimizer_gives_adamw_with_the_configured_weight_decay():
     assert float(optimizer.beta_1) == pytest.approx(0.8)
 
 
+def test_the_optimizer_built_from_config_clips_gradients_only_when_clipnorm_is_set():
+    # Given an optimizer config with optimizer.clipnorm, and one without
+    clipped = make_optimizer(SGDConfig(learning_rate=1.0, momentum=0.0, clipnorm=0.5))
+    plain = make_optimizer(SGDConfig(learning_rate=1.0, momentum=0.0))
+
+    # Then only the first clips, and a step of gradient (3, 4) moves the weights by 0.5 only
+    assert clipped.clipnorm == 0.5 and plain.clipnorm is None
+    weights = tf.Variable([0.0, 0.0])
+    clipped.apply_gradients([(tf.constant([3.0, 4.0]), weights)])
+    np.testing.assert_allclose(weights.numpy(), [-0.3, -0.4], rtol=1e-6)
+
+
 def test_adamw_weight_decay_shrinks_the_weights_by_lr_times_decay_on_each_step():
     # Given two identical models and data in one batch (a single optimizer step per epoch)
     lr, decay = 0.01, 0.2
