@@ -21,7 +21,7 @@ class Store:
     root: Path
     folder: Path
     uri: str
-    good_sweep: str  # a sweep parent: two seeds of a model that learns the colours
+    good_sweep: str  # a sweep parent: three replicates of a model that learns the colours
     bad_run: str  # a model trained at a learning rate of 1e-9: its initial weights
 
     @property
@@ -43,8 +43,9 @@ def _run_id(stdout: str, what: str = "MLflow run id") -> str:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """Given: one folder, a 2-seed sweep that learns it, and a run that learned nothing (registered
-    as `insects`); both logged their test predictions on the same split."""
+    """Given: one folder, 3 replicates of a model that learns it (a sweep over seeds), and a run
+    that learned nothing (registered as `insects`); both logged their test predictions on the
+    same split."""
     root = tmp_path_factory.mktemp("compare")
     folder = make_image_folder(
         root / "insects", train_per_class=20, test_per_class=10, size=(16, 16)
@@ -52,7 +53,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     (root / "mlruns").mkdir()
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     common = (*TRAIN, f"dataset.root={folder}", f"mlflow.tracking_uri={uri}")
-    good = cli("insect_exp", "-m", "seed=1,2", "epochs=3", *common, cwd=root, timeout=600)
+    good = cli("insect_exp", "replicates=3", "epochs=3", *common, cwd=root, timeout=900)
     assert good.returncode == 0, good.stderr[-3000:]
     bad = cli(
         "insect_exp", "epochs=1", "optimizer.learning_rate=1e-9",
@@ -74,7 +75,7 @@ def test_a_better_candidate_passes_the_gate_and_the_comparison_is_logged(store: 
     assert re.fullmatch(
         r"B better than A: \+\d+\.\d points \[\+.*\], McNemar p=.*, 30 images", verdict
     )
-    assert "(n=2)" in out.stdout  # B's accuracy over its two replicates, with an interval
+    assert "(n=3)" in out.stdout  # B's accuracy over its three replicates, with an interval
     client, run_id = store.client, _run_id(out.stdout)
     run = client.get_run(run_id)
     assert run.data.tags["insect_exp.compare.baseline"] == store.bad_run
@@ -130,14 +131,15 @@ def test_promote_moves_the_baselines_alias_to_a_passing_candidate(store: Store):
 def test_a_sweep_of_several_groups_needs_one_picked(store: Store):
     # Given: the sweep's children in two groups.
     client, children = store.client, store.children()
-    for child, group in zip(children, ("lr=0.1", "lr=0.2"), strict=True):
+    before = {child: client.get_run(child).data.tags["insect_exp.group"] for child in children}
+    for child, group in zip(children, ("lr=0.1", "lr=0.2", "lr=0.2"), strict=True):
         client.set_tag(child, "insect_exp.group", group)
     try:
         # When: the bare parent is compared.
         out = store.compare(f"runs:/{store.good_sweep}", store.bad_run)
     finally:
-        for child in children:
-            client.delete_tag(child, "insect_exp.group")
+        for child, group in before.items():
+            client.set_tag(child, "insect_exp.group", group)
 
     # Then: one line naming both groups, exit 2.
     assert out.returncode == 2
