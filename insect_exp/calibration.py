@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from insect_exp.tracking.run import Run
 
 BINS = 15
@@ -155,6 +156,8 @@ def reliability_figure(reliability: Reliability, title: str = "Reliability (test
     """Accuracy against confidence per bin (the diagonal is perfect calibration) with the ECE in
     the legend; below, how many images fall in each bin. The model's probabilities are bars;
     those before calibration, if any, an orange line over them."""
+    from matplotlib.figure import Figure  # here: the training process never imports matplotlib
+
     fig = Figure(figsize=(6, 7))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     edges = np.linspace(0, 1, BINS + 1)

@@ -116,23 +116,26 @@ class ExplainSummary:
     """What a run logs about where its model looks and what it gets most wrong."""
 
     class_names: list[str]
-    overlays: np.ndarray | None  # None: no Grad-CAM (see `skipped`)
+    images: np.ndarray | None  # the Grad-CAM sample; None: no Grad-CAM (see `skipped`)
     labels: np.ndarray
     predicted: np.ndarray
     skipped: str | None
     losses: list[LossTable]
+    # The sample's maps (N, H, W) in [0, 1], drawn over the images in the logging process: the
+    # training process never imports matplotlib.
+    maps: np.ndarray | None = None
 
 
 def gradcam_sample(
     model: keras.Model, split: ImageSplit, logits: np.ndarray, count: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Overlays of a seeded sample (right_and_wrong) of `split`, and their indices."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded sample (right_and_wrong) of `split`: its images, Grad-CAM maps and indices."""
     from insect_exp.models import gradcam
 
     index = right_and_wrong(logits.argmax(axis=1), split.labels, count, seed)
     images = np.asarray(split.images[index])
     maps, _ = gradcam.gradcam(gradcam.features_and_logits(model), images.astype(np.float32))
-    return overlay(images, maps.numpy()), index
+    return images, maps.numpy(), index
 
 
 def summarize(
@@ -147,10 +150,12 @@ def summarize(
     from insect_exp.models.gradcam import NoFeatureMap
 
     names, report = list(class_names), cfg.report
-    overlays, skipped, index = None, None, np.zeros(0, np.int64)
+    images, maps, skipped, index = None, None, None, np.zeros(0, np.int64)
     if report.gradcam_images:
         try:
-            overlays, index = gradcam_sample(model, split, logits, report.gradcam_images, cfg.seed)
+            images, maps, index = gradcam_sample(
+                model, split, logits, report.gradcam_images, cfg.seed
+            )
         except NoFeatureMap as err:
             skipped = str(err)
     parts = [("", split, logits)] + ([("_train", *train)] if train is not None else [])
@@ -160,7 +165,8 @@ def summarize(
         images = np.stack([np.asarray(part.images[i]) for i in top[:_SHOWN_LOSSES]])
         tables.append(LossTable(name, images, top_loss_rows(part, part_logits, names, top)))
     predicted = logits.argmax(axis=1)[index]
-    return ExplainSummary(names, overlays, split.labels[index], predicted, skipped, tables)
+    labels = split.labels[index]
+    return ExplainSummary(names, images, labels, predicted, skipped, tables, maps)
 
 
 def submit(
@@ -196,11 +202,13 @@ def _log_summary(run: Run, summary: ExplainSummary) -> None:
     from insect_exp import plots
 
     names = summary.class_names
-    if summary.overlays is not None and len(summary.overlays):
-        cols = min(4, len(summary.overlays))
+    if summary.images is not None and len(summary.images):
+        maps = summary.maps
+        drawn = summary.images if maps is None else overlay(summary.images, maps)
+        cols = min(4, len(drawn))
         figure = plots.prediction_grid(
-            summary.overlays, summary.predicted, names, true=summary.labels,
-            title="Grad-CAM", rows=-(-len(summary.overlays) // cols), cols=cols,
+            drawn, summary.predicted, names, true=summary.labels,
+            title="Grad-CAM", rows=-(-len(drawn) // cols), cols=cols,
         )  # fmt: skip
         run.log_figure(figure, "plots/gradcam.png")
     for table in summary.losses:
