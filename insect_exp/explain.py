@@ -150,10 +150,10 @@ def summarize(
     from insect_exp.models.gradcam import NoFeatureMap
 
     names, report = list(class_names), cfg.report
-    images, maps, skipped, index = None, None, None, np.zeros(0, np.int64)
+    sample, maps, skipped, index = None, None, None, np.zeros(0, np.int64)
     if report.gradcam_images:
         try:
-            images, maps, index = gradcam_sample(
+            sample, maps, index = gradcam_sample(
                 model, split, logits, report.gradcam_images, cfg.seed
             )
         except NoFeatureMap as err:
@@ -166,7 +166,7 @@ def summarize(
         tables.append(LossTable(name, images, top_loss_rows(part, part_logits, names, top)))
     predicted = logits.argmax(axis=1)[index]
     labels = split.labels[index]
-    return ExplainSummary(names, images, labels, predicted, skipped, tables, maps)
+    return ExplainSummary(names, sample, labels, predicted, skipped, tables, maps)
 
 
 def submit(

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from insect_exp.stats import Interval, mean_interval
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from insect_exp.tracking import Run, RunRecord
 
 GROUP_TAG = "insect_exp.group"
@@ -112,6 +112,9 @@ def table(groups: Sequence[Group]) -> tuple[list[str], list[dict[str, Any]]]:
 
 def curves_figure(groups: Sequence[Group], metric: str) -> Figure:
     """Each group's mean curve per epoch, with its 95% t interval as a band."""
+    from matplotlib.figure import Figure  # here: training processes import this module
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for group in groups:
@@ -140,6 +143,8 @@ def curves_figure(groups: Sequence[Group], metric: str) -> Figure:
 
 def finals_figure(groups: Sequence[Group], metrics: Sequence[str]) -> Figure:
     """Each group's final metrics: the children's values and their mean with its 95% t interval."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(max(5.0, 4.0 * len(metrics)), 4.5))
     names = [_label(g) for g in groups]
     for i, metric in enumerate(metrics or [""]):
