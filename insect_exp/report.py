@@ -155,13 +155,13 @@ class PredictionSummary:
 def summarize_predictions(
     split: ImageSplit, logits: np.ndarray, class_names: list[str], seed: int
 ) -> PredictionSummary:
-    from insect_exp.serving import softmax
+    from insect_exp.calibration import probabilities  # not serving's: it imports MLflow
 
     idx = sample(split, 30, seed)
     predicted = logits.argmax(axis=1)
     return PredictionSummary(
         list(class_names), list(split.paths), split.labels, predicted, split.images[idx], idx,
-        softmax(logits),
+        probabilities(logits),
     )  # fmt: skip
 
 
