@@ -516,9 +516,26 @@ class TrainConfig:
     # size), so that `resume=<id> epochs=<more>` can train it further; KILLED and FAILED runs
     # always keep theirs.
     keep_checkpoints: bool = False
+    # Batch mixing of the training images (docs/configuration.md#mixup-and-cutmix): Beta(alpha,
+    # alpha) draws their share; 0 turns each off. With both on, mix_switch_prob of the mixed
+    # batches are cut-mixed, the rest mixed up; mix_prob of the batches are mixed at all; the
+    # epochs from mix_stop_epoch on (0-based, fine-tuning's counted on) are not (null: never).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_switch_prob: float = 0.5
+    mix_prob: float = 1.0
+    mix_stop_epoch: int | None = None
 
     def __post_init__(self) -> None:
         self.strategy = _enum("train.strategy", self.strategy, Strategy)
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            a = getattr(self, key)
+            _require(a >= 0 and math.isfinite(a), f"train.{key}", a, ">= 0 (0: off)")
+        for key in ("mix_switch_prob", "mix_prob"):
+            p = getattr(self, key)
+            _require(0 <= p <= 1, f"train.{key}", p, "in [0, 1]")
+        e = self.mix_stop_epoch
+        _require(e is None or e >= 1, "train.mix_stop_epoch", e, ">= 1 (or null: never)")
         n = self.logical_cpus
         _require(n >= 0, "train.logical_cpus", n, ">= 0 (0: the CPU as one device)")
         t = self.worker_timeout_s
@@ -666,6 +683,13 @@ class Config:
         _require(self.seed >= 0, "seed", self.seed, ">= 0")
         _require(self.replicates >= 1, "replicates", self.replicates, ">= 1")
         _require(self.threads >= 0, "threads", self.threads, ">= 0 (0: every core)")
+        mixing = self.train.mixup_alpha > 0 or self.train.cutmix_alpha > 0
+        if mixing and self.dataset.class_weight is not ClassWeight.none:
+            raise ConfigError(
+                f"dataset.class_weight={self.dataset.class_weight.name} cannot be combined with "
+                "train.mixup_alpha or train.cutmix_alpha: Keras would weigh a mixed image by the "
+                "class of its larger share alone"
+            )
 
 
 # The other commands: predict and evaluate

@@ -26,6 +26,7 @@ from insect_exp.config import (
     OptimizerConfig,
     Schedule,
 )
+from insect_exp.data.mixing import Mixing, mix_batches
 from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images, without_autotuning
 from insect_exp.resilience import CheckpointState, TrainingDiverged
 
@@ -47,6 +48,7 @@ class FitSettings:
     resume_from: CheckpointState | None = None
     # multi_worker: how long the other workers wait for the chief's frozen features.
     worker_timeout_s: float = 600.0
+    mixing: Mixing = field(default_factory=Mixing)
 
     @classmethod
     def from_config(
@@ -67,6 +69,7 @@ class FitSettings:
             checkpoint_dir=checkpoint_dir,
             resume_from=resume_from,
             worker_timeout_s=cfg.train.worker_timeout_s,
+            mixing=Mixing.from_config(cfg.train),
         )
 
 
@@ -113,13 +116,28 @@ def make_optimizer(
     return optimizer_class(learning_rate=rate, **cfg.options(), **clipping)
 
 
+def soft_targets(y_true: tf.Tensor, y_pred: tf.Tensor) -> bool:
+    """True for targets of one share per class (mixed batches), False for integer labels."""
+    classes = y_pred.shape[-1]
+    return y_true.shape.rank == 2 and classes is not None and y_true.shape[-1] == classes > 1
+
+
+def accuracy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Per image: 1 if the highest logit is the label's; for soft targets, their largest share's."""
+    if soft_targets(y_true, y_pred):
+        return keras.metrics.categorical_accuracy(y_true, y_pred)
+    return keras.metrics.sparse_categorical_accuracy(y_true, y_pred)
+
+
 class Crossentropy(keras.losses.Loss):
-    """Cross-entropy on logits against integer labels, label-smoothed if asked, checked finite.
+    """Cross-entropy on logits against integer labels or soft targets, label-smoothed if asked,
+    checked finite.
 
     tf_keras's sparse cross-entropy has no label_smoothing; its categorical one does: targets
-    become (1 - s) * one_hot + s / num_classes. The finiteness check is an op in the training
-    step itself, so a NaN stops training in the very batch it appears in, without the per-batch
-    host sync a callback reading the loss would cost.
+    become (1 - s) * targets + s / num_classes (mixed targets: the mix of the smoothed one-hots).
+    The finiteness check is an op in the training step itself, so a NaN stops training in the
+    very batch it appears in, without the per-batch host sync a callback reading the loss would
+    cost.
     """
 
     def __init__(self, label_smoothing: float = 0.0, name: str = "crossentropy"):
@@ -127,7 +145,14 @@ class Crossentropy(keras.losses.Loss):
         self.label_smoothing = label_smoothing
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        if self.label_smoothing > 0:
+        if soft_targets(y_true, y_pred):
+            loss = keras.losses.categorical_crossentropy(
+                tf.cast(y_true, y_pred.dtype),
+                y_pred,
+                from_logits=True,
+                label_smoothing=self.label_smoothing,
+            )
+        elif self.label_smoothing > 0:
             labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
             one_hot = tf.one_hot(labels, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
             loss = keras.losses.categorical_crossentropy(
@@ -141,11 +166,14 @@ class Crossentropy(keras.losses.Loss):
 def compile_classifier(
     model: keras.Model, optimizer: keras.optimizers.Optimizer, label_smoothing: float = 0.0
 ) -> None:
-    """Cross-entropy on logits (label-smoothed if asked) and accuracy: the training objective."""
+    """Cross-entropy on logits (label-smoothed if asked) and accuracy: the training objective.
+
+    Integer labels or soft targets alike (`accuracy`: against a soft target's largest share).
+    """
     model.compile(
         optimizer=optimizer,
         loss=Crossentropy(label_smoothing),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        metrics=[keras.metrics.MeanMetricWrapper(accuracy, name="accuracy")],
     )
     # A batch's logs are metric results, already the same on every replica: take one. Keras's
     # default sums them across the workers of a MultiWorkerMirroredStrategy (2x on two workers).
@@ -202,12 +230,16 @@ def train_batches(
     seed: int,
     first_epoch: int = 0,
     shuffle_buffer: int | None = None,
+    mixing: Mixing | None = None,
+    num_classes: int = 0,
 ) -> tf.data.Dataset:
     """Endless training batches, epoch after epoch from first_epoch, each epoch in its own order.
 
     Epoch e's order is a pure function of (seed, e), so a run resumed at epoch e sees the batches
     an uninterrupted run would have. With shuffle_buffer set, a windowed shuffle seeded the same
-    way replaces the exact permutation (for splits streamed from disk).
+    way replaces the exact permutation (for splits streamed from disk). With mixing enabled, the
+    batches are mixed (data/mixing.py, draws keyed on seed, epoch and batch) and their targets are
+    soft: num_classes floats per image.
     """
     # Images are read per batch (from memory or the disk cache), never copied into a tf.constant.
     labels = tf.constant(split.labels)
@@ -231,6 +263,9 @@ def train_batches(
         lambda index: (read_images(split.images, index), tf.gather(labels, index)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
+    if mixing is not None and mixing.enabled:
+        steps = -(-count // batch_size)
+        batches = mix_batches(batches, mixing, num_classes, seed, first_epoch, steps)
     return without_autotuning(batches.prefetch(tf.data.AUTOTUNE))
 
 
@@ -325,17 +360,13 @@ def fit(
         resilience.restore(model, model.optimizer, resume)
         done = min(epochs, resume.epoch + 1 - first)
     seed = settings.seed if stage.seed is None else stage.seed
-    train_ds = train_batches(
-        train_split, settings.batch_size, seed, first + done, settings.shuffle_buffer
-    )
-    # Every worker builds the same batches; each takes its share of every batch, not of files.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    num_classes = int(model.output_shape[-1])
+    train_ds = _training_data(train_split, settings, seed, first + done, num_classes)
     watched = _callbacks(model, len(train_split), val_split, settings, sink, stage, epochs)
-    weights = class_weights(train_split.labels, int(model.output_shape[-1]), settings.class_weight)
+    weights = class_weights(train_split.labels, num_classes, settings.class_weight)
     try:
         fitted = model.fit(
-            train_ds.with_options(options),
+            train_ds,
             epochs=epochs,
             initial_epoch=done,
             steps_per_epoch=-(-len(train_split) // settings.batch_size),
@@ -357,6 +388,25 @@ def fit(
         watched.stats.flush()  # keep the batches seen in the interrupted epoch
         raise
     return _fitted(fitted.history, watched, settings, first, done)
+
+
+def _training_data(
+    split: ImageSplit, settings: FitSettings, seed: int, first_epoch: int, num_classes: int
+) -> tf.data.Dataset:
+    """train_batches as fit trains on them: every worker builds the same batches, and each takes
+    its share of every batch, not of files."""
+    batches = train_batches(
+        split,
+        settings.batch_size,
+        seed,
+        first_epoch,
+        settings.shuffle_buffer,
+        settings.mixing,
+        num_classes,
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.with_options(options)
 
 
 def _callbacks(

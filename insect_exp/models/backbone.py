@@ -124,7 +124,9 @@ class BackboneRecipe(Recipe):
         dim = int(backbone_of(model).output.shape[-1])
         num_images = len(data.train) + len(data.val)
         mode = choose_cache(c.feature_cache, num_images, dim, c.feature_cache_max_memory_mb)
-        if mode is not FeatureCache.off and self.can_cache_features(model):
+        # Mixed images have features of their own: a mix of two images' features is not one.
+        mixing = settings.mixing.enabled
+        if mode is not FeatureCache.off and self.can_cache_features(model) and not mixing:
             store = None
             # Several workers share one extraction through the disk store (cached_features).
             if mode is FeatureCache.disk or shared_by_workers(model):
@@ -133,7 +135,7 @@ class BackboneRecipe(Recipe):
             history = self._fit_head_on_features(model, data, settings, store, sink)
         else:
             if mode is not FeatureCache.off:
-                log.info("no feature cache: the backbone trains or augmentation runs before it")
+                log.info("no feature cache: the backbone trains, or augmentation or mixing runs")
             history = super().fit(model, data, settings, sink)
         if c.fine_tune.enabled:
             history.extend(self._fine_tune(model, data, settings, history.num_epochs, sink))
