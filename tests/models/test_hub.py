@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import socket
@@ -26,6 +27,7 @@ from insect_exp.config import (
     HubModelConfig,
     PreviewConfig,
 )
+from insect_exp.data.mixing import Mixing
 from insect_exp.data.pipeline import Data, load
 from insect_exp.data.scan import scan
 from insect_exp.fit import FitSettings, History
@@ -552,3 +554,20 @@ def test_untrained_mobilenet_has_the_posts_parameter_counts(untrained_mobilenet)
     )
     assert len(names) == 2 and all(n.startswith(("untrained_class_", "background")) for n in names)
     assert "UNTRAINED" in (untrained_mobilenet["feature_vector"].parent / "README.txt").read_text()
+
+
+def test_mixing_trains_the_head_on_mixed_images_not_on_cached_features(tiny_backbone, tmp_path):
+    # Given a frozen backbone and mixup (a mix of two images' features is not the mix's features)
+    data = _data(tmp_path / "insects")
+    recipe = recipe_for(_hub(tiny_backbone, image_size=SIZE))
+    model = recipe.build(len(data.class_names))
+    sink = _Sink()
+    settings = dataclasses.replace(_settings(), mixing=Mixing(mixup_alpha=0.4))
+
+    # When the recipe trains
+    history = recipe.fit(model, data, settings, sink)
+
+    # Then no feature was cached, and both epochs ran with finite losses
+    assert "backbone_images_computed" not in sink.metrics
+    assert sink.steps("val_accuracy") == [0, 1]
+    assert np.isfinite(history.epochs["loss"]).all()
