@@ -60,7 +60,9 @@ class WeightAverage:
         """Put the averages into the model, keeping its raw weights aside (no-op if in)."""
         if self.swapped:
             return
-        for weight, average, raw in zip(self.weights, self.state.averages, self.state.raw):
+        for weight, average, raw in zip(
+            self.weights, self.state.averages, self.state.raw, strict=True
+        ):
             raw.assign(weight)
             weight.assign(average)
         self.swapped = True
@@ -69,7 +71,7 @@ class WeightAverage:
         """Give the model its raw weights back (no-op if they are in it)."""
         if not self.swapped:
             return
-        for weight, raw in zip(self.weights, self.state.raw):
+        for weight, raw in zip(self.weights, self.state.raw, strict=True):
             weight.assign(raw)
         self.swapped = False
 
@@ -77,7 +79,7 @@ class WeightAverage:
         """Go on from a checkpoint written by fit: its averages, and its raw weights to train on."""
         checkpoint = tf.train.Checkpoint(**{CHECKPOINT_KEY: self.state})
         checkpoint.read(path).assert_existing_objects_matched().expect_partial()
-        for weight, raw in zip(self.weights, self.state.raw):
+        for weight, raw in zip(self.weights, self.state.raw, strict=True):
             weight.assign(raw)
         self.swapped = False
 

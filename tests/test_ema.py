@@ -72,7 +72,9 @@ def closed_form(raw: list[list[np.ndarray]], decay: float) -> list[np.ndarray]:
     """a_N = d^N w_0 + sum_k (1 - d) d^(N - k) w_k: the EMA of w_1..w_N started at w_0."""
     n = len(raw) - 1
     coefficients = [decay**n] + [(1 - decay) * decay ** (n - k) for k in range(1, n + 1)]
-    return [sum(c * w[i] for c, w in zip(coefficients, raw)) for i in range(len(raw[0]))]
+    return [
+        sum(c * w[i] for c, w in zip(coefficients, raw, strict=True)) for i in range(len(raw[0]))
+    ]
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
