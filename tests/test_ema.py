@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from mlflow.tracking import MlflowClient
 
 from insect_exp import resilience
 from insect_exp.callbacks import scores
@@ -16,6 +18,7 @@ from insect_exp.config import AdamConfig, EarlyStoppingConfig, EmaConfig, Monito
 from insect_exp.data.pipeline import ImageSplit
 from insect_exp.ema import WeightAverage
 from insect_exp.fit import FitSettings, compile_classifier, fit, make_optimizer, predict_logits
+from tests.conftest import run_cli
 
 SIZE = 8
 
@@ -175,3 +178,49 @@ def test_early_stopping_restores_the_best_epochs_averaged_weights(tmp_path: Path
     assert history.stopped_epoch is not None and history.best_epoch == 0
     loss = scores(predict_logits(model, val, 4), val.labels)["loss"]
     assert loss == pytest.approx(min(history.epochs["val_loss"]), rel=1e-5)
+
+
+def test_a_cli_run_logs_raw_and_averaged_validation_and_exports_the_averages(
+    tmp_path: Path, image_folder: Path, tracking_uri: str
+):
+    # Given a 2-epoch CNN run with train.ema (a low decay, so the averages stay apart from the
+    # raw weights), its checkpoints kept
+    out = run_cli(
+        "dataset=insects",
+        f"dataset.root={image_folder}",
+        "model.image_size=[16,16]",
+        "batch_size=4",
+        "epochs=2",
+        "train.ema.enabled=true",
+        "train.ema.decay=0.5",
+        "train.keep_checkpoints=true",
+        f"mlflow.tracking_uri={tracking_uri}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    # Then every epoch logs the averaged model's validation and the raw weights' beside it
+    client = MlflowClient(tracking_uri)
+    (found,) = client.search_runs(["1"])
+    run_id = found.info.run_id
+    for key in ("val_accuracy", "val_loss", "val_accuracy_raw", "val_loss_raw"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1], key
+    assert found.data.params["train.ema.decay"] == "0.5"
+    # And the logged model holds the last checkpoint's averaged weights, none of its raw ones
+    state = resilience.read_state(found.data.tags["checkpoint_dir"])
+    checkpoint = tf.train.load_checkpoint(state.path)
+    names = checkpoint.get_variable_to_shape_map()
+    averaged = [checkpoint.get_tensor(n) for n in names if n.startswith("ema/averages/")]
+    raw = [checkpoint.get_tensor(n) for n in names if n.startswith("ema/raw/")]
+    assert len(averaged) == len(raw) > 0
+    (model,) = client.search_logged_models(["1"])
+    mlflow.set_tracking_uri(tracking_uri)
+    files = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}", dst_path=tmp_path)
+    saved = tf.train.load_checkpoint(f"{files}/artifacts/saved_model/variables/variables")
+    exported = [saved.get_tensor(n) for n in saved.get_variable_to_shape_map() if "/" in n]
+
+    def exported_has(array: np.ndarray) -> bool:
+        return any(e.shape == array.shape and np.array_equal(e, array) for e in exported)
+
+    assert all(exported_has(a) for a in averaged)
+    assert not any(exported_has(r) for r in raw)
