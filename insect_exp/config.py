@@ -502,7 +502,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class EmaConfig:
-    """An exponential moving average of the trainable weights (docs/models.md, "Weight
+    """An exponential moving average of the trainable weights (docs/configuration.md, "Weight
     averaging"): validation, early stopping, checkpoints, test metrics and the logged model use
     it; val_*_raw score the raw weights."""
 

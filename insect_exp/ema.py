@@ -19,13 +19,38 @@ Training ends with the averages in the model, or early stopping's best (averaged
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
 from insect_exp.callbacks import Validation
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_KEY = "ema"  # where a checkpoint keeps the averages and the raw weights
+# Above this share of the average still being the starting weights at the end, a run is told.
+START_SHARE = 0.5
+
+
+def start_share(decay: float, steps: int) -> float:
+    """How much of the average the weights training started from still make up after `steps`."""
+    return float(decay**steps)
+
+
+def warn_if_short(decay: float, steps: int) -> None:
+    """One warning line when training is too short for the decay to forget the start."""
+    share = start_share(decay, steps)
+    if share > START_SHARE:
+        # The decay at which the start weighs 5% after these steps.
+        suggested = 0.05 ** (1 / max(steps, 1))
+        log.warning(
+            "train.ema.decay=%g over %d training steps: the starting weights still make up %.0f%% "
+            "of the average at the end; a decay of about %.3f (or more epochs) averages the "
+            "trained weights",
+            decay, steps, 100 * share, suggested,
+        )  # fmt: skip
 
 
 class WeightAverage:

@@ -397,7 +397,7 @@ def _callbacks(
     counters = CallbackCounters(counted, saved, lambda: _best_weights(model, settings, stage.name))
     checkpoint = _checkpointer(settings, stage, epochs, stopper is not None, counters.snapshot)
     callbacks += [LearningRateLog(), counters, EpochEnd(sink, first, checkpoint)]
-    average = _weight_average(model, settings, stage)
+    average = _weight_average(model, settings, stage, epochs * stats.steps_per_epoch)
     if average is not None:
         # Before validation and early stopping; out again once the epoch is checkpointed.
         raw = Validation(validation.images, validation.labels, validation.label_smoothing)
@@ -409,11 +409,13 @@ def _callbacks(
 
 
 def _weight_average(
-    model: keras.Model, settings: FitSettings, stage: Stage
+    model: keras.Model, settings: FitSettings, stage: Stage, steps: int
 ) -> ema.WeightAverage | None:
-    """With train.ema, the average of the weights (gone on from a checkpoint of this stage)."""
+    """With train.ema, the average of the weights over the stage's `steps` (gone on from a
+    checkpoint of this stage)."""
     if not settings.ema.enabled:
         return None
+    ema.warn_if_short(settings.ema.decay, steps)
     average = ema.WeightAverage(model, settings.ema.decay)
     resume = settings.resume_from
     if resume is not None and resume.stage == stage.name:

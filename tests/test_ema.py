@@ -16,7 +16,7 @@ from insect_exp import resilience
 from insect_exp.callbacks import scores
 from insect_exp.config import AdamConfig, EarlyStoppingConfig, EmaConfig, Monitor
 from insect_exp.data.pipeline import ImageSplit
-from insect_exp.ema import WeightAverage
+from insect_exp.ema import WeightAverage, warn_if_short
 from insect_exp.fit import FitSettings, compile_classifier, fit, make_optimizer, predict_logits
 from tests.conftest import run_cli
 
@@ -224,3 +224,14 @@ def test_a_cli_run_logs_raw_and_averaged_validation_and_exports_the_averages(
 
     assert all(exported_has(a) for a in averaged)
     assert not any(exported_has(r) for r in raw)
+
+
+def test_a_decay_too_slow_for_the_steps_trained_is_told_in_one_warning(caplog):
+    # When 300 steps are averaged at decay 0.999 (the start keeps 0.999**300 = 74%), and at 0.9
+    with caplog.at_level("WARNING", logger="insect_exp.ema"):
+        warn_if_short(0.999, 300)
+        warn_if_short(0.9, 300)
+
+    # Then one warning says so, with a decay that would average the trained weights
+    (record,) = caplog.records
+    assert "74%" in record.getMessage() and "about 0.990" in record.getMessage()
