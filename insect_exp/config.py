@@ -501,8 +501,24 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the trainable weights (docs/configuration.md, "Weight
+    averaging"): validation, early stopping, checkpoints, test metrics and the logged model use
+    it; val_*_raw score the raw weights."""
+
+    enabled: bool = False
+    # Each step: average = decay * average + (1 - decay) * weights.
+    decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        d = self.decay
+        _require(0 < d < 1, "train.ema.decay", d, "in (0, 1)")
+
+
+@dataclass
 class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     # default, mirrored or multi_worker (docs/devices.md); batch_size is the global batch.
     strategy: Strategy = Strategy.default
     # Split the CPU into N logical devices before TensorFlow starts (0: one CPU device), so that

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp import progress, resilience
+from insect_exp import ema, progress, resilience
 from insect_exp.callbacks import (
     BatchStats,
     EpochEnd,
@@ -23,6 +23,7 @@ from insect_exp.config import (
     ClassWeight,
     Config,
     EarlyStoppingConfig,
+    EmaConfig,
     OptimizerConfig,
     Schedule,
 )
@@ -43,6 +44,7 @@ class FitSettings:
     label_smoothing: float = 0.0
     class_weight: ClassWeight = ClassWeight.none
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     # Where each epoch's checkpoint goes (None: no checkpoints), and the one to resume from.
     checkpoint_dir: str | None = None
     resume_from: CheckpointState | None = None
@@ -66,6 +68,7 @@ class FitSettings:
             label_smoothing=cfg.loss.label_smoothing,
             class_weight=cfg.dataset.class_weight,
             early_stopping=cfg.train.early_stopping,
+            ema=cfg.train.ema,
             checkpoint_dir=checkpoint_dir,
             resume_from=resume_from,
             worker_timeout_s=cfg.train.worker_timeout_s,
@@ -444,7 +447,30 @@ def _callbacks(
     counters = CallbackCounters(counted, saved, lambda: _best_weights(model, settings, stage.name))
     checkpoint = _checkpointer(settings, stage, epochs, stopper is not None, counters.snapshot)
     callbacks += [LearningRateLog(), counters, EpochEnd(sink, first, checkpoint)]
+    average = _weight_average(model, settings, stage, epochs * stats.steps_per_epoch)
+    if average is not None:
+        # Before validation and early stopping; out again once the epoch is checkpointed.
+        raw = Validation(validation.images, validation.labels, validation.label_smoothing)
+        callbacks.insert(1, ema.AverageIn(average, raw))
+        callbacks.append(ema.AverageOut(average))
+        if checkpoint is not None:
+            checkpoint.objects[ema.CHECKPOINT_KEY] = average.state
     return _Watched(callbacks, position, validation, stats, stopper)
+
+
+def _weight_average(
+    model: keras.Model, settings: FitSettings, stage: Stage, steps: int
+) -> ema.WeightAverage | None:
+    """With train.ema, the average of the weights over the stage's `steps` (gone on from a
+    checkpoint of this stage)."""
+    if not settings.ema.enabled:
+        return None
+    ema.warn_if_short(settings.ema.decay, steps)
+    average = ema.WeightAverage(model, settings.ema.decay)
+    resume = settings.resume_from
+    if resume is not None and resume.stage == stage.name:
+        average.restore(resume.path)
+    return average
 
 
 def _early_stopping(es: EarlyStoppingConfig) -> keras.callbacks.EarlyStopping | None:

@@ -309,6 +309,9 @@ class Checkpointer:
         self.monitor = monitor
         self.sign = -1.0 if mode == "max" else 1.0
         self.state_of = state_of
+        # Further objects written beside the model and its optimizer, by name (fit's weight
+        # average, under "ema").
+        self.objects: dict[str, object] = {}
         # The metrics of every epoch before this stage's, from the checkpoint it goes on from.
         latest = read_state(self.directory)
         self.metrics = {} if latest is None else dict(latest.metrics)
@@ -321,7 +324,7 @@ class Checkpointer:
         """Checkpoint `model` and its optimizer after Keras's epoch `epoch` of this stage."""
         import tensorflow as tf
 
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, **self.objects)
         logs = logs or {}
         value = logs.get(self.monitor)
         value = None if value is None else float(value)

@@ -35,7 +35,7 @@ CHECKPOINT_TAG = resuming.CHECKPOINT_TAG
 # Metrics a resumed run may log again for the epoch it redoes: only their first values count.
 RESUMED_KEYS = (
     "loss", "accuracy", "val_loss", "val_accuracy", "val_top3_accuracy", "lr", "batch_loss",
-    "batch_accuracy",
+    "batch_accuracy", "val_loss_raw", "val_accuracy_raw", "val_top3_accuracy_raw",
     "backbone_images_computed", "backbone_images_reused",
 )  # fmt: skip
 

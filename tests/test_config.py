@@ -158,6 +158,8 @@ def test_console_script_composes_the_same_config(tmp_path):
         ("optimizer.learning_rate=-1", "optimizer.learning_rate", "> 0"),
         ("optimizer.clipnorm=0", "optimizer.clipnorm", "> 0 or null"),
         ("precision_tolerance=-1", "precision_tolerance", ">= 0"),
+        ("train.ema.decay=1", "train.ema.decay", "in (0, 1)"),
+        ("train.ema.decay=0", "train.ema.decay", "in (0, 1)"),
         ("dataset.max_per_class=0", "dataset.max_per_class", ">= 1"),
         ("seed=-1", "seed", ">= 0"),
         ("threads=-4", "threads", ">= 0"),
