@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from insect_exp import commands, distribute, preflight, resuming, sweep
-from insect_exp.config import Calibrate, Config, Precision, Strategy
+from insect_exp.config import Calibrate, Config, Precision, Strategy, Task
 from insect_exp.tracking.spool import SPOOL_DIR
 
 if TYPE_CHECKING:
@@ -112,7 +112,8 @@ def _start_tensorflow(cfg: Config, threads: int) -> tuple[distribute.Distributio
     # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
     dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
     log.info(dist.describe())
-    return dist, Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
+    multilabel = cfg.task is Task.multilabel
+    return dist, Loading(cfg.dataset, cfg.model.image_size, cfg.seed, multilabel)
 
 
 def _chief_or_worker(
@@ -193,11 +194,14 @@ def _check(cfg: Config, recipe: Recipe, data: Data) -> precision.Check:
     from insect_exp import fit, precision
 
     n = min(len(data.train), precision.CHECK_STEPS * min(cfg.batch_size, 32))
+    labels = np.asarray(data.train.labels[:n])
+    if labels.ndim == 2:  # the check compares numerics: a label set's first class will do
+        labels = labels.argmax(axis=1)
     return precision.Check(
         build=lambda: recipe.build(len(data.class_names)),
         optimizer=lambda: fit.make_optimizer(cfg.optimizer),
         images=np.asarray(data.train.images[:n]),
-        labels=np.asarray(data.train.labels[:n]),
+        labels=labels,
         tolerance=cfg.precision_tolerance,
     )
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from insect_exp import hardware
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode
+from insect_exp.data import multilabel
 from insect_exp.data.cache import (
     CachePolicy,
     CacheUnavailable,
@@ -31,6 +32,7 @@ from insect_exp.data.scan import (
     FileList,
     Manifest,
     check_usable,
+    class_counts,
     diagnose,
     stratified_split,
 )
@@ -43,6 +45,8 @@ T = TypeVar("T")
 @dataclass
 class ImageSplit:
     """Decoded, resized RGB images (uint8, N x H x W x 3) with labels and source paths.
+
+    `labels` are integer classes (N,), or with task=multilabel multi-hot rows (N x classes, uint8).
 
     `images` is an in-memory array, or `DiskImages` streaming the same records from the disk cache
     (indexed the same way: images[i], images[a:b], images[index_array]).
@@ -75,7 +79,7 @@ class ImageSplit:
         if self.fingerprints is None:
             raise ValueError("this split has no content fingerprints")
         rows = sorted(
-            f"{os.path.relpath(path, root)}\0{class_names[label]}\0{int(fp):016x}\n"
+            f"{os.path.relpath(path, root)}\0{_label_text(label, class_names)}\0{int(fp):016x}\n"
             for path, label, fp in zip(self.paths, self.labels, self.fingerprints, strict=True)
         )
         digest = hashlib.blake2b(digest_size=8)
@@ -103,6 +107,13 @@ class ImageSplit:
             )
 
         return part(slice(0, n), first), part(slice(n, len(order)), second)
+
+
+def _label_text(label: np.ndarray, class_names: Sequence[str]) -> str:
+    """A label's class name; a multi-hot row's names joined as a multi-label CSV writes them."""
+    if np.ndim(label):
+        return multilabel.SEPARATOR.join(class_names[i] for i in np.flatnonzero(label))
+    return class_names[label]
 
 
 def _take_in_place(array: np.ndarray, order: np.ndarray) -> None:
@@ -161,7 +172,7 @@ class Data:
             name: dict(
                 zip(
                     self.class_names,
-                    np.bincount(s.labels, minlength=len(self.class_names)).tolist(),
+                    class_counts(s.labels, len(self.class_names)).tolist(),
                     strict=True,
                 )
             )
@@ -410,7 +421,7 @@ def _kept(
     failed: list[tuple[int, str]],
 ) -> tuple[ImageSplit, list[tuple[str, str]]]:
     """The split without the files that failed, and (path, reason) for those."""
-    labels = np.asarray(files.labels, dtype=np.int32)
+    labels = files.multi_hot if files.multi_hot is not None else np.asarray(files.labels, np.int32)
     failures = sorted((files.paths[i], reason) for i, reason in failed)
     if not failed:  # the usual case
         return ImageSplit(images, labels, list(files.paths), fingerprints), failures
@@ -583,7 +594,10 @@ def load(
         len(skipped),
     )
     if val_split > 0:
-        keep, held = stratified_split(train.labels, val_split, seed)
+        if train.labels.ndim == 2:  # multi-hot rows: no one class to stratify by
+            keep, held = multilabel.held_out(len(train), val_split, seed)
+        else:
+            keep, held = stratified_split(train.labels, val_split, seed)
         train, val = train.partition(keep, held)
     elif test is not None:
         val = test
