@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from insect_exp.config import (
     EarlyStoppingConfig,
     OptimizerConfig,
     Schedule,
+    Task,
 )
 from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images, without_autotuning
 from insect_exp.resilience import CheckpointState, TrainingDiverged
@@ -47,6 +49,8 @@ class FitSettings:
     resume_from: CheckpointState | None = None
     # multi_worker: how long the other workers wait for the chief's frozen features.
     worker_timeout_s: float = 600.0
+    # task=multilabel: the probability threshold of its metrics (None: one label per image).
+    multilabel_threshold: float | None = None
 
     @classmethod
     def from_config(
@@ -67,6 +71,7 @@ class FitSettings:
             checkpoint_dir=checkpoint_dir,
             resume_from=resume_from,
             worker_timeout_s=cfg.train.worker_timeout_s,
+            multilabel_threshold=cfg.threshold if cfg.task is Task.multilabel else None,
         )
 
 
@@ -139,9 +144,18 @@ class Crossentropy(keras.losses.Loss):
 
 
 def compile_classifier(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, label_smoothing: float = 0.0
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    label_smoothing: float = 0.0,
+    multilabel_threshold: float | None = None,
 ) -> None:
-    """Cross-entropy on logits (label-smoothed if asked) and accuracy: the training objective."""
+    """Cross-entropy on logits (label-smoothed if asked) and accuracy: the training objective;
+    with a multilabel_threshold, sigmoid cross-entropy and its metrics (multilabel/training.py)."""
+    if multilabel_threshold is not None:
+        from insect_exp.multilabel.training import compile_multilabel
+
+        compile_multilabel(model, optimizer, label_smoothing, multilabel_threshold)
+        return
     model.compile(
         optimizer=optimizer,
         loss=Crossentropy(label_smoothing),
@@ -372,8 +386,20 @@ def _callbacks(
     reads them, and the learning rate is read after the schedule set it."""
     first = stage.first_epoch
     position = Position(first)
+    scorer = None
+    if settings.multilabel_threshold is not None:
+        from insect_exp.multilabel import scores
+
+        scorer = functools.partial(
+            scores.scores,
+            threshold=settings.multilabel_threshold,
+            smoothing=settings.label_smoothing,
+        )
     validation = Validation(
-        make_dataset(val_split, settings.batch_size), val_split.labels, settings.label_smoothing
+        make_dataset(val_split, settings.batch_size),
+        val_split.labels,
+        settings.label_smoothing,
+        scorer,
     )
     stats = BatchStats(settings.batch_size, train_size, sink, first)
     callbacks = [position, validation, stats, resilience.interrupt_callback()]

@@ -76,6 +76,11 @@ def _file_list(
     return files
 
 
+def _hot(files: FileList) -> np.ndarray:
+    assert files.multi_hot is not None  # every list _file_list makes has it
+    return files.multi_hot
+
+
 def scan_csv(
     csv_path: str | Path, max_per_class: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> Manifest:
@@ -101,9 +106,7 @@ def scan_csv(
     }
     test = lists["test"] if listed_test else None
     base = csv_path.parent
-    check_usable(
-        base, class_names, lists["train"].multi_hot, None if test is None else test.multi_hot
-    )
+    check_usable(base, class_names, _hot(lists["train"]), None if test is None else _hot(test))
     return Manifest(base, class_names, lists["train"], test, skipped, source=csv_path)
 
 

@@ -112,8 +112,8 @@ class ImageSplit:
 def _label_text(label: np.ndarray, class_names: Sequence[str]) -> str:
     """A label's class name; a multi-hot row's names joined as a multi-label CSV writes them."""
     if np.ndim(label):
-        return multilabel.SEPARATOR.join(class_names[i] for i in np.flatnonzero(label))
-    return class_names[label]
+        return multilabel.SEPARATOR.join(class_names[int(i)] for i in np.flatnonzero(label))
+    return class_names[int(label)]
 
 
 def _take_in_place(array: np.ndarray, order: np.ndarray) -> None:
