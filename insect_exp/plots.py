@@ -156,7 +156,7 @@ def sample_grid(
     multi-hot labels (task=multilabel): with their class names joined by `;`."""
     if np.ndim(labels) == 2:
         shown = np.asarray(labels)[: rows * cols]
-        names = [";".join(str(class_names[i]) for i in np.flatnonzero(row)) for row in shown]
+        names = [";".join(str(class_names[int(i)]) for i in np.flatnonzero(row)) for row in shown]
     else:
         names = [str(class_names[int(label)]) for label in _as_class_indices(labels)[: rows * cols]]
     titles = [(name, None) for name in names]
