@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from scipy.special import expit
-from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 THRESHOLDS_JSON = "thresholds.json"
 
@@ -46,10 +46,17 @@ def predicted(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
 
 def f1(labels: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray) -> dict[str, float]:
     """micro_f1 and macro_f1 of the predictions at the thresholds."""
-    guess = predicted(probs, thresholds)
+    guess = predicted(probs, thresholds).astype(bool)
+    true = np.asarray(labels).astype(bool)
+    # 2 TP / (2 TP + FP + FN) per class and pooled: the counts hold one column as well as many
+    # (scikit-learn's f1_score reads a single column as a binary target, not one label).
+    tp = (guess & true).sum(axis=0)
+    wrong = (guess != true).sum(axis=0)
+    per_class = np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(len(tp)), where=(2 * tp + wrong) > 0)
+    pooled = 2 * tp.sum() + wrong.sum()
     return {
-        f"{kind}_f1": float(f1_score(labels, guess, average=kind, zero_division=0))
-        for kind in ("micro", "macro")
+        "micro_f1": float(2 * tp.sum() / pooled) if pooled else 0.0,
+        "macro_f1": float(per_class.mean()),
     }
 
 
