@@ -29,7 +29,7 @@ import os
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -192,6 +192,19 @@ class Prediction:
     probabilities: np.ndarray  # (classes,)
 
 
+def _scorer(classifier: ImageClassifier, tta: TTA) -> Callable[[Any], np.ndarray]:
+    """images -> the model's probabilities over `tta`'s views: softmax(logits / T), or a
+    multi-label model's sigmoid(logits)."""
+    from insect_exp import calibration
+    from insect_exp.multilabel.scores import saved_thresholds
+    from insect_exp.tta import multilabel_probabilities, probabilities
+
+    if saved_thresholds(classifier.module) is not None:  # one sigmoid per class
+        return lambda images: multilabel_probabilities(classifier.logits, images, tta)
+    temperature = calibration.saved_temperature(classifier.module)
+    return lambda images: probabilities(classifier.logits, images, tta, temperature)
+
+
 def stream_predictions(
     classifier: ImageClassifier,
     paths: Sequence[str],
@@ -211,20 +224,11 @@ def stream_predictions(
     import numpy as np
     import tensorflow as tf
 
-    from insect_exp import calibration
     from insect_exp.data.decode import refusal
     from insect_exp.data.pipeline import without_autotuning
     from insect_exp.data.scan import diagnose
-    from insect_exp.multilabel.scores import saved_thresholds
-    from insect_exp.tta import multilabel_probabilities, probabilities
 
-    temperature = calibration.saved_temperature(classifier.module)
-    multilabel = saved_thresholds(classifier.module) is not None  # one sigmoid per class
-
-    def score(images: Any) -> np.ndarray:
-        if multilabel:
-            return multilabel_probabilities(classifier.logits, images, tta)
-        return probabilities(classifier.logits, images, tta, temperature)
+    score = _scorer(classifier, tta)
 
     def decode(path: tf.Tensor) -> tf.Tensor:
         return classifier.decode(tf.io.read_file(path))

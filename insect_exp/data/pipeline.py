@@ -593,21 +593,27 @@ def load(
         len(manifest.class_names),
         len(skipped),
     )
+    train, val = _validation(manifest, train, test, val_split, seed)
+    source = str(manifest.source or manifest.root)
+    return Data(manifest.class_names, train, val, test, skipped, source, storage)
+
+
+def _validation(
+    manifest: Manifest, train: ImageSplit, test: ImageSplit | None, val_split: float, seed: int
+) -> tuple[ImageSplit, ImageSplit]:
+    """(train, val): a seeded hold-out of train (stratified by class), else the test split."""
     if val_split > 0:
         if train.labels.ndim == 2:  # multi-hot rows: no one class to stratify by
             keep, held = multilabel.held_out(len(train), val_split, seed)
         else:
             keep, held = stratified_split(train.labels, val_split, seed)
-        train, val = train.partition(keep, held)
-    elif test is not None:
-        val = test
-    else:
-        raise DatasetError(
-            f"{str(manifest.root)!r} has no test/ split: set dataset.val_split (e.g. 0.2) to "
-            "hold out part of train for validation"
-        )
-    source = str(manifest.source or manifest.root)
-    return Data(manifest.class_names, train, val, test, skipped, source, storage)
+        return train.partition(keep, held)
+    if test is not None:
+        return train, test
+    raise DatasetError(
+        f"{str(manifest.root)!r} has no test/ split: set dataset.val_split (e.g. 0.2) to "
+        "hold out part of train for validation"
+    )
 
 
 def read_images(images: np.ndarray | DiskImages, index: tf.Tensor) -> tf.Tensor:
