@@ -333,6 +333,8 @@ def predict(
         )
     ]
     frame = pd.DataFrame(rows, columns=command.header(names, top_k, thresholds is not None))
+    if thresholds is not None:  # `;`-separated label sets and probabilities: text
+        return frame
     probabilities = [c for c in frame.columns if c.startswith("probability")]
     return frame.astype({c: "float64" for c in probabilities})
 

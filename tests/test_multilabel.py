@@ -138,3 +138,11 @@ def test_multilabel_run_logs_its_scores_and_thresholds_and_predict_returns_label
         # At or above the class's threshold (the CSV rounds to 6 decimals)
         per_class = saved["per_class"]
         assert all(p >= per_class[n] - 1e-6 for n, p in zip(labels, probabilities, strict=True))
+
+    # And evaluate, which scores one label per image, refuses the model in one line
+    refused = cli(
+        "insect_exp.evaluate", f"model_uri=runs:/{run_id}/model", "dataset=csv",
+        f"dataset.path={listing}", f"mlflow.tracking_uri={uri}", cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "is a multi-label model" in refused.stderr
+    assert "Traceback" not in refused.stderr
