@@ -72,7 +72,7 @@ def test_settings_that_assume_one_label_are_refused_in_one_line(compose_cfg, ove
         compose_cfg(*csv_dataset, "task=multilabel", override)
 
 
-def _write_squares(folder: Path, count: int = 24, seed: int = 0) -> Path:
+def _write_squares(folder: Path, count: int = 48, seed: int = 0) -> Path:
     """Grey noise images with a red and/or a blue square, listed as `red`, `blue` or `blue;red`
     in labels.csv (every 4th image in test), plus three bad rows."""
     rng = np.random.default_rng(seed)
@@ -98,14 +98,16 @@ def test_multilabel_run_logs_its_scores_and_thresholds_and_predict_returns_label
     listing = _write_squares(tmp_path / "squares")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    # When a multi-label run trains on it for 2 epochs
+    # When a multi-label run trains on it for 4 epochs
     done = cli(
         "insect_exp", "dataset=csv", f"dataset.path={listing}", "dataset.val_split=0.25",
-        "task=multilabel", "epochs=2", "batch_size=4", "model.image_size=[32,32]",
+        "task=multilabel", "epochs=4", "batch_size=4", "model.image_size=[32,32]",
         f"mlflow.tracking_uri={uri}", cwd=tmp_path,
     )  # fmt: skip
 
-    # Then it finishes with its scores, thresholds and reports, the bad rows reported
+    # Then it finishes having learnt the squares (predicting every label for every image scores
+    # a micro F1 of 0.8 here, a random ranking an mAP near 2/3), with its thresholds and reports,
+    # the bad rows reported
     assert done.returncode == 0, done.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
@@ -114,6 +116,7 @@ def test_multilabel_run_logs_its_scores_and_thresholds_and_predict_returns_label
     metrics = run.data.metrics
     for key in ("test_micro_f1", "test_macro_f1", "test_map", "test_micro_f1_tuned", "auc_pr"):
         assert 0 <= metrics[key] <= 1, key
+    assert metrics["test_map"] >= 0.9 and metrics["test_micro_f1"] >= 0.85, metrics
     run_id = run.info.run_id
     saved = json.loads(Path(client.download_artifacts(run_id, "thresholds.json")).read_text())
     assert saved["threshold"] == 0.5 and set(saved["per_class"]) == {"blue", "red"}
@@ -129,7 +132,7 @@ def test_multilabel_run_logs_its_scores_and_thresholds_and_predict_returns_label
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr[-3000:]
     rows = list(csv.DictReader(io.StringIO(shown.stdout)))
-    assert list(rows[0]) == ["path", "labels", "probabilities"] and len(rows) == 24
+    assert list(rows[0]) == ["path", "labels", "probabilities"] and len(rows) == 48
     for row in rows:
         labels = [x for x in row["labels"].split(";") if x]
         probabilities = [float(p) for p in row["probabilities"].split(";") if p]
