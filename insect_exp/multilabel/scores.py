@@ -11,7 +11,7 @@
 - `accuracy` (binary accuracy): the fraction of (image, class) decisions right at the threshold,
   so that early stopping, sweeps and the batch curves keep a measure where higher is better.
 
-NumPy and scikit-learn only at import: the logging process draws the curves without TensorFlow.
+NumPy, SciPy and scikit-learn only: the logging process draws the curves without TensorFlow.
 """
 
 from __future__ import annotations
