@@ -305,12 +305,13 @@ def predict(
 
     from insect_exp import predict as command
     from insect_exp.config import TTA, PredictConfig
+    from insect_exp.multilabel.scores import saved_thresholds
 
     # Its checks give the command's errors; a name becomes the TTA member there, as from YAML.
     cfg = PredictConfig(
         model_uri=model_uri, inputs=".", top_k=top_k, batch_size=batch_size, tta=cast(TTA, tta)
     )
-    ref = command.find_model(model_uri, command.store_uri(tracking_uri, model_uri))
+    ref = command.find_model(model_uri, command.store_uri(tracking_uri, model_uri), True)
     inputs = [files] if isinstance(files, str | Path) else list(files)
     paths: list[str] = []
     for item in inputs:
@@ -320,17 +321,20 @@ def predict(
             print(f"skipped {path}: {reason}", file=sys.stderr)
     classifier = command.load_classifier(ref)
     names = classifier.class_names
+    thresholds = saved_thresholds(classifier.module)  # a multi-label model's
 
     def on_skip(path: str, reason: str) -> None:
         print(f"skipped {path}: {reason}", file=sys.stderr)
 
     rows = [
-        command.row(p, names, top_k)
+        command.row(p, names, top_k, thresholds)
         for p in command.stream_predictions(
             classifier, paths, batch_size, on_skip=on_skip, tta=cfg.tta
         )
     ]
-    frame = pd.DataFrame(rows, columns=command.header(names, top_k))
+    frame = pd.DataFrame(rows, columns=command.header(names, top_k, thresholds is not None))
+    if thresholds is not None:  # `;`-separated label sets and probabilities: text
+        return frame
     probabilities = [c for c in frame.columns if c.startswith("probability")]
     return frame.astype({c: "float64" for c in probabilities})
 

@@ -43,16 +43,27 @@ class Validation(keras.callbacks.Callback):
     bar, so both see the val_ metrics this adds to the epoch's logs.
     """
 
-    def __init__(self, images: tf.data.Dataset, labels: np.ndarray, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        images: tf.data.Dataset,
+        labels: np.ndarray,
+        label_smoothing: float = 0.0,
+        scorer: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None,
+    ):
+        """scorer: (logits, labels) -> scores, in place of `scores` (task=multilabel's)."""
         super().__init__()
         self.images = images
         self.labels = labels
         self.label_smoothing = label_smoothing
+        self.scorer = scorer
         self.logits: np.ndarray | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.logits = self.model.predict(self.images, verbose=0)
-        results = scores(self.logits, self.labels, self.label_smoothing)
+        if self.scorer is not None:
+            results = self.scorer(self.logits, self.labels)
+        else:
+            results = scores(self.logits, self.labels, self.label_smoothing)
         # As in evaluate: the loss includes the model's regularization losses (none by default).
         results["loss"] += float(sum(self.model.losses, 0.0))
         if logs is not None:

@@ -126,6 +126,15 @@ class Strategy(Enum):
     multi_worker = "multi_worker"  # several processes: the cluster in TF_CONFIG or SLURM
 
 
+class Task(Enum):
+    """What an image's label is: single (one class, softmax cross-entropy) or multilabel (any set
+    of classes, sigmoid binary cross-entropy; dataset=csv rows list them as `a;b`,
+    docs/multilabel.md)."""
+
+    single = "single"
+    multilabel = "multilabel"
+
+
 class ClassWeight(Enum):
     """Loss weight per class: none, or balanced (n_images / (n_classes * n_images_of_class))."""
 
@@ -672,6 +681,10 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     # temperature: fit one temperature on the validation split and bake it into the logged model.
     calibrate: Calibrate = Calibrate.none
+    # multilabel: each image has a set of classes (dataset=csv labels `a;b`); threshold: the
+    # probability above which a class is predicted, before per-class tuning on validation.
+    task: Task = Task.single
+    threshold: float = 0.5
     # A run id to continue from its last checkpoint, with its own logged config (epochs may rise).
     resume: str | None = None
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -692,6 +705,10 @@ class Config:
     def __post_init__(self) -> None:
         self.precision = _enum("precision", self.precision, Precision)
         self.calibrate = _enum("calibrate", self.calibrate, Calibrate)
+        self.task = _enum("task", self.task, Task)
+        _require(0 < self.threshold < 1, "threshold", self.threshold, "in (0, 1)")
+        if self.task is Task.multilabel:
+            self._check_multilabel()
         t = self.precision_tolerance
         _require(t >= 0 and math.isfinite(t), "precision_tolerance", t, ">= 0")
         _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
@@ -706,6 +723,23 @@ class Config:
                 "train.mixup_alpha or train.cutmix_alpha: Keras would weigh a mixed image by the "
                 "class of its larger share alone"
             )
+
+    def _check_multilabel(self) -> None:
+        """task=multilabel's refusals: the settings that assume one label per image."""
+        if not isinstance(self.dataset, CsvDatasetConfig):
+            raise ConfigError(
+                "task=multilabel reads label sets from a CSV file list: use dataset=csv "
+                "(rows path,label with labels separated by ';')"
+            )
+        if self.calibrate is not Calibrate.none:
+            raise ConfigError("calibrate=temperature scales a softmax: not with task=multilabel")
+        if self.dataset.class_weight is not ClassWeight.none:
+            raise ConfigError("dataset.class_weight weighs one class per image: not with "
+                              "task=multilabel")  # fmt: skip
+        if self.train.mixup_alpha > 0 or self.train.cutmix_alpha > 0:
+            # Its accuracy and soft targets are a softmax's; a label set's mix is not built yet.
+            raise ConfigError("train.mixup_alpha and train.cutmix_alpha mix one label per image: "
+                              "not with task=multilabel")  # fmt: skip
 
 
 # The other commands: predict and evaluate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from insect_exp.config import (
     EmaConfig,
     OptimizerConfig,
     Schedule,
+    Task,
 )
 from insect_exp.data.mixing import Mixing, mix_batches
 from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images, without_autotuning
@@ -51,6 +53,8 @@ class FitSettings:
     # multi_worker: how long the other workers wait for the chief's frozen features.
     worker_timeout_s: float = 600.0
     mixing: Mixing = field(default_factory=Mixing)
+    # task=multilabel: the probability threshold of its metrics (None: one label per image).
+    multilabel_threshold: float | None = None
 
     @classmethod
     def from_config(
@@ -73,6 +77,7 @@ class FitSettings:
             resume_from=resume_from,
             worker_timeout_s=cfg.train.worker_timeout_s,
             mixing=Mixing.from_config(cfg.train),
+            multilabel_threshold=cfg.threshold if cfg.task is Task.multilabel else None,
         )
 
 
@@ -167,12 +172,21 @@ class Crossentropy(keras.losses.Loss):
 
 
 def compile_classifier(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, label_smoothing: float = 0.0
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    label_smoothing: float = 0.0,
+    multilabel_threshold: float | None = None,
 ) -> None:
     """Cross-entropy on logits (label-smoothed if asked) and accuracy: the training objective.
 
-    Integer labels or soft targets alike (`accuracy`: against a soft target's largest share).
+    Integer labels or soft targets alike (`accuracy`: against a soft target's largest share);
+    with a multilabel_threshold, sigmoid cross-entropy and its metrics (multilabel/training.py).
     """
+    if multilabel_threshold is not None:
+        from insect_exp.multilabel.training import compile_multilabel
+
+        compile_multilabel(model, optimizer, label_smoothing, multilabel_threshold)
+        return
     model.compile(
         optimizer=optimizer,
         loss=Crossentropy(label_smoothing),
@@ -425,8 +439,20 @@ def _callbacks(
     reads them, and the learning rate is read after the schedule set it."""
     first = stage.first_epoch
     position = Position(first)
+    scorer = None
+    if settings.multilabel_threshold is not None:
+        from insect_exp.multilabel import scores
+
+        scorer = functools.partial(
+            scores.scores,
+            threshold=settings.multilabel_threshold,
+            smoothing=settings.label_smoothing,
+        )
     validation = Validation(
-        make_dataset(val_split, settings.batch_size), val_split.labels, settings.label_smoothing
+        make_dataset(val_split, settings.batch_size),
+        val_split.labels,
+        settings.label_smoothing,
+        scorer,
     )
     stats = BatchStats(settings.batch_size, train_size, sink, first)
     callbacks = [position, validation, stats, resilience.interrupt_callback()]

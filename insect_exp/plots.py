@@ -152,8 +152,13 @@ def sample_grid(
     rows: int = 3,
     cols: int = 3,
 ) -> Figure:
-    """Grid of images, each tile titled with its class name (the tutorial's train/test preview)."""
-    names = [str(class_names[int(label)]) for label in _as_class_indices(labels)[: rows * cols]]
+    """Grid of images, each tile titled with its class name (the tutorial's train/test preview);
+    multi-hot labels (task=multilabel): with their class names joined by `;`."""
+    if np.ndim(labels) == 2:
+        shown = np.asarray(labels)[: rows * cols]
+        names = [";".join(str(class_names[int(i)]) for i in np.flatnonzero(row)) for row in shown]
+    else:
+        names = [str(class_names[int(label)]) for label in _as_class_indices(labels)[: rows * cols]]
     titles = [(name, None) for name in names]
     return _image_grid(images, titles, rows, cols, title, 1, fontsize=10)
 

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -79,6 +79,7 @@ class ModelRef:
     image_size: tuple[int, int]
     run_id: str | None
     model_id: str | None
+    task: str = "single"  # multilabel: a set of classes per image (docs/multilabel.md)
 
 
 def store_uri(configured: str | None, model_uri: str) -> str:
@@ -101,12 +102,17 @@ def store_uri(configured: str | None, model_uri: str) -> str:
     return uri
 
 
-def find_model(uri: str, tracking_uri: str) -> ModelRef:
+def find_model(uri: str, tracking_uri: str, multilabel_ok: bool = False) -> ModelRef:
     """Check `uri` names a model this tool logged, from its MLmodel file only (no TensorFlow).
 
+    Args:
+        multilabel_ok: whether the caller takes a multi-label model (predict does; evaluate and
+            compare score one label per image).
+
     Raises:
-        UserError: a scheme MLflow does not know (named), no such run/model/version, or a model
-            that was not logged by insect_exp with its class names.
+        UserError: a scheme MLflow does not know (named), no such run/model/version, a model
+            that was not logged by insect_exp with its class names, or an unwanted multi-label
+            model.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -131,7 +137,14 @@ def find_model(uri: str, tracking_uri: str) -> ModelRef:
             "names); train it again to predict, evaluate or serve with it"
         )
     height, width = (int(v) for v in meta["image_size"])
-    return ModelRef(uri, list(meta["class_names"]), (height, width), info.run_id, info.model_id)
+    task = str(meta.get("task", "single"))
+    if task == "multilabel" and not multilabel_ok:
+        raise UserError(
+            f"model_uri {uri!r} is a multi-label model (task=multilabel): evaluate and compare "
+            "score one label per image; its run logged its test scores, and predict labels files"
+        )
+    names = list(meta["class_names"])
+    return ModelRef(uri, names, (height, width), info.run_id, info.model_id, task)
 
 
 def load_classifier(ref: ModelRef) -> ImageClassifier:
@@ -179,6 +192,19 @@ class Prediction:
     probabilities: np.ndarray  # (classes,)
 
 
+def _scorer(classifier: ImageClassifier, tta: TTA) -> Callable[[Any], np.ndarray]:
+    """images -> the model's probabilities over `tta`'s views: softmax(logits / T), or a
+    multi-label model's sigmoid(logits)."""
+    from insect_exp import calibration
+    from insect_exp.multilabel.scores import saved_thresholds
+    from insect_exp.tta import multilabel_probabilities, probabilities
+
+    if saved_thresholds(classifier.module) is not None:  # one sigmoid per class
+        return lambda images: multilabel_probabilities(classifier.logits, images, tta)
+    temperature = calibration.saved_temperature(classifier.module)
+    return lambda images: probabilities(classifier.logits, images, tta, temperature)
+
+
 def stream_predictions(
     classifier: ImageClassifier,
     paths: Sequence[str],
@@ -198,13 +224,11 @@ def stream_predictions(
     import numpy as np
     import tensorflow as tf
 
-    from insect_exp import calibration
     from insect_exp.data.decode import refusal
     from insect_exp.data.pipeline import without_autotuning
     from insect_exp.data.scan import diagnose
-    from insect_exp.tta import probabilities
 
-    temperature = calibration.saved_temperature(classifier.module)
+    score = _scorer(classifier, tta)
 
     def decode(path: tf.Tensor) -> tf.Tensor:
         return classifier.decode(tf.io.read_file(path))
@@ -228,12 +252,12 @@ def stream_predictions(
                 if on_skip is not None:
                     on_skip(paths[i], refusal(err) or diagnose(paths[i]))
                 continue
-            found = probabilities(classifier.logits, image, tta, temperature)
+            found = score(image)
             yield Prediction(paths[i], found[0])
 
     expected = 0  # the next index in order: any below an index that arrives were dropped
     for index, images in ds:
-        probs = probabilities(classifier.logits, images, tta, temperature)
+        probs = score(images)
         for i, p in zip(index.numpy().tolist(), probs, strict=True):
             yield from missing(i, expected)
             yield Prediction(paths[i], p)
@@ -252,13 +276,25 @@ def progress_for(total: int, setting: bool | None, stream: TextIO | None = None)
     return Progress(total, "predict", stream=stream, report=report, enabled=enabled)
 
 
-def header(class_names: Sequence[str], top_k: int) -> list[str]:
+def header(class_names: Sequence[str], top_k: int, multilabel: bool = False) -> list[str]:
+    """The CSV's columns; a multi-label model's: path, labels, probabilities (`;`-separated)."""
+    if multilabel:
+        return ["path", "labels", "probabilities"]
     k = min(top_k, len(class_names))
     extra = [f"{name}_{i}" for i in range(2, k + 1) for name in ("label", "probability")]
     return ["path", "label", "probability", *extra]
 
 
-def row(prediction: Prediction, class_names: Sequence[str], top_k: int) -> list[str]:
+def row(
+    prediction: Prediction,
+    class_names: Sequence[str],
+    top_k: int,
+    thresholds: np.ndarray | None = None,
+) -> list[str]:
+    """The CSV row of a prediction: the top_k classes; with a multi-label model's `thresholds`,
+    every class at or above its threshold, most probable first."""
+    if thresholds is not None:
+        return label_set_row(prediction, class_names, thresholds)
     order = prediction.probabilities.argsort()[::-1][: min(top_k, len(class_names))]
     cells = [prediction.path]
     for i in order:
@@ -266,24 +302,43 @@ def row(prediction: Prediction, class_names: Sequence[str], top_k: int) -> list[
     return cells
 
 
+def label_set_row(
+    prediction: Prediction, class_names: Sequence[str], thresholds: np.ndarray
+) -> list[str]:
+    """path, the labels at or above their thresholds and their probabilities, `;`-separated."""
+    from insect_exp.data.multilabel import SEPARATOR
+
+    probs = prediction.probabilities
+    order = [i for i in probs.argsort()[::-1] if probs[i] >= thresholds[i]]
+    labels = SEPARATOR.join(class_names[i] for i in order)
+    return [prediction.path, labels, SEPARATOR.join(f"{probs[i]:.6f}" for i in order)]
+
+
 def explain_writer(cfg: PredictConfig, classifier: ImageClassifier) -> OverlayWriter | None:
     """explain=true: where each image's Grad-CAM overlay goes (beside the CSV)."""
     if not cfg.explain or cfg.output is None:
         return None
     from insect_exp.explain import OverlayWriter
+    from insect_exp.multilabel.scores import saved_thresholds
+
+    if saved_thresholds(classifier.module) is not None:
+        raise UserError("explain=true maps one predicted class: not for a multi-label model")
 
     return OverlayWriter.for_predict(classifier, cfg.output, cfg.inputs, cfg.batch_size)
 
 
 def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
     """Label every image of cfg.inputs; return how many were labelled."""
+    from insect_exp.multilabel.scores import saved_thresholds
+
     started = time.monotonic()
-    ref = find_model(cfg.model_uri, store_uri(cfg.mlflow.tracking_uri, cfg.model_uri))
+    ref = find_model(cfg.model_uri, store_uri(cfg.mlflow.tracking_uri, cfg.model_uri), True)
     paths, skipped = list_inputs(cfg.inputs)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     classifier = load_classifier(ref)
     names = classifier.class_names
+    thresholds = saved_thresholds(classifier.module)
     overlays = explain_writer(cfg, classifier)
     progress = progress_for(len(paths), cfg.progress)
     done = 0
@@ -297,12 +352,12 @@ def run(cfg: PredictConfig, stdout: TextIO | None = None) -> int:
     handle = open(cfg.output, "w", newline="") if cfg.output else None  # noqa: SIM115
     try:
         writer = csv.writer(handle or out, lineterminator="\n")
-        writer.writerow(header(names, cfg.top_k))
+        writer.writerow(header(names, cfg.top_k, thresholds is not None))
         stream = stream_predictions(
             classifier, paths, cfg.batch_size, cfg.decode_workers, on_skip=on_skip, tta=cfg.tta
         )
         for prediction in stream:
-            writer.writerow(row(prediction, names, cfg.top_k))
+            writer.writerow(row(prediction, names, cfg.top_k, thresholds))
             if overlays is not None:
                 overlays.add(prediction.path)
             done += 1

@@ -14,6 +14,11 @@ pickled. `mlflow.pyfunc.load_model(uri).predict(x)` and `mlflow models serve` ta
 - float32 images (N, H, W, 3) in 0..255, already decoded and resized: returns the raw logits (N,
   classes), never divided by T, as the models logged before this wrapper did.
 
+A multi-label model (task=multilabel: its SavedModel has per-class `thresholds`) answers encoded
+files with `labels` ({class name: probability} for every class at or above its threshold, most
+probable first) and `probabilities` ({class name: probability} for every class), each class's
+probability its own sigmoid(logit).
+
 Bad input (a file that is not a decodable image, a missing `image` column, an array of the wrong
 shape) raises MlflowException(INVALID_PARAMETER_VALUE) naming the row and the reason: the scoring
 server answers HTTP 400 with it and goes on serving. A file whose header gives more pixels than the
@@ -89,6 +94,8 @@ class ImageClassifier(PythonModel):
         self.image_size = (int(height), int(width))
         temperature = getattr(self.module, "temperature", None)
         self.temperature = float(temperature.numpy()) if temperature is not None else 1.0
+        thresholds = getattr(self.module, "thresholds", None)  # a multi-label model's
+        self.thresholds = None if thresholds is None else np.asarray(thresholds.numpy(), float)
 
     def decode(self, contents: Any) -> Any:
         """One encoded file (a scalar string tensor) -> uint8 (H, W, 3), as the model's training
@@ -143,12 +150,29 @@ class ImageClassifier(PythonModel):
         return f"too many pixels ({size}): the model decodes images of at most {most}"
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """The model's probabilities for its logits: softmax(logits / T), calibrated if it was."""
+        """The model's probabilities for its logits: softmax(logits / T), calibrated if it was; a
+        multi-label model's: sigmoid(logits)."""
+        if self.thresholds is not None:
+            return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
         return softmax(np.asarray(logits, dtype=np.float64) / self.temperature)
 
+    def label_sets(self, probs: np.ndarray) -> pd.DataFrame:
+        """A multi-label model's rows: labels at or above their thresholds, every probability."""
+        assert self.thresholds is not None
+        names, thresholds = self.class_names, self.thresholds
+        labels = []
+        for row in probs:
+            order = [i for i in row.argsort()[::-1] if row[i] >= thresholds[i]]
+            labels.append({names[i]: float(row[i]) for i in order})
+        every = [{n: float(p) for n, p in zip(names, row, strict=True)} for row in probs]
+        return pd.DataFrame({"labels": labels, "probabilities": every})
+
     def table(self, logits: np.ndarray) -> pd.DataFrame:
-        """One row per image: label, probability, and every class's probability."""
+        """One row per image: label, probability, and every class's probability (a multi-label
+        model's: `label_sets`)."""
         probs = self.probabilities(logits)
+        if self.thresholds is not None:
+            return self.label_sets(probs)
         best = probs.argmax(axis=1)
         names = self.class_names
         return pd.DataFrame(

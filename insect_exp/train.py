@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from insect_exp import commands, distribute, preflight, resuming, sweep
-from insect_exp.config import Calibrate, Config, Precision, Strategy
+from insect_exp.config import Calibrate, Config, Precision, Strategy, Task
 from insect_exp.tracking.spool import SPOOL_DIR
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    import numpy as np
     from tf_keras import Model
 
     from insect_exp import precision, tracking
@@ -37,6 +38,7 @@ RESUMED_KEYS = (
     "loss", "accuracy", "val_loss", "val_accuracy", "val_top3_accuracy", "lr", "batch_loss",
     "batch_accuracy", "val_loss_raw", "val_accuracy_raw", "val_top3_accuracy_raw",
     "backbone_images_computed", "backbone_images_reused",
+    "auc_pr", "val_micro_f1", "val_macro_f1", "val_map",  # task=multilabel's
 )  # fmt: skip
 
 
@@ -82,12 +84,13 @@ def run_job(cfg: Config) -> tuple[float, tracking.Opened | None]:
                     gc.freeze()  # what start-up made lives on (benchmarks/gc_startup.py)
                     gc.enable()
                 history = recipe.fit(model, data, settings, sink=_sink(cfg, run, settings))
-                temperature = _calibrate(cfg, run, recipe, model, data, history)
+                # A temperature, or task=multilabel's per-class thresholds.
+                calibrated = _calibrate(cfg, run, recipe, model, data, history)
                 test_accuracy, reported = _evaluate(
-                    cfg, run, recipe, model, data, history, temperature
+                    cfg, run, recipe, model, data, history, calibrated
                 )
                 if cfg.mlflow.log_model:
-                    _export(cfg, run, model, data, history, temperature)
+                    _export(cfg, run, model, data, history, calibrated)
                 for done in [*logged, *reported]:
                     done.result()  # its error, if it failed, is the run's
             val_accuracy = run.metric_history(["val_accuracy"])["val_accuracy"][-1]
@@ -112,7 +115,8 @@ def _start_tensorflow(cfg: Config, threads: int) -> tuple[distribute.Distributio
     # Before any other TensorFlow op: a multi-worker strategy configures the runtime.
     dist = distribute.start(cfg.train, cfg.batch_size, resume=cfg.resume is not None)
     log.info(dist.describe())
-    return dist, Loading(cfg.dataset, cfg.model.image_size, cfg.seed)
+    multilabel = cfg.task is Task.multilabel
+    return dist, Loading(cfg.dataset, cfg.model.image_size, cfg.seed, multilabel)
 
 
 def _chief_or_worker(
@@ -193,11 +197,14 @@ def _check(cfg: Config, recipe: Recipe, data: Data) -> precision.Check:
     from insect_exp import fit, precision
 
     n = min(len(data.train), precision.CHECK_STEPS * min(cfg.batch_size, 32))
+    labels = np.asarray(data.train.labels[:n])
+    if labels.ndim == 2:  # the check compares numerics: a label set's first class will do
+        labels = labels.argmax(axis=1)
     return precision.Check(
         build=lambda: recipe.build(len(data.class_names)),
         optimizer=lambda: fit.make_optimizer(cfg.optimizer),
         images=np.asarray(data.train.images[:n]),
-        labels=np.asarray(data.train.labels[:n]),
+        labels=labels,
         tolerance=cfg.precision_tolerance,
     )
 
@@ -251,11 +258,19 @@ def _calibrate(
     model: Model,
     data: Data,
     history: History,
-) -> float | None:
+) -> float | np.ndarray | None:
     """With calibrate=temperature, the temperature fitted on the validation split, logged with
-    the validation split's calibration before and after; else None."""
+    the validation split's calibration before and after; with task=multilabel, the per-class
+    thresholds tuned there; else None."""
     from insect_exp import calibration
 
+    if cfg.task is Task.multilabel:
+        from insect_exp.multilabel import report as multilabel
+
+        logits = recipe.predict(model, data.val, cfg.batch_size)
+        return multilabel.tune(
+            run, logits, data.val.labels, data.class_names, cfg.threshold, _last_epoch(cfg, history)
+        )
     if cfg.calibrate is Calibrate.none:
         return None
     if data.test is None or data.val_is_test:
@@ -282,16 +297,29 @@ def _evaluate(
     model: Model,
     data: Data,
     history: History,
-    temperature: float | None,
+    temperature: float | np.ndarray | None,
 ) -> tuple[float, list[Future]]:
     """The test split's (else validation's) scores and calibration (of the probabilities the
     model is exported with: calibrated by `temperature`, if any) logged; the test accuracy, and
-    the training, prediction, reliability and Grad-CAM reports handed to the logging process."""
+    the training, prediction, reliability and Grad-CAM reports handed to the logging process.
+    With task=multilabel (`temperature`: the per-class thresholds), multilabel/report.py's."""
     from insect_exp import calibration, callbacks, explain, report
 
     reported = [run.submit(report.log_training, history.best_epoch, history.stopped_epoch)]
     test = data.test if data.test is not None else data.val
     logits = recipe.predict(model, test, cfg.batch_size)
+    if cfg.task is Task.multilabel:
+        import numpy as np
+
+        from insect_exp.multilabel import report as multilabel
+
+        log.info("task=multilabel: no reliability diagram, Grad-CAM or top losses (one label each)")
+        step = _last_epoch(cfg, history)
+        found = multilabel.evaluate(
+            run, test, logits, data.class_names, np.asarray(temperature), cfg.threshold, step
+        )
+        return found[0], reported + found[1]
+    temperature = None if temperature is None else float(temperature)
     scores = callbacks.scores(logits, test.labels)
     scores.update(calibration.report(logits, test.labels, temperature))
     run.log_metrics({f"test_{k}": v for k, v in scores.items()}, _last_epoch(cfg, history))
@@ -314,7 +342,7 @@ def _export(
     model: Model,
     data: Data,
     history: History,
-    temperature: float | None,
+    temperature: float | np.ndarray | None,
 ) -> None:
     """The model logged (and registered if asked) as a pyfunc over its SavedModel: encoded files
     or float images in; class names, probabilities (softmax(logits / temperature)) or logits for
@@ -324,9 +352,18 @@ def _export(
     from insect_exp import export
     from insect_exp.models.layers import ServingModule
 
-    module = ServingModule(
-        model, cfg.model.image_size, cfg.dataset.max_image_pixels, temperature or 1.0
-    )
+    size, pixels = cfg.model.image_size, cfg.dataset.max_image_pixels
+    if cfg.task is Task.multilabel:  # `temperature`: its thresholds
+        import numpy as np
+
+        from insect_exp.models.multilabel import MultiLabelServingModule
+
+        thresholds = np.asarray(temperature)
+        module: ServingModule = MultiLabelServingModule(model, size, thresholds, pixels)
+    else:
+        module = ServingModule(
+            model, size, pixels, 1.0 if temperature is None else float(temperature)
+        )
     requirements = [f"tensorflow=={tf.__version__}"]
     test = data.test if data.test is not None else data.val
     with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
@@ -335,9 +372,10 @@ def _export(
             {key: str(path) for key, path in files.items()},
             requirements,
             input_example=export.input_example(test.images[0]),
-            metadata=export.metadata(
-                data.class_names, cfg.model.image_size, cfg.dataset.max_image_pixels
-            ),
+            metadata={
+                **export.metadata(data.class_names, size, pixels),
+                "task": cfg.task.value,
+            },
             registered_model_name=cfg.mlflow.registered_model_name,
             step=_weights_epoch(cfg, history),
         )

@@ -29,6 +29,16 @@ def probabilities(
     return np.mean([probabilities(logits(v), temperature) for v in views(images, policy)], axis=0)
 
 
+def multilabel_probabilities(
+    logits: Callable[[Any], np.ndarray], images: Any, policy: TTA
+) -> np.ndarray:
+    """The mean over the views of each image of sigmoid(logits(view)), (N, classes): a
+    multi-label model's (task=multilabel)."""
+    from scipy.special import expit
+
+    return np.mean([expit(np.asarray(logits(v), np.float64)) for v in views(images, policy)], 0)
+
+
 def as_logits(probs: np.ndarray) -> np.ndarray:
     """Logits whose softmax is `probs` (their logarithm), for scores that take logits."""
     return np.log(np.maximum(probs, np.finfo(np.float64).tiny))

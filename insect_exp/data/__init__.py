@@ -29,8 +29,13 @@ def resolve_root(cfg: DatasetConfig) -> str:
     return str(cfg.root)
 
 
-def manifest(cfg: DatasetConfig) -> Manifest:
-    """The dataset's files, classes and skipped files (data/scan.py, data/csv_list.py)."""
+def manifest(cfg: DatasetConfig, multilabel: bool = False) -> Manifest:
+    """The dataset's files, classes and skipped files (data/scan.py, data/csv_list.py; with
+    `multilabel`, a CSV's label sets: data/multilabel.py)."""
+    if isinstance(cfg, CsvDatasetConfig) and multilabel:
+        from insect_exp.data.multilabel import scan_csv as scan_label_sets
+
+        return scan_label_sets(cfg.path, cfg.max_per_class, cfg.max_image_pixels)
     if isinstance(cfg, CsvDatasetConfig):
         return scan_csv(cfg.path, cfg.max_per_class, cfg.max_image_pixels)
     return scan(resolve_root(cfg), cfg.max_per_class, cfg.max_image_pixels)
@@ -50,7 +55,9 @@ class Loading:
     `result()`, where load_data would have raised it.
     """
 
-    def __init__(self, cfg: DatasetConfig, image_size: Sequence[int], seed: int):
+    def __init__(
+        self, cfg: DatasetConfig, image_size: Sequence[int], seed: int, multilabel: bool = False
+    ):
         from insect_exp.data.cache import CachePolicy
         from insect_exp.data.pipeline import start_decoding
 
@@ -58,7 +65,7 @@ class Loading:
         self._error: Exception | None = None
         self._started = None
         try:
-            self._manifest = manifest(cfg)
+            self._manifest = manifest(cfg, multilabel)
             self._policy = CachePolicy.from_config(cfg)
             self._started = start_decoding(
                 self._manifest, image_size, cfg.decode_workers, self._policy

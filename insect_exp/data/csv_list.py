@@ -72,7 +72,7 @@ def _file_problem(path: Path) -> str | None:
     return file_reason(path, st)
 
 
-def _usable_rows(csv_path: Path, skipped: list[tuple[str, str]]) -> dict[str, Rows]:
+def usable_rows(csv_path: Path, skipped: list[tuple[str, str]]) -> dict[str, Rows]:
     """The rows of each split that name a usable file; the others go to SKIPPED with a reason."""
     base = csv_path.parent
     good: dict[str, Rows] = {split: [] for split in SPLITS}
@@ -98,7 +98,7 @@ def _usable_rows(csv_path: Path, skipped: list[tuple[str, str]]) -> dict[str, Ro
     return good
 
 
-def _once_per_file(good: dict[str, Rows], skipped: list[tuple[str, str]]) -> None:
+def once_per_file(good: dict[str, Rows], skipped: list[tuple[str, str]]) -> None:
     """Keep each file's first row in a split, and a file in both splits in test only."""
     first: dict[str, dict[str, tuple[int, str]]] = {split: {} for split in SPLITS}
     for split in ("test", "train"):  # test first: a train row needs to know what test holds
@@ -118,7 +118,7 @@ def _once_per_file(good: dict[str, Rows], skipped: list[tuple[str, str]]) -> Non
         good[split] = kept
 
 
-def _check_labels(csv_path: Path, good: dict[str, Rows]) -> list[str]:
+def check_labels(csv_path: Path, good: dict[str, Rows]) -> list[str]:
     """The class names (the train labels, sorted); DatasetError for names that cannot be used."""
     check_class_names(sorted({label for rows in good.values() for _, _, label in rows}),
                       repr(str(csv_path)))  # fmt: skip
@@ -157,14 +157,14 @@ def scan_csv(
     """
     csv_path = existing_csv(csv_path)
     skipped: list[tuple[str, str]] = []
-    good = _usable_rows(csv_path, skipped)
-    class_names = _check_labels(csv_path, good)
+    good = usable_rows(csv_path, skipped)
+    class_names = check_labels(csv_path, good)
     listed_test = bool(good["test"])  # a test split, even if none of its rows can be used
     known = [row for row in good["test"] if row[2] in class_names]
     skipped += [(path, f"label not in train ({label})") for _, path, label in good["test"]
                 if label not in class_names]  # fmt: skip
     good["test"] = known
-    _once_per_file(good, skipped)
+    once_per_file(good, skipped)
     index = {name: i for i, name in enumerate(class_names)}
     lists: dict[str, FileList] = {}
     for split, rows in good.items():

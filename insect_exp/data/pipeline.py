@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from insect_exp import hardware
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode
+from insect_exp.data import multilabel
 from insect_exp.data.cache import (
     CachePolicy,
     CacheUnavailable,
@@ -31,6 +32,7 @@ from insect_exp.data.scan import (
     FileList,
     Manifest,
     check_usable,
+    class_counts,
     diagnose,
     stratified_split,
 )
@@ -43,6 +45,8 @@ T = TypeVar("T")
 @dataclass
 class ImageSplit:
     """Decoded, resized RGB images (uint8, N x H x W x 3) with labels and source paths.
+
+    `labels` are integer classes (N,), or with task=multilabel multi-hot rows (N x classes, uint8).
 
     `images` is an in-memory array, or `DiskImages` streaming the same records from the disk cache
     (indexed the same way: images[i], images[a:b], images[index_array]).
@@ -75,7 +79,7 @@ class ImageSplit:
         if self.fingerprints is None:
             raise ValueError("this split has no content fingerprints")
         rows = sorted(
-            f"{os.path.relpath(path, root)}\0{class_names[label]}\0{int(fp):016x}\n"
+            f"{os.path.relpath(path, root)}\0{_label_text(label, class_names)}\0{int(fp):016x}\n"
             for path, label, fp in zip(self.paths, self.labels, self.fingerprints, strict=True)
         )
         digest = hashlib.blake2b(digest_size=8)
@@ -103,6 +107,13 @@ class ImageSplit:
             )
 
         return part(slice(0, n), first), part(slice(n, len(order)), second)
+
+
+def _label_text(label: np.ndarray, class_names: Sequence[str]) -> str:
+    """A label's class name; a multi-hot row's names joined as a multi-label CSV writes them."""
+    if np.ndim(label):
+        return multilabel.SEPARATOR.join(class_names[int(i)] for i in np.flatnonzero(label))
+    return class_names[int(label)]
 
 
 def _take_in_place(array: np.ndarray, order: np.ndarray) -> None:
@@ -161,7 +172,7 @@ class Data:
             name: dict(
                 zip(
                     self.class_names,
-                    np.bincount(s.labels, minlength=len(self.class_names)).tolist(),
+                    class_counts(s.labels, len(self.class_names)).tolist(),
                     strict=True,
                 )
             )
@@ -410,7 +421,7 @@ def _kept(
     failed: list[tuple[int, str]],
 ) -> tuple[ImageSplit, list[tuple[str, str]]]:
     """The split without the files that failed, and (path, reason) for those."""
-    labels = np.asarray(files.labels, dtype=np.int32)
+    labels = files.multi_hot if files.multi_hot is not None else np.asarray(files.labels, np.int32)
     failures = sorted((files.paths[i], reason) for i, reason in failed)
     if not failed:  # the usual case
         return ImageSplit(images, labels, list(files.paths), fingerprints), failures
@@ -582,18 +593,27 @@ def load(
         len(manifest.class_names),
         len(skipped),
     )
-    if val_split > 0:
-        keep, held = stratified_split(train.labels, val_split, seed)
-        train, val = train.partition(keep, held)
-    elif test is not None:
-        val = test
-    else:
-        raise DatasetError(
-            f"{str(manifest.root)!r} has no test/ split: set dataset.val_split (e.g. 0.2) to "
-            "hold out part of train for validation"
-        )
+    train, val = _validation(manifest, train, test, val_split, seed)
     source = str(manifest.source or manifest.root)
     return Data(manifest.class_names, train, val, test, skipped, source, storage)
+
+
+def _validation(
+    manifest: Manifest, train: ImageSplit, test: ImageSplit | None, val_split: float, seed: int
+) -> tuple[ImageSplit, ImageSplit]:
+    """(train, val): a seeded hold-out of train (stratified by class), else the test split."""
+    if val_split > 0:
+        if train.labels.ndim == 2:  # multi-hot rows: no one class to stratify by
+            keep, held = multilabel.held_out(len(train), val_split, seed)
+        else:
+            keep, held = stratified_split(train.labels, val_split, seed)
+        return train.partition(keep, held)
+    if test is not None:
+        return train, test
+    raise DatasetError(
+        f"{str(manifest.root)!r} has no test/ split: set dataset.val_split (e.g. 0.2) to "
+        "hold out part of train for validation"
+    )
 
 
 def read_images(images: np.ndarray | DiskImages, index: tf.Tensor) -> tf.Tensor:

@@ -86,6 +86,8 @@ class FileList:
     labels: list[int] = field(default_factory=list)
     # A file whose header gives more pixels is refused by this version's decoding, never decoded.
     max_pixels: int = MAX_IMAGE_PIXELS
+    # task=multilabel: (files, classes) uint8 label sets, in place of `labels` (data/multilabel.py).
+    multi_hot: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -291,10 +293,18 @@ def check_usable(
     for split, labels in {"train": train_labels, "test": test_labels}.items():
         if labels is not None and len(labels) == 0:
             raise DatasetError(f"the {split} split of {str(root)!r} has no readable images")
-    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(class_names))
+    counts = class_counts(train_labels, len(class_names))
     empty = [name for name, n in zip(class_names, counts, strict=True) if n == 0]
     if empty:
         raise DatasetError(f"train classes with no readable images: {', '.join(empty)}")
+
+
+def class_counts(labels: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class: of integer labels, or of multi-hot rows (task=multilabel)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return labels.sum(axis=0, dtype=np.int64)
+    return np.bincount(labels.astype(np.int64), minlength=num_classes)
 
 
 def stratified_split(

@@ -43,7 +43,10 @@ class Recipe:
         from insect_exp import fit
 
         fit.compile_classifier(
-            model, fit.make_optimizer(settings.optimizer), settings.label_smoothing
+            model,
+            fit.make_optimizer(settings.optimizer),
+            settings.label_smoothing,
+            settings.multilabel_threshold,
         )
         fitted = fit.fit(model, data.train, data.val, settings, sink)
         self.remember_validation(data.val, fitted.val_logits)

@@ -167,7 +167,9 @@ class BackboneRecipe(Recipe):
             sink({"backbone_images_computed": computed, "backbone_images_reused": reused}, 0)
         head = model.get_layer("head")
         optimizer = fit.make_optimizer(settings.optimizer)
-        fit.compile_classifier(head, optimizer, settings.label_smoothing)
+        fit.compile_classifier(
+            head, optimizer, settings.label_smoothing, settings.multilabel_threshold
+        )
         # Same shuffle seed, buffer and batches as on images: the head sees the same batches.
         fitted = fit.fit(head, train_f, val_f, settings, sink)
         self.remember_validation(data.val, fitted.val_logits)
@@ -190,7 +192,9 @@ class BackboneRecipe(Recipe):
         trainable = self.unfreeze(model, ft.top_layers)
         log.info("fine-tuning %d backbone parameters for %d epochs", trainable, ft.epochs)
         optimizer = fit.make_optimizer(settings.optimizer, ft.learning_rate)
-        fit.compile_classifier(model, optimizer, settings.label_smoothing)
+        fit.compile_classifier(
+            model, optimizer, settings.label_smoothing, settings.multilabel_threshold
+        )
         self._test = None  # the model changes: logits from the first stage are stale
         fitted = fit.fit(
             model,
