@@ -147,19 +147,43 @@ def test_predict_and_evaluate_give_the_commands_results(launch: Path) -> None:
     assert evaluation.accuracy == run.data.metrics["test_accuracy"]
 
 
-def test_sweep_records_a_parent_and_its_children(launch: Path) -> None:
-    # Given a grid of two optimizers; when it is swept from Python
+def test_sweep_runs_in_the_process_and_keeps_the_command_lines_record(launch: Path) -> None:
+    # Given a grid of two optimizers, swept by the command line (-m) and from Python
     folder = f"dataset.root={launch / 'insects'}"
+    cli = run_cli("-m", "optimizer=adam,sgd", *GIVEN, folder, cwd=launch)
+    assert cli.returncode == 0, cli.stderr[-3000:]
     swept = insect_exp.sweep({"optimizer": ["adam", "sgd"]}, *GIVEN, folder)
-    # Then it returns both jobs' runs, FINISHED, nested under the parent it names
-    client = _store(launch)
+    # Then the jobs trained in this process (TensorFlow is loaded here), FINISHED, in job order
+    assert "tensorflow" in sys.modules
     assert [c.status for c in swept.children] == ["FINISHED", "FINISHED"]
-    optimizers = [client.get_run(c.run_id).data.params["optimizer.name"] for c in swept.children]
-    assert optimizers == ["adam", "sgd"]
-    for child in swept.children:
-        tags = client.get_run(child.run_id).data.tags
-        assert tags["mlflow.parentRunId"] == swept.parent_run_id
-    assert client.get_run(swept.parent_run_id).info.status == "FINISHED"
+    client = _store(launch)
+    parent = client.get_run(swept.parent_run_id)
+    parents = [r for r in _runs(launch) if "sweep.dir" in r.data.tags]
+    (other,) = [r for r in parents if r.info.run_id != swept.parent_run_id]
+    # And the parent's record is the command line's: params, tag keys, summary, status
+    assert parent.data.params == other.data.params
+    assert set(parent.data.tags) == set(other.data.tags)
+    assert parent.data.metrics.keys() == other.data.metrics.keys()
+    assert parent.data.metrics["jobs_finished"] == 2 and parent.info.status == "FINISHED"
+    assert artifact_paths(client, parent.info.run_id) == artifact_paths(client, other.info.run_id)
+    # And so are its children's, job by job: params, tags (the parent's id among them)
+    theirs = _children(launch, other.info.run_id)
+    mine = _children(launch, swept.parent_run_id)
+    assert [c.info.run_id for c in mine] == [c.run_id for c in swept.children]
+    assert len(mine) == len(theirs) == 2
+    for child, twin in zip(mine, theirs, strict=True):
+        assert child.data.params == twin.data.params
+        assert set(child.data.tags) == set(twin.data.tags)
+        assert child.data.tags["mlflow.parentRunId"] == swept.parent_run_id
+        for tag in ("sweep.job_num", "sweep.overrides", "insect_exp.group", "mlflow.runName"):
+            assert child.data.tags[tag] == twin.data.tags[tag]
+        assert artifact_paths(client, child.info.run_id) == artifact_paths(client, twin.info.run_id)
+
+
+def _children(launch: Path, parent_run_id: str) -> list:
+    """A sweep's child runs in the launch dir's store, in job order."""
+    runs = [r for r in _runs(launch) if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+    return sorted(runs, key=lambda r: int(r.data.tags["sweep.job_num"]))
 
 
 def test_sweep_bad_value_raises_before_any_run(launch: Path) -> None:
