@@ -1,8 +1,9 @@
 """insect_exp from Python and notebooks: train, sweep, predict and evaluate, results as objects.
 
 Each function composes the same config as its command (Hydra's compose API, the same overrides),
-checks it before TensorFlow loads, and calls the command's own code: the MLflow record is the
-command line's. Errors are exceptions (UserError, ConfigError, resilience.Interrupted), never
+checks it before TensorFlow loads, and calls the command's own code in this process (a sweep on
+another launcher than Hydra's basic one runs as its command): the MLflow record is the command
+line's. Errors are exceptions (UserError, ConfigError, resilience.Interrupted), never
 exits.
 """
 
