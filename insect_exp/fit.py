@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp import progress, resilience
+from insect_exp import notebook_bars, progress, resilience
 from insect_exp.callbacks import (
     BatchStats,
     EpochEnd,
@@ -333,15 +333,18 @@ def fit(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     watched = _callbacks(model, len(train_split), val_split, settings, sink, stage, epochs)
     weights = class_weights(train_split.labels, int(model.output_shape[-1]), settings.class_weight)
+    steps = -(-len(train_split) // settings.batch_size)
+    # In a notebook: tqdm's bars instead of Keras's, whose redraws stay there as text.
+    bars = notebook_bars.bars(epochs, steps, done) if verbose == "auto" else []
     try:
         fitted = model.fit(
             train_ds.with_options(options),
             epochs=epochs,
             initial_epoch=done,
-            steps_per_epoch=-(-len(train_split) // settings.batch_size),
-            callbacks=watched.callbacks,
+            steps_per_epoch=steps,
+            callbacks=[*watched.callbacks, *bars],
             class_weight=weights or None,
-            verbose=progress.keras_verbosity() if verbose == "auto" else verbose,
+            verbose=0 if bars else progress.keras_verbosity() if verbose == "auto" else verbose,
         )
     except tf.errors.InvalidArgumentError as err:
         if "non-finite loss" not in str(err):

@@ -239,6 +239,10 @@ def test_the_example_notebook_runs_from_a_fresh_kernel(launch: Path) -> None:
     # Then every cell ran, and its runs are in the launch dir's store
     outputs = [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
     assert all(outputs[i] for i in (1, 4)), outputs
+    # And training showed tqdm's epochs bar (a widget with ipywidgets, else text), not Keras's
+    shown = str(outputs[1])
+    assert "widget-view" in shown or re.search(r"epochs: 100%\|.*\| 2/2", shown), shown[-3000:]
+    assert "/step" not in shown, shown[-3000:]
     assert len(_runs(launch)) == 1 + 3
 
 
