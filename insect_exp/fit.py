@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,7 +111,20 @@ def make_optimizer(
     optimizer_class = getattr(keras.optimizers, cfg.keras_class)
     rate = cfg.learning_rate if learning_rate is None else learning_rate
     clipping = {} if cfg.clipnorm is None else {"clipnorm": cfg.clipnorm}
-    return optimizer_class(learning_rate=rate, **cfg.options(), **clipping)
+    optimizer = optimizer_class(learning_rate=rate, **cfg.options(), **clipping)
+    optimizer.aggregate_gradients = functools.partial(_aggregate_gradients, optimizer)
+    return optimizer
+
+
+def _aggregate_gradients(optimizer: keras.optimizers.Optimizer, grads_and_vars: list) -> list:
+    """The optimizer's gradient aggregation (Keras's documented override point), none where a
+    single replica trains: the sum over one replica is its gradients. Keras's own wraps them in
+    a `tf.custom_gradient` (ReplicaContext.all_reduce), which, traced into the train function,
+    registers a gradient in TensorFlow's global registry that keeps the whole traced graph alive
+    for the life of the process: repeated training in one process (a notebook) grows by it."""
+    if tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        return list(grads_and_vars)
+    return type(optimizer).aggregate_gradients(optimizer, grads_and_vars)
 
 
 class Crossentropy(keras.losses.Loss):

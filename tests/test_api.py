@@ -105,16 +105,30 @@ def test_two_calls_in_one_process_do_not_leak_state(launch: Path) -> None:
     # Given a deterministic tiny config; the first call trains with a mixed-precision policy
     folder = f"dataset.root={launch / 'insects'}"
     first = insect_exp.train(*GIVEN, folder, deterministic=True)
+    graphs = _live_graphs()
     mixed = insect_exp.train(*GIVEN, folder, precision="mixed_bfloat16")
     # When the same config as the first trains again in the same process
     again = insect_exp.train(*GIVEN, folder, deterministic=True)
-    # Then every run FINISHED, the repeat scores as the first, and Keras's policy is back
+    # Then no call's traced graphs outlive it (TensorFlow's global gradient registry held them
+    # when the optimizer's gradient aggregation was a custom gradient)
+    assert _live_graphs() == graphs
+    # And every run FINISHED, the repeat scores as the first, and Keras's policy is back
     import tf_keras as keras
 
     assert [r.status for r in (first, mixed, again)] == ["FINISHED"] * 3
     assert again.metrics["val_accuracy"] == first.metrics["val_accuracy"]
     assert again.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"], rel=1e-6)
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def _live_graphs() -> int:
+    """TensorFlow graphs (a traced function's among them) alive after a full collection."""
+    import gc
+
+    import tensorflow as tf
+
+    gc.collect()
+    return sum(isinstance(o, tf.Graph) for o in gc.get_objects())
 
 
 def test_predict_and_evaluate_give_the_commands_results(launch: Path) -> None:
