@@ -1,8 +1,9 @@
 """insect_exp from Python and notebooks: train, sweep, predict and evaluate, results as objects.
 
 Each function composes the same config as its command (Hydra's compose API, the same overrides),
-checks it before TensorFlow loads, and calls the command's own code: the MLflow record is the
-command line's. Errors are exceptions (UserError, ConfigError, resilience.Interrupted), never
+checks it before TensorFlow loads, and calls the command's own code in this process (a sweep on
+another launcher than Hydra's basic one runs as its command): the MLflow record is the command
+line's. Errors are exceptions (UserError, ConfigError, resilience.Interrupted), never
 exits.
 """
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from insect_exp.config import Config, EvaluateConfig
+    from insect_exp.sweep.in_process import Job
 
 # Logged once an epoch, at the epoch's step; the others are per batch or final.
 _PER_BATCH = ("batch_",)
@@ -164,8 +166,6 @@ def compose_train(
     Raises:
         ConfigError, UserError: as `train`.
     """
-    from omegaconf import OmegaConf
-
     from insect_exp.config import to_object
 
     dict_cfg = compose("config", overrides, config_dir)
@@ -180,13 +180,20 @@ def compose_train(
             cfg = _typed(lambda: _resumed_config(str(task.resume), task, held))
     else:
         cfg = _typed(lambda: to_object(task))
+    _save_snapshot(dict_cfg, task, output_dir)
+    return cfg, output_dir
+
+
+def _save_snapshot(dict_cfg: DictConfig, task: DictConfig, output_dir: str) -> None:
+    """Hydra's config snapshot (`.hydra/`) in the output dir, as Hydra's run_job writes it."""
+    from omegaconf import OmegaConf
+
     if dict_cfg.hydra.output_subdir is not None:
         snapshot = Path(output_dir) / str(dict_cfg.hydra.output_subdir)
         snapshot.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(task, snapshot / "config.yaml")
         OmegaConf.save(OmegaConf.masked_copy(dict_cfg, ["hydra"]), snapshot / "hydra.yaml")
         OmegaConf.save(dict_cfg.hydra.overrides.task, snapshot / "overrides.yaml")
-    return cfg, output_dir
 
 
 def compose(name: str, overrides: list[str], config_dir: str | Path | None) -> DictConfig:
@@ -391,31 +398,79 @@ def sweep(
     **keys: Any,
 ) -> SweepResult:
     """Train every combination of `grid` as `python -m insect_exp -m` does: one parent run with
-    the sweep's summary, one child run a job, one job after another (or as
-    hydra/launcher=joblib says).
+    the sweep's summary, one child run a job, in job order.
 
-    The config of the first job is checked here, before TensorFlow loads; the sweep then runs
-    as that command in a subprocess from the current directory (Hydra's multirun has no public
-    in-process API), and its runs are read back from the store.
+    The jobs run one after another in this process (Hydra's basic launcher's order, each job's
+    config composed with Hydra's compose API). Another launcher or sweeper
+    ("hydra/launcher=joblib", "hparams_search=optuna") runs as that command in a subprocess
+    from the current directory, and its runs are read back from the store.
 
     Args:
         grid: key -> values, e.g. {"optimizer": ["adam", "sgd"], "seed": [1, 2]}.
         overrides, keys: overrides every job shares ("epochs=2", "hydra/launcher=joblib").
 
     Raises:
-        ConfigError, UserError: a bad value (before any run opens), or the sweep failed (its
-            command's error line is the message).
+        ConfigError, UserError: a bad value in any job's config (before TensorFlow loads and
+            before any run opens), or a failed job (after every job ran; the parent is closed).
+        resilience.Interrupted: Ctrl-C (or the notebook's interrupt): the current child and the
+            parent end KILLED, the child resumable, its id in the exception.
     """
     from insect_exp import tracking
-    from insect_exp.config import to_object
+    from insect_exp.sweep import in_process
 
     if not isinstance(grid, Mapping) or not grid:
         raise UserError("sweep(grid): give a dict of key -> list of values")
-    shared = as_overrides(overrides, keys)
-    first = [f"{k.replace('__', '.')}={_value(list(v)[0])}" for k, v in grid.items()]
-    cfg = _typed(lambda: to_object(_task_config(compose("config", [*shared, *first], config_dir))))
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, Path.cwd())
-    args = [_grid_override(k, v) for k, v in grid.items()] + shared
+    given = [_grid_override(k, v) for k, v in grid.items()] + as_overrides(overrides, keys)
+    hydra, task = _typed(lambda: in_process.split(given))
+    constant = _typed(lambda: in_process.constant(task))
+    master = in_process.as_master(compose("config", [*hydra, *constant], config_dir), task)
+    params = _typed(lambda: in_process.sweeper_params(master))
+    jobs = [
+        _sweep_job(master, num, job, hydra, config_dir)
+        for num, job in enumerate(_typed(lambda: in_process.job_overrides(task, params)))
+    ]
+    configured = jobs[0].typed.mlflow.tracking_uri
+    uri = tracking.resolve_tracking_uri(configured, Path.cwd())
+    if not in_process.runs_here(master):
+        return _sweep_as_command(given, config_dir, uri)
+    parent = in_process.run_jobs(master, jobs, _train_swept)
+    return _read_sweep(uri, parent)
+
+
+def _sweep_job(
+    master: DictConfig,
+    num: int,
+    overrides: list[str],
+    hydra: list[str],
+    config_dir: str | Path | None,
+) -> Job:
+    """Job `num` of the sweep, its config composed and checked (an in_process.Job)."""
+    from insect_exp.config import to_object
+    from insect_exp.sweep import in_process
+
+    dict_cfg = in_process.as_job(compose("config", [*hydra, *overrides], config_dir), master, num)
+    typed = _typed(lambda: to_object(_task_config(dict_cfg)))
+    return in_process.Job(num, overrides, dict_cfg, typed)
+
+
+def _train_swept(job: Job) -> None:
+    """One job of an in-process sweep, as the command line's multirun trains it."""
+    from insect_exp.resilience import interrupts
+
+    output_dir = str(job.config.hydra.runtime.output_dir)
+    _save_snapshot(job.config, _task_config(job.config), output_dir)
+    module = importlib.import_module("insect_exp.train")  # TensorFlow loads in run
+    with interrupts(after_finish=False):
+        try:
+            module.run(job.typed)
+        finally:
+            _reset_keras()
+
+
+def _sweep_as_command(
+    args: list[str], config_dir: str | Path | None, tracking_uri: str
+) -> SweepResult:
+    """The sweep as `python -m insect_exp -m ARGS` in a subprocess, its runs read back."""
     if config_dir is not None:
         args = ["--config-dir", str(Path(config_dir).expanduser().resolve()), *args]
     done = _run_sweep(args)
@@ -424,7 +479,7 @@ def sweep(
     if done.returncode != 0 or not parents:
         sys.stderr.write(done.stderr[-4000:])
         raise UserError(_failure(done.stderr) or f"the sweep exited with {done.returncode}")
-    return _read_sweep(uri, parents[-1])
+    return _read_sweep(tracking_uri, parents[-1])
 
 
 _PARENT = "MLflow sweep run id:"

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from insect_exp import ema, progress, resilience
+from insect_exp import ema, notebook_bars, progress, resilience
 from insect_exp.callbacks import (
     BatchStats,
     EpochEnd,
@@ -121,7 +121,20 @@ def make_optimizer(
     optimizer_class = getattr(keras.optimizers, cfg.keras_class)
     rate = cfg.learning_rate if learning_rate is None else learning_rate
     clipping = {} if cfg.clipnorm is None else {"clipnorm": cfg.clipnorm}
-    return optimizer_class(learning_rate=rate, **cfg.options(), **clipping)
+    optimizer = optimizer_class(learning_rate=rate, **cfg.options(), **clipping)
+    optimizer.aggregate_gradients = functools.partial(_aggregate_gradients, optimizer)
+    return optimizer
+
+
+def _aggregate_gradients(optimizer: keras.optimizers.Optimizer, grads_and_vars: list) -> list:
+    """The optimizer's gradient aggregation (Keras's documented override point), none where a
+    single replica trains: the sum over one replica is its gradients. Keras's own wraps them in
+    a `tf.custom_gradient` (ReplicaContext.all_reduce), which, traced into the train function,
+    registers a gradient in TensorFlow's global registry that keeps the whole traced graph alive
+    for the life of the process: repeated training in one process (a notebook) grows by it."""
+    if tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        return list(grads_and_vars)
+    return type(optimizer).aggregate_gradients(optimizer, grads_and_vars)
 
 
 def soft_targets(y_true: tf.Tensor, y_pred: tf.Tensor) -> bool:
@@ -381,15 +394,18 @@ def fit(
     train_ds = _training_data(train_split, settings, seed, first + done, num_classes)
     watched = _callbacks(model, len(train_split), val_split, settings, sink, stage, epochs)
     weights = class_weights(train_split.labels, num_classes, settings.class_weight)
+    steps = -(-len(train_split) // settings.batch_size)
+    # In a notebook: tqdm's bars instead of Keras's, whose redraws stay there as text.
+    bars = notebook_bars.bars(epochs, steps, done) if verbose == "auto" else []
     try:
         fitted = model.fit(
             train_ds,
             epochs=epochs,
             initial_epoch=done,
-            steps_per_epoch=-(-len(train_split) // settings.batch_size),
-            callbacks=watched.callbacks,
+            steps_per_epoch=steps,
+            callbacks=[*watched.callbacks, *bars],
             class_weight=weights or None,
-            verbose=progress.keras_verbosity() if verbose == "auto" else verbose,
+            verbose=0 if bars else progress.keras_verbosity() if verbose == "auto" else verbose,
         )
     except tf.errors.InvalidArgumentError as err:
         if "non-finite loss" not in str(err):

@@ -105,16 +105,30 @@ def test_two_calls_in_one_process_do_not_leak_state(launch: Path) -> None:
     # Given a deterministic tiny config; the first call trains with a mixed-precision policy
     folder = f"dataset.root={launch / 'insects'}"
     first = insect_exp.train(*GIVEN, folder, deterministic=True)
+    graphs = _live_graphs()
     mixed = insect_exp.train(*GIVEN, folder, precision="mixed_bfloat16")
     # When the same config as the first trains again in the same process
     again = insect_exp.train(*GIVEN, folder, deterministic=True)
-    # Then every run FINISHED, the repeat scores as the first, and Keras's policy is back
+    # Then no call's traced graphs outlive it (TensorFlow's global gradient registry held them
+    # when the optimizer's gradient aggregation was a custom gradient)
+    assert _live_graphs() == graphs
+    # And every run FINISHED, the repeat scores as the first, and Keras's policy is back
     import tf_keras as keras
 
     assert [r.status for r in (first, mixed, again)] == ["FINISHED"] * 3
     assert again.metrics["val_accuracy"] == first.metrics["val_accuracy"]
     assert again.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"], rel=1e-6)
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def _live_graphs() -> int:
+    """TensorFlow graphs (a traced function's among them) alive after a full collection."""
+    import gc
+
+    import tensorflow as tf
+
+    gc.collect()
+    return sum(isinstance(o, tf.Graph) for o in gc.get_objects())
 
 
 def test_predict_and_evaluate_give_the_commands_results(launch: Path) -> None:
@@ -147,19 +161,43 @@ def test_predict_and_evaluate_give_the_commands_results(launch: Path) -> None:
     assert evaluation.accuracy == run.data.metrics["test_accuracy"]
 
 
-def test_sweep_records_a_parent_and_its_children(launch: Path) -> None:
-    # Given a grid of two optimizers; when it is swept from Python
+def test_sweep_runs_in_the_process_and_keeps_the_command_lines_record(launch: Path) -> None:
+    # Given a grid of two optimizers, swept by the command line (-m) and from Python
     folder = f"dataset.root={launch / 'insects'}"
+    cli = run_cli("-m", "optimizer=adam,sgd", *GIVEN, folder, cwd=launch)
+    assert cli.returncode == 0, cli.stderr[-3000:]
     swept = insect_exp.sweep({"optimizer": ["adam", "sgd"]}, *GIVEN, folder)
-    # Then it returns both jobs' runs, FINISHED, nested under the parent it names
-    client = _store(launch)
+    # Then the jobs trained in this process (TensorFlow is loaded here), FINISHED, in job order
+    assert "tensorflow" in sys.modules
     assert [c.status for c in swept.children] == ["FINISHED", "FINISHED"]
-    optimizers = [client.get_run(c.run_id).data.params["optimizer.name"] for c in swept.children]
-    assert optimizers == ["adam", "sgd"]
-    for child in swept.children:
-        tags = client.get_run(child.run_id).data.tags
-        assert tags["mlflow.parentRunId"] == swept.parent_run_id
-    assert client.get_run(swept.parent_run_id).info.status == "FINISHED"
+    client = _store(launch)
+    parent = client.get_run(swept.parent_run_id)
+    parents = [r for r in _runs(launch) if "sweep.dir" in r.data.tags]
+    (other,) = [r for r in parents if r.info.run_id != swept.parent_run_id]
+    # And the parent's record is the command line's: params, tag keys, summary, status
+    assert parent.data.params == other.data.params
+    assert set(parent.data.tags) == set(other.data.tags)
+    assert parent.data.metrics.keys() == other.data.metrics.keys()
+    assert parent.data.metrics["jobs_finished"] == 2 and parent.info.status == "FINISHED"
+    assert artifact_paths(client, parent.info.run_id) == artifact_paths(client, other.info.run_id)
+    # And so are its children's, job by job: params, tags (the parent's id among them)
+    theirs = _children(launch, other.info.run_id)
+    mine = _children(launch, swept.parent_run_id)
+    assert [c.info.run_id for c in mine] == [c.run_id for c in swept.children]
+    assert len(mine) == len(theirs) == 2
+    for child, twin in zip(mine, theirs, strict=True):
+        assert child.data.params == twin.data.params
+        assert set(child.data.tags) == set(twin.data.tags)
+        assert child.data.tags["mlflow.parentRunId"] == swept.parent_run_id
+        for tag in ("sweep.job_num", "sweep.overrides", "insect_exp.group", "mlflow.runName"):
+            assert child.data.tags[tag] == twin.data.tags[tag]
+        assert artifact_paths(client, child.info.run_id) == artifact_paths(client, twin.info.run_id)
+
+
+def _children(launch: Path, parent_run_id: str) -> list:
+    """A sweep's child runs in the launch dir's store, in job order."""
+    runs = [r for r in _runs(launch) if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+    return sorted(runs, key=lambda r: int(r.data.tags["sweep.job_num"]))
 
 
 def test_sweep_bad_value_raises_before_any_run(launch: Path) -> None:
@@ -215,6 +253,10 @@ def test_the_example_notebook_runs_from_a_fresh_kernel(launch: Path) -> None:
     # Then every cell ran, and its runs are in the launch dir's store
     outputs = [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
     assert all(outputs[i] for i in (1, 4)), outputs
+    # And training showed tqdm's epochs bar (a widget with ipywidgets, else text), not Keras's
+    shown = str(outputs[1])
+    assert "widget-view" in shown or re.search(r"epochs: 100%\|.*\| 2/2", shown), shown[-3000:]
+    assert "/step" not in shown, shown[-3000:]
     assert len(_runs(launch)) == 1 + 3
 
 
