@@ -2,16 +2,19 @@
 
 An entry is one file, `<cache_dir>/images/<key>.imgs`: the records (N x H x W x 3 uint8, in file
 list order, zeros where a file failed to decode), one 8-byte content fingerprint per file, one
-CRC-32 per record, a JSON trailer (shape, count, failures and their reasons) and a fixed footer
-(magic, format version, trailer offset and length, and a CRC-32 of everything after the records).
+64-bit XXH3 hash per record, a JSON trailer (shape, count, failures and their reasons) and a
+fixed footer (magic, format version, trailer offset and length, and a CRC-32 of everything after
+the records).
 Readers check the footer, the version, the file's size and the checksum of the fingerprints and
 trailer before they use an entry, so a truncated file, one of another format version or one whose
 fingerprints are damaged is rebuilt, never misread: the lineage digest (tracking/lineage.py) never
 comes from damaged fingerprints. Each record's checksum is checked where the record is read anyway,
 the first time a process reads it (a second pass over the entry before training would read it
 twice from the disk), so no damaged pixels reach a model either: a damaged record is decoded again
-from its file and written back, with one warning naming the entry. CRC-32 detects any burst of
-damage up to 32 bits and all but 2**-32 of the rest.
+from its file and written back, with one warning naming the entry. The records' hash is XXH3
+(xxhash), several times faster than CRC-32, so that checking where the records are read costs
+little beside reading them; it misses all but 2**-64 of random damage. CRC-32, which detects any
+burst of damage up to 32 bits, guards the smaller rest.
 
 The key is a digest of the format version, the image size, the pixel limit
 (`dataset.max_image_pixels`) and every file's absolute path, size,
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from insect_exp import files
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode, DatasetConfig
@@ -57,14 +61,15 @@ from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode, DatasetConfig
 log = logging.getLogger(__name__)
 
 # Bump when the layout or the meaning of an entry changes. 2: JPEGs reduced while decoding;
-# 3: a CRC-32 per record, and one of the fingerprints, checksums and trailer in the footer.
-FORMAT_VERSION = 3
+# 3: a CRC-32 per record, and one of the fingerprints, checksums and trailer in the footer;
+# 4: an XXH3 hash per record instead (checked as records are read).
+FORMAT_VERSION = 4
 _MAGIC = b"INSXIMGS"
 # CRC-32 of the bytes between the records and the footer, magic, format version, trailer offset
 # and length (the last four where format version 2 had them: it sees another version here)
 _FOOTER = struct.Struct("<I8sIQQ")
 _SUFFIX = ".imgs"
-_META_BYTES = 8 + 4  # per record, after the records: its fingerprint and its checksum
+_META_BYTES = 8 + 8  # per record, after the records: its fingerprint and its checksum
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,9 @@ class CacheDamaged(OSError):
     """A record of an entry is damaged and cannot be decoded again from its file."""
 
 
+# A record's checksum (XXH3, 64 bits): the module docstring says why.
+_record_hash = xxhash.xxh3_64_intdigest
+
 # The image of record i decoded again from its file, to repair a damaged record (None: it cannot).
 Repair = Callable[[int], np.ndarray | None]
 
@@ -185,7 +193,7 @@ Repair = Callable[[int], np.ndarray | None]
 class _RecordFile:
     """An open entry, shared by the views of its records; closed when the last one goes.
 
-    With `checksums`, each record's CRC-32 is checked the first time this process reads it, where
+    With `checksums`, each record's hash is checked the first time this process reads it, where
     it is read anyway (in tf.data's threads: zlib releases the GIL), so that checking costs no
     second pass over the entry. A damaged record is decoded again by `repair` (and written back
     when that gives the bytes that were cached), with one warning naming the entry.
@@ -215,7 +223,7 @@ class _RecordFile:
             return
         for k in np.flatnonzero(~self.checked[records]).tolist():
             record = int(records[k])
-            if zlib.crc32(flat[k].data) != self.checksums[record]:
+            if _record_hash(flat[k].data) != int(self.checksums[record]):
                 flat[k] = self._repaired(record, flat.shape[1])
             self.checked[record] = True
 
@@ -238,7 +246,7 @@ class _RecordFile:
             return again
 
     def _intact(self, record: int, data: np.ndarray) -> bool:
-        return self.checksums is not None and zlib.crc32(data.data) == self.checksums[record]
+        return self.checksums is not None and _record_hash(data.data) == int(self.checksums[record])
 
     def _write_back(self, record: int, image: np.ndarray) -> None:
         """Put the repaired record into the entry, if it is still this one and writable."""
@@ -332,14 +340,14 @@ class RecordWriter:
         self.record_shape = tuple(int(v) for v in record_shape)
         self.record_bytes = int(np.prod(self.record_shape))
         self.fingerprints = np.zeros(count, dtype=np.uint64)
-        self.checksums = np.zeros(count, dtype=np.uint32)  # CRC-32 of each record
+        self.checksums = np.zeros(count, dtype=np.uint64)  # each record's hash
 
     def put(self, index: np.ndarray, images: np.ndarray, fingerprints: np.ndarray) -> None:
         """Write images[k] as record index[k]."""
         index = np.asarray(index)
         images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(index), -1)
         self.fingerprints[index] = fingerprints
-        self.checksums[index] = [zlib.crc32(image.data) for image in images]
+        self.checksums[index] = [_record_hash(image.data) for image in images]
         if len(index) > 1 and (np.diff(index) < 0).any():  # decoding finishes in any order
             order = np.argsort(index, kind="stable")
             index, images = index[order], images[order]
@@ -474,7 +482,7 @@ class ImageCache:
         if meta.get("key") != key or meta.get("shape") != list(record_shape):
             raise Unusable("written for other files", damaged=False)
         fingerprints = np.frombuffer(tail, np.uint64, count).copy()
-        checksums = np.frombuffer(tail, np.uint32, count, count * 8).copy()
+        checksums = np.frombuffer(tail, np.uint64, count, count * 8).copy()
         return meta, fingerprints, checksums
 
     @contextlib.contextmanager
