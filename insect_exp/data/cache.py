@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import threading
@@ -181,6 +182,18 @@ def _unavailable(directory: Path, err: OSError) -> CacheUnavailable:
 
 class CacheDamaged(OSError):
     """A record of an entry is damaged and cannot be decoded again from its file."""
+
+
+_DAMAGED = re.compile(
+    r"image cache entry .+? is damaged at record \d+, .+?delete the entry to rebuild it"
+)
+
+
+def damage_reported(err: BaseException) -> str | None:
+    """The CacheDamaged message that ERR carries, if any: one raised where a batch was read comes
+    wrapped in TensorFlow's error, among its traceback."""
+    found = _DAMAGED.search(str(err))
+    return found.group(0) if found else None
 
 
 # A record's checksum (XXH3, 64 bits): the module docstring says why.
