@@ -207,7 +207,7 @@ class _RecordFile:
     """An open entry, shared by the views of its records; closed when the last one goes.
 
     With `checksums`, each record's hash is checked the first time this process reads it, where
-    it is read anyway (in tf.data's threads: zlib releases the GIL), so that checking costs no
+    it is read anyway (in tf.data's parallel calls), so that checking costs no
     second pass over the entry. A damaged record is decoded again by `repair` (and written back
     when that gives the bytes that were cached), with one warning naming the entry.
     """
