@@ -64,6 +64,7 @@ def _train(dict_cfg: DictConfig, multirun: bool) -> float:
 
 def _ending(err: BaseException) -> tuple[str, int, bool] | None:
     """How a single run's command ends on `err`: message, exit code, at once (None: a traceback)."""
+    from insect_exp.data.cache import damage_reported
     from insect_exp.distribute import WorkerLost
     from insect_exp.resilience import CheckpointFailed, Interrupted, TrainingDiverged, finished_line
     from insect_exp.tracking.remote import LoggingProcessDied
@@ -74,6 +75,9 @@ def _ending(err: BaseException) -> tuple[str, int, bool] | None:
         return f"error: {err}; the run is FAILED and no model was logged", 1, False
     if isinstance(err, CheckpointFailed):
         return f"error: {err}", 1, False
+    damaged = damage_reported(err)
+    if damaged:
+        return f"error: {damaged}", 1, False
     if isinstance(err, WorkerLost):
         # At once: the aborted collectives leave TensorFlow's runtime half torn down, and the
         # interpreter's own exit would print its finalizers' tracebacks (the run is ended).

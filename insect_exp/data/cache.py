@@ -2,12 +2,19 @@
 
 An entry is one file, `<cache_dir>/images/<key>.imgs`: the records (N x H x W x 3 uint8, in file
 list order, zeros where a file failed to decode), one 8-byte content fingerprint per file, one
-CRC-32 per record, a JSON trailer (shape, count, failures and their reasons) and a fixed footer
-(magic, format version, trailer offset and length, and a CRC-32 of everything after the records).
-Readers check the footer, the version, the file's size and every checksum before they use an
-entry, so a truncated or damaged file, or one of another format version, is rebuilt, never misread:
-the lineage digest (tracking/lineage.py) never comes from damaged fingerprints, nor a model from
-damaged pixels. CRC-32 detects any burst of damage up to 32 bits and all but 2**-32 of the rest.
+64-bit XXH3 hash per record, a JSON trailer (shape, count, failures and their reasons) and a
+fixed footer (magic, format version, trailer offset and length, and a CRC-32 of everything after
+the records).
+Readers check the footer, the version, the file's size and the checksum of the fingerprints and
+trailer before they use an entry, so a truncated file, one of another format version or one whose
+fingerprints are damaged is rebuilt, never misread: the lineage digest (tracking/lineage.py) never
+comes from damaged fingerprints. Each record's checksum is checked where the record is read anyway,
+the first time a process reads it (a second pass over the entry before training would read it
+twice from the disk), so no damaged pixels reach a model either: a damaged record is decoded again
+from its file and written back, with one warning naming the entry. The records' hash is XXH3
+(xxhash), several times faster than CRC-32, so that checking where the records are read costs
+little beside reading them; it misses all but 2**-64 of random damage. CRC-32, which detects any
+burst of damage up to 32 bits, guards the smaller rest.
 
 The key is a digest of the format version, the image size, the pixel limit
 (`dataset.max_image_pixels`) and every file's absolute path, size,
@@ -37,31 +44,33 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
-from insect_exp import files, hardware
+from insect_exp import files
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode, DatasetConfig
 
 log = logging.getLogger(__name__)
 
 # Bump when the layout or the meaning of an entry changes. 2: JPEGs reduced while decoding;
-# 3: a CRC-32 per record, and one of the fingerprints, checksums and trailer in the footer.
-FORMAT_VERSION = 3
+# 3: a CRC-32 per record, and one of the fingerprints, checksums and trailer in the footer;
+# 4: an XXH3 hash per record instead (checked as records are read).
+FORMAT_VERSION = 4
 _MAGIC = b"INSXIMGS"
 # CRC-32 of the bytes between the records and the footer, magic, format version, trailer offset
 # and length (the last four where format version 2 had them: it sees another version here)
 _FOOTER = struct.Struct("<I8sIQQ")
 _SUFFIX = ".imgs"
-_META_BYTES = 8 + 4  # per record, after the records: its fingerprint and its checksum
+_META_BYTES = 8 + 8  # per record, after the records: its fingerprint and its checksum
 
 
 @dataclass(frozen=True)
@@ -171,16 +180,96 @@ def _unavailable(directory: Path, err: OSError) -> CacheUnavailable:
     return CacheUnavailable(f"cannot write the image cache in {str(directory)!r}: {reason}")
 
 
+class CacheDamaged(OSError):
+    """A record of an entry is damaged and cannot be decoded again from its file."""
+
+
+_DAMAGED = re.compile(
+    r"image cache entry .+? is damaged at record \d+, .+?delete the entry to rebuild it"
+)
+
+
+def damage_reported(err: BaseException) -> str | None:
+    """The CacheDamaged message that ERR carries, if any: one raised where a batch was read comes
+    wrapped in TensorFlow's error, among its traceback."""
+    found = _DAMAGED.search(str(err))
+    return found.group(0) if found else None
+
+
+# A record's checksum (XXH3, 64 bits): the module docstring says why.
+_record_hash = xxhash.xxh3_64_intdigest
+
+# The image of record i decoded again from its file, to repair a damaged record (None: it cannot).
+Repair = Callable[[int], np.ndarray | None]
+
+
 class _RecordFile:
-    """An open entry, shared by the views of its records; closed when the last one goes."""
+    """An open entry, shared by the views of its records; closed when the last one goes.
+
+    With `checksums`, each record's hash is checked the first time this process reads it, where
+    it is read anyway (in tf.data's parallel calls), so that checking costs no
+    second pass over the entry. A damaged record is decoded again by `repair` (and written back
+    when that gives the bytes that were cached), with one warning naming the entry.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
+        self.checksums: np.ndarray | None = None  # None: trusted (this process wrote it)
+        self.checked = np.zeros(0, dtype=bool)  # which records were read and checked
+        self.repair: Repair | None = None
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def check_on_read(self, checksums: np.ndarray, repair: Repair | None) -> None:
+        """Check each record against CHECKSUMS as it is first read; repair damaged ones."""
+        self.checksums, self.repair = checksums, repair
+        self.checked = np.zeros(len(checksums), dtype=bool)
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):
             os.close(self.fd)
+
+    def verify(self, records: np.ndarray, flat: np.ndarray) -> None:
+        """Check the records just read into FLAT's rows (once each); repair damaged ones."""
+        if self.checksums is None:
+            return
+        for k in np.flatnonzero(~self.checked[records]).tolist():
+            record = int(records[k])
+            if _record_hash(flat[k].data) != int(self.checksums[record]):
+                flat[k] = self._repaired(record, flat.shape[1])
+            self.checked[record] = True
+
+    def _repaired(self, record: int, size: int) -> np.ndarray:
+        """Record RECORD decoded again from its file, written back if it is what was cached."""
+        with self._lock:  # one warning, and one repair at a time
+            if not self._warned:
+                log.warning("image cache entry %s is damaged (record %d does not match its "
+                            "checksum): decoding its damaged records again from their files",
+                            self.path, record)  # fmt: skip
+                self._warned = True
+            again = None if self.repair is None else self.repair(record)
+            if again is not None:
+                again = np.ascontiguousarray(again, dtype=np.uint8).reshape(-1)
+            if again is None or again.size != size or not self._intact(record, again):
+                raise CacheDamaged(errno.EIO, f"image cache entry {self.path} is damaged at "
+                                   f"record {record}, which cannot be decoded again as it was "
+                                   "cached: delete the entry to rebuild it")  # fmt: skip
+            self._write_back(record, again)
+            return again
+
+    def _intact(self, record: int, data: np.ndarray) -> bool:
+        return self.checksums is not None and _record_hash(data.data) == int(self.checksums[record])
+
+    def _write_back(self, record: int, image: np.ndarray) -> None:
+        """Put the repaired record into the entry, if it is still this one and writable."""
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                if os.fstat(fd).st_ino == os.fstat(self.fd).st_ino:
+                    files.write_all(fd, image.data, record * image.size)
+            finally:
+                os.close(fd)
 
 
 class DiskImages:
@@ -226,6 +315,7 @@ class DiskImages:
         for start, end in _consecutive_runs(records):
             view = flat[start:end].data.cast("B")
             _pread_into(self._file.fd, view, int(records[start]) * self._record_bytes)
+        self._file.verify(records, flat)
         return out
 
 
@@ -237,41 +327,6 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         if n == 0:
             raise OSError(errno.EIO, "the image cache entry ends early")
         done += n
-
-
-_VERIFY_BYTES = 8 * 2**20  # read and checked at a time by each thread
-
-
-def first_damaged_record(fd: int, record_bytes: int, checksums: np.ndarray) -> int | None:
-    """The first record of the open entry FD whose CRC-32 is not its checksum, or None.
-
-    Chunks of records are read and checked by one thread per core: zlib releases the GIL.
-    """
-    count = len(checksums)
-    per = max(1, _VERIFY_BYTES // record_bytes)
-    buffers = threading.local()
-
-    def check(start: int) -> int | None:
-        end = min(count, start + per)
-        buffer = getattr(buffers, "buffer", None)
-        if buffer is None:
-            buffer = buffers.buffer = bytearray(per * record_bytes)
-        view = memoryview(buffer)[: (end - start) * record_bytes]
-        _pread_into(fd, view, start * record_bytes)
-        for i in range(start, end):
-            at = (i - start) * record_bytes
-            if zlib.crc32(view[at : at + record_bytes]) != checksums[i]:
-                return i
-        return None
-
-    if count <= per:
-        return check(0)
-    with ThreadPoolExecutor(min(4, hardware.cpus()), "insect_exp-verify") as pool:
-        for bad in pool.map(check, range(0, count, per)):
-            if bad is not None:
-                pool.shutdown(cancel_futures=True)
-                return bad
-    return None
 
 
 def _consecutive_runs(records: np.ndarray) -> list[tuple[int, int]]:
@@ -298,14 +353,14 @@ class RecordWriter:
         self.record_shape = tuple(int(v) for v in record_shape)
         self.record_bytes = int(np.prod(self.record_shape))
         self.fingerprints = np.zeros(count, dtype=np.uint64)
-        self.checksums = np.zeros(count, dtype=np.uint32)  # CRC-32 of each record
+        self.checksums = np.zeros(count, dtype=np.uint64)  # each record's hash
 
     def put(self, index: np.ndarray, images: np.ndarray, fingerprints: np.ndarray) -> None:
         """Write images[k] as record index[k]."""
         index = np.asarray(index)
         images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(index), -1)
         self.fingerprints[index] = fingerprints
-        self.checksums[index] = [zlib.crc32(image.data) for image in images]
+        self.checksums[index] = [_record_hash(image.data) for image in images]
         if len(index) > 1 and (np.diff(index) < 0).any():  # decoding finishes in any order
             order = np.argsort(index, kind="stable")
             index, images = index[order], images[order]
@@ -354,11 +409,23 @@ class ImageCache:
         return self.dir / f"{key}{_SUFFIX}"
 
     def open(
-        self, key: str, count: int, record_shape: Sequence[int], verify: bool = True
+        self,
+        key: str,
+        count: int,
+        record_shape: Sequence[int],
+        verify: bool = True,
+        repair: Repair | None = None,
     ) -> CachedSplit | None:
-        """The complete, intact entry of KEY, or None if there is none (or it is of another
-        version, or damaged: said in the log). verify=False skips the records' checksums."""
-        found, problem = self._load(key, count, record_shape, verify)
+        """The complete entry of KEY with intact fingerprints and trailer, or None if there is none
+        (or it is of another version, or damaged: said in the log).
+
+        Args:
+            verify: check each record's checksum as it is first read (`_RecordFile`); False
+                trusts them.
+            repair: decodes record i again from its file, for a damaged record (without it, reading
+                one raises CacheDamaged).
+        """
+        found, problem = self._load(key, count, record_shape, verify, repair)
         if problem is not None:
             self._report(key, problem)
         return found
@@ -371,11 +438,16 @@ class ImageCache:
             log.info("image cache entry %s cannot be used (%s): rebuilding it", name.name, problem)
 
     def _load(
-        self, key: str, count: int, record_shape: Sequence[int], verify: bool = True
+        self,
+        key: str,
+        count: int,
+        record_shape: Sequence[int],
+        verify: bool = True,
+        repair: Repair | None = None,
     ) -> tuple[CachedSplit | None, Unusable | None]:
         """KEY's entry if it is there and intact; else why not (None: there is none).
 
-        verify: check every record's checksum (not for an entry this process just wrote).
+        verify: check each record's checksum when read (not for an entry this process just wrote).
         """
         path = self.entry_path(key)
         try:
@@ -383,11 +455,13 @@ class ImageCache:
         except OSError:
             return None, None
         try:
-            meta, fingerprints = self._check(file.fd, key, count, record_shape, verify)
+            meta, fingerprints, checksums = self._check(file.fd, key, count, record_shape)
         except Unusable as problem:
             return None, problem
         except (OSError, ValueError) as err:  # unreadable, or a trailer that is not JSON
             return None, Unusable(str(err))
+        if verify:
+            file.check_on_read(checksums, repair)
         touch(path)
         self._in_use.add(key)
         images = DiskImages(file, record_shape, np.arange(count))
@@ -396,9 +470,10 @@ class ImageCache:
 
     @staticmethod
     def _check(
-        fd: int, key: str, count: int, record_shape: Sequence[int], verify: bool
-    ) -> tuple[dict, np.ndarray]:
-        """The entry's trailer and fingerprints, once every checksum matches (else Unusable)."""
+        fd: int, key: str, count: int, record_shape: Sequence[int]
+    ) -> tuple[dict, np.ndarray, np.ndarray]:
+        """The entry's trailer, fingerprints and records' checksums, once the checksum of these
+        matches (else Unusable)."""
         size = os.fstat(fd).st_size
         if size < _FOOTER.size:
             raise Unusable("too short")
@@ -420,11 +495,8 @@ class ImageCache:
         if meta.get("key") != key or meta.get("shape") != list(record_shape):
             raise Unusable("written for other files", damaged=False)
         fingerprints = np.frombuffer(tail, np.uint64, count).copy()
-        checksums = np.frombuffer(tail, np.uint32, count, count * 8)
-        bad = first_damaged_record(fd, record_bytes, checksums) if verify else None
-        if bad is not None:
-            raise Unusable(f"record {bad} does not match its checksum")
-        return meta, fingerprints
+        checksums = np.frombuffer(tail, np.uint64, count, count * 8).copy()
+        return meta, fingerprints, checksums
 
     @contextlib.contextmanager
     def _lock(self, key: str):
@@ -451,8 +523,12 @@ class ImageCache:
         count: int,
         record_shape: Sequence[int],
         fill: Callable[[RecordWriter], list[tuple[int, str]]],
+        repair: Repair | None = None,
     ) -> tuple[CachedSplit, bool]:
         """KEY's entry, reused or written by `fill` (which decodes into the writer it is given).
+
+        A reused entry's records are checked as they are read, and a damaged one decoded again by
+        `repair` (`open`).
 
         Returns:
             The entry, and whether this call wrote it.
@@ -461,7 +537,7 @@ class ImageCache:
             CacheUnavailable: the folder cannot be written (and holds no entry for KEY).
         """
         files.sweep_temporaries(self.dir)  # dead writers' files (none where the folder is not yet)
-        found, problem = self._load(key, count, record_shape)
+        found, problem = self._load(key, count, record_shape, repair=repair)
         if found is not None:
             return found, False
         seen = None
@@ -470,7 +546,7 @@ class ImageCache:
             seen = _identity(self.entry_path(key))
         with self._lock(key):
             if seen is None or _identity(self.entry_path(key)) != seen:  # written while we waited
-                found, _ = self._load(key, count, record_shape)
+                found, _ = self._load(key, count, record_shape, repair=repair)
                 if found is not None:
                     return found, False
             self._write(key, count, record_shape, fill)

@@ -24,6 +24,7 @@ from insect_exp.data.cache import (
     DiskImages,
     ImageCache,
     RecordWriter,
+    Repair,
     split_key,
 )
 from insect_exp.data.decode import decode_image, refusal
@@ -435,6 +436,21 @@ def _kept(
     return split, failures
 
 
+def _decode_again(files: FileList, image_size: Sequence[int]) -> Repair:
+    """File i decoded again as the cache decoded it (None if it cannot be): a damaged record's
+    repair, called where the record was read (perhaps in tf.data's threads)."""
+    decode = _decode_and_fingerprint_fn(image_size, None, files.max_pixels)
+
+    def again(i: int) -> np.ndarray | None:
+        try:
+            return decode(tf.constant(files.paths[i]))[0].numpy()
+        except tf.errors.OpError as err:
+            log.debug("cannot decode %s again: %s", files.paths[i], err.message)
+            return None
+
+    return again
+
+
 def decode_files(
     files: FileList,
     image_size: Sequence[int],
@@ -474,7 +490,8 @@ def decode_files(
         def fill(writer: RecordWriter) -> list[tuple[int, str]]:
             return _decode_into(files, image_size, workers, writer.put, f"{what} into the cache")
 
-        entry, written = cache.get_or_build(key, len(files), (height, width, 3), fill)
+        repair = _decode_again(files, image_size)
+        entry, written = cache.get_or_build(key, len(files), (height, width, 3), fill, repair)
         if not written:
             log.info("%s: %d images reused from %s", what, len(files), entry.images.path)
         return _kept(entry.images, entry.fingerprints, files, entry.failures)

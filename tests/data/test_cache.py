@@ -14,10 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from insect_exp.config import CacheMode as Mode
-from insect_exp.data.cache import FORMAT_VERSION, CachePolicy, ImageCache, split_key
+from insect_exp.data.cache import (
+    FORMAT_VERSION,
+    CachePolicy,
+    ImageCache,
+    damage_reported,
+    split_key,
+)
 from insect_exp.data.pipeline import load, make_dataset
 from insect_exp.data.scan import DatasetError, scan
 from insect_exp.fit import train_batches
@@ -40,7 +47,7 @@ def _batches(ds, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(x.numpy(), y.numpy()) for x, y in ds.take(count)]
 
 
-def test_disk_mode_serves_the_same_images_batches_and_order_as_memory(tmp_path):
+def test_disk_mode_serves_the_same_images_batches_and_order_as_memory(tmp_path, caplog):
     # Given a folder with a file that fails to decode, loaded in memory and through the disk cache
     root = make_image_folder(tmp_path / "insects", train_per_class=7, test_per_class=2)
     (root / "train" / "beetles" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
@@ -75,6 +82,61 @@ def test_disk_mode_serves_the_same_images_batches_and_order_as_memory(tmp_path):
     )
     np.testing.assert_array_equal(disk.test.images[[4, 1, 2]], memory.test.images[[4, 1, 2]])
     assert len(_entries(tmp_path / "cache")) == 2  # train and test, written once
+    assert "damaged" not in caplog.text  # the broken file's record (zeros) is never read
+
+
+def _damage(entry: Path, record: int, record_bytes: int) -> None:
+    """Random bytes over one record of ENTRY, in place (a reader holding it open sees them)."""
+    noise = np.random.default_rng(record).integers(0, 256, record_bytes, dtype=np.uint8)
+    with entry.open("r+b") as f:
+        f.seek(record * record_bytes)
+        f.write(noise.tobytes())
+
+
+def test_a_record_damaged_after_its_entry_was_opened_is_decoded_again_before_its_batch(
+    tmp_path, caplog
+):
+    # Given a split reused from the disk cache (its entry opened), and the same split in memory
+    root = make_image_folder(tmp_path / "insects", train_per_class=5, test_per_class=1)
+    memory = load(scan(root), SIZE)
+    load(scan(root), SIZE, cache=_policy(tmp_path / "cache"))
+    reused = load(scan(root), SIZE, cache=_policy(tmp_path / "cache"))
+    entry = reused.train.images.path
+    clean = entry.read_bytes()
+
+    # When random bytes overwrite two of its records before they are read
+    for record in (3, 7):
+        _damage(entry, record, SIZE[0] * SIZE[1] * 3)
+    batches = _batches(train_batches(reused.train, 4, seed=3), 8)
+
+    # Then every batch holds the clean images, one warning names the entry, and the entry is
+    # whole again
+    for a, b in zip(_batches(train_batches(memory.train, 4, seed=3), 8), batches, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+    damaged = [r for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(damaged) == 1 and damaged[0].levelname == "WARNING"
+    assert str(entry) in damaged[0].getMessage()
+    assert entry.read_bytes() == clean
+
+
+def test_a_damaged_record_whose_file_is_gone_stops_its_batch_naming_the_entry(tmp_path):
+    # Given a split reused from the disk cache, one of whose files was deleted since
+    root = make_image_folder(tmp_path / "insects", train_per_class=5, test_per_class=1)
+    load(scan(root), SIZE, cache=_policy(tmp_path / "cache"))
+    reused = load(scan(root), SIZE, cache=_policy(tmp_path / "cache"))
+    Path(reused.train.paths[2]).unlink()
+
+    # When that file's record is damaged
+    entry = reused.train.images.path
+    _damage(entry, 2, SIZE[0] * SIZE[1] * 3)
+
+    # Then no batch holding it is served, and the error carries one line (what the command
+    # prints) naming the entry and what to do
+    with pytest.raises(tf.errors.OpError) as stopped:
+        _batches(make_dataset(reused.train, 4), 3)
+    line = damage_reported(stopped.value)
+    assert line is not None and "\n" not in line
+    assert str(entry) in line and "record 2" in line and "delete the entry" in line
 
 
 def test_auto_keeps_small_folders_in_memory_and_big_ones_on_disk(tmp_path):

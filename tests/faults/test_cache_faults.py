@@ -58,14 +58,16 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize(
-    ("where", "length"),
+    ("where", "length", "repaired"),
     [
-        pytest.param(TRAIN_IMAGES * RECORD_BYTES // 3, 64 * 1024, id="random bytes in the records"),
-        pytest.param(TRAIN_IMAGES * RECORD_BYTES + 8 * 5, 8, id="a fingerprint"),
+        pytest.param(
+            TRAIN_IMAGES * RECORD_BYTES // 3, 64 * 1024, True, id="random bytes in the records"
+        ),
+        pytest.param(TRAIN_IMAGES * RECORD_BYTES + 8 * 5, 8, False, id="a fingerprint"),
     ],
 )
-def test_a_damaged_image_cache_entry_is_rebuilt_with_one_warning_and_the_clean_digest(
-    tmp_path, folder, where, length
+def test_a_damaged_image_cache_entry_is_rebuilt_or_repaired_with_one_warning_and_clean_digest(
+    tmp_path, folder, where, length, repaired
 ):
     # Given a finished run whose train split went to the disk cache
     cache = tmp_path / "cache"
@@ -83,13 +85,17 @@ def test_a_damaged_image_cache_entry_is_rebuilt_with_one_warning_and_the_clean_d
         f.seek(where)
         f.write(damage)
 
-    # Then the next run says so in one warning naming the entry, rebuilds it, and finishes with
-    # the lineage digests of the clean data
+    # Then the next run says so in one warning naming the entry, and finishes with the lineage
+    # digests of the clean data: damaged fingerprints rebuild the entry before any use; damaged
+    # records are found as they are first read, before their batch is served, and decoded again
+    # from their files (the entry is reused, and repaired in place)
     code, output = _run(f"dataset.root={folder}", *_disk(cache), cwd=tmp_path)
     assert code == 0, output[-3000:]
-    (line,) = _lines(output, "rebuilding it")
-    assert "WARNING" in line and str(entry) in line and "damaged" in line
-    assert len(_lines(output, "images reused from")) == 1  # the test split's, intact
+    (line,) = _lines(output, "is damaged")
+    assert "WARNING" in line and str(entry) in line
+    fix = "decoding its damaged records again" if repaired else "rebuilding it"
+    assert fix in line
+    assert len(_lines(output, "images reused from")) == (2 if repaired else 1)
     assert entry.read_bytes() == clean
     assert only_run(uri).info.status == "FINISHED"
     assert _digests(uri) == clean_digests
