@@ -101,8 +101,10 @@ def hash_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The perceptual hash of each uint8 RGB image (N x H x W x 3), packed as uint64, and its
     16x16 gray thumbnail (N x 16 x 16 uint8), which confirms a pair the hashes find."""
     small = gray_thumbnails(images)
-    halved = small.reshape(len(small), _THUMB, 2, _THUMB, 2).mean(axis=(2, 4), dtype=np.float32)
-    return hash_thumbnails(small), np.round(halved).astype(np.uint8)
+    # The mean of each 2x2 block, rounded: integer sums of row pairs, then of column pairs.
+    rows = small.reshape(len(small), _THUMB, 2, _SMALL).sum(axis=2, dtype=np.uint16)
+    halved = (rows[..., 0::2] + rows[..., 1::2] + 2) >> 2
+    return hash_thumbnails(small), halved.astype(np.uint8)
 
 
 def perceptual_hashes(images: Any) -> tuple[np.ndarray, np.ndarray]:
