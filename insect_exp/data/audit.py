@@ -23,6 +23,7 @@ import numpy as np
 from insect_exp import files
 from insect_exp.config import CacheMode, DatasetConfig
 from insect_exp.data import duplicates
+from insect_exp.data.audit_inputs import AuditInputs
 from insect_exp.data.cache import evict_lru, touch
 from insect_exp.data.scan import DatasetError
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_VERSION = 2  # bump when what is kept changes meaning
+_VERSION = 3  # bump when what is kept changes meaning
 _MAGIC = b"INSXAUDT"
 _FOOTER = struct.Struct("<I8sIQ")  # CRC-32 of the rest, magic, version, count
 _SUFFIX = ".hashes"
@@ -96,7 +97,8 @@ def _dedupe(data: Data, audit: duplicates.Audit) -> Data:
 
 def split_hashes(split: ImageSplit, store: Path | None, name: str) -> duplicates.SplitHashes:
     """The split's perceptual hashes and original sizes: kept ones from STORE if there, else
-    computed (and kept there when STORE is given)."""
+    those its decoding took (or, for a reused cache entry, computed now), and kept in STORE
+    when it is given."""
     key = _key(split)
     path = None if store is None or key is None else store / f"{key}{_SUFFIX}"
     kept = None if path is None else _read(path, len(split))
@@ -104,8 +106,8 @@ def split_hashes(split: ImageSplit, store: Path | None, name: str) -> duplicates
         log.info("audit of %s: %d images' hashes reused from %s", name, len(split), path)
         hashes, sizes, thumbs = kept
     else:
-        hashes, thumbs = duplicates.perceptual_hashes(split.images)
-        sizes = duplicates.original_sizes(split.paths)
+        inputs = split.audit_inputs or AuditInputs.of_images(split.images, split.paths)
+        hashes, sizes, thumbs = inputs.hashes, inputs.sizes, inputs.thumbs
         if path is not None:
             _write(path, hashes, sizes, thumbs)
     return duplicates.SplitHashes(list(split.paths), split.fingerprints, hashes, sizes, thumbs)

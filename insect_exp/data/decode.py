@@ -53,8 +53,17 @@ def decode_image(
     a GIF gives its first frame; bilinear resize, rounded to uint8 as the training images are kept.
     A file of more than `max_pixels` pixels is refused unread (module docstring).
     """
+    return decode_image_and_size(contents, image_size, max_pixels)[0]
+
+
+@tf.autograph.experimental.do_not_convert
+def decode_image_and_size(
+    contents: tf.Tensor, image_size: Sequence[int], max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`decode_image`'s image, and the file's (width, height) from its header (int32): the size
+    the decoding reads anyway to refuse a file too large, so it costs nothing more."""
     height, width = (int(v) for v in image_size)
-    image = tf.cond(
+    image, size = tf.cond(
         tf.io.is_jpeg(contents),
         lambda: _decode_jpeg(contents, height, width, max_pixels),
         lambda: _decode_other(contents, max_pixels),
@@ -62,7 +71,8 @@ def decode_image(
     # Already the target size: a bilinear resize to the same size gives back the same pixels (every
     # sample lands on a pixel centre), so it is skipped: 3% of decoding small PNGs.
     same_size = tf.reduce_all(tf.shape(image)[:2] == (height, width))
-    return tf.cond(same_size, lambda: image, lambda: _resized(image, height, width))
+    image = tf.cond(same_size, lambda: image, lambda: _resized(image, height, width))
+    return image, size
 
 
 def _resized(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
@@ -83,10 +93,12 @@ def _within(size: tf.Tensor, max_pixels: int) -> tf.Operation:
     return tf.debugging.Assert(pixels <= max_pixels, ["too many pixels", tf.cast(size, tf.int32)])
 
 
-def _decode_other(contents: tf.Tensor, max_pixels: int) -> tf.Tensor:
+def _decode_other(contents: tf.Tensor, max_pixels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    size = _header_size(contents)
     # The decoder runs only once the header's size has passed.
-    with tf.control_dependencies([_within(_header_size(contents), max_pixels)]):
-        return tf.io.decode_image(contents, channels=3, expand_animations=False)
+    with tf.control_dependencies([_within(size, max_pixels)]):
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    return image, tf.cast(size, tf.int32)
 
 
 def _header_table() -> dict[str, np.ndarray]:
@@ -148,12 +160,15 @@ def _header_size(contents: tf.Tensor) -> tf.Tensor:
     return tf.linalg.matvec(sides, tf.cast(is_format, tf.float64), transpose_a=True)
 
 
-def _decode_jpeg(contents: tf.Tensor, height: int, width: int, max_pixels: int) -> tf.Tensor:
-    """A JPEG decoded at the smallest of 1, 1/2, 1/4, 1/8 of its size that still covers HxW."""
+def _decode_jpeg(
+    contents: tf.Tensor, height: int, width: int, max_pixels: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """A JPEG decoded at the smallest of 1, 1/2, 1/4, 1/8 of its size that still covers HxW,
+    and its size (width, height)."""
     shape = tf.image.extract_jpeg_shape(contents)  # reads the header only
     size = tf.reverse(shape[:2], [0])
     with tf.control_dependencies([_within(size, max_pixels)]):  # no decoding before it passes
-        return _decode_jpeg_at(contents, shape, height, width)
+        return _decode_jpeg_at(contents, shape, height, width), size
 
 
 def _decode_jpeg_at(contents: tf.Tensor, shape: tf.Tensor, height: int, width: int) -> tf.Tensor:

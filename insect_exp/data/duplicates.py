@@ -5,10 +5,12 @@ Exact duplicates are files with the same bytes: the content fingerprints taken w
 candidate's bytes (hashlib) confirms them. Near duplicates are images whose perceptual hashes
 differ in at most `dataset.duplicate_distance` of their 64 bits: a resized, recompressed or
 slightly shifted copy. The hash is imagehash's `phash` (a 32x32 gray image, the 8x8 lowest
-frequencies of its DCT against their median) of the decoded arrays, with PIL's `reducing_gap`
-shortcut for the resize (a box reduction first: imagehash's full Lanczos resize costs several
-times more) and the DCTs of a batch at a time. benchmarks/ingest.py --audit-only measures what
-the audit costs against decoding. Pairs are found by comparing the packed hashes in blocks (XOR
+frequencies of its DCT against their median) of the decoded arrays, with an area average for
+its resize to 32x32 (`gray_thumbnails`) where imagehash uses PIL's Lanczos filter: a few times
+cheaper, and the hashes differ in a few of their 64 bits at most (tests/data/test_duplicates.py
+compares them). Decoding hashes each batch as it is decoded (data/audit_inputs.py), while its
+pixels are at hand; benchmarks/ingest.py --audit-only measures what the audit costs against
+decoding. Pairs are found by comparing the packed hashes in blocks (XOR
 and popcount), never one pair at a time in Python. A pair the hashes find is kept only if the
 images' 16x16 gray thumbnails are alike too (`alike`): phash alone pairs distinct images whose
 plain backgrounds leave their low frequencies alike.
@@ -20,6 +22,7 @@ so a run that reuses its decoded images reuses its audit too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +38,12 @@ from insect_exp import hardware
 
 HASH_SIZE = 8  # imagehash's phash default: 8x8 = 64 bits
 _SMALL = HASH_SIZE * 4  # the side it resizes to before the DCT (highfreq_factor 4)
-_LANCZOS = Image.Resampling.LANCZOS
+# PIL's luma (convert("L"), ITU-R 601-2), the gray image imagehash hashes.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _BATCH = 64  # images hashed at a time
+# The 8 lowest rows of the DCT-II matrix (SciPy's, unnormalised, as imagehash uses it): phash
+# keeps only those frequencies, and two products with it compute them alone.
+_LOW_DCT = scipy.fft.dct(np.eye(_SMALL), axis=0)[:HASH_SIZE]
 _THUMB = _SMALL // 2  # the side of the thumbnails compared to confirm a near pair
 THUMB_SHAPE = (_THUMB, _THUMB)
 THUMB_BYTES = _THUMB * _THUMB
@@ -46,43 +53,74 @@ _BLOCK_CELLS = 2**22  # hash comparisons held at a time while searching for pair
 TSV_NAME = "dataset/duplicates.tsv"
 
 
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    """The 32x32 gray image phash takes the DCT of: PIL's Lanczos resize, after a box reduction
-    by the largest whole factor that leaves both sides at least 32 (`reducing_gap`: most of the
-    Lanczos filter's work saved), then the luma."""
-    resized = Image.fromarray(image).resize((_SMALL, _SMALL), _LANCZOS, reducing_gap=1.0)
-    return np.asarray(resized.convert("L"))
+def gray_thumbnails(images: np.ndarray) -> np.ndarray:
+    """The 32x32 gray images (N x 32 x 32 uint8) phash takes the DCT of, of uint8 RGB IMAGES
+    (N x H x W x 3): each image's luma (PIL's `convert("L")` weights), area-averaged to 32x32.
+
+    Averaged in two steps, both exact area averages: boxes of the largest whole size that leaves
+    at least 32 of them on each side (a sum of rows, then of columns with the luma weights: the
+    only pass over every pixel, in NumPy's vectorised loops), then an area resize of those few
+    boxes to 32x32 by two small matrix products. A side that is not a whole number of boxes
+    leaves out its few edge pixels that do not fill one (centred). imagehash instead resizes
+    the gray image with a Lanczos filter; the hashes differ in a few of their 64 bits at most.
+    """
+    count, height, width = (int(v) for v in images.shape[:3])
+    k_h, k_w = max(1, height // _SMALL), max(1, width // _SMALL)
+    rows, cols = height // k_h, width // k_w
+    top, left = (height - rows * k_h) // 2, (width - cols * k_w) // 2
+    pixels = np.asarray(images)[:, top : top + rows * k_h, left : left + cols * k_w]
+    # Row sums first: the reduced axis lies outside the contiguous one, so NumPy adds whole rows.
+    wide = np.uint16 if k_h * 255 < 2**16 else np.uint32
+    summed = pixels.reshape(count, rows, k_h, cols * k_w * 3).sum(axis=2, dtype=wide)
+    weights = np.tile(_LUMA, k_w) / np.float32(k_h * k_w)
+    boxes = summed.reshape(count, rows, cols, k_w * 3).astype(np.float32) @ weights
+    small = _area(rows) @ boxes @ _area(cols).T
+    return np.round(np.clip(small, 0, 255)).astype(np.uint8)
+
+
+@functools.cache
+def _area(size: int) -> np.ndarray:
+    """The (32 x SIZE) matrix of an area resize of SIZE pixels to 32: each output pixel the
+    mean of the input span it covers, pixels cut by its ends counted by the part inside."""
+    edges = np.arange(_SMALL + 1) * (size / _SMALL)
+    starts, ends = edges[:-1, None], edges[1:, None]
+    pixel = np.arange(size)[None, :]
+    overlap = np.clip(np.minimum(ends, pixel + 1) - np.maximum(starts, pixel), 0, None)
+    return (overlap / (size / _SMALL)).astype(np.float32)
 
 
 def hash_thumbnails(small: np.ndarray) -> np.ndarray:
     """imagehash.phash of each 32x32 gray image (N x 32 x 32), packed as uint64 (first bit high):
     the 8x8 lowest frequencies of its DCT, each above their median or not."""
-    dct = scipy.fft.dct(scipy.fft.dct(small.astype(np.float64), axis=1), axis=2)
-    low = dct[:, :HASH_SIZE, :HASH_SIZE].reshape(len(small), -1)
+    low = (_LOW_DCT @ small.astype(np.float64) @ _LOW_DCT.T).reshape(len(small), -1)
     bits = low > np.median(low, axis=1, keepdims=True)
     return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 
-def perceptual_hashes(images: Any) -> tuple[np.ndarray, np.ndarray]:
+def hash_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The perceptual hash of each uint8 RGB image (N x H x W x 3), packed as uint64, and its
-    16x16 gray thumbnail (N x 16 x 16 uint8), which confirms a pair the hashes find.
+    16x16 gray thumbnail (N x 16 x 16 uint8), which confirms a pair the hashes find."""
+    small = gray_thumbnails(images)
+    # The mean of each 2x2 block, rounded: integer sums of row pairs, then of column pairs.
+    rows = small.reshape(len(small), _THUMB, 2, _SMALL).sum(axis=2, dtype=np.uint16)
+    halved = (rows[..., 0::2] + rows[..., 1::2] + 2) >> 2
+    return hash_thumbnails(small), halved.astype(np.uint8)
 
-    Any object indexed by slices the way a NumPy array is will do (the disk cache's records).
-    Batches are hashed by one thread per core: PIL's resize and SciPy's DCT release the GIL.
-    """
+
+def perceptual_hashes(images: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`hash_batch` of all IMAGES, any object indexed by slices the way a NumPy array is (the
+    disk cache's records), a batch at a time, one thread per core (NumPy's loops release the
+    GIL)."""
     count = len(images)
     hashes = np.zeros(count, dtype=np.uint64)
     thumbs = np.zeros((count, *THUMB_SHAPE), dtype=np.uint8)
 
-    def hash_batch(start: int) -> None:
-        batch = np.asarray(images[start : start + _BATCH])
-        small = np.stack([thumbnail(image) for image in batch])
-        hashes[start : start + len(batch)] = hash_thumbnails(small)
-        halved = small.reshape(len(batch), _THUMB, 2, _THUMB, 2).mean(axis=(2, 4))
-        thumbs[start : start + len(batch)] = np.round(halved)
+    def hash_one_batch(start: int) -> None:
+        end = min(start + _BATCH, count)
+        hashes[start:end], thumbs[start:end] = hash_batch(np.asarray(images[start:end]))
 
     with ThreadPoolExecutor(hardware.cpus(), "insect_exp-audit") as pool:
-        list(pool.map(hash_batch, range(0, count, _BATCH)))
+        list(pool.map(hash_one_batch, range(0, count, _BATCH)))
     return hashes, thumbs
 
 

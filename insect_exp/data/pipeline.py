@@ -18,6 +18,7 @@ import tensorflow as tf
 from insect_exp import hardware
 from insect_exp.config import MAX_IMAGE_PIXELS, CacheMode
 from insect_exp.data import multilabel
+from insect_exp.data.audit_inputs import AuditInputs
 from insect_exp.data.cache import (
     CachePolicy,
     CacheUnavailable,
@@ -27,7 +28,7 @@ from insect_exp.data.cache import (
     Repair,
     split_key,
 )
-from insect_exp.data.decode import decode_image, refusal
+from insect_exp.data.decode import decode_image_and_size, refusal
 from insect_exp.data.scan import (
     DatasetError,
     FileList,
@@ -58,6 +59,9 @@ class ImageSplit:
     paths: list[str]
     # An 8-byte content fingerprint of each source file (None for derived splits: features).
     fingerprints: np.ndarray | None = None
+    # What the data audit needs of each image, taken as it was decoded (None where it was not:
+    # a reused disk cache entry, a model's own decoding, derived splits).
+    audit_inputs: AuditInputs | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,7 +73,9 @@ class ImageSplit:
         else:
             images = self.images[index]
         fingerprints = None if self.fingerprints is None else self.fingerprints[index]
-        return ImageSplit(images, self.labels[index], [self.paths[i] for i in index], fingerprints)
+        inputs = None if self.audit_inputs is None else self.audit_inputs.subset(index)
+        paths = [self.paths[i] for i in index]
+        return ImageSplit(images, self.labels[index], paths, fingerprints, inputs)
 
     def content_digest(self, root: str, class_names: Sequence[str]) -> str:
         """A digest of the split's files: each one's path under ROOT, class and content fingerprint.
@@ -97,7 +103,7 @@ class ImageSplit:
         order = np.concatenate([first, second])
         _take_in_place(self.images, order)
         n = len(first)
-        fps = self.fingerprints
+        fps, inputs = self.fingerprints, self.audit_inputs
 
         def part(rows: slice, index: np.ndarray) -> ImageSplit:
             return ImageSplit(
@@ -105,6 +111,7 @@ class ImageSplit:
                 self.labels[index],
                 [self.paths[i] for i in index],
                 None if fps is None else fps[index],
+                None if inputs is None else inputs.subset(index),
             )
 
         return part(slice(0, n), first), part(slice(n, len(order)), second)
@@ -198,25 +205,27 @@ Decoder = Callable[[tf.Tensor], tf.Tensor]
 def _decode_and_fingerprint_fn(
     image_size: Sequence[int], decoder: Decoder | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ):
-    """path -> (the decoded image, an 8-byte fingerprint of the file's bytes), from one read.
+    """path -> (the decoded image, an 8-byte fingerprint of the file's bytes, the file's
+    (width, height)), from one read.
 
     decoder: the decoding to use instead of this version's (`decode_image` at image_size,
-        refusing files of more than max_pixels).
+        refusing files of more than max_pixels); the size is then not read (0, 0).
     """
 
-    def decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         contents = tf.io.read_file(path)
         fingerprint = tf.bitcast(tf.fingerprint(contents[tf.newaxis])[0], tf.uint64)
         if decoder is None:
-            image = decode_image(contents, image_size, max_pixels)
+            image, size = decode_image_and_size(contents, image_size, max_pixels)
         else:
-            image = decoder(contents)
-        return image, fingerprint
+            image, size = decoder(contents), tf.zeros(2, tf.int32)
+        return image, fingerprint, size
 
     return decode
 
 
-Put = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+# put(indices, images, fingerprints, sizes): stores a decoded batch.
+Put = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 _DECODE_BATCH = 64
@@ -237,17 +246,22 @@ def without_autotuning(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
+# A split decoded into memory: its images, fingerprints, and the audit's inputs (or None).
+Into = tuple[np.ndarray, np.ndarray, AuditInputs | None]
+
+
 class Decoding:
     """One split's files decoding in TensorFlow's own threads, batch by batch.
 
-    With `into` (images, fingerprints): the split kept in memory. Each decoded batch is stored
-    into its rows there by the pipeline itself, and only its indices come out, so nothing waits
-    in TensorFlow's buffers as a second copy of the images. Such a decoding can be started early
-    (`ahead=True`): it then runs to the end in C++ threads that hold no GIL while the Python
-    thread does other work (importing MLflow, opening its store), on the cores that leaves idle.
+    With `into` (images, fingerprints, and the audit's inputs or None): the split kept in memory.
+    Each decoded batch is stored into its rows there by the pipeline itself, and only its indices
+    come out, so nothing waits in TensorFlow's buffers as a second copy of the images. Such a
+    decoding can be started early (`ahead=True`): it then runs to the end in C++ threads that
+    hold no GIL while the Python thread does other work (importing MLflow, opening its store), on
+    the cores that leaves idle.
 
-    Without `into`, batches of (indices, images, fingerprints) come out for the reader to store
-    (the disk cache's writer), two batches ahead of it.
+    Without `into`, batches of (indices, images, fingerprints, the files' sizes) come out for the
+    reader to store (the disk cache's writer), two batches ahead of it.
     """
 
     def __init__(
@@ -255,7 +269,7 @@ class Decoding:
         files: FileList,
         image_size: Sequence[int],
         workers: int = 0,
-        into: tuple[np.ndarray, np.ndarray] | None = None,
+        into: Into | None = None,
         ahead: bool = False,
         rows: np.ndarray | None = None,
         decoder: Decoder | None = None,
@@ -303,16 +317,22 @@ class Decoding:
         if ahead:  # the first request starts TensorFlow's threads; they go on alone
             self._first = next(self.batches, None)
 
-    def _store(self, index: np.ndarray, batch: np.ndarray, prints: np.ndarray) -> np.ndarray:
-        self.put(index, batch, prints)
+    def _store(
+        self, index: np.ndarray, batch: np.ndarray, prints: np.ndarray, sizes: np.ndarray
+    ) -> np.ndarray:
+        self.put(index, batch, prints, sizes)
         return index
 
-    def put(self, index: np.ndarray, batch: np.ndarray, prints: np.ndarray) -> None:
-        """Store decoded images at their rows of `into`."""
+    def put(
+        self, index: np.ndarray, batch: np.ndarray, prints: np.ndarray, sizes: np.ndarray
+    ) -> None:
+        """Store decoded images at their rows of `into`, with what the audit needs of them."""
         assert self.into is not None  # only a decoding into arrays stores its batches here
-        images, fingerprints = self.into
+        images, fingerprints, inputs = self.into
         images[index] = batch
         fingerprints[index] = prints
+        if inputs is not None:  # while the batch is in the processor's cache
+            inputs.put(index, batch, sizes)
 
     def __iter__(self) -> Iterator:
         if self._first is not None:
@@ -336,11 +356,14 @@ def in_memory(
     ahead: bool = False,
     decoder: Decoder | None = None,
 ) -> Decoding:
-    """The decoding of a split kept in memory, into arrays made for it (`Decoding.into`)."""
+    """The decoding of a split kept in memory, into arrays made for it (`Decoding.into`), with
+    the audit's inputs unless a model's own decoder decodes it."""
     height, width = (int(v) for v in image_size)
     images = fresh_array((len(files), height, width, 3))
     fingerprints = np.zeros(len(files), dtype=np.uint64)
-    return Decoding(files, image_size, workers, (images, fingerprints), ahead, decoder=decoder)
+    inputs = AuditInputs.empty(len(files)) if decoder is None else None
+    into = (images, fingerprints, inputs)
+    return Decoding(files, image_size, workers, into, ahead, decoder=decoder)
 
 
 def fresh_array(shape: tuple[int, ...]) -> np.ndarray:
@@ -370,7 +393,7 @@ def _decode_into(
     what: str,
     decoding: Decoding | None = None,
 ) -> list[tuple[int, str]]:
-    """Decode every file, handing each batch to put(indices, images, fingerprints).
+    """Decode every file, handing each batch to put(indices, images, fingerprints, sizes).
 
     Args:
         put: None to store them as `decoding` does (into its arrays).
@@ -392,8 +415,8 @@ def _decode_into(
         def take(decoding: Decoding) -> None:
             for item in decoding:
                 if decoding.into is None:
-                    index, batch, fingerprints = item
-                    put(index, batch, fingerprints)
+                    put(*item)
+                    index = item[0]
                 else:
                     index = item  # stored already
                 ok[index] = True
@@ -407,8 +430,9 @@ def _decode_into(
     single = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
     for i in np.flatnonzero(~ok):
         try:
-            image, fingerprint = single(tf.constant(files.paths[i]))
-            put(np.array([i]), image.numpy()[np.newaxis], fingerprint.numpy()[np.newaxis])
+            image, fingerprint, size = single(tf.constant(files.paths[i]))
+            one = (image, fingerprint, size)
+            put(np.array([i]), *(value.numpy()[np.newaxis] for value in one))
         except tf.errors.OpError as err:  # corrupt, truncated, not an image, gone since the scan
             log.debug("TensorFlow cannot decode %s: %s", files.paths[i], err.message)
             failures.append((int(i), refusal(err) or diagnose(files.paths[i])))
@@ -418,6 +442,7 @@ def _decode_into(
 def _kept(
     images: np.ndarray | DiskImages,
     fingerprints: np.ndarray,
+    inputs: AuditInputs | None,
     files: FileList,
     failed: list[tuple[int, str]],
 ) -> tuple[ImageSplit, list[tuple[str, str]]]:
@@ -425,15 +450,16 @@ def _kept(
     labels = files.multi_hot if files.multi_hot is not None else np.asarray(files.labels, np.int32)
     failures = sorted((files.paths[i], reason) for i, reason in failed)
     if not failed:  # the usual case
-        return ImageSplit(images, labels, list(files.paths), fingerprints), failures
+        return ImageSplit(images, labels, list(files.paths), fingerprints, inputs), failures
     keep = np.setdiff1d(np.arange(len(files)), [i for i, _ in failed])
     if isinstance(images, DiskImages):
         images = images.subset(keep)
     else:
         _take_in_place(images, keep)  # drop the failed rows without a second copy
         images = images[: len(keep)]
-    split = ImageSplit(images, labels[keep], [files.paths[i] for i in keep], fingerprints[keep])
-    return split, failures
+    paths = [files.paths[i] for i in keep]
+    inputs = None if inputs is None else inputs.subset(keep)
+    return ImageSplit(images, labels[keep], paths, fingerprints[keep], inputs), failures
 
 
 def _decode_again(files: FileList, image_size: Sequence[int]) -> Repair:
@@ -486,21 +512,26 @@ def decode_files(
         raise ValueError("a model's own decoder decodes into a new in-memory split only")
     if cache is not None:
         key = split_key(files.paths, image_size, files.max_pixels)
+        inputs = AuditInputs.empty(len(files))
 
         def fill(writer: RecordWriter) -> list[tuple[int, str]]:
-            return _decode_into(files, image_size, workers, writer.put, f"{what} into the cache")
+            def put(index: np.ndarray, batch: np.ndarray, prints: np.ndarray, sizes: np.ndarray):
+                writer.put(index, batch, prints)
+                inputs.put(index, batch, sizes)
+
+            return _decode_into(files, image_size, workers, put, f"{what} into the cache")
 
         repair = _decode_again(files, image_size)
         entry, written = cache.get_or_build(key, len(files), (height, width, 3), fill, repair)
         if not written:
             log.info("%s: %d images reused from %s", what, len(files), entry.images.path)
-        return _kept(entry.images, entry.fingerprints, files, entry.failures)
+        taken = inputs if written else None  # a reused entry's are kept apart (data/audit.py)
+        return _kept(entry.images, entry.fingerprints, taken, files, entry.failures)
     if started is None:
         started = in_memory(files, image_size, workers, decoder=decoder)
     failed = _decode_into(files, image_size, workers, None, what, started)
     assert started.into is not None  # a decoding in memory (in_memory's) decodes into arrays
-    images, fingerprints = started.into
-    return _kept(images, fingerprints, files, failed)
+    return _kept(*started.into, files, failed)
 
 
 def choose_storage(

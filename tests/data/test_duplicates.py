@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
 from insect_exp.config import CacheMode, FolderDatasetConfig
-from insect_exp.data.audit import audit_data
+from insect_exp.data.audit import audit_data, split_hashes
 from insect_exp.data.cache import CachePolicy
-from insect_exp.data.duplicates import hash_thumbnails
+from insect_exp.data.duplicates import close_pairs, hash_thumbnails
 from insect_exp.data.pipeline import load
 from insect_exp.data.scan import DatasetError, scan
 from tests.conftest import make_image_folder, run_cli
@@ -138,12 +138,15 @@ def test_a_rerun_on_the_disk_cache_reuses_the_audit_and_a_damaged_one_is_redone(
         blob[3] ^= 0xFF
         kept.write_bytes(bytes(blob))
         third = audited()
-    # Then the second run reuses both splits' hashes, the third computes the damaged one again,
-    # and all three report the planted pairs
+    # Then the second run reuses both splits' hashes, the third computes the damaged one again
+    # (from the cached images and the files' headers: the decoding did not take them), and all
+    # three report the planted pairs, at the same distances, and the same original sizes
     assert len(reused) == 2
     assert sum("cannot be used" in r.message for r in caplog.records) == 1
     for audit in (first, second, third):
         assert _found(audit.rows, root) == planted
+        assert audit.rows == first.rows
+        assert audit.size_summary() == first.size_summary()
 
 
 def test_kept_hashes_of_folders_no_longer_used_go_once_over_their_share_of_the_cap(tmp_path):
@@ -224,6 +227,27 @@ def test_the_hash_of_a_32px_gray_image_is_imagehash_phash():
     # Then each hash is imagehash's phash, bit for bit
     expected = [int(str(imagehash.phash(Image.fromarray(image))), 16) for image in images]
     assert hashes.tolist() == expected
+
+
+def test_the_audits_hashes_pair_the_planted_images_as_imagehash_phash_does(tmp_path):
+    # Given the planted folder decoded at a size that is not a multiple of phash's 32 px
+    root, _ = planted_folder(tmp_path / "insects")
+    data = load(scan(root), (100, 100))
+    # When each image's hash is taken as the audit takes it, and by imagehash.phash from the
+    # same decoded image
+    splits = {"train": data.train, "test": data.test}
+    ours = np.concatenate([split_hashes(s, None, name).hashes for name, s in splits.items()])
+    theirs = np.array(
+        [int(str(imagehash.phash(Image.fromarray(image))), 16)
+         for split in splits.values() for image in split.images],
+        dtype=np.uint64,
+    )  # fmt: skip
+    # Then the hashes are a few bits apart at most (distinct images: about 32), and both pair
+    # the same images, at the default distance and at a looser one
+    assert np.bitwise_count(ours ^ theirs).max() <= 8
+    for distance in (10, 16):
+        pairs = [set(zip(*close_pairs(h, distance)[:2], strict=True)) for h in (ours, theirs)]
+        assert pairs[0] == pairs[1] and len(pairs[0]) == 5
 
 
 @pytest.mark.parametrize("distance", [-1, 65])

@@ -240,9 +240,9 @@ def test_a_failure_drops_its_batch_and_the_retry_drops_only_the_failure(tmp_path
     broken = files.paths.index(str(root / "train" / "beetles" / "b_corrupt.jpg"))
 
     # When every file is decoded in batches, then the rows that did not arrive one by one
-    first = {int(i) for index, _, _ in Decoding(files, (8, 8)) for i in index}
+    first = {int(i) for index, *_ in Decoding(files, (8, 8)) for i in index}
     missing = sorted(set(range(len(files))) - first)
-    retried = {int(i) for index, _, _ in Decoding(files, (8, 8), rows=missing) for i in index}
+    retried = {int(i) for index, *_ in Decoding(files, (8, 8), rows=missing) for i in index}
 
     # Then the broken file's batch (here all 13 files) is dropped whole, and the retry keeps all
     # but the broken file
