@@ -20,12 +20,14 @@ from insect_exp.callbacks import (
     Validation,
 )
 from insect_exp.config import (
+    AugmentConfig,
     ClassWeight,
     Config,
     EarlyStoppingConfig,
     OptimizerConfig,
     Schedule,
 )
+from insect_exp.data import policies
 from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images, without_autotuning
 from insect_exp.resilience import CheckpointState, TrainingDiverged
 
@@ -47,6 +49,8 @@ class FitSettings:
     resume_from: CheckpointState | None = None
     # multi_worker: how long the other workers wait for the chief's frozen features.
     worker_timeout_s: float = 600.0
+    # The augmentation policy and random erasing of the training batches (model.augment).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @classmethod
     def from_config(
@@ -67,6 +71,7 @@ class FitSettings:
             checkpoint_dir=checkpoint_dir,
             resume_from=resume_from,
             worker_timeout_s=cfg.train.worker_timeout_s,
+            augment=cfg.model.augment,
         )
 
 
@@ -202,12 +207,14 @@ def train_batches(
     seed: int,
     first_epoch: int = 0,
     shuffle_buffer: int | None = None,
+    augment: AugmentConfig | None = None,
 ) -> tf.data.Dataset:
     """Endless training batches, epoch after epoch from first_epoch, each epoch in its own order.
 
     Epoch e's order is a pure function of (seed, e), so a run resumed at epoch e sees the batches
     an uninterrupted run would have. With shuffle_buffer set, a windowed shuffle seeded the same
-    way replaces the exact permutation (for splits streamed from disk).
+    way replaces the exact permutation (for splits streamed from disk). With `augment`, its
+    policy and random erasing change the images, drawn from (seed, epoch, batch) alike.
     """
     # Images are read per batch (from memory or the disk cache), never copied into a tf.constant.
     labels = tf.constant(split.labels)
@@ -231,6 +238,10 @@ def train_batches(
         lambda index: (read_images(split.images, index), tf.gather(labels, index)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
+    if augment is not None:
+        batches = policies.augment_batches(
+            batches, augment, seed, first_epoch, -(-count // batch_size)
+        )
     return without_autotuning(batches.prefetch(tf.data.AUTOTUNE))
 
 
@@ -326,8 +337,9 @@ def fit(
         done = min(epochs, resume.epoch + 1 - first)
     seed = settings.seed if stage.seed is None else stage.seed
     train_ds = train_batches(
-        train_split, settings.batch_size, seed, first + done, settings.shuffle_buffer
-    )
+        train_split, settings.batch_size, seed, first + done, settings.shuffle_buffer,
+        settings.augment,
+    )  # fmt: skip
     # Every worker builds the same batches; each takes its share of every batch, not of files.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
