@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
+from PIL import Image, ImageEnhance, ImageOps
 
 from insect_exp import models
 from insect_exp.config import AugmentConfig, AugmentPolicy, CNNConfig
@@ -49,6 +50,49 @@ def test_every_op_at_magnitude_0_and_randaugment_at_magnitude_0_leave_images_unc
     for batch in range(4):
         out = policies.augment_images(images, _key(0, batch), augment)
         np.testing.assert_array_equal(out, images)
+
+
+@pytest.mark.parametrize(
+    ("name", "magnitude", "pil"),
+    [
+        ("auto_contrast", 0.0, ImageOps.autocontrast),
+        ("equalize", 0.0, ImageOps.equalize),
+        ("solarize", 0.5, lambda image: ImageOps.solarize(image, 128)),
+        ("posterize", 3.0, lambda image: ImageOps.posterize(image, 5)),
+        ("color", 0.5, lambda image: ImageEnhance.Color(image).enhance(1.5)),
+        ("contrast", -0.7, lambda image: ImageEnhance.Contrast(image).enhance(0.3)),
+        ("brightness", 0.5, lambda image: ImageEnhance.Brightness(image).enhance(1.5)),
+        ("sharpness", 0.9, lambda image: ImageEnhance.Sharpness(image).enhance(1.9)),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_each_pixel_op_does_what_pil_does_within_one_level(name, magnitude, pil):
+    # Given random images, one of them not spanning the whole range
+    images = np.random.default_rng(5).integers(0, 256, (4, 20, 24, 3)).astype(np.uint8)
+    images[1] = images[1] // 2 + 40
+
+    # When the op runs on the batch, and PIL's on each image
+    ours = np.asarray(policies.apply_op(name, images.astype("float32"), magnitude))
+    theirs = np.stack([np.asarray(pil(Image.fromarray(image))) for image in images])
+
+    # Then they agree to a level (PIL truncates where the op rounds)
+    assert np.abs(np.round(ours) - theirs).max() <= 1
+
+
+def test_geometric_ops_move_pixels_about_the_centre_and_fill_with_grey():
+    images = np.random.default_rng(6).integers(0, 256, (2, 16, 16, 3)).astype("float32")
+
+    # A quarter turn of a square image moves every pixel onto another one
+    turned = np.round(np.asarray(policies.apply_op("rotate", images, 90.0)))
+    assert any(np.array_equal(turned, np.rot90(images, k, axes=(1, 2))) for k in (1, 3))
+
+    # A translation by a quarter of the width shifts the image by 4 pixels, grey coming in
+    moved = np.asarray(policies.apply_op("translate_x", images, 0.25))
+    ahead, behind = np.roll(images, 4, axis=2), np.roll(images, -4, axis=2)
+    shifted = ahead if np.array_equal(moved[:, :, 4:], ahead[:, :, 4:]) else behind
+    kept = slice(4, None) if shifted is ahead else slice(None, -4)
+    np.testing.assert_array_equal(moved[:, :, kept], shifted[:, :, kept])
+    assert np.sum(moved == policies.FILL) >= 2 * 16 * 4 * 3
 
 
 @pytest.mark.parametrize(
