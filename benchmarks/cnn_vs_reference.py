@@ -121,7 +121,8 @@ def augment_cost(root: Path, work: Path, args: argparse.Namespace) -> None:
             for kind in ("wall", "cpu"):
                 steady[side][kind] += times[kind][1:]
             walls = " ".join(f"{t:.1f}" for t in times["wall"])
-            print(f"run {i + 1} {side:15s}: epochs {walls} s wall", flush=True)
+            cpus = " ".join(f"{t:.1f}" for t in times["cpu"])
+            print(f"run {i + 1} {side:15s}: epochs {walls} s wall, {cpus} s CPU", flush=True)
     print()
     for side in sides:
         wall, cpu_s = steady[side]["wall"], steady[side]["cpu"]

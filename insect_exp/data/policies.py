@@ -138,7 +138,7 @@ def _random_op(
     # Each op runs on the images that drew it: one group per pixel op, one for every geometric
     # op (a single transform), so the batch costs about one op an image.
     group = tf.gather([_GROUPS.index(_group(name)) for name in OPS], choice)
-    geometric = tf.gather([GEOMETRIC.index(n) if n in GEOMETRIC else -1 for n in OPS], choice)
+    geometric = tf.gather([GEOMETRIC.index(op) if op in GEOMETRIC else -1 for op in OPS], choice)
     count = len(_GROUPS)
     parts = zip(
         _GROUPS,
@@ -156,7 +156,7 @@ def _random_op(
     return tf.clip_by_value(tf.round(out), 0.0, 255.0)
 
 
-def apply_op(name: str, images: tf.Tensor, magnitude: tf.Tensor) -> tf.Tensor:
+def apply_op(name: str, images: tf.Tensor, magnitude: tf.Tensor | float) -> tf.Tensor:
     """One op on every image of a batch (float32 0..255, NHWC), each at its own magnitude.
 
     The magnitude is in the op's own unit (RANDAUGMENT_MAX's), one value an image.
