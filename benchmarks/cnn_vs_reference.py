@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/cnn_vs_reference.py [--root DIR] [--epochs 10] [--repeats 3]
                                              [--variant "precision=mixed_bfloat16" ...]
-                                             [--precision]
+                                             [--precision] [--augment-cost POLICY ...]
 
 Without --root it generates a ~1,000-image folder like the post's (1,020 train / 180 test images,
 3 classes) with the demo generator. Each side runs as its own process, so every side pays its
@@ -23,12 +23,20 @@ The framework runs its default config; each --variant adds a framework side with
 overrides. --precision adds the side `precision=float32` and compares the default (precision=auto)
 with it: the policy auto chose on this machine (the runs' `precision_used`), time, and the paired
 val_accuracy difference over the seeds with its Student's t interval (insect_exp.stats).
+
+With --augment-cost POLICY ... it measures only what an augmentation policy costs an epoch of the
+demo CNN (180x180, batches of 32): each side (no policy, then each POLICY at its defaults, e.g.
+randaugment, trivialaugment) trains --epochs epochs through insect_exp.fit in a fresh process,
+the order rotating each repeat; each epoch's wall and CPU time (the process's, all threads) are
+taken at its end, validation included. The first epoch (tracing) is left out: printed are the
+best and median of the others, and each policy's ratio to no policy.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import re
 import statistics
 import sys
@@ -70,6 +78,65 @@ def compare_precisions(
           f"[{gap.low:+.4f}, {gap.high:+.4f}] (95%, {gap.n} paired seeds)")  # fmt: skip
 
 
+def epoch_times(root: Path, epochs: int, policy: str, seed: int) -> None:
+    """Train the demo CNN on root for `epochs` with `policy`; print each epoch's wall and CPU s."""
+    import json
+    import time
+
+    import insect_exp  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from insect_exp import fit, models
+    from insect_exp.config import AdamConfig, AugmentConfig, CNNConfig
+    from insect_exp.data.pipeline import load
+    from insect_exp.data.scan import scan
+
+    data = load(scan(root), (180, 180), 0.0)
+    augment = AugmentConfig(policy=policy)
+    model = models.recipe_for(CNNConfig(augment=augment)).build(len(data.class_names))
+    fit.compile_classifier(model, fit.make_optimizer(AdamConfig()))
+    settings = fit.FitSettings(epochs, 32, seed, AdamConfig(), augment=augment)
+    marks = [(time.perf_counter(), time.process_time())]
+
+    def sink(metrics: dict, _step: int) -> None:
+        if "val_accuracy" in metrics:  # the epoch's end, validation done
+            marks.append((time.perf_counter(), time.process_time()))
+
+    fit.fit(model, data.train, data.val, settings, sink, verbose=0)
+    walls = [b[0] - a[0] for a, b in itertools.pairwise(marks)]
+    cpus = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
+    print("EPOCHS " + json.dumps({"wall": walls, "cpu": cpus}))
+
+
+def augment_cost(root: Path, work: Path, args: argparse.Namespace) -> None:
+    """Per-epoch wall and CPU time of the demo CNN with each policy against none."""
+    import json
+
+    sides = ["none", *args.augment_cost]
+    steady: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": []} for s in sides}
+    for i in range(args.repeats):
+        for side in sides[i % len(sides) :] + sides[: i % len(sides)]:
+            command = [sys.executable, __file__, "--epoch-side", side, "--root", str(root),
+                       "--epochs", str(args.epochs), "--seed", str(123 + i)]  # fmt: skip
+            _, _, out = measured(command, work)
+            times = json.loads(out.split("EPOCHS ", 1)[1].splitlines()[0])
+            for kind in ("wall", "cpu"):
+                steady[side][kind] += times[kind][1:]
+            walls = " ".join(f"{t:.1f}" for t in times["wall"])
+            cpus = " ".join(f"{t:.1f}" for t in times["cpu"])
+            print(f"run {i + 1} {side:15s}: epochs {walls} s wall, {cpus} s CPU", flush=True)
+    print()
+    for side in sides:
+        wall, cpu_s = steady[side]["wall"], steady[side]["cpu"]
+        ratio = ""
+        if side != "none":
+            base = steady["none"]
+            ratio = (f"  / none: wall {min(wall) / min(base['wall']):.3f} (best) "
+                     f"{statistics.median(wall) / statistics.median(base['wall']):.3f} (median), "
+                     f"cpu {min(cpu_s) / min(base['cpu']):.3f} (best)")  # fmt: skip
+        print(f"{side:15s} epoch wall best {min(wall):6.1f} s median {statistics.median(wall):6.1f}"
+              f" s; cpu best {min(cpu_s):6.1f} s median {statistics.median(cpu_s):6.1f} s"
+              f"{ratio}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="folder in the reference layout")
@@ -81,12 +148,23 @@ def main() -> None:
     parser.add_argument(
         "--precision", action="store_true", help="compare precision=auto with precision=float32"
     )
+    parser.add_argument(
+        "--augment-cost", nargs="+", metavar="POLICY", help="only the per-epoch cost of policies"
+    )
+    parser.add_argument("--epoch-side", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=123, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.epoch_side:
+        epoch_times(args.root, args.epochs, args.epoch_side, args.seed)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="insect_bench_"))
     root = args.root or post_sized_folder(work)
     print(cpu())
     print(f"data: {root}  epochs: {args.epochs}  repeats: {args.repeats}  work dir: {work}")
+    if args.augment_cost:
+        augment_cost(root, work, args)
+        return
     uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
     (work / "mlruns").mkdir()
     autolog_uri = f"sqlite:///{work / 'autolog' / 'mlflow.db'}"

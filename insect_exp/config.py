@@ -73,6 +73,15 @@ class TTA(Enum):
     flip = "flip"
 
 
+class AugmentPolicy(Enum):
+    """Per-image augmentation of the training batches (insect_exp/data/policies.py): none,
+    RandAugment (num_ops ops at one magnitude) or TrivialAugment (one op, random magnitude)."""
+
+    none = "none"
+    randaugment = "randaugment"
+    trivialaugment = "trivialaugment"
+
+
 class FeatureCache(Enum):
     """Where a frozen backbone's features are kept: auto picks memory or disk by size."""
 
@@ -243,11 +252,16 @@ class CsvDatasetConfig(DatasetConfig):
 
 @dataclass
 class AugmentConfig:
-    """Random augmentation layers at the front of the model, active only while training.
+    """Random augmentation, active only while training: layers at the front of the model, and a
+    policy with random erasing applied to the training batches before the model.
 
     Factors are fractions: rotation of a full turn, zoom and translation of the image size,
     contrast and brightness of the pixel range.
     """
+
+    LAYERS: ClassVar[tuple[str, ...]] = (
+        "flip", "vertical_flip", "rotation", "zoom", "translation", "contrast", "brightness"
+    )  # fmt: skip
 
     flip: bool = False  # horizontal
     vertical_flip: bool = False
@@ -256,15 +270,35 @@ class AugmentConfig:
     translation: float = 0.0
     contrast: float = 0.0
     brightness: float = 0.0
+    # randaugment: num_ops ops an image at magnitude 0..10 (timm's rand-m9-n2-mstd0.5 is
+    # magnitude=9 num_ops=2 magnitude_std=0.5); trivialaugment draws its own op and magnitude.
+    policy: AugmentPolicy = AugmentPolicy.none
+    num_ops: int = 2
+    magnitude: float = 9.0
+    magnitude_std: float = 0.0
+    # The probability that an image gets a rectangle of random pixels (random erasing).
+    erasing: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("rotation", "zoom", "translation", "contrast", "brightness"):
             value = getattr(self, key)
             _require(0 <= value < 1, f"model.augment.{key}", value, "in [0, 1)")
+        self.policy = _enum("model.augment.policy", self.policy, AugmentPolicy)
+        _require(1 <= self.num_ops <= 10, "model.augment.num_ops", self.num_ops, "in [1, 10]")
+        m, std = self.magnitude, self.magnitude_std
+        _require(0 <= m <= 10, "model.augment.magnitude", m, "in [0, 10]")
+        _require(0 <= std <= 10, "model.augment.magnitude_std", std, "in [0, 10]")
+        _require(0 <= self.erasing <= 1, "model.augment.erasing", self.erasing, "in [0, 1]")
+
+    @property
+    def on_batches(self) -> bool:
+        """True when the policy or random erasing changes the training batches."""
+        return self.policy is not AugmentPolicy.none or self.erasing > 0
 
     @property
     def enabled(self) -> bool:
-        return any(getattr(self, key) for key in self.__dataclass_fields__)
+        """True when training sees augmented images (so frozen features are not fixed)."""
+        return any(getattr(self, key) for key in self.LAYERS) or self.on_batches
 
 
 @dataclass

@@ -21,6 +21,7 @@ from insect_exp.callbacks import (
     Validation,
 )
 from insect_exp.config import (
+    AugmentConfig,
     ClassWeight,
     Config,
     EarlyStoppingConfig,
@@ -29,6 +30,7 @@ from insect_exp.config import (
     Schedule,
     Task,
 )
+from insect_exp.data import policies
 from insect_exp.data.mixing import Mixing, mix_batches
 from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images, without_autotuning
 from insect_exp.resilience import CheckpointState, TrainingDiverged
@@ -55,6 +57,8 @@ class FitSettings:
     mixing: Mixing = field(default_factory=Mixing)
     # task=multilabel: the probability threshold of its metrics (None: one label per image).
     multilabel_threshold: float | None = None
+    # The augmentation policy and random erasing of the training batches (model.augment).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @classmethod
     def from_config(
@@ -78,6 +82,7 @@ class FitSettings:
             worker_timeout_s=cfg.train.worker_timeout_s,
             mixing=Mixing.from_config(cfg.train),
             multilabel_threshold=cfg.threshold if cfg.task is Task.multilabel else None,
+            augment=cfg.model.augment,
         )
 
 
@@ -254,22 +259,31 @@ def _schedule_callbacks(cfg: OptimizerConfig, epochs: int) -> list[keras.callbac
     return [keras.callbacks.LearningRateScheduler(lambda epoch, _lr: rate(epoch))]
 
 
+@dataclass(frozen=True)
+class BatchEdits:
+    """What changes training batches, and only them: model.augment's policy and random erasing,
+    and mixup/cutmix (which needs the number of classes for its soft targets)."""
+
+    augment: AugmentConfig | None = None
+    mixing: Mixing | None = None
+    num_classes: int = 0
+
+
 def train_batches(
     split: ImageSplit,
     batch_size: int,
     seed: int,
     first_epoch: int = 0,
     shuffle_buffer: int | None = None,
-    mixing: Mixing | None = None,
-    num_classes: int = 0,
+    edits: BatchEdits | None = None,
 ) -> tf.data.Dataset:
     """Endless training batches, epoch after epoch from first_epoch, each epoch in its own order.
 
     Epoch e's order is a pure function of (seed, e), so a run resumed at epoch e sees the batches
     an uninterrupted run would have. With shuffle_buffer set, a windowed shuffle seeded the same
-    way replaces the exact permutation (for splits streamed from disk). With mixing enabled, the
-    batches are mixed (data/mixing.py, draws keyed on seed, epoch and batch) and their targets are
-    soft: num_classes floats per image.
+    way replaces the exact permutation (for splits streamed from disk). `edits` change training
+    batches: an augmentation policy and random erasing (data/policies.py), then mixing
+    (data/mixing.py; soft targets of num_classes floats an image), drawn from (seed, epoch, batch).
     """
     # Images are read per batch (from memory or the disk cache), never copied into a tf.constant.
     labels = tf.constant(split.labels)
@@ -293,9 +307,11 @@ def train_batches(
         lambda index: (read_images(split.images, index), tf.gather(labels, index)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    if mixing is not None and mixing.enabled:
-        steps = -(-count // batch_size)
-        batches = mix_batches(batches, mixing, num_classes, seed, first_epoch, steps)
+    steps = -(-count // batch_size)
+    if edits is not None and edits.augment is not None:
+        batches = policies.augment_batches(batches, edits.augment, seed, first_epoch, steps)
+    if edits is not None and edits.mixing is not None and edits.mixing.enabled:
+        batches = mix_batches(batches, edits.mixing, edits.num_classes, seed, first_epoch, steps)
     return without_autotuning(batches.prefetch(tf.data.AUTOTUNE))
 
 
@@ -434,8 +450,7 @@ def _training_data(
         seed,
         first_epoch,
         settings.shuffle_buffer,
-        settings.mixing,
-        num_classes,
+        BatchEdits(settings.augment, settings.mixing, num_classes),
     )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -83,6 +83,10 @@ def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):
         ("model.handle=x", "Key 'handle' not in 'CNNConfig'"),
         ("optimizer.learning_rate=fast", "could not be converted to Float"),
         ("precision=bf16", "Invalid value 'bf16', expected one of [auto, float32, mixed_bfloat16"),
+        (
+            "model.augment.policy=foo",
+            "Invalid value 'foo', expected one of [none, randaugment, trivialaugment]",
+        ),
     ],
 )
 def test_invalid_config_fails_at_startup_with_hydras_message(tmp_path, override, message):
@@ -167,6 +171,9 @@ def test_console_script_composes_the_same_config(tmp_path):
         ("dataset.val_split=1.5", "dataset.val_split", "in [0, 1)"),
         ("loss.label_smoothing=1", "loss.label_smoothing", "in [0, 1)"),
         ("model.augment.rotation=2", "model.augment.rotation", "in [0, 1)"),
+        ("model.augment.magnitude=11", "model.augment.magnitude", "in [0, 10]"),
+        ("model.augment.erasing=1.5", "model.augment.erasing", "in [0, 1]"),
+        ("model.augment.num_ops=0", "model.augment.num_ops", "in [1, 10]"),
         ("dataset.max_image_pixels=0", "dataset.max_image_pixels", ">= 1"),
     ],
 )

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from insect_exp.data.mixing import Mixing, batch_key, mix_batch
 from insect_exp.data.pipeline import ImageSplit
-from insect_exp.fit import Crossentropy, accuracy, train_batches
+from insect_exp.fit import BatchEdits, Crossentropy, accuracy, train_batches
 from tests.conftest import make_image_folder, run_cli
 
 CLASSES = 3
@@ -95,7 +95,7 @@ def _epochs(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The training batches of epochs first..last, from a pipeline started at `first`."""
     steps = math.ceil(len(split) / 4)
-    ds = train_batches(split, 4, seed, first, None, mixing, CLASSES)
+    ds = train_batches(split, 4, seed, first, None, BatchEdits(mixing=mixing, num_classes=CLASSES))
     return [(x.numpy(), y.numpy()) for x, y in ds.take(steps * (last - first + 1))]
 
 

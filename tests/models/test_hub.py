@@ -7,6 +7,7 @@ import hashlib
 import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from insect_exp import UserError, fit
 from insect_exp.config import (
     AdamConfig,
     AugmentConfig,
+    AugmentPolicy,
     FeatureCache,
     FineTuneConfig,
     HubModelConfig,
@@ -101,7 +103,8 @@ def _train(backbone: Path, data: Data, seed: int = 0, epochs: int = 2, **options
     recipe = recipe_for(_hub(backbone, image_size=options.pop("image_size", SIZE), **options))
     model = recipe.build(len(data.class_names))
     sink = _Sink()
-    history = recipe.fit(model, data, _settings(epochs, seed), sink)
+    settings = replace(_settings(epochs, seed), augment=recipe.cfg.augment)
+    history = recipe.fit(model, data, settings, sink)
     return Trained(recipe, model, sink, history)
 
 
@@ -418,10 +421,20 @@ def test_auto_cache_goes_to_disk_above_the_memory_limit(tiny_backbone, tmp_path)
     assert not (tmp_path / "unused").exists()
 
 
-def test_augmentation_before_the_backbone_trains_on_images(tiny_backbone, tmp_path):
-    # Given random flips in front of the backbone, features change every epoch
+@pytest.mark.parametrize(
+    "augment",
+    [
+        AugmentConfig(flip=True),
+        AugmentConfig(policy=AugmentPolicy.randaugment),
+        AugmentConfig(erasing=0.5),
+    ],
+    ids=["flip", "randaugment", "erasing"],
+)
+def test_augmentation_before_the_backbone_trains_on_images(tiny_backbone, tmp_path, augment):
+    # Given random flips in front of the backbone, or a policy on the training batches, features
+    # change every epoch
     data = _data(tmp_path / "insects")
-    trained = _train(tiny_backbone, data, augment=AugmentConfig(flip=True))
+    trained = _train(tiny_backbone, data, augment=augment)
 
     # Then nothing is cached, and training still reports every epoch
     assert not trained.recipe.can_cache_features(trained.model)
