@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 IMAGE = 96  # decoded: 96 x 96 x 3 = 27 KB an image
-CAP_MB = 14  # dataset.cache_max_memory_mb; the big folder decodes to 10x this
+CAP_MB = 14  # dataset.cache_max_memory_mb; the big folder decodes to 20x this
 
 # Runs `python -m insect_exp ARGS` and prints its peak RSS (the only child of this process).
 _MEASURE = """
@@ -68,9 +68,11 @@ def _peak_rss_mb(tmp_path: Path, root: Path, cache: str) -> float:
 
 
 def test_disk_mode_does_not_hold_the_images_and_memory_mode_holds_them_once(tmp_path):
-    # Given a folder decoding to 10x cache_max_memory_mb
-    big = _folder(tmp_path / "big", 1700)  # 5,100 train + 510 test images: 148 MiB decoded
-    decoded_mb = (5100 + 510) * IMAGE * IMAGE * 3 / 2**20
+    # Given a folder decoding to 20x cache_max_memory_mb. Big enough that what else varies in a
+    # run's peak from one run to the next (tf.data's and the allocator's timing: up to about
+    # 90 MB seen on a 2-core AMD EPYC) stays well inside the margins below.
+    big = _folder(tmp_path / "big", 3400)  # 10,200 train + 1,020 test images: 296 MiB decoded
+    decoded_mb = (10200 + 1020) * IMAGE * IMAGE * 3 / 2**20
     assert decoded_mb >= 10 * CAP_MB
 
     # When it trains an epoch through the CLI, in auto mode (disk, for its size) and memory mode
