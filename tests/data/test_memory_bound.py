@@ -83,8 +83,10 @@ def test_disk_mode_does_not_hold_the_images_and_memory_mode_holds_them_once(tmp_
     # Compared on one folder: a run's peak also grows with its number of steps whatever the
     # storage (TensorFlow's and the allocator's own memory; about 120 MB for ten times the steps
     # on a 2-core AMD EPYC), so a big folder against a small one is no measure of storage.
+    # The bounds are halfway between the cases told apart: held 0 (disk mode holding them too),
+    # once, twice.
     held = memory_big - disk_big
-    assert 0.8 * decoded_mb < held < 1.5 * decoded_mb, (disk_big, memory_big)
+    assert 0.5 * decoded_mb < held < 1.5 * decoded_mb, (disk_big, memory_big)
 
     # And the disk runs trained and logged like any other: FINISHED, storage and lineage logged
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
