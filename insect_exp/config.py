@@ -774,6 +774,10 @@ class Config:
             # Its accuracy and soft targets are a softmax's; a label set's mix is not built yet.
             raise ConfigError("train.mixup_alpha and train.cutmix_alpha mix one label per image: "
                               "not with task=multilabel")  # fmt: skip
+        if self.train.ema.enabled:
+            # Its raw-weights validation scores one label per image; not built for label sets yet.
+            raise ConfigError("train.ema.enabled scores the raw weights as single-label: not "
+                              "with task=multilabel yet")  # fmt: skip
 
 
 # The other commands: predict and evaluate

@@ -65,6 +65,7 @@ def test_tuned_thresholds_maximise_each_classs_f1_on_fixed_scores():
         ("calibrate=temperature", "not with task=multilabel"),
         ("dataset.class_weight=balanced", "not with task=multilabel"),
         ("train.mixup_alpha=0.2", "not with task=multilabel"),
+        ("train.ema.enabled=true", "not with task=multilabel"),
     ],
 )
 def test_settings_that_assume_one_label_are_refused_in_one_line(compose_cfg, override, says):
