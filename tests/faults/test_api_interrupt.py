@@ -38,20 +38,8 @@ def test_interrupting_train_raises_interrupted_and_the_run_resumes_from_python(
 ) -> None:
     # Given insect_exp.train in its second epoch or later, in a process that catches
     # resilience.Interrupted and then resumes the run it names from Python
-    process = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, *TINY, f"dataset.root={folder}", "epochs=40"]
-        + [f"mlflow.tracking_uri={store}"],
-        cwd=tmp_path,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_until(lambda: epochs_logged(store) >= 1, process=process)
     # When it gets Ctrl-C
-    interrupt(process)
-    stdout = process.stdout.read() if process.stdout else ""
-    code, stderr = finish(process, timeout=300)
+    code, stdout, stderr = _interrupt_in_second_epoch(SCRIPT, tmp_path, folder, store)
     # Then the caller got Interrupted with the run's id, the run ended KILLED and resumable, and
     # the resume from Python finished it in the same run
     assert code == 0, stderr[-3000:]
@@ -78,20 +66,8 @@ def test_interrupting_a_sweep_ends_its_child_and_parent_killed(
     tmp_path: Path, folder: Path, store: str
 ) -> None:
     # Given insect_exp.sweep over two optimizers, its first job in its second epoch or later
-    process = subprocess.Popen(
-        [sys.executable, "-c", SWEEP_SCRIPT, *TINY, f"dataset.root={folder}", "epochs=40"]
-        + [f"mlflow.tracking_uri={store}"],
-        cwd=tmp_path,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_until(lambda: epochs_logged(store) >= 1, process=process)
     # When it gets Ctrl-C (what a notebook's interrupt button sends)
-    interrupt(process)
-    stdout = process.stdout.read() if process.stdout else ""
-    code, stderr = finish(process, timeout=300)
+    code, stdout, stderr = _interrupt_in_second_epoch(SWEEP_SCRIPT, tmp_path, folder, store)
     # Then the caller got Interrupted naming the running child, which ended KILLED; the parent
     # ended KILLED, the second job never started, and the process's Ctrl-C handler is its own
     assert code == 0, stderr[-3000:]
@@ -104,3 +80,24 @@ def test_interrupting_a_sweep_ends_its_child_and_parent_killed(
     assert (child.info.status, parent.info.status) == ("KILLED", "KILLED")
     line = f"INTERRUPTED {child.info.run_id} handler restored: True"
     assert line in stdout, stdout[-2000:] + stderr[-2000:]
+
+
+def _interrupt_in_second_epoch(
+    script: str, cwd: Path, folder: Path, store: str
+) -> tuple[int, str, str]:
+    """`python -c SCRIPT` training on folder for up to 40 epochs, sent Ctrl-C once an epoch is
+    logged; its exit code, stdout and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *TINY, f"dataset.root={folder}", "epochs=40"]
+        + [f"mlflow.tracking_uri={store}"],
+        cwd=cwd,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: epochs_logged(store) >= 1, process=process)
+    interrupt(process)
+    stdout = process.stdout.read() if process.stdout else ""
+    code, stderr = finish(process, timeout=300)
+    return code, stdout, stderr
