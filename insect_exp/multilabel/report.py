@@ -21,14 +21,13 @@ import numpy as np
 from insect_exp.data.multilabel import SEPARATOR
 from insect_exp.multilabel import scores
 from insect_exp.multilabel.scores import THRESHOLDS_JSON
+from insect_exp.report import PROBABILITIES_TSV, sample
 
 if TYPE_CHECKING:
     from insect_exp.data.pipeline import ImageSplit
     from insect_exp.tracking import Run, TrackedRun
 
 log = logging.getLogger(__name__)
-
-PROBABILITIES_TSV = "predictions/test.tsv"  # as report.PROBABILITIES_TSV
 
 
 def tune(
@@ -75,8 +74,6 @@ def evaluate(
 ) -> tuple[float, list[Future]]:
     """The test scores logged; the binary accuracy, and the report handed to the logging
     process."""
-    from insect_exp.report import sample
-
     labels = np.asarray(split.labels)
     probs = scores.probabilities(logits)
     found = scores.scores(logits, labels, threshold)
