@@ -30,8 +30,8 @@ from insect_exp.config import (
     Schedule,
     Task,
 )
-from insect_exp.data import policies
-from insect_exp.data.mixing import Mixing, mix_batches
+from insect_exp.data import mixing, policies
+from insect_exp.data.mixing import Mixing
 from insect_exp.data.pipeline import ImageSplit, make_dataset, read_images, without_autotuning
 from insect_exp.resilience import CheckpointState, TrainingDiverged
 
@@ -268,6 +268,27 @@ class BatchEdits:
     mixing: Mixing | None = None
     num_classes: int = 0
 
+    @property
+    def changes(self) -> bool:
+        """Whether any edit is on."""
+        augments = self.augment is not None and self.augment.on_batches
+        return augments or (self.mixing is not None and self.mixing.enabled)
+
+    def apply(
+        self, batch: tuple[tf.Tensor, tf.Tensor], seed: int, epoch: tf.Tensor, index: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Batch `index` of `epoch` edited, each edit with its own key of (seed, epoch, index)."""
+        images, labels = batch
+        if self.augment is not None and self.augment.on_batches:
+            key = policies.batch_key(seed, epoch, index)
+            images = policies.augment_images(images, key, self.augment)
+        if self.mixing is not None and self.mixing.enabled:
+            stop = self.mixing.stop_epoch
+            active = True if stop is None else epoch < stop
+            key = mixing.batch_key(seed, epoch, index)
+            return mixing.mix_batch(images, labels, self.num_classes, self.mixing, key, active)
+        return images, labels
+
 
 def train_batches(
     split: ImageSplit,
@@ -308,10 +329,13 @@ def train_batches(
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     steps = -(-count // batch_size)
-    if edits is not None and edits.augment is not None:
-        batches = policies.augment_batches(batches, edits.augment, seed, first_epoch, steps)
-    if edits is not None and edits.mixing is not None and edits.mixing.enabled:
-        batches = mix_batches(batches, edits.mixing, edits.num_classes, seed, first_epoch, steps)
+    if edits is not None and edits.changes:
+        # Step s of the endless stream is batch s % steps of epoch s // steps.
+        counted = batches.enumerate(start=first_epoch * steps)
+        batches = counted.map(
+            lambda step, batch: edits.apply(batch, seed, step // steps, step % steps),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     return without_autotuning(batches.prefetch(tf.data.AUTOTUNE))
 
 

@@ -8,14 +8,13 @@ is a pure function of (seed, epoch, batch index), so a resumed run mixes as an u
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import tensorflow as tf
 
 from insect_exp.config import TrainConfig
-
-# Folded into the shuffle's (seed, epoch) key, so that the draws of mixing are their own stream.
-_STREAM = 0x6D6978
+from insect_exp.data import batch_keys
 
 
 @dataclass(frozen=True)
@@ -39,11 +38,8 @@ class Mixing:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
-def batch_key(seed: int, epoch: tf.Tensor | int, batch: tf.Tensor | int) -> tf.Tensor:
-    """The stateless seed of one batch's draws."""
-    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-    key = tf.random.experimental.stateless_fold_in(key, _STREAM)
-    return tf.random.experimental.stateless_fold_in(key, tf.cast(batch, tf.int64))
+# The key of a batch's draws (seed, epoch, batch index): mixing's own stream.
+batch_key = functools.partial(batch_keys.batch_key, stream=0x6D6978)
 
 
 def beta(alpha: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
@@ -115,26 +111,3 @@ def cutmix(
     pasted = tf.where(box[None, :, :, None], partners, images)
     area = tf.cast(tf.reduce_prod(high - low), tf.float32)
     return pasted, 1.0 - area / tf.cast(tf.reduce_prod(size), tf.float32)
-
-
-def mix_batches(
-    batches: tf.data.Dataset,
-    mixing: Mixing,
-    num_classes: int,
-    seed: int,
-    first_epoch: int,
-    steps_per_epoch: int,
-) -> tf.data.Dataset:
-    """Endless training batches (from first_epoch on, steps_per_epoch each) mixed: soft targets.
-
-    Every batch gets float targets, mixed or not, so that the dataset keeps one element type.
-    """
-    stop = mixing.stop_epoch
-
-    def mix(step: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        epoch = first_epoch + step // steps_per_epoch
-        active = tf.constant(True) if stop is None else epoch < stop
-        key = batch_key(seed, epoch, step % steps_per_epoch)
-        return mix_batch(*batch, num_classes, mixing, key, active)
-
-    return batches.enumerate().map(mix, num_parallel_calls=tf.data.AUTOTUNE)

@@ -27,12 +27,14 @@ resumed at epoch e sees the augmented batches an uninterrupted run would have.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import tensorflow as tf
 
 from insect_exp.config import AugmentConfig, AugmentPolicy
+from insect_exp.data import batch_keys
 
 # The op list, in a fixed order (an image's op is an index into it).
 OPS = (
@@ -58,31 +60,8 @@ TRIVIALAUGMENT_MAX = {
 FILL = 128.0  # what geometric ops move into the image: mid grey
 ERASE_AREA = (0.02, 1 / 3)  # of the image (Zhong et al.'s s_l, s_h)
 ERASE_RATIO = (0.3, 1 / 0.3)  # height / width (r_1, 1 / r_1)
-# Keeps the policy's draws apart from the shuffle's, which also start from (seed, epoch).
-_TAG = 0x61756720
-
-
-def batch_key(seed: int, epoch: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
-    """The stateless key of one training batch: a pure function of (seed, epoch, batch index)."""
-    epoch_key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-    key = tf.random.experimental.stateless_fold_in(epoch_key, _TAG)
-    return tf.random.experimental.stateless_fold_in(key, tf.cast(batch, tf.int64))
-
-
-def augment_batches(
-    batches: tf.data.Dataset, augment: AugmentConfig, seed: int, first_epoch: int, steps: int
-) -> tf.data.Dataset:
-    """(images, labels) training batches, `steps` an epoch from first_epoch, with their images
-    augmented by the policy and random erasing (the batches unchanged when both are off)."""
-    if not augment.on_batches:
-        return batches
-
-    def one(step: tf.Tensor, batch: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
-        key = batch_key(seed, step // steps, step % steps)
-        return (augment_images(batch[0], key, augment), *batch[1:])
-
-    counted = batches.enumerate(start=first_epoch * steps)
-    return counted.map(one, num_parallel_calls=tf.data.AUTOTUNE)
+# The key of a batch's draws (seed, epoch, batch index): the policy's and erasing's own stream.
+batch_key = functools.partial(batch_keys.batch_key, stream=0x61756720)
 
 
 def augment_images(images: tf.Tensor, key: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
