@@ -91,10 +91,6 @@ def evaluate(
     return found["accuracy"], [run.submit(log_summary, summary)]
 
 
-def _joined(row: np.ndarray, class_names: list[str]) -> str:
-    return SEPARATOR.join(class_names[i] for i in np.flatnonzero(row))
-
-
 def log_summary(run: Run, summary: Summary) -> None:
     """Per-class AP and thresholds, the label sets and probabilities, and the two figures."""
     from insect_exp import plots
@@ -102,6 +98,8 @@ def log_summary(run: Run, summary: Summary) -> None:
 
     names, labels, probs = summary.class_names, summary.labels, summary.probabilities
     guess = scores.predicted(probs, summary.thresholds)
+    true_sets = [SEPARATOR.join(s) for s in scores.label_sets(labels, names)]
+    guess_sets = [SEPARATOR.join(s) for s in scores.label_sets(guess, names)]
     per_class = [
         (name, f"{ap:.6g}", f"{t:.6g}", int(n))
         for name, ap, t, n in zip(
@@ -109,22 +107,17 @@ def log_summary(run: Run, summary: Summary) -> None:
         )
     ]
     run.log_table(["class", "ap", "threshold", "true_images"], per_class, "per_class.tsv")
-    rows = [
-        (p, _joined(t, names), _joined(g, names))
-        for p, t, g in zip(summary.paths, labels, guess, strict=True)
-    ]
+    rows = list(zip(summary.paths, true_sets, guess_sets, strict=True))
     run.log_table(["path", "true", "predicted"], rows, "predictions.tsv")
     table = [
-        (p, _joined(t, names), *(f"{x:.6g}" for x in row))
-        for p, t, row in zip(summary.paths, labels, probs, strict=True)
+        (p, t, *(f"{x:.6g}" for x in row))
+        for p, t, row in zip(summary.paths, true_sets, probs, strict=True)
     ]
     run.log_table(["path", "true", *names], table, PROBABILITIES_TSV)
     figure = precision_recall_curves(labels, probs, names, summary.average_precisions)
     run.log_figure(figure, "plots/precision_recall.png")
     index = summary.sample_index
-    titles = [
-        f"{_joined(guess[i], names) or '(none)'}\ntrue: {_joined(labels[i], names)}" for i in index
-    ]
+    titles = [f"{guess_sets[i] or '(none)'}\ntrue: {true_sets[i]}" for i in index]
     wrong = [bool((guess[i] != labels[i]).any()) for i in index]
     grid = plots.titled_grid(
         summary.sample_images, titles, "Predicted label sets (red: not the true set)", 5, wrong
