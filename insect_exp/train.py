@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,6 @@ def run_job(cfg: Config) -> tuple[float, tracking.Opened | None]:
                     gc.freeze()  # what start-up made lives on (benchmarks/gc_startup.py)
                     gc.enable()
                 history = recipe.fit(model, data, settings, sink=_sink(cfg, run, settings))
-                # A temperature, or task=multilabel's per-class thresholds.
                 calibrated = _calibrate(cfg, run, recipe, model, data, history)
                 test_accuracy, reported = _evaluate(
                     cfg, run, recipe, model, data, history, calibrated
@@ -251,6 +251,15 @@ def _sink(cfg: Config, run: tracking.TrackedRun, settings: FitSettings) -> track
     return sink
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """What the end of training tunes on the validation split for the exported probabilities or
+    labels: calibrate=temperature's temperature, or task=multilabel's per-class thresholds."""
+
+    temperature: float | None = None
+    thresholds: np.ndarray | None = None
+
+
 def _calibrate(
     cfg: Config,
     run: tracking.TrackedRun,
@@ -258,21 +267,22 @@ def _calibrate(
     model: Model,
     data: Data,
     history: History,
-) -> float | np.ndarray | None:
+) -> Calibrated:
     """With calibrate=temperature, the temperature fitted on the validation split, logged with
     the validation split's calibration before and after; with task=multilabel, the per-class
-    thresholds tuned there; else None."""
+    thresholds tuned there; else neither."""
     from insect_exp import calibration
 
     if cfg.task is Task.multilabel:
         from insect_exp.multilabel import report as multilabel
 
         logits = recipe.predict(model, data.val, cfg.batch_size)
-        return multilabel.tune(
+        thresholds = multilabel.tune(
             run, logits, data.val.labels, data.class_names, cfg.threshold, _last_epoch(cfg, history)
         )
+        return Calibrated(thresholds=thresholds)
     if cfg.calibrate is Calibrate.none:
-        return None
+        return Calibrated()
     if data.test is None or data.val_is_test:
         log.warning(
             "calibrate=temperature fits on the validation split, which is the split tested on "
@@ -287,7 +297,7 @@ def _calibrate(
         "temperature %.3f: validation ECE %.4f -> %.4f",
         temperature, found["ece_uncalibrated"], found["ece"],
     )  # fmt: skip
-    return temperature
+    return Calibrated(temperature=temperature)
 
 
 def _evaluate(
@@ -297,29 +307,27 @@ def _evaluate(
     model: Model,
     data: Data,
     history: History,
-    temperature: float | np.ndarray | None,
+    calibrated: Calibrated,
 ) -> tuple[float, list[Future]]:
     """The test split's (else validation's) scores and calibration (of the probabilities the
-    model is exported with: calibrated by `temperature`, if any) logged; the test accuracy, and
-    the training, prediction, reliability and Grad-CAM reports handed to the logging process.
-    With task=multilabel (`temperature`: the per-class thresholds), multilabel/report.py's."""
+    model is exported with: with its temperature, if any) logged; the test accuracy, and the
+    training, prediction, reliability and Grad-CAM reports handed to the logging process.
+    With task=multilabel (scored at its per-class thresholds), multilabel/report.py's."""
     from insect_exp import calibration, callbacks, explain, report
 
     reported = [run.submit(report.log_training, history.best_epoch, history.stopped_epoch)]
     test = data.test if data.test is not None else data.val
     logits = recipe.predict(model, test, cfg.batch_size)
-    if cfg.task is Task.multilabel:
-        import numpy as np
-
+    if calibrated.thresholds is not None:  # task=multilabel
         from insect_exp.multilabel import report as multilabel
 
         log.info("task=multilabel: no reliability diagram, Grad-CAM or top losses (one label each)")
         step = _last_epoch(cfg, history)
         found = multilabel.evaluate(
-            run, test, logits, data.class_names, np.asarray(temperature), cfg.threshold, step
+            run, test, logits, data.class_names, calibrated.thresholds, cfg.threshold, step
         )
         return found[0], reported + found[1]
-    temperature = None if temperature is None else float(temperature)
+    temperature = calibrated.temperature
     scores = callbacks.scores(logits, test.labels)
     scores.update(calibration.report(logits, test.labels, temperature))
     run.log_metrics({f"test_{k}": v for k, v in scores.items()}, _last_epoch(cfg, history))
@@ -342,28 +350,25 @@ def _export(
     model: Model,
     data: Data,
     history: History,
-    temperature: float | np.ndarray | None,
+    calibrated: Calibrated,
 ) -> None:
     """The model logged (and registered if asked) as a pyfunc over its SavedModel: encoded files
     or float images in; class names, probabilities (softmax(logits / temperature)) or logits for
-    float images out. See insect_exp/serving.py."""
+    float images out; a multi-label model's label sets at its thresholds. See
+    insect_exp/serving.py."""
     import tensorflow as tf
 
     from insect_exp import export
     from insect_exp.models.layers import ServingModule
 
     size, pixels = cfg.model.image_size, cfg.dataset.max_image_pixels
-    if cfg.task is Task.multilabel:  # `temperature`: its thresholds
-        import numpy as np
-
+    if calibrated.thresholds is not None:  # task=multilabel
         from insect_exp.models.multilabel import MultiLabelServingModule
 
-        thresholds = np.asarray(temperature)
-        module: ServingModule = MultiLabelServingModule(model, size, thresholds, pixels)
+        module: ServingModule = MultiLabelServingModule(model, size, calibrated.thresholds, pixels)
     else:
-        module = ServingModule(
-            model, size, pixels, 1.0 if temperature is None else float(temperature)
-        )
+        temperature = calibrated.temperature
+        module = ServingModule(model, size, pixels, 1.0 if temperature is None else temperature)
     requirements = [f"tensorflow=={tf.__version__}"]
     test = data.test if data.test is not None else data.val
     with tempfile.TemporaryDirectory(prefix="insect_exp-model-") as tmp:
