@@ -31,14 +31,20 @@ def resolve_root(cfg: DatasetConfig) -> str:
 
 def manifest(cfg: DatasetConfig, multilabel: bool = False) -> Manifest:
     """The dataset's files, classes and skipped files (data/scan.py, data/csv_list.py; with
-    `multilabel`, a CSV's label sets: data/multilabel.py)."""
+    `multilabel`, a CSV's label sets: data/multilabel.py), to be decoded with the audit's inputs
+    only if dataset.audit or dataset.dedupe is on."""
     if isinstance(cfg, CsvDatasetConfig) and multilabel:
         from insect_exp.data.multilabel import scan_csv as scan_label_sets
 
-        return scan_label_sets(cfg.path, cfg.max_per_class, cfg.max_image_pixels)
-    if isinstance(cfg, CsvDatasetConfig):
-        return scan_csv(cfg.path, cfg.max_per_class, cfg.max_image_pixels)
-    return scan(resolve_root(cfg), cfg.max_per_class, cfg.max_image_pixels)
+        found = scan_label_sets(cfg.path, cfg.max_per_class, cfg.max_image_pixels)
+    elif isinstance(cfg, CsvDatasetConfig):
+        found = scan_csv(cfg.path, cfg.max_per_class, cfg.max_image_pixels)
+    else:
+        found = scan(resolve_root(cfg), cfg.max_per_class, cfg.max_image_pixels)
+    for files in (found.train, found.test):
+        if files is not None:
+            files.audit = cfg.audit or cfg.dedupe
+    return found
 
 
 def load_data(cfg: DatasetConfig, image_size: Sequence[int], seed: int) -> Data:

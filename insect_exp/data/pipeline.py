@@ -357,11 +357,11 @@ def in_memory(
     decoder: Decoder | None = None,
 ) -> Decoding:
     """The decoding of a split kept in memory, into arrays made for it (`Decoding.into`), with
-    the audit's inputs unless a model's own decoder decodes it."""
+    the audit's inputs if `files.audit` and this version's decoding decodes it (no `decoder`)."""
     height, width = (int(v) for v in image_size)
     images = fresh_array((len(files), height, width, 3))
     fingerprints = np.zeros(len(files), dtype=np.uint64)
-    inputs = AuditInputs.empty(len(files)) if decoder is None else None
+    inputs = AuditInputs.empty(len(files)) if files.audit and decoder is None else None
     into = (images, fingerprints, inputs)
     return Decoding(files, image_size, workers, into, ahead, decoder=decoder)
 
@@ -512,12 +512,13 @@ def decode_files(
         raise ValueError("a model's own decoder decodes into a new in-memory split only")
     if cache is not None:
         key = split_key(files.paths, image_size, files.max_pixels)
-        inputs = AuditInputs.empty(len(files))
+        inputs = AuditInputs.empty(len(files)) if files.audit else None
 
         def fill(writer: RecordWriter) -> list[tuple[int, str]]:
             def put(index: np.ndarray, batch: np.ndarray, prints: np.ndarray, sizes: np.ndarray):
                 writer.put(index, batch, prints)
-                inputs.put(index, batch, sizes)
+                if inputs is not None:
+                    inputs.put(index, batch, sizes)
 
             return _decode_into(files, image_size, workers, put, f"{what} into the cache")
 

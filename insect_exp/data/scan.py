@@ -88,6 +88,9 @@ class FileList:
     max_pixels: int = MAX_IMAGE_PIXELS
     # task=multilabel: (files, classes) uint8 label sets, in place of `labels` (data/multilabel.py).
     multi_hot: np.ndarray | None = None
+    # Whether decoding takes what the data audit needs of each image (data/audit_inputs.py): off
+    # when no audit will run, as hashing every image is a part of decoding's time.
+    audit: bool = True
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
 from insect_exp.config import CacheMode, FolderDatasetConfig
+from insect_exp.data import load_data
 from insect_exp.data.audit import audit_data, split_hashes
 from insect_exp.data.cache import CachePolicy
 from insect_exp.data.duplicates import close_pairs, hash_thumbnails
@@ -147,6 +148,29 @@ def test_a_rerun_on_the_disk_cache_reuses_the_audit_and_a_damaged_one_is_redone(
         assert _found(audit.rows, root) == planted
         assert audit.rows == first.rows
         assert audit.size_summary() == first.size_summary()
+
+
+def test_decoding_without_the_audit_takes_no_hashes_and_its_cache_entry_serves_a_later_audit(
+    tmp_path,
+):
+    # Given a planted folder loaded with dataset.audit=false, into memory and into the disk cache
+    root, planted = planted_folder(tmp_path / "insects")
+
+    def dataset(audit: bool, mode: CacheMode) -> FolderDatasetConfig:
+        cache = str(tmp_path / "cache")
+        return FolderDatasetConfig(root=str(root), audit=audit, cache=mode, cache_dir=cache)
+
+    skipped = [
+        load_data(dataset(False, mode), SIZE, 0) for mode in (CacheMode.memory, CacheMode.disk)
+    ]
+    # When a run with the audit on reuses the disk cache entry written without hashes
+    audited = load_data(dataset(True, CacheMode.disk), SIZE, 0)
+    # Then the decoding took no hashes with the audit off, and the later audit finds the planted
+    # pairs (its hashes computed from the cached images)
+    for data in skipped:
+        assert data.audit is None and data.train.audit_inputs is None
+    assert audited.storage is CacheMode.disk and audited.train.audit_inputs is None
+    assert _found(audited.audit.rows, root) == planted
 
 
 def test_kept_hashes_of_folders_no_longer_used_go_once_over_their_share_of_the_cap(tmp_path):
