@@ -313,8 +313,10 @@ def train_batches(
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
         if shuffle_buffer:
+            # fold_in gives int32 halves; the shuffle's seed is an int64.
+            shuffle_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 0)[0]
             order = tf.data.Dataset.range(count).shuffle(
-                shuffle_buffer, seed=tf.random.experimental.stateless_fold_in(epoch_seed, 0)[0]
+                shuffle_buffer, seed=tf.cast(shuffle_seed, tf.int64)
             )
         else:
             permutation = tf.random.experimental.stateless_shuffle(

@@ -187,6 +187,28 @@ def test_training_batches_are_float_pixels_with_every_image_once_an_epoch_in_a_n
     assert epoch1 != epoch2
 
 
+def test_a_windowed_shuffle_serves_every_image_once_an_epoch_and_a_resume_the_same_batches(
+    tmp_path,
+):
+    from insect_exp.fit import train_batches
+
+    # Given a decoded split of 12 images
+    root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
+    data = load(scan(root), (8, 8), seed=0)
+
+    # When it is served with dataset.shuffle_buffer's windowed shuffle, and again from epoch 1
+    def sums(stream: tf.data.Dataset, count: int) -> list[list[float]]:
+        return [x.numpy().sum(axis=(1, 2, 3)).tolist() for x, _ in stream.take(count)]
+
+    whole = sums(train_batches(data.train, 5, seed=3, shuffle_buffer=4), 6)
+    resumed = sums(train_batches(data.train, 5, seed=3, first_epoch=1, shuffle_buffer=4), 3)
+
+    # Then each epoch holds every image once, and the resumed epoch is the uninterrupted one's
+    every = sorted(data.train.images.astype(np.float32).sum(axis=(1, 2, 3)).tolist())
+    assert sorted(sum(whole[:3], [])) == sorted(sum(whole[3:], [])) == every
+    assert resumed == whole[3:]
+
+
 def test_prediction_batches_keep_the_splits_order(tmp_path):
     root = make_image_folder(tmp_path / "insects", train_per_class=4, test_per_class=1)
     data = load(scan(root), (8, 8), seed=0)
