@@ -127,6 +127,9 @@ def make_optimizer(
     rate = cfg.learning_rate if learning_rate is None else learning_rate
     clipping = {} if cfg.clipnorm is None else {"clipnorm": cfg.clipnorm}
     optimizer = optimizer_class(learning_rate=rate, **cfg.options(), **clipping)
+    # On the instance: tf_keras's optimizers refuse a gradient_aggregator argument (the legacy
+    # ones' only), Model.fit's train step passes no skip_gradients_aggregation, and a subclass
+    # per configured class would change the class a saved model's optimizer config names.
     optimizer.aggregate_gradients = functools.partial(_aggregate_gradients, optimizer)
     return optimizer
 
