@@ -44,13 +44,13 @@ def _budget(cfg) -> tuple:
     return (cfg.model.name, size, cfg.batch_size, cfg.dataset.val_split, cfg.dataset.max_per_class)
 
 
-def test_strong_cnn_preset_keeps_the_reference_cnn_budget_and_adds_regularisers(compose_cfg):
+def test_strong_cnn_preset_keeps_the_reference_cnn_budget_and_changes_the_training(compose_cfg):
     reference = compose_cfg("experiment=reference_cnn", shrink=False)
     strong = compose_cfg("experiment=strong_cnn", shrink=False)
     assert _budget(strong) == _budget(reference) and strong.epochs == reference.epochs == 10
-    # what it adds: batch augmentation, label smoothing, an average of the weights
-    assert strong.model.augment.on_batches and strong.train.ema.enabled
-    assert strong.loss.label_smoothing > 0 and strong.model.dropout > 0
+    # what it changes: AdamW on a cosine schedule, label smoothing, flips
+    assert (strong.optimizer.name, strong.optimizer.schedule.name) == ("adamw", "cosine")
+    assert strong.loss.label_smoothing > 0 and strong.model.augment.flip
 
 
 def test_strong_hub_preset_spends_the_reference_hub_epochs_on_the_head_then_fine_tuning(
@@ -77,14 +77,17 @@ def test_strong_cnn_preset_trains_from_the_command_line(tmp_path, tracking_uri, 
         cwd=tmp_path,
     )  # fmt: skip
 
-    # Then one FINISHED run, tagged with the preset, trained 2 epochs with its policy and EMA
+    # Then one FINISHED run, tagged with the preset, trained 2 epochs on its schedule: the
+    # warm-up epoch at half the peak rate, then the cosine's start at the peak
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["preset"] == "strong_cnn"
-    assert run.data.params["model.augment.policy"] == "trivialaugment"
-    raw = client.get_metric_history(run.info.run_id, "val_accuracy_raw")  # EMA's raw weights
-    assert [m.step for m in raw] == [0, 1]
+    assert run.data.params["optimizer.name"] == "adamw"
+    peak = float(run.data.params["optimizer.learning_rate"])
+    rates = client.get_metric_history(run.info.run_id, "lr")
+    assert [m.step for m in rates] == [0, 1]
+    assert [m.value for m in rates] == pytest.approx([peak / 2, peak], rel=1e-6)
 
 
 @pytest.mark.parametrize("model", ["cnn", "hub_mobilenet"])
