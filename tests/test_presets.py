@@ -13,13 +13,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from insect_exp import train
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, make_image_folder, run_cli
 
 CONF = Path(CONF_DIR)
 
 
 def test_every_experiment_preset_and_search_is_offered():
-    assert {"reference_cnn", "reference_hub", "debug"} <= {
+    assert {"reference_cnn", "reference_hub", "strong_cnn", "strong_hub", "debug"} <= {
         p.stem for p in (CONF / "experiment").glob("*.yaml")
     }
     assert (CONF / "hparams_search" / "optuna.yaml").is_file()
@@ -36,6 +36,58 @@ def test_reference_hub_preset_is_the_posts_frozen_mobilenet(compose_cfg):
     assert (cfg.model.name, list(cfg.model.image_size)) == ("hub_mobilenet", [224, 224])
     assert cfg.model.trainable is False and cfg.model.preview.enabled is True
     assert (cfg.optimizer.name, cfg.epochs, cfg.batch_size) == ("adam", 2, 32)
+
+
+def _budget(cfg) -> tuple:
+    """What a preset may not change to beat its reference: model, images, batches, validation."""
+    size = list(cfg.model.image_size)
+    return (cfg.model.name, size, cfg.batch_size, cfg.dataset.val_split, cfg.dataset.max_per_class)
+
+
+def test_strong_cnn_preset_keeps_the_reference_cnn_budget_and_changes_the_training(compose_cfg):
+    reference = compose_cfg("experiment=reference_cnn", shrink=False)
+    strong = compose_cfg("experiment=strong_cnn", shrink=False)
+    assert _budget(strong) == _budget(reference) and strong.epochs == reference.epochs == 10
+    # what it changes: AdamW on a cosine schedule, label smoothing, flips
+    assert (strong.optimizer.name, strong.optimizer.schedule.name) == ("adamw", "cosine")
+    assert strong.loss.label_smoothing > 0 and strong.model.augment.flip
+
+
+def test_strong_hub_preset_spends_the_reference_hub_epochs_on_the_head_then_fine_tuning(
+    compose_cfg,
+):
+    reference = compose_cfg("experiment=reference_hub", shrink=False)
+    strong = compose_cfg("experiment=strong_hub", shrink=False)
+    assert _budget(strong) == _budget(reference) and not strong.model.trainable
+    fine_tune = strong.model.fine_tune
+    assert fine_tune.enabled and strong.epochs + fine_tune.epochs == reference.epochs
+    assert fine_tune.learning_rate < strong.optimizer.learning_rate
+
+
+def test_strong_cnn_preset_trains_from_the_command_line(tmp_path, tracking_uri, monkeypatch):
+    # Given a tiny folder (the preset's 180x180 and 10 epochs shrunk)
+    monkeypatch.setenv("INSECT_EXP_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "insects", size=(24, 24))
+
+    # When the preset runs through the CLI
+    out = run_cli(
+        "experiment=strong_cnn", "dataset=insects", f"dataset.root={root}",
+        "model.image_size=[24,24]", "epochs=2", "batch_size=6",
+        f"mlflow.tracking_uri={tracking_uri}", "mlflow.log_model=false", "report.gradcam_images=0",
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    # Then one FINISHED run, tagged with the preset, trained 2 epochs on its schedule: the
+    # warm-up epoch at half the peak rate, then the cosine's start at the peak
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["preset"] == "strong_cnn"
+    assert run.data.params["optimizer.name"] == "adamw"
+    peak = float(run.data.params["optimizer.learning_rate"])
+    rates = client.get_metric_history(run.info.run_id, "lr")
+    assert [m.step for m in rates] == [0, 1]
+    assert [m.value for m in rates] == pytest.approx([peak / 2, peak], rel=1e-6)
 
 
 @pytest.mark.parametrize("model", ["cnn", "hub_mobilenet"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from insect_exp import train
 from insect_exp.callbacks import scores
 from insect_exp.data import load_data
 from insect_exp.models import layers
-from tests.conftest import artifact_paths
+from tests.conftest import artifact_paths, run_cli
 from tests.models.conftest import TINY_IMAGENET_LABELS
 
 
@@ -154,3 +155,30 @@ def test_untrained_mobilenet_run_at_224(
     assert run.info.status == "FINISHED"
     summary = client.download_artifacts(run.info.run_id, "model_summary.txt")
     assert "Total params: 2261827" in Path(summary).read_text().replace(",", "")
+
+
+def test_strong_hub_preset_trains_the_head_then_fine_tunes_the_backbone_from_the_cli(
+    image_folder, tiny_backbone, tracking_uri, tmp_path, monkeypatch
+):
+    # Given the preset on a tiny folder and a local backbone (export_untrained's SavedModel form)
+    monkeypatch.setenv("INSECT_EXP_CACHE_DIR", str(tmp_path / "cache"))
+
+    # When it runs through the CLI at the backbone's smallest useful size
+    out = run_cli(
+        "experiment=strong_hub", "dataset=insects", f"dataset.root={image_folder}",
+        f"model.handle={tiny_backbone}", "model.image_size=[24,24]", "batch_size=6",
+        f"mlflow.tracking_uri={tracking_uri}", "mlflow.log_model=false",
+        "report.gradcam_images=0", cwd=tmp_path,
+    )  # fmt: skip
+
+    # Then a FINISHED run tagged with the preset: 1 epoch of the head at the optimizer's rate,
+    # then 1 fine-tuning epoch at the lower rate, with backbone parameters unfrozen
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("insect_exp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["preset"] == "strong_hub"
+    rates = client.get_metric_history(run.info.run_id, "lr")
+    assert [m.step for m in rates] == [0, 1]
+    np.testing.assert_allclose([m.value for m in rates], [1e-3, 1e-4], rtol=1e-6)
+    unfrozen = re.search(r"fine-tuning (\d+) backbone parameters", out.stdout + out.stderr)
+    assert unfrozen is not None and int(unfrozen.group(1)) > 0
