@@ -3,9 +3,11 @@
 The config does it with Hydra's own keys (conf/config.yaml), so that every way of composing it
 agrees: `hydra.mode` becomes MULTIRUN (no -m needed) and the basic sweeper's `hydra.sweeper.params`
 gets `seed=<seed>,...,<seed+N-1>`, a seed sweep like one written on the command line. The seeds
-start at the configured seed, whether it comes from the defaults, an experiment preset or
-`seed=`. A sweeper with params of its own (Optuna's search space) replaces that node: it would
-search the seed as a hyperparameter, so replicates>1 is refused there (see `check`).
+start at the configured seed, from the defaults or an experiment preset. A `seed=` on the command
+line would replace that sweep (the basic sweeper lets the command line's value of a key win), so
+with replicates>1 it is refused, pointing to the sweep it meant. A sweeper with params of its own
+(Optuna's search space) replaces that node: it would search the seed as a hyperparameter, so
+replicates>1 is refused there (see `check`).
 """
 
 from __future__ import annotations
@@ -55,19 +57,28 @@ def check(
         sweeper_params: `hydra.sweeper.params`, resolved.
 
     Raises:
-        UserError: replicates>1 with a sweep over seed, or with a sweeper whose params replace
-            the seed sweep (Optuna's).
+        UserError: replicates>1 with a seed (a sweep or one value) on the command line, or with
+            a sweeper whose params replace the seed sweep (Optuna's).
     """
     if replicates <= 1:
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for override in OverridesParser.create().parse_overrides(list(task)):
-        if override.get_key_element().lstrip("+~") == "seed" and override.is_sweep_override():
+        if override.get_key_element().lstrip("+~") != "seed":
+            continue
+        if override.is_sweep_override():
             raise UserError(
                 f"replicates={replicates} and a sweep over seed ({override.input_line}) both "
                 "set the seeds: give one of them"
             )
+        # Hydra's basic sweeper lets a command-line value replace its params' sweep of the key.
+        first = override.get_value_element_as_str()
+        raise UserError(
+            f"replicates={replicates} with {override.input_line} on the command line would train "
+            f"seed {first} alone (the command line's seed replaces the seed sweep): give the "
+            f"seeds as a sweep instead, seed={seeds(int(first), replicates)}"
+        )
     if str((sweeper_params or {}).get("seed")) != seeds(seed, replicates):
         raise UserError(
             f"replicates={replicates} needs Hydra's basic sweeper and its seed sweep in "

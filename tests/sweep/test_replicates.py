@@ -42,12 +42,18 @@ def test_replicates_make_a_multirun_over_seeds_from_the_configured_seed():
     [
         (["seed=1,2"], "replicates=3 and a sweep over seed (seed=1,2) both set the seeds"),
         (["hparams_search=optuna"], "replicates=3 needs Hydra's basic sweeper"),
+        (
+            ["seed=7"],
+            "would train seed 7 alone (the command line's seed replaces the seed sweep): "
+            "give the seeds as a sweep instead, seed=7,8,9",
+        ),
     ],
 )
 def test_replicates_with_seeds_set_elsewhere_stop_with_one_line_before_any_run(
     tmp_path, given, message
 ):
-    # Given replicates=3 with a seed sweep, or with Optuna's search (which would search the seed)
+    # Given replicates=3 with a seed sweep or one seed on the command line, or with Optuna's
+    # search (which would search the seed)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     # When the command starts
