@@ -1,12 +1,13 @@
 """A strong preset against its reference: experiment=reference_X and experiment=strong_X, N seeds.
 
-Usage: python benchmarks/presets.py [--model cnn|hub] [--seeds 5] [--root DIR] [--handle H]
-                                    [OVERRIDE ...]
+Usage: python benchmarks/presets.py [--model cnn|hub] [--seeds 5] [--first-seed S] [--root DIR]
+                                    [--handle H] [OVERRIDE ...]
 
 Without --root it trains on a generated folder the size of the post's (1,020 train / 180 test
 images, 3 classes). Each preset runs through the product, `python -m insect_exp
-experiment=<preset> replicates=N` (seeds 123 .. 122+N on both sides), into one MLflow
-store in the work dir, then `python -m insect_exp.compare` scores the two sweeps on the same
+experiment=<preset> replicates=N` (seeds 123 .. 122+N on both sides; with --first-seed S, the
+sweep `-m seed=S,...,S+N-1`: seeds a recipe was not chosen on), into one MLflow store in the work
+dir, then `python -m insect_exp.compare` scores the two sweeps on the same
 test images (each as the ensemble of its replicates: McNemar and a paired bootstrap interval).
 Printed: each side's mean test accuracy with its 95% Student's t interval over the seeds, and
 the margin, strong minus reference, as the mean of the per-seed differences (seed i against seed
@@ -46,6 +47,14 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def seeds(count: int, first: int | None) -> list[str]:
+    """The command line's seeds: replicates=N from the presets' seed, else a sweep from FIRST
+    (replicates refuses a seed= beside it)."""
+    if first is None:
+        return [f"replicates={count}"]
+    return ["-m", "seed=" + ",".join(str(first + i) for i in range(count))]
+
+
 def train_preset(preset: str, args: argparse.Namespace, root: Path, uri: str) -> str:
     """Train `preset` with replicates=N through the CLI; print its time; return the sweep's
     parent run id."""
@@ -58,7 +67,7 @@ def train_preset(preset: str, args: argparse.Namespace, root: Path, uri: str) ->
             extra.append(f"model.handle={args.handle}")
     command = [
         sys.executable, "-m", "insect_exp", f"experiment={preset}", "dataset=insects",
-        f"dataset.root={root}", f"replicates={args.seeds}",
+        f"dataset.root={root}", *seeds(args.seeds, args.first_seed),
         f"mlflow.tracking_uri={uri}", f"mlflow.experiment_name={preset}",
         f"hydra.sweep.dir={args.work / f'sweep-{preset}'}", *QUICK, *extra,
     ]  # fmt: skip
@@ -103,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("cnn", "hub"), default="cnn")
     parser.add_argument("--seeds", type=int, default=5, help="replicates of each preset")
+    parser.add_argument("--first-seed", type=int, help="seeds from this one (default: 123)")
     parser.add_argument("--root", type=Path, help="folder in the reference layout")
     parser.add_argument("--handle", help="hub: the feature-vector handle (URL or SavedModel dir)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for both sides")
