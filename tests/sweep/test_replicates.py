@@ -28,7 +28,7 @@ def _hydra_node(*overrides: str) -> tuple[str, dict]:
 
 
 def test_replicates_make_a_multirun_over_seeds_from_the_configured_seed():
-    # Given replicates=N with a seed on the command line, or the config's own seed
+    # Given replicates=N and the seed the config composes to (7 here), or the config's own seed
     # Then the run is a multirun sweeping seed over N seeds from the configured one
     # (and without replicates, a plain run with no sweep of its own)
     assert _hydra_node("replicates=3", "seed=7") == ("RunMode.MULTIRUN", {"seed": "7,8,9"})
