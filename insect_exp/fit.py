@@ -272,20 +272,24 @@ class BatchEdits:
     num_classes: int = 0
 
     @property
-    def changes(self) -> bool:
-        """Whether any edit is on."""
-        augments = self.augment is not None and self.augment.on_batches
-        return augments or (self.mixing is not None and self.mixing.enabled)
+    def augments(self) -> bool:
+        return self.augment is not None and self.augment.on_batches
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixing is not None and self.mixing.enabled
 
     def apply(
         self, batch: tuple[tf.Tensor, tf.Tensor], seed: int, epoch: tf.Tensor, index: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Batch `index` of `epoch` edited, each edit with its own key of (seed, epoch, index)."""
         images, labels = batch
-        if self.augment is not None and self.augment.on_batches:
+        if self.augments:
+            assert self.augment is not None
             key = policies.batch_key(seed, epoch, index)
             images = policies.augment_images(images, key, self.augment)
-        if self.mixing is not None and self.mixing.enabled:
+        if self.mixes:
+            assert self.mixing is not None
             stop = self.mixing.stop_epoch
             active = True if stop is None else epoch < stop
             key = mixing.batch_key(seed, epoch, index)
@@ -334,7 +338,7 @@ def train_batches(
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     steps = -(-count // batch_size)
-    if edits is not None and edits.changes:
+    if edits is not None and (edits.augments or edits.mixes):
         # Step s of the endless stream is batch s % steps of epoch s // steps.
         counted = batches.enumerate(start=first_epoch * steps)
         batches = counted.map(
