@@ -52,7 +52,7 @@ def seeds(count: int, first: int | None) -> list[str]:
     (replicates refuses a seed= beside it)."""
     if first is None:
         return [f"replicates={count}"]
-    return ["seed=" + ",".join(str(first + i) for i in range(count))]
+    return ["-m", "seed=" + ",".join(str(first + i) for i in range(count))]  # -m first: a flag
 
 
 def train_preset(preset: str, args: argparse.Namespace, root: Path, uri: str) -> str:
@@ -66,9 +66,8 @@ def train_preset(preset: str, args: argparse.Namespace, root: Path, uri: str) ->
         if args.handle:
             extra.append(f"model.handle={args.handle}")
     command = [
-        sys.executable, "-m", "insect_exp", *(["-m"] if args.first_seed is not None else []),
-        f"experiment={preset}", "dataset=insects",
-        f"dataset.root={root}", *seeds(args.seeds, args.first_seed),
+        sys.executable, "-m", "insect_exp", *seeds(args.seeds, args.first_seed),
+        f"experiment={preset}", "dataset=insects", f"dataset.root={root}",
         f"mlflow.tracking_uri={uri}", f"mlflow.experiment_name={preset}",
         f"hydra.sweep.dir={args.work / f'sweep-{preset}'}", *QUICK, *extra,
     ]  # fmt: skip
