@@ -104,6 +104,9 @@ def _interrupted_at_the_third_batch() -> tuple[bool, int, int]:
     KeyboardInterrupt reached the caller, the streams left, the batches run."""
     # No collector passes: Python drops a KeyboardInterrupt raised inside a finalizer.
     gc.disable()
+    # Ctrl-C raises KeyboardInterrupt, as in a Python started from a terminal (one started by a
+    # shell's background job, `cmd &`, inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     images = keras.Input(shape=(12, 12, 3))
     counter = _CtrlCAt(at=3)
     pooled = keras.layers.GlobalAveragePooling2D()(counter(images))
