@@ -147,6 +147,10 @@ def main() -> None:
     except Interrupted as err:  # a sweep's job, or the sweep itself, was interrupted
         # The sweep's runs are closed as the process exits (see insect_exp/sweep).
         _exit(f"interrupted ({err}): the sweep's running jobs end KILLED", err.exit_code)
+    except ValueError as err:  # Hydra's check of its own flags, before any job: one line
+        if not str(err).startswith("Only one of --run"):
+            raise
+        _exit(f"error: {err}", 2)
     gc.freeze()  # no final collections over start-up's objects (benchmarks/gc_startup.py)
 
 

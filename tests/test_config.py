@@ -103,6 +103,13 @@ def test_insects_dataset_without_root_is_a_clear_error(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_two_of_hydras_modes_at_once_are_a_clear_error(tmp_path):
+    out = run_cli("-m", "--cfg", "job", "epochs=1,2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "insect_exp: error: Only one of --run, --multirun, --cfg" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_missing_folder_exits_non_zero_with_one_line_and_no_run(tmp_path):
     # Given a dataset root that does not exist
     out = run_cli("dataset=insects", f"dataset.root={tmp_path / 'nowhere'}", cwd=tmp_path)
