@@ -35,6 +35,7 @@ Target (issue 24): the verified read within 5% of the unverified one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -152,18 +153,13 @@ def phase(name: str, root: Path, cache_dir: Path, image_size: int, train_steps: 
 
 
 def decoded(manifest, size: tuple[int, int], audit_inputs: bool):
-    """The train split decoded into memory and a tenth held out, as `load` does; without the
-    audit's inputs, by a decoder of its own: the same decoding (`decode_image`)."""
-    from insect_exp.data.decode import decode_image
+    """The train split decoded into memory and a tenth held out, as `load` does; with or without
+    the audit's inputs (`FileList.audit`, off where a run audits nothing)."""
     from insect_exp.data.pipeline import Data, decode_files
     from insect_exp.data.scan import stratified_split
 
-    files = manifest.train
-
-    def plain(contents):
-        return decode_image(contents, size, files.max_pixels)
-
-    split, _ = decode_files(files, size, decoder=None if audit_inputs else plain)
+    files = dataclasses.replace(manifest.train, audit=audit_inputs)
+    split, _ = decode_files(files, size)
     train, val = split.partition(*stratified_split(split.labels, 0.1, 0))
     return Data(manifest.class_names, train, val, None)
 
