@@ -249,14 +249,9 @@ def interrupt_callback():
     """A Keras callback that raises a swallowed interrupt at the end of the next batch."""
     import tf_keras as keras
 
-    class InterruptCheck(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            check()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            check()
-
-    return InterruptCheck()
+    return keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: check(), on_epoch_end=lambda epoch, logs: check()
+    )
 
 
 def epochs_done(state: CheckpointState | None) -> int:

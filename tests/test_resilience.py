@@ -144,6 +144,32 @@ def test_a_signal_during_an_epochs_end_waits_until_metrics_and_checkpoint_are_do
             assert finished == [True]
 
 
+class _Swallowing:
+    """An object whose finalizer gets the signal: Python prints and drops what a __del__ raises."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+
+def test_an_interrupt_dropped_by_a_finalizer_stops_training_at_the_next_batch():
+    # Given a SIGINT whose Interrupted was raised inside a finalizer, and so dropped by Python
+    model = _model()
+    batches: list[int] = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b))
+    with pytest.raises(resilience.Interrupted), resilience.interrupts():
+        _Swallowing()  # its refcount drops to 0 here: __del__ runs and its exception is dropped
+        # When training starts with the interrupt check among its callbacks
+        split = _split()
+        model.fit(
+            split.images, split.labels, batch_size=4, epochs=2, verbose=0,
+            callbacks=[record, resilience.interrupt_callback()],
+        )  # fmt: skip
+    # Then the interrupt stops it at the end of the first batch
+    assert batches == [0]
+
+
 def test_a_resume_keeps_the_logged_overrides_and_only_lets_epochs_change():
     logged = ["dataset=insects", "dataset.root=/data", "epochs=2"]
     given = ["resume=abc", "epochs=5", "dataset=insects"]  # the same dataset: no change
