@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from insect_exp.errors import first_line
+
 if TYPE_CHECKING:
     import numpy as np
     import tf_keras as keras
@@ -151,7 +153,10 @@ def choose(features: DeviceFeatures, check: Check) -> Choice:
     native, why = native_bf16(features)
     if not native:
         return Choice(FLOAT32, f"precision=auto: float32 ({why})")
-    agree, how = losses_agree(*train_in_both(check), check.tolerance)
+    try:
+        agree, how = losses_agree(*train_in_both(check), check.tolerance)
+    except Bf16StepsFailed as err:
+        agree, how = False, str(err)
     if not agree:
         return Choice(
             FLOAT32, f"precision=auto: float32, although bf16 is native ({why}): {how}", True
@@ -159,12 +164,21 @@ def choose(features: DeviceFeatures, check: Check) -> Choice:
     return Choice(BF16, f"precision=auto: {BF16} ({why}; {how})")
 
 
+class Bf16StepsFailed(Exception):
+    """The check's bf16 steps raised (a layer without a bf16 kernel on this device)."""
+
+
 def train_in_both(check: Check) -> tuple[list[float], list[float]]:
     """The losses of CHECK_STEPS training steps from the same weights, in bf16 and in float32.
 
     Inference mode (training=False) in the steps: augmentation and dropout would draw differently
     in the two models. Leaves the global policy at float32.
+
+    Raises:
+        Bf16StepsFailed: TensorFlow could not run the bf16 steps (e.g. oneDNN refusing a bf16
+            convolution); the float32 steps' errors are raised as they are.
     """
+    import tensorflow as tf
     import tf_keras as keras
 
     keras.mixed_precision.set_global_policy(FLOAT32)
@@ -175,7 +189,13 @@ def train_in_both(check: Check) -> tuple[list[float], list[float]]:
     finally:
         keras.mixed_precision.set_global_policy(FLOAT32)
     candidate.set_weights(reference.get_weights())
-    return _steps(candidate, check), _steps(reference, check)
+    try:
+        low = _steps(candidate, check)
+    except tf.errors.OpError as err:
+        raise Bf16StepsFailed(
+            f"its bf16 steps failed ({type(err).__name__}: {first_line(err)})"
+        ) from None
+    return low, _steps(reference, check)
 
 
 def _steps(model: keras.Model, check: Check) -> list[float]:

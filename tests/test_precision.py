@@ -49,6 +49,43 @@ def test_losses_agree_within_the_tolerance_and_never_at_zero():
     assert not losses_agree([float("nan")] * 3, float32, 0.5)[0]
 
 
+def test_bf16_steps_that_tensorflow_cannot_run_fall_back_to_float32_saying_why():
+    # Given a device that says it computes bf16 natively, and a model with a layer that has no
+    # bf16 kernel there (as oneDNN refuses a bf16 convolution: an OpError)
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
+
+    class NoBf16Kernel(keras.layers.Layer):
+        def call(self, inputs):
+            if inputs.dtype == tf.bfloat16 and tf.executing_eagerly():  # run, not built
+                raise tf.errors.AbortedError(None, None, "could not create a primitive descriptor")
+            return inputs
+
+    def build():
+        return keras.Sequential(
+            [keras.Input((4, 4, 3)), NoBf16Kernel(), keras.layers.Flatten(), keras.layers.Dense(2)]
+        )
+
+    check = precision.Check(
+        build=build,
+        optimizer=lambda: keras.optimizers.SGD(0.01),
+        images=np.random.default_rng(0).random((6, 4, 4, 3), dtype=np.float32),
+        labels=np.array([0, 1] * 3),
+        tolerance=0.05,
+    )
+
+    # When precision=auto chooses
+    choice = precision.choose(DeviceFeatures(frozenset({"amx_bf16"}), ()), check)
+
+    # Then it trains in float32 and says that bf16 was native but its steps failed, and where
+    assert choice.policy == "float32" and choice.fell_back
+    assert "although bf16 is native (CPU flags amx_bf16)" in choice.line
+    assert "its bf16 steps failed (AbortedError: " in choice.line
+    assert "no_bf16_kernel" in choice.line
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
 def test_the_device_features_variable_stands_in_for_the_machine(monkeypatch):
     given = {"cpu_flags": ["amx_bf16"], "gpu_compute_capabilities": ["8.6"]}
     monkeypatch.setenv(precision.ENV, json.dumps(given))
