@@ -31,7 +31,8 @@ def imagenet_preview(
         source, names = resolve_preview(handle, labels, timeout_s)
     else:
         source, names = resolve_handle(handle, timeout_s, CLASSIFIER_SETTING), labels
-    classifier = hub.KerasLayer(str(source))
+    # A SavedModel computes in the dtypes it was saved with, whatever Keras's precision policy.
+    classifier = hub.KerasLayer(str(source), dtype="float32")
     logits = np.concatenate(
         [
             classifier(tf.constant(images[i : i + batch_size], tf.float32) / 255.0).numpy()

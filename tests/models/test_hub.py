@@ -512,6 +512,21 @@ def test_imagenet_preview_names_images_with_the_labels_file(tiny_classifier):
     assert set(names) <= set(TINY_IMAGENET_LABELS)
 
 
+def test_imagenet_preview_labels_alike_under_a_bf16_run(tiny_classifier):
+    # Given a run that trains in bf16 (precision=auto on a device with native bf16)
+    handle, labels = tiny_classifier
+    images = _images(7)
+    in_float32 = imagenet_preview(str(handle), str(labels), images)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        # When the preview labels the images (its SavedModel takes float32 only)
+        in_bf16 = imagenet_preview(str(handle), str(labels), images)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # Then it labels them as in float32, not failing on a bf16 input
+    assert in_bf16 == in_float32
+
+
 def test_imagenet_preview_rejects_labels_that_do_not_fit_the_classifier(tiny_classifier, tmp_path):
     handle, _ = tiny_classifier
     short = tmp_path / "labels.txt"
