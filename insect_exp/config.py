@@ -750,6 +750,15 @@ class Config:
         _require(self.seed >= 0, "seed", self.seed, ">= 0")
         _require(self.replicates >= 1, "replicates", self.replicates, ">= 1")
         _require(self.threads >= 0, "threads", self.threads, ">= 0 (0: every core)")
+        if self.export.wanted and self.precision in (
+            Precision.mixed_bfloat16,
+            Precision.mixed_float16,
+        ):
+            raise ConfigError(
+                f"precision={self.precision.value} cannot be combined with export.tflite or "
+                "export.quantize: TensorFlow Lite computes in float32, not in 16-bit floats; "
+                "set precision=auto or float32"
+            )
         mixing = self.train.mixup_alpha > 0 or self.train.cutmix_alpha > 0
         if mixing and self.dataset.class_weight is not ClassWeight.none:
             raise ConfigError(

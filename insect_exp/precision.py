@@ -33,6 +33,8 @@ FLOAT32 = "float32"
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_GPU_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bf16 tensor cores
 CHECK_STEPS = 3
+# TFLite's kernels compute in float32 (or quantized ints), not in a training policy's bf16/float16.
+TFLITE = "export.tflite wants a float32 model"
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,16 @@ class Choice:
     fell_back: bool = False
 
 
-def choose(features: DeviceFeatures, check: Check) -> Choice:
-    """precision=auto's choice: bf16 where it is native and the check's losses agree."""
+def choose(features: DeviceFeatures, check: Check, tflite: bool = False) -> Choice:
+    """precision=auto's choice: bf16 where it is native and the check's losses agree, unless the
+    run exports a TFLite model (`tflite`), which needs float32."""
     native, why = native_bf16(features)
     if not native:
         return Choice(FLOAT32, f"precision=auto: float32 ({why})")
+    if tflite:
+        return Choice(
+            FLOAT32, f"precision=auto: float32, although bf16 is native ({why}): {TFLITE}"
+        )
     try:
         agree, how = losses_agree(*train_in_both(check), check.tolerance)
     except Bf16StepsFailed as err:

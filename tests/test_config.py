@@ -64,6 +64,21 @@ def test_a_csv_dataset_without_its_path_fails_naming_the_key(compose_cfg):
         compose_cfg("dataset=csv")
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [("precision=mixed_bfloat16", "export.tflite=true"),
+     ("precision=mixed_float16", "export.quantize=dynamic")],
+)  # fmt: skip
+def test_a_16_bit_policy_with_a_tflite_export_fails_before_training(tmp_path, overrides):
+    # When a run asks for a 16-bit policy and a TFLite model, which TensorFlow Lite cannot convert
+    out = run_cli(*overrides, cwd=tmp_path)
+    # Then it stops at start-up in one line naming both settings and the fix, before any run
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{overrides[0]} cannot be combined with export.tflite" in out.stderr
+    assert "set precision=auto or float32" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_help_and_cfg_answer_fast_without_tensorflow(tmp_path):
     # --cfg job prints the composed config; TensorFlow must not be imported for it
     start = time.perf_counter()

@@ -96,16 +96,18 @@ def test_the_device_features_variable_stands_in_for_the_machine(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("features", "used"),
+    ("features", "tflite", "used"),
     [
-        ({"gpu_compute_capabilities": ["8.0"]}, "mixed_bfloat16"),
-        ({"cpu_flags": ["avx2"]}, "float32"),
+        ({"gpu_compute_capabilities": ["8.0"]}, "false", "mixed_bfloat16"),
+        ({"cpu_flags": ["avx2"]}, "false", "float32"),
+        ({"gpu_compute_capabilities": ["8.0"]}, "true", "float32"),  # TFLite needs float32
     ],
 )
-def test_an_auto_run_trains_in_bf16_where_native(compose_cfg, monkeypatch, features, used):
-    # Given a device that computes bf16 natively (an A100, faked) or does not (AVX2 only)
+def test_an_auto_run_trains_in_bf16_where_native(compose_cfg, monkeypatch, features, tflite, used):
+    # Given a device that computes bf16 natively (an A100, faked) or does not (AVX2 only), and a
+    # run that exports a TFLite model or not
     monkeypatch.setenv(precision.ENV, json.dumps(features))
-    cfg = compose_cfg("model.image_size=[16,16]")
+    cfg = compose_cfg("model.image_size=[16,16]", f"export.tflite={tflite}")
     assert cfg.precision is Precision.auto
 
     # When a run trains with the default precision
