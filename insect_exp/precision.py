@@ -34,7 +34,7 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_GPU_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bf16 tensor cores
 CHECK_STEPS = 3
 # TFLite's kernels compute in float32 (or quantized ints), not in a training policy's bf16/float16.
-TFLITE = "export.tflite wants a float32 model"
+TFLITE_NEEDS_FLOAT32 = "export.tflite wants a float32 model"
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,8 @@ def choose(features: DeviceFeatures, check: Check, tflite: bool = False) -> Choi
         return Choice(FLOAT32, f"precision=auto: float32 ({why})")
     if tflite:
         return Choice(
-            FLOAT32, f"precision=auto: float32, although bf16 is native ({why}): {TFLITE}"
+            FLOAT32,
+            f"precision=auto: float32, although bf16 is native ({why}): {TFLITE_NEEDS_FLOAT32}",
         )
     try:
         agree, how = losses_agree(*train_in_both(check), check.tolerance)

@@ -180,7 +180,7 @@ def _set_precision(
             log.info("precision=auto: %s, as the run trained before resuming", before)
         else:
             choice = precision.choose(
-                precision.device_features(), _check(cfg, recipe, data), cfg.export.wanted
+                precision.device_features(), _check(cfg, recipe, data), tflite=cfg.export.wanted
             )
             # Reseeded: the model's weights do not depend on what the check drew.
             keras.utils.set_random_seed(cfg.seed)
